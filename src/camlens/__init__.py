@@ -1,0 +1,28 @@
+"""camlens: class activation maps for every output of PyTorch image models.
+
+>>> import camlens
+>>> m = camlens.models.load("efficientnet-lite0")
+>>> exp = camlens.explain(m, "cat.jpg", top_k=3)
+>>> exp.maps.shape          # (B, T, H, W), each map in [0, 1]
+"""
+
+from . import methods, postprocess
+from .api import explain
+from .explanation import Explanation
+from .methods import available_methods
+from .targets import Target
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # heavier submodules load on first use: camlens.models (timm), camlens.viz (matplotlib)
+    if name in ("models", "viz"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'camlens' has no attribute {name!r}")
+
+
+__all__ = ["explain", "Explanation", "Target", "available_methods", "methods", "postprocess", "models", "viz",
+           "__version__"]

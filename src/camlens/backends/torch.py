@@ -1,0 +1,254 @@
+"""PyTorch backend: capture layer activations and gradients of many scores in one pass.
+
+The only module of camlens that knows PyTorch's module/hook machinery. Guarantees:
+
+* one forward pass; gradients of all ``T`` target scores w.r.t. every captured layer from one
+  batched ``torch.autograd.grad(..., is_grads_batched=True)`` call (a loop over targets only when
+  the model has an op that vmap cannot batch);
+* parameter ``.grad`` is never touched (no ``.backward()``); parameters need not require grad;
+* whatever is changed for the call (train/eval flags, ``requires_grad``, hooks, grad mode) is
+  restored on exit, also when an exception is raised;
+* the autograd graph starts at the first captured layer: the forward runs without graph until
+  then, and each captured output is re-rooted as a fresh leaf when nothing upstream of it needs a
+  gradient. The captured tensor is the module's true output; a clone is handed on, so in-place ops
+  downstream (``ReLU(inplace=True)``) work and do not alter what was captured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+LayerSpec = Union[str, nn.Module]
+
+__all__ = ["LayerSpec", "resolve_layers", "model_state", "capture", "Capture", "layer_gradients",
+           "guess_layer", "model_device"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter or buffer (CPU for a stateless model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec]]) -> list[tuple[str, nn.Module]]:
+    """Turn layer names (dotted, e.g. ``"layer4.2"``) or modules into ``(name, module)`` pairs.
+
+    Raises:
+        KeyError: an unknown name, listing the closest valid names.
+        ValueError: a module that is not part of ``model``.
+    """
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    named = dict(model.named_modules())
+    by_id = {id(m): n for n, m in named.items()}
+    out: list[tuple[str, nn.Module]] = []
+    for spec in layers:
+        if isinstance(spec, nn.Module):
+            if id(spec) not in by_id:
+                raise ValueError(f"module {type(spec).__name__} is not a submodule of the model")
+            out.append((by_id[id(spec)] or "<model>", spec))
+            continue
+        if not isinstance(spec, str):
+            raise TypeError(f"a layer is a dotted name or an nn.Module, got {type(spec).__name__}")
+        name = spec.strip()
+        if name not in named:
+            close = difflib.get_close_matches(name, [n for n in named if n], n=8, cutoff=0.5)
+            if not close:
+                close = [n for n in named if n and "." not in n][:12]
+            raise KeyError(f"no layer named {spec!r} in {type(model).__name__}; closest valid names: {close}")
+        out.append((name, named[name]))
+    if not out:
+        raise ValueError("no layer given")
+    return out
+
+
+@contextlib.contextmanager
+def model_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode with frozen parameters for the block; restore exactly on exit.
+
+    Restores every submodule's ``training`` flag and every parameter's ``requires_grad``, also
+    when the block raises. Hooks are the caller's to remove (see :func:`capture`).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        if eval_mode:
+            model.eval()
+        if freeze:
+            for p, _ in flags:
+                p.requires_grad_(False)
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, rg in flags:
+            p.requires_grad_(rg)
+
+
+@dataclass
+class Capture:
+    """What one forward pass captured.
+
+    Attributes:
+        output: the model's output, as returned.
+        activations: per layer name, the layer output ``(B, C, h, w)``, a graph node (or leaf).
+        calls: how many times each layer ran in the forward.
+        linear_io: for :func:`capture` with ``linear=True``, per ``nn.Linear`` name, its
+            ``(input, output)`` (used by CAM to find a GAP + Linear head).
+    """
+
+    output: Any = None
+    activations: dict[str, Tensor] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    linear_io: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+def _first_tensor(out: Any) -> Optional[Tensor]:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    return None
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, grad: bool = True,
+            linear: bool = False) -> Iterator[Capture]:
+    """Hooks ``layers`` for the block; yields a :class:`Capture` filled by the next forward.
+
+    With ``grad=True`` the forward should run under ``torch.no_grad()``: the first captured layer
+    switches grad mode on, so only the part of the network after it records a graph. Grad mode
+    and all hooks are restored on exit.
+    """
+    cap = Capture()
+    handles = []
+    grad_mode = torch.is_grad_enabled()
+
+    def make_hook(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: Any, out: Any) -> Any:
+            cap.calls[name] = cap.calls.get(name, 0) + 1
+            t = _first_tensor(out)
+            if t is None:
+                raise TypeError(f"layer {name!r} returned {type(out).__name__}; camlens needs a tensor output")
+            if not grad:
+                cap.activations[name] = t.detach()
+                return None
+            torch.set_grad_enabled(True)
+            if not t.requires_grad:
+                t = t.detach().requires_grad_(True)
+            cap.activations[name] = t
+            new = t.clone()
+            if isinstance(out, Tensor):
+                return new
+            return type(out)([new, *out[1:]]) if isinstance(out, (tuple, list)) else None
+        return hook
+
+    def linear_hook(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: Any, out: Any) -> None:
+            cap.linear_io[name] = (inputs[0].detach(), out)
+        return hook
+
+    try:
+        for name, mod in layers:
+            handles.append(mod.register_forward_hook(make_hook(name)))
+        if linear:
+            for name, mod in model.named_modules():
+                if isinstance(mod, nn.Linear):
+                    handles.append(mod.register_forward_hook(linear_hook(name)))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
+        torch.set_grad_enabled(grad_mode)
+
+
+def check_calls(cap: Capture, layers: Sequence[tuple[str, nn.Module]]) -> None:
+    """Raise a clear error for layers that did not run, or ran more than once, in the forward."""
+    for name, mod in layers:
+        n = cap.calls.get(name, 0)
+        if n == 0:
+            raise RuntimeError(f"layer {name!r} ({type(mod).__name__}) was never called in the forward pass, "
+                               "so it has no activations; pick a module on the path from input to output")
+        if n > 1:
+            raise RuntimeError(f"layer {name!r} ({type(mod).__name__}) was called {n} times in one forward pass "
+                               "(a module reused, e.g. one activation module applied twice); pick a module that "
+                               "runs once, such as the block or norm layer around it")
+
+
+def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str], labels: Sequence[str]) -> list[Tensor]:
+    """Gradients of each target score w.r.t. each activation, in one batched backward.
+
+    Args:
+        scores: ``(B, T)`` scores; image ``b`` depends only on input ``b`` (eval mode).
+        acts: activations ``(B, C, h, w)`` (any shape with leading B).
+        names, labels: layer names and target labels, for error messages.
+
+    Returns:
+        per activation, gradients ``(B, T, *act.shape[1:])``.
+
+    Uses ``grad_outputs = e_t`` (one-hot over T, broadcast over B) batched with vmap; since
+    images are independent, summing over B in the vector-Jacobian product is exact.
+    """
+    if not scores.requires_grad:
+        raise RuntimeError("the explained scores do not depend on any captured layer through autograd "
+                           "(the model detaches its output, runs under no_grad, or leaves torch)")
+    B, T = scores.shape
+    eye = torch.eye(T, dtype=scores.dtype, device=scores.device)
+    eye = eye[:, None, :].expand(T, B, T)
+    try:
+        grads = torch.autograd.grad(scores, list(acts), grad_outputs=eye if T > 1 else eye[0],
+                                    is_grads_batched=T > 1, allow_unused=True)
+        if T == 1:
+            grads = [None if g is None else g.unsqueeze(0) for g in grads]
+    except RuntimeError as err:  # an op without a vmap rule: fall back to a loop over targets
+        if T == 1 or ("vmap" not in str(err).lower() and "batch" not in str(err).lower()):
+            raise
+        per_t = [torch.autograd.grad(scores[:, t].sum(), list(acts), retain_graph=t < T - 1, allow_unused=True)
+                 for t in range(T)]
+        grads = [None if per_t[0][i] is None else torch.stack([g[i] for g in per_t]) for i in range(len(acts))]
+    out = []
+    for g, name in zip(grads, names):
+        if g is None:
+            raise RuntimeError(f"the target scores {list(labels)} do not depend on layer {name!r}: no gradient "
+                               "path from this layer to the explained output (is it on another branch?)")
+        out.append(g.transpose(0, 1))  # (T, B, ...) -> (B, T, ...)
+    return out
+
+
+def guess_layer(model: nn.Module, x: Tensor, forward: Optional[Callable[[Tensor], Any]] = None) -> str:
+    """The last module (in execution order) whose output is a spatial map ``(B, C, h, w)``, h*w > 1.
+
+    For a torchvision ResNet that is ``layer4``; for timm EfficientNets ``bn2``.
+    """
+    order: list[str] = []
+    handles = []
+
+    def hook(name: str) -> Callable:
+        def f(m: nn.Module, i: Any, o: Any) -> None:
+            t = _first_tensor(o)
+            if t is not None and t.ndim == 4 and t.shape[-1] * t.shape[-2] > 1:
+                order.append(name)
+        return f
+
+    try:
+        for name, mod in model.named_modules():
+            if name:
+                handles.append(mod.register_forward_hook(hook(name)))
+        with torch.no_grad(), model_state(model):
+            (forward or model)(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        raise ValueError("could not find a layer with a spatial (B, C, h, w) output; pass layer= explicitly")
+    return order[-1]

@@ -1,0 +1,57 @@
+"""CAM (Zhou et al., 2016): class activation maps from a global-average-pooling + Linear head.
+
+For a head ``y = W · GAP(A) + b`` the map of class k is ``M_k = sum_c W[k, c] * A[c]`` — the
+logit decomposed over space (``y_k = mean_ij M_k[i, j] + b_k``). Maps for ALL classes come from one
+forward and one matrix product, no backward.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .base import Method, register
+
+CAM = register(Method(
+    name="cam",
+    description="CAM: the final Linear layer's weights on globally average-pooled features (GAP+FC models)",
+    cost="1 forward, no backward; all classes at once",
+    needs_grads=False,
+))
+
+
+def find_cam_head(acts: Tensor, head: Tensor, linear_io: Mapping[str, tuple[Tensor, Tensor]],
+                  modules: Mapping[str, nn.Module], layer: str, head_name: str) -> nn.Linear:
+    """Find the ``nn.Linear`` that maps ``GAP(acts)`` to ``head``; explain why when there is none.
+
+    Args:
+        acts: layer output ``(B, C, h, w)``; head: the output tensor ``(B, K)`` being explained;
+        linear_io: per Linear name, the ``(input, output)`` seen in the forward.
+    """
+    if acts.ndim != 4:
+        raise ValueError(f"CAM needs a spatial layer output (B, C, h, w); layer {layer!r} gave {tuple(acts.shape)}")
+    pooled = acts.detach().float().mean(dim=(2, 3))
+    producers = [n for n, (_, o) in linear_io.items() if o is head or (o.shape == head.shape and torch.equal(o, head))]
+    if not producers:
+        raise ValueError(f"CAM needs output {head_name!r} to come straight from an nn.Linear layer; none of the "
+                         f"model's Linear layers ({list(linear_io) or 'none'}) produced it. Use method='gradcam', "
+                         "which works on any architecture.")
+    name = producers[-1]
+    inp = linear_io[name][0].float()
+    if inp.shape != pooled.shape or not torch.allclose(inp, pooled, rtol=1e-4, atol=1e-5 * (1 + pooled.abs().max().item())):
+        raise ValueError(f"CAM needs the input of Linear {name!r} to be the global average pool of layer {layer!r}: "
+                         f"its input has shape {tuple(inp.shape)}, while GAP({layer}) has shape {tuple(pooled.shape)}"
+                         + ("" if inp.shape != pooled.shape else " but different values (other layers in between)")
+                         + ". Pick the layer right before the global pooling, or use method='gradcam'.")
+    return modules[name]  # type: ignore[return-value]
+
+
+def cam_maps(acts: Tensor, linear: nn.Linear, classes: Tensor) -> Tensor:
+    """Raw CAMs: acts ``(B, C, h, w)``, classes ``(B, T)`` long -> ``(B, T, h, w)``.
+
+    ``M[b, t] = sum_c W[classes[b, t], c] * A[b, c]`` (bias excluded: it is constant over space).
+    """
+    w = linear.weight.detach().to(acts.dtype)[classes]  # (B, T, C)
+    return torch.einsum("btc,bchw->bthw", w, acts.detach())

@@ -1,0 +1,316 @@
+"""What to explain: an output head of the model and a class (or a score function) on it.
+
+A model may return a tensor, a tuple/list, a dict, a namedtuple or a dataclass / HF-style
+``ModelOutput``. :func:`split_outputs` flattens any of these into an ordered mapping
+``head key -> tensor``; a :class:`Target` names one head (by key or position) and a class
+index on it, or carries a callable score function.
+
+Accepted target specs (see :func:`parse_target`):
+
+* ``281``                 class 281 of the only / first head
+* ``"281"`` / ``"tabby"`` the same, by index or by class name
+* ``"species:281"``       class 281 of head ``species`` (``"1:3"``: class 3 of the second head)
+* ``("species", 281)``    the same as a tuple
+* ``Target(...)``         used as is
+* ``callable``            ``fn(output) -> (B,)`` scores from the model's whole output
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+HeadKey = Union[int, str]
+ScoreFn = Callable[[Any], Tensor]
+Categories = Union[Sequence[str], Mapping[HeadKey, Sequence[str]], None]
+
+__all__ = [
+    "Target",
+    "ResolvedTarget",
+    "split_outputs",
+    "parse_target",
+    "resolve_targets",
+    "head_categories",
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing to explain.
+
+    Attributes:
+        head: output key (dict key, field name) or position; ``None`` means the only / first output.
+        cls: class index on that head. ``None`` for a head that is already one score per image
+            (shape ``(B,)`` or ``(B, 1)``), or when ``fn`` is given.
+        fn: optional score function. With ``head`` set it receives that head's tensor, otherwise
+            the model's whole output; it must return one score per image, shape ``(B,)``.
+        label: optional display label.
+    """
+
+    head: Optional[HeadKey] = None
+    cls: Optional[int] = None
+    fn: Optional[ScoreFn] = None
+    label: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """A target after resolution against a real output: the head key is concrete.
+
+    ``head`` is the key in :func:`split_outputs` (an int position or a str key), ``cls`` the class
+    index (or ``None``), ``label`` a human-readable ``"head: class name"`` string.
+    """
+
+    head: HeadKey
+    cls: Optional[int]
+    label: str
+    fn: Optional[ScoreFn] = None
+    head_only: bool = True  # fn receives the head tensor (True) or the whole output (False)
+
+    def score(self, heads: Mapping[HeadKey, Tensor], output: Any) -> Tensor:
+        """The explained score of each image, shape ``(B,)``, differentiable."""
+        if self.fn is not None:
+            s = self.fn(heads[self.head] if self.head_only else output)
+        else:
+            s = head_score(heads[self.head], self.cls)
+        if not isinstance(s, Tensor) or s.ndim != 1:
+            shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+            raise ValueError(f"target {self.label!r}: a score function must return shape (B,), got {shape}")
+        return s
+
+
+def head_score(head: Tensor, cls: Optional[int]) -> Tensor:
+    """Score of class ``cls`` per image from one head tensor.
+
+    ``(B, K)`` logits give ``head[:, cls]``; ``(B,)`` or ``(B, 1)`` heads (regression, single
+    logit) give the value itself; heads with more dims (``(B, K, H, W)`` segmentation) give the
+    sum over the extra dims of channel ``cls``.
+    """
+    if head.ndim == 1:
+        return head
+    if cls is None:
+        if head.shape[1] == 1:
+            return head.flatten(1).sum(1)
+        raise ValueError(f"a class is needed for a head of shape {tuple(head.shape)}")
+    if not 0 <= cls < head.shape[1]:
+        raise IndexError(f"class {cls} out of range for a head with {head.shape[1]} classes")
+    return head[:, cls].reshape(head.shape[0], -1).sum(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs
+
+
+def split_outputs(output: Any) -> dict[HeadKey, Tensor]:
+    """Flatten a model output into an ordered ``{head key: tensor}`` mapping.
+
+    A tensor gives ``{0: t}``; a tuple or list ``{0: t0, 1: t1, ...}``; a dict, namedtuple,
+    dataclass or ``ModelOutput`` ``{name: t}`` in field order (``None`` fields skipped). Nested
+    containers are not flattened; a non-tensor leaf is an error naming its type.
+    """
+    if isinstance(output, Tensor):
+        return {0: output}
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # namedtuple
+        items = list(zip(output._fields, output))
+    elif isinstance(output, Mapping):  # dict, OrderedDict, HF ModelOutput
+        items = list(output.items())
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        items = [(f.name, getattr(output, f.name)) for f in dataclasses.fields(output)]
+    elif isinstance(output, (tuple, list)):
+        items = list(enumerate(output))
+    else:
+        raise TypeError(f"unsupported model output type {type(output).__name__}; expected a tensor, "
+                        "tuple, list, dict, namedtuple or dataclass of tensors")
+    heads = {k: v for k, v in items if v is not None}
+    for k, v in heads.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"model output {k!r} is a {type(v).__name__}, not a tensor")
+    if not heads:
+        raise ValueError("the model returned no tensor outputs")
+    return heads
+
+
+def _find_head(key: Optional[HeadKey], heads: Mapping[HeadKey, Tensor]) -> HeadKey:
+    keys = list(heads)
+    if key is None:
+        return keys[0]
+    if key in heads:
+        return key
+    if isinstance(key, str) and key.lstrip("-").isdigit():
+        key = int(key)
+        if key in heads:
+            return key
+    if isinstance(key, int) and -len(keys) <= key < len(keys):
+        return keys[key]
+    raise KeyError(f"no model output {key!r}; the outputs are {keys} "
+                   f"(shapes {[tuple(v.shape) for v in heads.values()]})")
+
+
+def head_categories(categories: Categories, head: HeadKey, heads: Mapping[HeadKey, Tensor]) -> Optional[Sequence[str]]:
+    """Class names of one head: a plain list applies to the first head, a mapping per head key."""
+    if categories is None:
+        return None
+    if isinstance(categories, Mapping):
+        if head in categories:
+            return categories[head]
+        pos = list(heads).index(head)
+        return categories.get(pos)  # type: ignore[call-overload]
+    return categories if head == next(iter(heads)) else None
+
+
+def head_name(head: HeadKey, heads: Mapping[HeadKey, Tensor]) -> str:
+    """Display name of a head: its key, or its position for tuple/tensor outputs."""
+    return str(head)
+
+
+def _class_index(cls: Union[int, str], names: Optional[Sequence[str]], head: HeadKey) -> int:
+    if isinstance(cls, int):
+        return cls
+    s = cls.strip()
+    if s.lstrip("-").isdigit():
+        return int(s)
+    if names is None:
+        raise ValueError(f"class {cls!r} is not an index and head {head!r} has no class names")
+    low = [n.lower() for n in names]
+    if s.lower() in low:
+        return low.index(s.lower())
+    close = [n for n in names if s.lower() in n.lower()]
+    hint = f"; did you mean one of {close[:8]}" if close else ""
+    raise ValueError(f"no class named {cls!r} on head {head!r}{hint}")
+
+
+def parse_target(spec: Any, heads: Mapping[HeadKey, Tensor], categories: Categories = None) -> ResolvedTarget:
+    """Resolve one target spec (int, ``"head:class"``, tuple, :class:`Target`, callable)."""
+    if isinstance(spec, ResolvedTarget):
+        return spec
+    if isinstance(spec, Target):
+        if spec.fn is not None:
+            head = _find_head(spec.head, heads) if spec.head is not None else next(iter(heads))
+            label = spec.label or getattr(spec.fn, "__name__", "score")
+            return ResolvedTarget(head, spec.cls, label, spec.fn, head_only=spec.head is not None)
+        return _resolve(spec.head, spec.cls, heads, categories, spec.label)
+    if callable(spec) and not isinstance(spec, (str, int)):
+        name = getattr(spec, "__name__", type(spec).__name__)
+        return ResolvedTarget(next(iter(heads)), None, name, spec, head_only=False)
+    if isinstance(spec, bool):
+        raise TypeError("a target cannot be a bool")
+    if isinstance(spec, int) or (hasattr(spec, "__index__") and not isinstance(spec, (str, tuple))):
+        return _resolve(None, int(spec), heads, categories)
+    if isinstance(spec, tuple):
+        if len(spec) != 2:
+            raise ValueError(f"a tuple target is (head, class), got {spec!r}")
+        return _resolve(spec[0], spec[1], heads, categories)
+    if isinstance(spec, str):
+        if ":" in spec:
+            h, c = spec.split(":", 1)
+            try:
+                head = _find_head(h.strip(), heads)
+            except KeyError:
+                names = head_categories(categories, next(iter(heads)), heads)
+                if names is not None and spec.strip().lower() in (n.lower() for n in names):
+                    return _resolve(None, spec, heads, categories)  # a class name containing ':'
+                raise
+            return _resolve(head, c.strip() or None, heads, categories)
+        return _resolve(None, spec, heads, categories)
+    raise TypeError(f"cannot use {spec!r} ({type(spec).__name__}) as a target; use an int, "
+                    "'head:class', (head, class), camlens.Target or a callable")
+
+
+def _resolve(head: Optional[HeadKey], cls: Union[int, str, None], heads: Mapping[HeadKey, Tensor],
+             categories: Categories, label: Optional[str] = None) -> ResolvedTarget:
+    key = _find_head(head, heads)
+    t = heads[key]
+    names = head_categories(categories, key, heads)
+    idx = None if cls is None else _class_index(cls, names, key)
+    if idx is not None:
+        n = t.shape[1] if t.ndim >= 2 else 1
+        if t.ndim < 2 or not 0 <= idx < n:
+            raise IndexError(f"class {idx} out of range for output {key!r} of shape {tuple(t.shape)}")
+    elif not (t.ndim == 1 or (t.ndim >= 2 and t.shape[1] == 1)):
+        raise ValueError(f"output {key!r} has shape {tuple(t.shape)}: name a class, e.g. '{key}:0'")
+    if label is None:
+        cname = names[idx] if names is not None and idx is not None and idx < len(names) else idx
+        label = f"{head_name(key, heads)}: {cname}" if cname is not None else head_name(key, heads)
+    return ResolvedTarget(key, idx, label)
+
+
+def _is_per_image(targets: Sequence[Any]) -> bool:
+    return len(targets) > 0 and all(isinstance(t, (list,)) for t in targets)
+
+
+def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any = None, *,
+                    top_k: Optional[int] = None, categories: Categories = None) -> list[list[ResolvedTarget]]:
+    """Resolve user targets into ``B`` lists of ``T`` resolved targets (one list per image).
+
+    * ``targets=None, top_k=None``: the top class of every classification head.
+    * ``top_k=K``: each classification head's K highest-scoring classes, per image.
+    * a single spec or a flat list: the same targets for every image.
+    * a list of lists: per-image targets; its length must equal the batch size and every inner
+      list must have the same length T (never silently truncated or padded).
+    """
+    batch = next(iter(heads.values())).shape[0]
+    if targets is not None and top_k is not None:
+        raise ValueError("give either targets or top_k, not both")
+    if targets is None:
+        k = 1 if top_k is None else int(top_k)
+        if k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        return _top_k(heads, k, categories)
+    if isinstance(targets, str) and targets.endswith("all"):
+        h = targets[:-3].rstrip(":") or None
+        key = _find_head(h, heads)
+        n = heads[key].shape[1]
+        per = [_resolve(key, c, heads, categories) for c in range(n)]
+        return [list(per) for _ in range(batch)]
+    if not isinstance(targets, list):
+        targets = [targets]
+    if _is_per_image(targets):
+        if len(targets) != batch:
+            raise ValueError(f"per-image targets: got {len(targets)} lists for a batch of {batch} images; "
+                             "give one list per image, or a flat list to use the same targets for all")
+        out = [[parse_target(t, heads, categories) for t in row] for row in targets]
+        lens = {len(r) for r in out}
+        if len(lens) != 1 or 0 in lens:
+            raise ValueError(f"per-image target lists must all have the same non-zero length, got {[len(r) for r in out]}")
+        return out
+    if len(targets) == 0:
+        raise ValueError("empty target list")
+    per = [parse_target(t, heads, categories) for t in targets]
+    return [list(per) for _ in range(batch)]
+
+
+def _top_k(heads: Mapping[HeadKey, Tensor], k: int, categories: Categories) -> list[list[ResolvedTarget]]:
+    batch = next(iter(heads.values())).shape[0]
+    rows: list[list[ResolvedTarget]] = [[] for _ in range(batch)]
+    used = 0
+    for key, t in heads.items():
+        if t.ndim != 2 or t.shape[1] < 2 or t.shape[0] != batch:
+            continue  # not a classification head
+        used += 1
+        kk = min(k, t.shape[1])
+        idx = t.detach().topk(kk, dim=1).indices.cpu().tolist()
+        for b in range(batch):
+            rows[b].extend(_resolve(key, c, heads, categories) for c in idx[b])
+    if used == 0:
+        shapes = {k: tuple(v.shape) for k, v in heads.items()}
+        raise ValueError(f"no classification output (B, K) to take top classes from; outputs: {shapes}. "
+                         "Pass targets explicitly.")
+    return rows
+
+
+def target_probabilities(targets: list[list[ResolvedTarget]], heads: Mapping[HeadKey, Tensor]) -> Optional[Tensor]:
+    """Softmax probability of each target's class on its head, shape ``(B, T)`` (NaN where undefined)."""
+    batch, T = len(targets), len(targets[0])
+    dev = next(iter(heads.values())).device
+    probs = torch.full((batch, T), float("nan"), device=dev)
+    soft = {k: v.detach().float().softmax(1) for k, v in heads.items() if v.ndim == 2 and v.shape[1] > 1}
+    for b, row in enumerate(targets):
+        for t, tg in enumerate(row):
+            if tg.fn is None and tg.cls is not None and tg.head in soft:
+                probs[b, t] = soft[tg.head][b, tg.cls]
+    return probs

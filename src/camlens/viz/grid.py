@@ -1,0 +1,190 @@
+"""Figure grids of overlays, PNG saving and a helper for core ``Explanation`` objects.
+
+Figures are built with ``matplotlib.figure.Figure`` and an Agg canvas directly,
+never through ``pyplot``, so no global state or interactive backend is touched.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from os import PathLike
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from PIL import Image
+
+from .overlay import ArrayLike, CmapLike, _get_cmap, _to_numpy, overlay
+
+__all__ = ["grid", "save_png", "explanation_grid"]
+
+_TITLE_FONTSIZE = 8
+
+
+def _as_image_list(images: ArrayLike) -> list[Any]:
+    """Split images (B, H, W, 3) or a sequence of B images into a list (items unchanged)."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    arr = _to_numpy(images)
+    if arr.ndim not in (3, 4):
+        raise ValueError(f"images must be (B, H, W, 3) or a sequence of (H, W, 3) arrays, got shape {arr.shape}")
+    return list(arr)
+
+
+def _wrap(title: str, cell_size: float) -> str:
+    """Wrap a title to roughly the width of one cell at the small title font."""
+    width = max(10, int(cell_size * 72 / (_TITLE_FONTSIZE * 0.6)))
+    return "\n".join(textwrap.fill(line, width) for line in str(title).splitlines() or [""])
+
+
+def grid(
+    images: Union[Sequence[ArrayLike], ArrayLike],
+    maps: ArrayLike,
+    titles: Optional[Sequence[Sequence[str]]] = None,
+    *,
+    cmap: CmapLike = "jet",
+    alpha: float = 0.5,
+    cell_size: float = 3.0,
+    suptitle: Optional[str] = None,
+) -> Figure:
+    """Plot a B x T grid of overlays: one row per image, one column per target.
+
+    Args:
+        images: B images (H, W, 3) (uint8 or float in [0, 1], or (H, W) grey),
+            as a sequence or an array/tensor (B, H, W, 3).
+        maps: array/tensor (B, T, h, w) in [0, 1]; (B, h, w) is read as T=1.
+            Maps are resized to their image's size when they differ (see ``overlay``).
+        titles: optional B lists of T strings; long titles are wrapped.
+        cmap: colormap name or ``Colormap``.
+        alpha: heat-map weight in [0, 1].
+        cell_size: size of one cell in inches.
+        suptitle: optional figure title.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` (Agg canvas) with B*T image axes (axes off)
+        and a shared colorbar (0..1) on the right.
+    """
+    imgs = _as_image_list(images)
+    m = _to_numpy(maps)
+    if m.ndim == 3:
+        m = m[:, None]
+    if m.ndim != 4:
+        raise ValueError(f"maps must be (B, T, H, W), got shape {m.shape}")
+    B, T = m.shape[:2]
+    if B != len(imgs):
+        raise ValueError(f"maps has B={B} but {len(imgs)} images were given")
+    if B == 0 or T == 0:
+        raise ValueError(f"nothing to plot: maps has shape {m.shape}")
+    if titles is not None:
+        if len(titles) != B:
+            raise ValueError(f"titles has {len(titles)} rows but maps has B={B}")
+        for b, row in enumerate(titles):
+            if isinstance(row, str) or len(row) != T:
+                got = "a string" if isinstance(row, str) else f"{len(row)} titles"
+                raise ValueError(f"titles[{b}] must be a list of T={T} strings, got {got}")
+    if cell_size <= 0:
+        raise ValueError(f"cell_size must be > 0, got {cell_size}")
+    colormap = _get_cmap(cmap)
+
+    # Extra width for the colorbar, extra height for the suptitle.
+    fig = Figure(
+        figsize=(cell_size * T + 0.2 * cell_size + 0.6, cell_size * B + (0.4 if suptitle else 0.0)),
+        layout="constrained",
+    )
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(B, T, squeeze=False)
+    for b in range(B):
+        for t in range(T):
+            ax = axes[b, t]
+            ax.imshow(overlay(imgs[b], m[b, t], cmap=colormap, alpha=alpha))
+            if titles is not None:
+                ax.set_title(_wrap(titles[b][t], cell_size), fontsize=_TITLE_FONTSIZE)
+            ax.set_axis_off()
+    sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormap)
+    fig.colorbar(sm, ax=axes.ravel().tolist(), location="right", fraction=0.05 / max(T, 1) + 0.02, shrink=0.9)
+    if suptitle:
+        fig.suptitle(suptitle)
+    return fig
+
+
+def save_png(path: Union[str, PathLike], array_or_figure: Union[ArrayLike, Figure], dpi: int = 100) -> Path:
+    """Save an image array or a Figure as PNG, creating parent directories.
+
+    Args:
+        path: destination file (written as PNG whatever the suffix).
+        array_or_figure: a ``Figure`` (saved with ``bbox_inches="tight"``), or an
+            image (H, W, 3) / (H, W, 4) / (H, W) uint8 (float in [0, 1] is scaled to 0..255).
+        dpi: figure resolution; for arrays only stored as PNG metadata.
+
+    Returns:
+        The ``Path`` written.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(array_or_figure, Figure):
+        array_or_figure.savefig(p, format="png", dpi=dpi, bbox_inches="tight")
+        return p
+    arr = _to_numpy(array_or_figure)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+        raise ValueError(f"array must be (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = np.clip(np.rint(np.nan_to_num(arr) * 255.0), 0, 255).astype(np.uint8)
+        else:
+            raise ValueError(f"array must be uint8 or float in [0, 1], got dtype {arr.dtype}")
+    Image.fromarray(np.ascontiguousarray(arr)).save(p, format="PNG", dpi=(dpi, dpi))
+    return p
+
+
+def _display_from_inputs(inputs: ArrayLike) -> np.ndarray:
+    """Min-max rescale model inputs (B, C, H, W) per image to uint8 (B, H, W, C)."""
+    x = _to_numpy(inputs).astype(np.float64)
+    if x.ndim != 4:
+        raise ValueError(f"exp.inputs must be (B, C, H, W), got shape {x.shape}")
+    lo = x.min(axis=(1, 2, 3), keepdims=True)
+    span = x.max(axis=(1, 2, 3), keepdims=True) - lo
+    x = np.where(span > 0, (x - lo) / np.where(span > 0, span, 1.0), 0.0)
+    return np.rint(x * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def _label(target: Any) -> str:
+    return str(getattr(target, "label", target))
+
+
+def explanation_grid(exp: Any, images: Optional[Union[Sequence[ArrayLike], ArrayLike]] = None, **kw: Any) -> Figure:
+    """``grid`` for an ``Explanation`` (duck-typed; the core is not imported).
+
+    Uses ``exp.maps`` (B, T, H, W), ``exp.targets`` (B lists of T objects with
+    ``.label``) and ``exp.probs`` (B, T) for titles ``"{label} p={p:.2f}"`` (the
+    ``p=`` part is omitted where the probability is NaN or ``probs`` is None).
+    Display images: ``images`` if given, else ``exp.display`` (B, H, W, 3) uint8,
+    else ``exp.inputs`` (B, 3, H, W) min-max rescaled per image to 0..255.
+    Extra keyword arguments go to ``grid`` (``titles=`` overrides the built ones).
+    """
+    maps = exp.maps
+    B, T = tuple(maps.shape[:2])
+    if images is None:
+        images = getattr(exp, "display", None)
+    if images is None:
+        images = _display_from_inputs(exp.inputs)
+    if "titles" not in kw:
+        targets = exp.targets
+        if len(targets) != B or any(len(row) != T for row in targets):
+            raise ValueError(f"exp.targets must be B={B} lists of T={T} targets")
+        probs = getattr(exp, "probs", None)
+        p = None if probs is None else _to_numpy(probs).astype(np.float64).reshape(B, T)
+        kw["titles"] = [
+            [
+                _label(targets[b][t]) + ("" if p is None or math.isnan(p[b, t]) else f" p={p[b, t]:.2f}")
+                for t in range(T)
+            ]
+            for b in range(B)
+        ]
+    return grid(images, maps, **kw)

@@ -1,0 +1,28 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def resnet18():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return tv.models.resnet18().eval()
+
+
+@pytest.fixture(scope="session")
+def vgg11():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(1)
+    return tv.models.vgg11().eval()
