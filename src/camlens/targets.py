@@ -163,11 +163,6 @@ def head_categories(categories: Categories, head: HeadKey, heads: Mapping[HeadKe
     return categories if head == next(iter(heads)) else None
 
 
-def head_name(head: HeadKey, heads: Mapping[HeadKey, Tensor]) -> str:
-    """Display name of a head: its key, or its position for tuple/tensor outputs."""
-    return str(head)
-
-
 def _class_index(cls: Union[int, str], names: Optional[Sequence[str]], head: HeadKey) -> int:
     if isinstance(cls, int):
         return cls
@@ -235,7 +230,10 @@ def _resolve(head: Optional[HeadKey], cls: Union[int, str, None], heads: Mapping
         raise ValueError(f"output {key!r} has shape {tuple(t.shape)}: name a class, e.g. '{key}:0'")
     if label is None:
         cname = names[idx] if names is not None and idx is not None and idx < len(names) else idx
-        label = f"{head_name(key, heads)}: {cname}" if cname is not None else head_name(key, heads)
+        if len(heads) == 1 and cname is not None:
+            label = str(cname)  # a single-output model: the class alone
+        else:
+            label = f"{key}: {cname}" if cname is not None else str(key)
     return ResolvedTarget(key, idx, label)
 
 

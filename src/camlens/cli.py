@@ -1,0 +1,128 @@
+"""The ``camlens`` command line: ``explain``, ``demo``, ``methods``, ``models``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="camlens: where an image model looks, for every output it has.")
+console = Console(stderr=True, soft_wrap=True)
+
+
+@app.command()
+def explain(
+    images: List[Path] = typer.Argument(..., help="image files to explain"),
+    model: str = typer.Option("efficientnet-lite0", "--model", "-m",
+                              help="efficientnet-lite0 | torchvision:NAME | timm:NAME | path/file.py:factory"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="state-dict file for the model"),
+    layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="layer name(s); several are fused"),
+    method: str = typer.Option("gradcam", "--method", help="see `camlens methods`"),
+    target: Optional[List[str]] = typer.Option(None, "--target", "-t",
+                                               help="head:class, e.g. 281, species:281, 1:3 or a class name"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="explain each head's K top classes"),
+    out: Path = typer.Option(Path("camlens_out"), "--out", "-o", help="output folder"),
+    cmap: str = typer.Option("jet", "--cmap", help="matplotlib colormap"),
+    alpha: float = typer.Option(0.5, "--alpha", help="overlay opacity"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
+    crop: bool = typer.Option(False, "--crop", help="centre-crop to a square (default: keep the whole picture)"),
+) -> None:
+    """Explain images: overlays, a grid, .npy maps and summary.json per image in --out."""
+    import camlens
+    from camlens.io import load_image
+    from camlens.report import safe_name, write_explanation
+
+    if target and top_k:
+        raise typer.BadParameter("give --target or --top-k, not both")
+    m = camlens.models.load(model, weights=str(weights) if weights else None, device=device, crop=crop)
+    out.mkdir(parents=True, exist_ok=True)
+    results, errors = [], []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("explaining", total=len(images))
+        for path in images:
+            progress.update(task, description=f"explaining {path.name}")
+            try:
+                img = load_image(path)
+            except (OSError, ValueError) as err:  # this file only: note it and go on with the others
+                errors.append({"image": str(path), "error": str(err)})
+                console.print(f"[red]✗ {path}: {err}[/]")
+                progress.advance(task)
+                continue
+            try:
+                exp = camlens.explain(m, img, targets=list(target) if target else None, top_k=top_k,
+                                      layer=list(layer) if layer else None, method=method)
+            except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:  # same for every image
+                msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+                console.print(f"[red]error: {msg}[/]")
+                raise typer.Exit(code=2) from None
+            try:
+                entry = write_explanation(exp, out, safe_name(path.stem), cmap=cmap, alpha=alpha,
+                                          categories=m.categories)[0]
+                results.append({"image": str(path), **entry})
+                best = entry["targets"][0]
+                console.print(f"[green]✓[/] {path}: {best['label']}"
+                              + (f" p={best['prob']:.2f}" if best["prob"] is not None else ""))
+            except (OSError, ValueError) as err:
+                errors.append({"image": str(path), "error": str(err)})
+                console.print(f"[red]✗ {path}: {err}[/]")
+            progress.advance(task)
+    summary = {"model": m.name, "method": method, "layers": list(layer) if layer else [m.default_layer],
+               "images": results, "errors": errors}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    console.print(f"wrote {len(results)} explanation(s) to {out}/ (summary.json, *_grid.png, *.npy)")
+    if errors:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="output folder"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    top_k: int = typer.Option(3, "--top-k", "-k"),
+) -> None:
+    """Explain scikit-image's cat and coffee photos with the default model (top-3 classes each)."""
+    from camlens.demo import run_demo
+
+    with console.status("running the demo (EfficientNet-Lite0, Grad-CAM)..."):
+        summary = run_demo(out, top_k=top_k, device=device)
+    for img in summary["images"]:
+        t = img["targets"][0]
+        console.print(f"{img['image']}: top class {t['label']} p={t['prob']:.2f}, map peak at (y, x) = {t['peak_yx']}")
+    console.print(f"[bold]demo outputs in {out.resolve()}/[/]: {summary['grid']} (the grid), per-target overlays, "
+                  ".npy maps, summary.json")
+
+
+@app.command()
+def methods() -> None:
+    """List the available methods, what they do and what they cost."""
+    import camlens
+
+    table = Table("method", "what it does", "cost per call")
+    for name, m in sorted(camlens.available_methods().items()):
+        table.add_row(name, m.description, m.cost)
+    Console().print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the built-in models and the loader forms."""
+    import camlens
+
+    for name in camlens.models.list_models():
+        print(name)
+    print("torchvision:NAME  timm:NAME  path/to/file.py:factory  (random init unless --weights FILE)")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,92 @@
+"""Writing explanations to disk: overlays, grids, ``.npy`` maps and a JSON summary.
+
+A front-end helper on top of the public API (used by the CLI and the demo).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .explanation import Explanation
+
+__all__ = ["map_stats", "predictions", "write_explanation", "safe_name"]
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe slug of ``text``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "x"
+
+
+def map_stats(m: np.ndarray) -> dict[str, Any]:
+    """Summary numbers of one map (H, W) in [0, 1]: peak position (row, col), mean, area above 0.5."""
+    peak = np.unravel_index(int(np.argmax(m)), m.shape)
+    return {"peak_yx": [int(peak[0]), int(peak[1])], "mean": round(float(m.mean()), 4),
+            "area_above_0.5": round(float((m > 0.5).mean()), 4), "max": round(float(m.max()), 4)}
+
+
+def predictions(exp: Explanation, b: int, categories: Any = None, k: int = 5) -> dict[str, list[dict[str, Any]]]:
+    """Top-k softmax predictions of image ``b`` for every classification head."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, t in exp.heads.items():
+        if t.ndim != 2 or t.shape[1] < 2:
+            continue
+        p = t[b].float().softmax(0)
+        top = p.topk(min(k, p.numel()))
+        names = categories.get(key) if isinstance(categories, dict) else (categories if key == next(iter(exp.heads)) else None)
+        out[str(key)] = [{"class": int(i), "name": names[int(i)] if names else str(int(i)), "prob": round(float(v), 4)}
+                         for v, i in zip(top.values.tolist(), top.indices.tolist())]
+    return out
+
+
+def write_explanation(exp: Explanation, out_dir: Path, stem: str, *, cmap: str = "jet", alpha: float = 0.5,
+                      categories: Any = None, images: Optional[np.ndarray] = None) -> list[dict[str, Any]]:
+    """Write, for each image b of ``exp``: one overlay PNG per target, a grid PNG and a ``.npy`` of maps.
+
+    Returns one summary dict per image (paths relative to ``out_dir``).
+    """
+    from .viz import explanation_grid, overlay, save_png
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arr = exp.numpy()
+    display = images if images is not None else exp.display
+    if display is None:
+        from .viz.grid import _display_from_inputs
+
+        display = _display_from_inputs(exp.inputs)
+    B = arr["maps"].shape[0]
+    summaries = []
+    for b in range(B):
+        name = stem if B == 1 else f"{stem}_{b}"
+        entry: dict[str, Any] = {"predictions": predictions(exp, b, categories), "targets": []}
+        for t, tg in enumerate(exp.targets[b]):
+            path = out_dir / f"{name}_{t:02d}_{safe_name(tg.label)}.png"
+            save_png(path, overlay(display[b], arr["maps"][b, t], cmap=cmap, alpha=alpha))
+            p = float(arr["probs"][b, t])
+            entry["targets"].append({"head": tg.head if isinstance(tg.head, int) else str(tg.head), "class": tg.cls,
+                                     "label": tg.label, "score": round(float(arr["scores"][b, t]), 5),
+                                     "prob": None if math.isnan(p) else round(p, 5), "overlay": path.name,
+                                     **map_stats(arr["maps"][b, t])})
+        np.save(out_dir / f"{name}_maps.npy", arr["maps"][b])
+        fig = explanation_grid(_Row(exp, b), images=display[b:b + 1], cmap=cmap, alpha=alpha,
+                               suptitle=f"{exp.method} @ {', '.join(exp.layers)}")
+        save_png(out_dir / f"{name}_grid.png", fig)
+        entry.update({"maps": f"{name}_maps.npy", "grid": f"{name}_grid.png",
+                      "input_size": list(arr["maps"].shape[-2:])})
+        summaries.append(entry)
+    return summaries
+
+
+class _Row:
+    """One image of an explanation, with the fields ``explanation_grid`` reads."""
+
+    def __init__(self, exp: Explanation, b: int):
+        self.maps = exp.maps[b:b + 1]
+        self.probs = exp.probs[b:b + 1]
+        self.targets = exp.targets[b:b + 1]
+        self.inputs = exp.inputs[b:b + 1]
+        self.display = None if exp.display is None else exp.display[b:b + 1]

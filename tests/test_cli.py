@@ -1,0 +1,113 @@
+"""The command line and the demo, end to end on the real pretrained model."""
+
+import json
+
+import numpy as np
+import pytest
+from matplotlib.path import Path as PolyPath
+from PIL import Image
+from typer.testing import CliRunner
+
+import camlens
+from camlens.cli import app
+
+skimage_data = pytest.importorskip("skimage.data")
+
+# Hand-labelled outline of the cat in skimage.data.chelsea() (x, y in the 451 x 300 original):
+# everything left of the line from the right ear tip down past the cheek; the background
+# (top-right corner, right edge) lies outside.
+CAT_OUTLINE = [(0, 0), (375, 0), (390, 40), (372, 140), (352, 230), (335, 300), (0, 300)]
+CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def _on_cat(peak_yx, size_hw):
+    y, x = peak_yx
+    sy, sx = 300 / size_hw[0], 451 / size_hw[1]
+    return PolyPath(CAT_OUTLINE).contains_point(((x + 0.5) * sx, (y + 0.5) * sy))
+
+
+def test_outline_is_a_real_test():
+    assert _on_cat((112, 168), (224, 336))  # centre of the picture: the cat's face
+    assert not _on_cat((10, 330), (224, 336))  # top-right corner: background
+
+
+@pytest.mark.slow
+def test_demo_cat_top_class_and_peak_on_cat(tmp_path):
+    from camlens.demo import run_demo
+
+    summary = run_demo(tmp_path)
+    cat = summary["images"][0]
+    top = cat["targets"][0]
+    assert top["class"] in CAT_CLASSES, top
+    assert cat["predictions"]["0"][0]["class"] == top["class"]
+    assert _on_cat(top["peak_yx"], cat["input_size"]), top["peak_yx"]
+    maps = np.load(tmp_path / cat["maps"])
+    assert maps.shape == (3, 224, 336) and 0 <= maps.min() and maps.max() == 1
+    assert (tmp_path / "demo_grid.png").exists() and (tmp_path / "summary.json").exists()
+    assert Image.open(tmp_path / "demo_grid.png").size[0] > 600
+    coffee = summary["images"][1]["targets"][0]
+    assert coffee["label"] in ("espresso", "cup", "coffee mug", "eggnog", "consomme"), coffee
+
+
+def _write_images(tmp_path):
+    Image.fromarray(skimage_data.chelsea()).save(tmp_path / "cat.jpg")
+    Image.fromarray(skimage_data.coffee()).save(tmp_path / "coffee.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    return [tmp_path / "cat.jpg", tmp_path / "notes.txt", tmp_path / "coffee.png"]
+
+
+@pytest.mark.slow
+def test_cli_explain_writes_outputs_and_survives_bad_files(tmp_path):
+    paths = _write_images(tmp_path)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["explain", *map(str, paths), "--target", "tabby", "--target", "0:285",
+                                   "--out", str(out), "--cmap", "viridis"])
+    assert res.exit_code == 1, res.output  # one unreadable file
+    assert "notes.txt" in res.output and "cannot read image" in res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["image"] for e in summary["images"]] == [str(paths[0]), str(paths[2])]
+    assert summary["errors"][0]["image"] == str(paths[1])
+    cat = summary["images"][0]
+    assert [(t["class"], t["label"]) for t in cat["targets"]] == [(281, "tabby"), (285, "Egyptian cat")]
+    assert np.load(out / cat["maps"]).shape == (2, 224, 336)
+    for t in cat["targets"]:
+        assert (out / t["overlay"]).exists()
+    assert (out / cat["grid"]).exists()
+
+
+@pytest.mark.slow
+def test_cli_top_k_layer_and_method(tmp_path):
+    paths = _write_images(tmp_path)
+    out = tmp_path / "o"
+    res = CliRunner().invoke(app, ["explain", str(paths[0]), "--top-k", "2", "--layer", "blocks.5",
+                                   "--layer", "bn2", "--method", "cam", "--out", str(out)])
+    assert res.exit_code != 0  # CAM takes one layer
+    res = CliRunner().invoke(app, ["explain", str(paths[0]), "--top-k", "2", "--layer", "blocks.5",
+                                   "--layer", "bn2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "summary.json").read_text())
+    assert len(s["images"][0]["targets"]) == 2 and s["layers"] == ["blocks.5", "bn2"]
+    res = CliRunner().invoke(app, ["explain", str(paths[0]), "--method", "cam", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+
+
+def test_cli_methods_and_unknown_layer(tmp_path):
+    res = CliRunner().invoke(app, ["methods"])
+    assert res.exit_code == 0 and "gradcam" in res.output and "cam" in res.output
+    paths = _write_images(tmp_path)
+    res = CliRunner().invoke(app, ["explain", str(paths[0]), "--layer", "bn3", "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0
+    assert "bn2" in res.output + str(res.exception)  # the closest valid names are listed
+
+
+def test_readme_example_runs():
+    """The README's Python example, as written."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    exp = ns["exp"]
+    assert exp.maps.shape[:2] == (1, 2) and exp.targets[0][0].cls == 281
