@@ -289,3 +289,51 @@ def test_numpy_copies():
     assert n["maps"].shape == (2, 1, 16, 16) and n["maps"].dtype.name == "float32"
     assert n["labels"] == [["species: 0"], ["species: 0"]]
     assert 0.0 <= n["maps"].min() and n["maps"].max() <= 1.0
+
+
+class ModelOutput(collections.OrderedDict):
+    """A stand-in for transformers' ModelOutput: an OrderedDict whose None fields are absent."""
+
+    def __getattr__(self, k):
+        return self[k]
+
+
+class HFStyle(DictTwoHead):
+    def forward(self, x):
+        out = super().forward(x)
+        return ModelOutput(logits=out["species"], colour_logits=out["colour"])
+
+
+def test_hf_style_output_and_layer_as_module():
+    model = HFStyle().eval()
+    x = _x()
+    exp = camlens.explain(model, x, targets=["logits:1", "colour_logits:2", "1:2"], layer=model.trunk.conv2)
+    assert exp.layers == ["trunk.conv2"]
+    assert [t.head for t in exp.targets[0]] == ["logits", "colour_logits", "colour_logits"]
+    assert torch.allclose(exp.maps[:, 1], exp.maps[:, 2])
+    ref = camlens.explain(model, x, targets="logits:1", layer="trunk.conv2")
+    assert torch.allclose(exp.maps[:, 0], ref.maps[:, 0])
+    with pytest.raises(ValueError, match="not a submodule"):
+        camlens.explain(model, x, targets=0, layer=nn.Conv2d(3, 3, 1))
+
+
+def test_loop_fallback_when_vmap_is_unavailable(monkeypatch):
+    """Ops without a vmap rule: the engine falls back to one backward per target, same maps."""
+    model = DictTwoHead().eval()
+    x = _x()
+    specs = ["species:0", "species:3", "colour:1"]
+    batched = camlens.explain(model, x, targets=specs, layer="trunk.conv2")
+    real = torch.autograd.grad
+    calls = []
+
+    def no_vmap(*a, **k):
+        calls.append(k.get("is_grads_batched", False))
+        if k.get("is_grads_batched"):
+            raise RuntimeError("vmap: batching rule not implemented for aten::some_op")
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+    looped = camlens.explain(model, x, targets=specs, layer="trunk.conv2")
+    assert calls == [True, False, False, False]
+    assert torch.allclose(batched.maps, looped.maps, atol=1e-6)
+    assert torch.allclose(batched.raw, looped.raw, atol=1e-6)

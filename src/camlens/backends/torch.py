@@ -28,7 +28,7 @@ from torch import Tensor, nn
 LayerSpec = Union[str, nn.Module]
 
 __all__ = ["LayerSpec", "resolve_layers", "model_state", "capture", "Capture", "layer_gradients",
-           "guess_layer", "model_device"]
+           "guess_layer", "probe", "model_device"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -225,13 +225,15 @@ def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str]
     return out
 
 
-def guess_layer(model: nn.Module, x: Tensor, forward: Optional[Callable[[Tensor], Any]] = None) -> str:
-    """The last module (in execution order) whose output is a spatial map ``(B, C, h, w)``, h*w > 1.
+def probe(model: nn.Module, x: Tensor) -> tuple[Optional[str], Any]:
+    """One forward without graph, in eval mode: ``(last spatial layer name or None, output)``.
 
-    For a torchvision ResNet that is ``layer4``; for timm EfficientNets ``bn2``.
+    The last spatial layer is the last module (in execution order) whose output is a map
+    ``(B, C, h, w)`` with h*w > 1; adaptive pooling modules are skipped (their fixed grid, e.g.
+    VGG's 7x7 ``avgpool``, does not follow the image). Model state and hooks are restored.
     """
     order: list[str] = []
-    handles = []
+    skip = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
     def hook(name: str) -> Callable:
         def f(m: nn.Module, i: Any, o: Any) -> None:
@@ -240,15 +242,26 @@ def guess_layer(model: nn.Module, x: Tensor, forward: Optional[Callable[[Tensor]
                 order.append(name)
         return f
 
+    handles = []
     try:
         for name, mod in model.named_modules():
-            if name:
+            if name and not isinstance(mod, skip):
                 handles.append(mod.register_forward_hook(hook(name)))
         with torch.no_grad(), model_state(model):
-            (forward or model)(x)
+            out = model(x)
     finally:
         for h in handles:
             h.remove()
-    if not order:
-        raise ValueError("could not find a layer with a spatial (B, C, h, w) output; pass layer= explicitly")
-    return order[-1]
+    return (order[-1] if order else None), out
+
+
+def guess_layer(model: nn.Module, x: Tensor) -> str:
+    """The last spatial layer of the forward pass (see :func:`probe`).
+
+    torchvision ResNets give ``layer4``, VGG ``features``, timm EfficientNets ``bn2``.
+    """
+    name, _ = probe(model, x)
+    if name is None:
+        raise ValueError(f"no module of {type(model).__name__} outputs a spatial (B, C, h, w) map with h*w > 1 for "
+                         f"an input of shape {tuple(x.shape)}; CAMs need a convolutional feature layer: pass layer=")
+    return name

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backends.torch import model_device, probe
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PIL_INTERPOLATION, Preprocess, to_display
 
 __all__ = [
@@ -82,7 +83,7 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         """Device of the model's first parameter/buffer (CPU if it has none)."""
-        return _module_device(self.model)
+        return model_device(self.model)
 
     def to(self, device: DeviceLike) -> "LoadedModel":
         """Move the model (and the preprocess output) to ``device``; returns self."""
@@ -104,14 +105,6 @@ class LoadedModel:
         if self.categories is not None and 0 <= index < len(self.categories):
             return self.categories[index]
         return f"class {index}"
-
-
-def _module_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,36 +147,11 @@ def guess_default_layer(model: nn.Module, size: int = 224) -> str:
 
 
 def _probe(model: nn.Module, size: int) -> Tuple[Optional[str], Any]:
-    """Dummy forward -> (last spatial layer name or None, model output)."""
-    last: List[str] = []
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
-            if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[2] * out.shape[3] > 1:
-                last.append(name)
-
-        return hook
-
-    was_training = model.training
-    # Adaptive pools resample to a fixed grid (e.g. VGG's 7x7 avgpool): not faithful maps.
-    skip = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-    handles = [
-        m.register_forward_hook(make_hook(n))
-        for n, m in model.named_modules()
-        if n and not isinstance(m, skip)
-    ]
-    try:
-        model.eval()
-        p = next(iter(model.parameters()), None)
-        dev = p.device if p is not None else torch.device("cpu")
-        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-        with torch.no_grad():
-            out = model(torch.zeros(1, 3, size, size, device=dev, dtype=dtype))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return (last[-1] if last else None), out
+    """Dummy forward of a (1, 3, size, size) zero image -> (last spatial layer name or None, output)."""
+    p = next(iter(model.parameters()), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    return probe(model, torch.zeros(1, 3, size, size, device=dev, dtype=dtype))
 
 
 def _categories_for_output(out: Any) -> Optional[List[str]]:

@@ -91,9 +91,11 @@ def grid(
         raise ValueError(f"cell_size must be > 0, got {cell_size}")
     colormap = _get_cmap(cmap)
 
-    # Extra width for the colorbar, extra height for the suptitle.
+    # Cells follow the images' aspect (cell_size is the width); room for titles, colorbar, suptitle.
+    aspect = max(np.asarray(im).shape[0] / np.asarray(im).shape[1] for im in imgs)
+    row_h = cell_size * aspect + (0.3 if titles is not None else 0.05)
     fig = Figure(
-        figsize=(cell_size * T + 0.2 * cell_size + 0.6, cell_size * B + (0.4 if suptitle else 0.0)),
+        figsize=(cell_size * T + 0.2 * cell_size + 0.6, row_h * B + (0.4 if suptitle else 0.0)),
         layout="constrained",
     )
     FigureCanvasAgg(fig)
