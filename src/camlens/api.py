@@ -8,12 +8,12 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .backends.torch import (LayerSpec, capture, check_calls, guess_layer, layer_gradients, model_device,
+from .backends.torch import (LayerSpec, Runner, capture, check_calls, guess_layer, layer_gradients, model_device,
                              model_state, resolve_layers)
 from .explanation import Explanation
-from .methods import GradientMethod, get_method
-from .methods.cam import CAM, cam_maps, find_cam_head
-from .postprocess import process
+from .methods import MethodContext, get_method
+from .methods.cam import CAM
+from .postprocess import normalize, process
 from .targets import Categories, ResolvedTarget, resolve_targets, split_outputs, target_probabilities
 
 __all__ = ["explain"]
@@ -68,7 +68,7 @@ def _scores(rows: list[list[ResolvedTarget]], heads: dict, output: Any) -> Tenso
 def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerSpec, Sequence[LayerSpec], None] = None,
             method: str = "gradcam", top_k: Optional[int] = None, categories: Categories = None,
             fuse: Literal["mean", "max"] = "mean", relu: bool = True, upsample: bool = True,
-            eval_mode: bool = True) -> Explanation:
+            eval_mode: bool = True, **options: Any) -> Explanation:
     """Explain T targets of each of B images: maps ``(B, T, H, W)`` in [0, 1].
 
     Args:
@@ -81,78 +81,68 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
             lists (per image), or ``"all"`` / ``"head:all"`` (every class of a head). ``None``:
             the top class of every classification head (or ``top_k``).
         layer: dotted name(s) or module(s); several layers are fused by ``fuse``. ``None``:
-            the last spatial layer of the forward pass.
+            the last spatial layer of the forward pass. Ignored by input-space methods.
         method: a registered method name (``camlens.methods.available_methods()``).
         top_k: explain each classification head's K highest-scoring classes.
         categories: class names, a list (first head) or ``{head: list}``.
         relu: apply ReLU to the raw maps (``False`` keeps negative evidence before min-max).
         upsample: resize maps to the input size (``False``: the layer's own size).
         eval_mode: run the model in eval mode (restored afterwards).
+        **options: the method's options (see ``camlens methods``), e.g. ``batch_size=`` for Score-CAM.
 
-    One forward pass runs; all T targets' gradients come from one batched backward. The model is
-    left exactly as given: modes, ``requires_grad``, ``.grad``, buffers and hooks.
+    One forward pass runs with the layers hooked; all T targets' gradients come from one batched
+    backward. The model is left exactly as given: modes, ``requires_grad``, ``.grad``, buffers and
+    hooks.
     """
     net, x, layer, categories, display = _unwrap(model, inputs, layer, categories)
     meth = get_method(method)
+    opts = meth.resolve_options(options)
     x = x.to(model_device(net))
-    if layer is None:
-        layer = guess_layer(net, x)
-    layers = resolve_layers(net, layer)
+    if meth.needs_layer:
+        layers = resolve_layers(net, layer if layer is not None else guess_layer(net, x))
+    else:
+        layers = []
     names = [n for n, _ in layers]
 
-    with model_state(net, eval_mode=eval_mode), capture(net, layers, grad=meth.needs_grads, linear=meth is CAM) as cap:
-        with torch.no_grad():
-            output = net(x)
-        check_calls(cap, layers)
-        heads = split_outputs(output)
-        rows = resolve_targets(targets, heads, output, top_k=top_k, categories=categories)
-        acts = [cap.activations[n] for n in names]
-        if meth.needs_grads:
+    with model_state(net, eval_mode=eval_mode):
+        with capture(net, layers, grad=meth.needs_grads, linear=meth is CAM) as cap:
+            with torch.no_grad():
+                output = net(x)
+            check_calls(cap, layers)
+            heads = split_outputs(output)
+            rows = resolve_targets(targets, heads, output, top_k=top_k, categories=categories)
+            acts = [cap.activations[n] for n in names]
             with torch.enable_grad():  # score fns must record a graph, even under a caller's no_grad
                 scores = _scores(rows, heads, output)
-            grads = layer_gradients(scores, acts, names, [t.label for t in rows[0]])
-            if not isinstance(meth, GradientMethod):
-                raise TypeError(f"method {meth.name!r} is not a gradient method")
-            with torch.no_grad():
-                raws = [meth.raw(a.detach(), g) for a, g in zip(acts, grads)]
-            scores = scores.detach()
-        else:
-            with torch.no_grad():
-                scores = _scores(rows, heads, output)
-            raws = [_cam(acts, rows, heads, cap, net, names)]
+            grads = None
+            if meth.needs_grads:
+                grads = dict(zip(names, layer_gradients(scores, acts, names, [t.label for t in rows[0]])))
+        scores = scores.detach()
+
+        def score_image(out: Any, b: int) -> Tensor:  # scores (N, T) of image b's targets on N outputs
+            hs = split_outputs(out)
+            return torch.stack([tg.score(hs, out) for tg in rows[b]], dim=1)
+
+        ctx = MethodContext(inputs=x.detach(), layers=names, modules=dict(layers),
+                            acts={n: a.detach() for n, a in zip(names, acts)}, grads=grads, scores=scores,
+                            targets=rows, runner=Runner(net, score_image),
+                            score_all=lambda out: _scores(rows, split_outputs(out), out), options=opts,
+                            extra={"linear_io": cap.linear_io, "heads": heads,
+                                   "named_modules": dict(net.named_modules())})
+        with torch.no_grad():
+            result = meth.compute(ctx)
     with torch.no_grad():
-        maps = process(raws, tuple(x.shape[-2:]) if upsample else None, use_relu=relu, fuse_how=fuse)
+        size = tuple(x.shape[-2:])
+        raws = result.raws or {}
+        if raws:
+            maps = process(list(raws.values()), size if upsample else None, use_relu=relu, fuse_how=fuse)
+        elif result.saliency is not None:
+            sal = result.saliency.float()
+            maps = normalize(sal.clamp_min(0) if relu else sal)
+        else:
+            raise RuntimeError(f"method {meth.name!r} returned no maps")
     detached = {k: v.detach() for k, v in heads.items()}
-    return Explanation(maps=maps, raw=raws[0], raws=dict(zip(names, raws)), scores=scores,
+    first = next(iter(raws.values())) if raws else result.saliency
+    return Explanation(maps=maps, raw=first, raws=dict(raws), scores=scores,
                        probs=target_probabilities(rows, detached), targets=rows, inputs=x.detach(), layers=names,
-                       method=meth.name, display=display, heads=detached)
-
-
-def _cam(acts: list[Tensor], rows: list[list[ResolvedTarget]], heads: dict, cap: Any, net: nn.Module,
-         names: list[str]) -> Tensor:
-    """Raw CAMs ``(B, T, h, w)`` for class targets on heads produced by GAP + Linear."""
-    if len(acts) != 1:
-        raise ValueError(f"CAM uses one layer (the one before global pooling), got {names}")
-    a = acts[0]
-    B, T = len(rows), len(rows[0])
-    out = torch.empty((B, T, *a.shape[-2:]), dtype=a.dtype, device=a.device)
-    modules = dict(net.named_modules())
-    by_head: dict[Any, list[int]] = {}
-    for t in range(T):
-        hs = {rows[b][t].head for b in range(B)}
-        for b in range(B):
-            tg = rows[b][t]
-            if tg.fn is not None or tg.cls is None:
-                raise ValueError(f"CAM explains classes of a Linear head; target {tg.label!r} is a score function. "
-                                 "Use method='gradcam'.")
-        for h in hs:
-            by_head.setdefault(h, []).append(t)
-    for h, ts in by_head.items():
-        linear = find_cam_head(a, heads[h], cap.linear_io, modules, names[0], str(h))
-        classes = torch.tensor([[rows[b][t].cls if rows[b][t].head == h else 0 for t in ts] for b in range(B)],
-                               device=a.device)
-        m = cam_maps(a, linear, classes)
-        for j, t in enumerate(ts):
-            mask = torch.tensor([rows[b][t].head == h for b in range(B)], device=a.device)
-            out[:, t] = torch.where(mask[:, None, None], m[:, j], out[:, t])
-    return out
+                       method=meth.name, display=display, heads=detached, pixel=result.pixel)

@@ -33,6 +33,8 @@ class Explanation:
         display: optional ``(B, H, W, 3)`` uint8 images for overlays (set when camlens
             preprocessed the images itself).
         heads: the model's outputs by head key, detached.
+        pixel: ``(B, T, C, H, W)`` per-input-channel attributions of input-space methods
+            (guided backprop, guided Grad-CAM), else ``None``.
     """
 
     maps: Tensor
@@ -46,6 +48,7 @@ class Explanation:
     raws: dict[str, Tensor] = field(default_factory=dict)
     display: Optional[np.ndarray] = None
     heads: dict[Any, Tensor] = field(default_factory=dict)
+    pixel: Optional[Tensor] = None
 
     @property
     def labels(self) -> list[list[str]]:

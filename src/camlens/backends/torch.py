@@ -24,11 +24,12 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 LayerSpec = Union[str, nn.Module]
 
 __all__ = ["LayerSpec", "resolve_layers", "model_state", "capture", "Capture", "layer_gradients",
-           "guess_layer", "probe", "model_device"]
+           "guess_layer", "probe", "model_device", "GuidedReLU", "Runner"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -265,3 +266,102 @@ def guess_layer(model: nn.Module, x: Tensor) -> str:
         raise ValueError(f"no module of {type(model).__name__} outputs a spatial (B, C, h, w) map with h*w > 1 for "
                          f"an input of shape {tuple(x.shape)}; CAMs need a convolutional feature layer: pass layer=")
     return name
+
+
+# ----------------------------------------------------------------------------------------------
+# extra passes for perturbation and input-gradient methods
+
+ScoreFn = Callable[[Any, int], Tensor]  # (model output for N inputs, image index b) -> (N, T)
+
+
+class GuidedReLU(TorchDispatchMode):
+    """Guided backpropagation for every ReLU, however it is called.
+
+    ``nn.ReLU`` (in-place or not), ``F.relu``, ``torch.relu``, ``Tensor.relu_`` and ReLU6
+    (``hardtanh(0, 6)``) all reach the same ATen backward kernels, ``threshold_backward`` and
+    ``hardtanh_backward``. While this mode is active, those kernels receive ``max(grad, 0)``
+    instead of ``grad``: gradient flows back only where the input was positive (the ReLU rule)
+    AND the incoming gradient is positive (the deconvnet rule) — Springenberg et al.'s guided
+    backpropagation. Nothing in the model is modified; leaving the block restores everything.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.threshold_backward.default:
+            grad, inp, threshold = args
+            return func(grad.clamp_min(0), inp, threshold)
+        if func is torch.ops.aten.hardtanh_backward.default and float(args[2]) == 0.0:
+            grad, *rest = args
+            return func(grad.clamp_min(0), *rest)
+        return func(*args, **kwargs)
+
+
+class Runner:
+    """Forward and backward passes beyond the first one, for methods that perturb the input or a layer.
+
+    Runs with no capture hooks active, under ``torch.no_grad()`` except for input gradients;
+    the caller holds :func:`model_state`. ``score(output, b)`` gives the scores ``(N, T)`` of image
+    ``b``'s targets on a batch of N outputs.
+    """
+
+    def __init__(self, model: nn.Module, score: ScoreFn):
+        self.model = model
+        self.score = score
+        self.forwards = 0  # number of forward calls, for cost reports and tests
+
+    def _forward(self, x: Tensor) -> Any:
+        self.forwards += 1
+        return self.model(x)
+
+    @torch.no_grad()
+    def scores(self, x: Tensor, b: int, batch_size: int = 32) -> Tensor:
+        """Scores ``(N, T)`` of image ``b``'s targets for N inputs ``x`` ``(N, C, H, W)``, in chunks."""
+        return torch.cat([self.score(self._forward(x[i:i + batch_size]), b).float()
+                          for i in range(0, x.shape[0], batch_size)])
+
+    @torch.no_grad()
+    def scores_with_layer(self, layer: nn.Module, acts: Tensor, x_b: Tensor, b: int, batch_size: int = 32) -> Tensor:
+        """Scores ``(N, T)`` when ``layer``'s output is replaced by each of ``acts`` ``(N, C, h, w)``.
+
+        The input ``x_b`` ``(1, C, H, W)`` runs once per chunk at batch 1 and the batch grows at
+        the layer; a model that mixes the layer's output with earlier tensors (a skip connection
+        around it) is rerun with ``x_b`` repeated instead.
+        """
+        out = []
+        expand = False
+        for i in range(0, acts.shape[0], batch_size):
+            chunk = acts[i:i + batch_size]
+            handle = layer.register_forward_hook(lambda m, inp, o: chunk.to(_first_tensor(o).dtype))
+            try:
+                if not expand:
+                    try:
+                        out.append(self.score(self._forward(x_b), b).float())
+                        continue
+                    except RuntimeError:
+                        expand = True  # shapes clash after the layer: repeat the input instead
+                out.append(self.score(self._forward(x_b.expand(chunk.shape[0], *x_b.shape[1:])), b).float())
+            finally:
+                handle.remove()
+        return torch.cat(out)
+
+    def input_gradients(self, x: Tensor, b_scores: Callable[[Any], Tensor], guided: bool = False) -> tuple[Tensor, Tensor]:
+        """Gradients of the scores w.r.t. the input: ``(B, T, C, H, W)`` and the scores ``(B, T)``.
+
+        ``b_scores(output) -> (B, T)``; with ``guided=True`` every ReLU's backward is guided
+        (see :class:`GuidedReLU`). One forward; the T targets share one batched backward.
+        """
+        with torch.enable_grad():
+            xi = x.detach().requires_grad_(True)
+            scores = b_scores(self._forward(xi))
+            B, T = scores.shape
+            eye = torch.eye(T, dtype=scores.dtype, device=scores.device)[:, None, :].expand(T, B, T)
+            with (GuidedReLU() if guided else contextlib.nullcontext()):
+                if T == 1:
+                    g = torch.autograd.grad(scores, xi, grad_outputs=eye[0])[0].unsqueeze(0)
+                else:
+                    try:
+                        g = torch.autograd.grad(scores, xi, grad_outputs=eye, is_grads_batched=True)[0]
+                    except RuntimeError:  # vmap and the dispatch mode do not mix on some ops: loop
+                        g = torch.stack([torch.autograd.grad(scores[:, t].sum(), xi, retain_graph=t < T - 1)[0]
+                                         for t in range(T)])
+        return g.transpose(0, 1), scores.detach()

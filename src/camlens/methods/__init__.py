@@ -1,6 +1,11 @@
 """CAM methods: one small module per family, registered by name."""
 
-from . import cam, gradcam  # noqa: F401  (registers the methods)
-from .base import GradientMethod, Method, available_methods, get_method, register
+# importing a method module registers its methods
+from . import cam, gradcam, gradcam_family  # noqa: F401
+from . import ablationcam, scorecam  # noqa: F401
+from . import guided, occlusion  # noqa: F401
+from .base import (ActivationMethod, GradientMethod, Method, MethodContext, MethodOutput, available_methods,
+                   get_method, register)
 
-__all__ = ["Method", "GradientMethod", "available_methods", "get_method", "register"]
+__all__ = ["Method", "GradientMethod", "ActivationMethod", "MethodContext", "MethodOutput", "available_methods",
+           "get_method", "register"]

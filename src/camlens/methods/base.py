@@ -1,37 +1,108 @@
 """The method registry: a CAM method is a small piece of tensor math on what the engine captures.
 
-A gradient method implements ``raw(acts, grads) -> (B, T, h, w)`` given the layer activations
-``acts`` ``(B, C, h, w)`` and the gradients of the T target scores ``grads`` ``(B, T, C, h, w)``.
-Adding one is a subclass (or a function) and :func:`register`.
+The engine (``camlens.api`` + ``camlens.backends``) runs one forward with the method's layers
+hooked, computes the gradients of all T target scores when the method needs them, and hands the
+method a :class:`MethodContext`. The method returns a :class:`MethodOutput`; post-processing
+(ReLU, upsampling, normalisation, layer fusion) is done by :mod:`camlens.postprocess`.
+
+Adding a gradient method is one function ``(acts (B, C, h, w), grads (B, T, C, h, w)) -> (B, T, h, w)``
+wrapped in :class:`GradientMethod` and :func:`register`-ed; methods that need more passes call
+``ctx.runner`` (perturbed inputs, replaced layer outputs, input gradients).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 from torch import Tensor
 
-__all__ = ["Method", "GradientMethod", "register", "get_method", "available_methods"]
+__all__ = ["Method", "GradientMethod", "ActivationMethod", "MethodContext", "MethodOutput", "register", "get_method",
+           "available_methods"]
 
 _REGISTRY: dict[str, "Method"] = {}
 
 
+@dataclass
+class MethodContext:
+    """What a method may use. Shapes: B images, T targets per image, C channels.
+
+    Attributes:
+        inputs: ``(B, C, H, W)`` the model input.
+        layers: the layer names, in the order given.
+        modules: layer name -> module (for methods that replace a layer's output via the runner).
+        acts: layer name -> activations ``(B, C, h, w)``, detached.
+        grads: layer name -> gradients ``(B, T, C, h, w)`` of the target scores (``None`` when the
+            method declares ``needs_grads=False``).
+        scores: ``(B, T)`` the target scores of the unperturbed input.
+        targets: B lists of T resolved targets.
+        runner: extra passes (:class:`camlens.backends.torch.Runner`): ``scores(x, b)``,
+            ``scores_with_layer(module, acts, x_b, b)``, ``input_gradients(x, fn, guided)``.
+        score_all: ``output -> (B, T)`` scores of every image's targets on a batch of B outputs.
+        options: the method's options, defaults filled in.
+        extra: engine facts a few methods need (``linear_io`` and ``heads`` for CAM).
+    """
+
+    inputs: Tensor
+    layers: list[str]
+    modules: Mapping[str, Any]
+    acts: dict[str, Tensor]
+    grads: Optional[dict[str, Tensor]]
+    scores: Tensor
+    targets: list
+    runner: Any
+    score_all: Callable[[Any], Tensor]
+    options: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodOutput:
+    """A method's result; at least one field is set.
+
+    Attributes:
+        raws: layer name -> raw maps ``(B, T, h, w)`` (before ReLU / upsampling / min-max).
+        saliency: ``(B, T, H, W)`` maps already at input resolution (occlusion, guided backprop),
+            positive = evidence for the target; only min-max normalised afterwards.
+        pixel: ``(B, T, C, H, W)`` per-input-channel attributions (guided backprop and friends).
+    """
+
+    raws: Optional[dict[str, Tensor]] = None
+    saliency: Optional[Tensor] = None
+    pixel: Optional[Tensor] = None
+
+
 @dataclass(frozen=True)
 class Method:
-    """A method's identity and cost, for ``camlens methods`` and the engine.
+    """A method's identity, cost and needs.
 
     Attributes:
         name: registry key (``--method NAME``).
         description: one line.
-        cost: forwards / backwards needed, in words.
-        needs_grads: whether the engine must compute gradients at the layer.
+        cost: forwards / backwards per call, in words.
+        needs_grads: the engine computes gradients of the targets at the layers.
+        needs_layer: the method works on a layer (False for input-space methods).
+        options: option name -> default, accepted as keyword arguments by ``camlens.explain``.
     """
 
     name: str
     description: str
     cost: str
     needs_grads: bool = True
+    needs_layer: bool = True
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def compute(self, ctx: MethodContext) -> MethodOutput:  # pragma: no cover - abstract
+        raise NotImplementedError(f"method {self.name!r} has no compute()")
+
+    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults updated with ``given``; an unknown option lists the valid ones."""
+        unknown = set(given) - set(self.options)
+        if unknown:
+            valid = ", ".join(sorted(self.options)) or "none"
+            raise TypeError(f"method {self.name!r} has no option(s) {sorted(unknown)}; its options: {valid}")
+        return {**self.options, **given}
 
 
 @dataclass(frozen=True)
@@ -47,6 +118,23 @@ class GradientMethod(Method):
         assert self.fn is not None
         return self.fn(acts, grads)
 
+    def compute(self, ctx: MethodContext) -> MethodOutput:
+        assert ctx.grads is not None
+        return MethodOutput(raws={n: self.raw(ctx.acts[n], ctx.grads[n]) for n in ctx.layers})
+
+
+@dataclass(frozen=True)
+class ActivationMethod(Method):
+    """A method that is a function of activations only: ``fn(acts (B, C, h, w), T) -> (B, T, h, w)``."""
+
+    fn: Optional[Callable[[Tensor, int], Tensor]] = None
+    needs_grads: bool = False
+
+    def compute(self, ctx: MethodContext) -> MethodOutput:
+        assert self.fn is not None
+        T = ctx.scores.shape[1]
+        return MethodOutput(raws={n: self.fn(ctx.acts[n], T) for n in ctx.layers})
+
 
 def register(method: Method) -> Method:
     """Add a method to the registry (name must be new)."""
@@ -56,11 +144,14 @@ def register(method: Method) -> Method:
     return method
 
 
+def _key(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
 def get_method(name: str) -> Method:
-    """Look a method up by name; an unknown name lists the available ones."""
-    key = name.lower().replace("_", "").replace("-", "")
+    """Look a method up by name (case, ``-`` and ``_`` ignored); an unknown name lists the available ones."""
     for n, m in _REGISTRY.items():
-        if n.replace("_", "").replace("-", "") == key:
+        if _key(n) == _key(name):
             return m
     raise ValueError(f"unknown method {name!r}; available: {sorted(_REGISTRY)}")
 

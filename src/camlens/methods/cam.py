@@ -7,19 +7,13 @@ forward and one matrix product, no backward.
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from .base import Method, register
-
-CAM = register(Method(
-    name="cam",
-    description="CAM: the final Linear layer's weights on globally average-pooled features (GAP+FC models)",
-    cost="1 forward, no backward; all classes at once",
-    needs_grads=False,
-))
+from .base import Method, MethodContext, MethodOutput, register
 
 
 def find_cam_head(acts: Tensor, head: Tensor, linear_io: Mapping[str, tuple[Tensor, Tensor]],
@@ -55,3 +49,45 @@ def cam_maps(acts: Tensor, linear: nn.Linear, classes: Tensor) -> Tensor:
     """
     w = linear.weight.detach().to(acts.dtype)[classes]  # (B, T, C)
     return torch.einsum("btc,bchw->bthw", w, acts.detach())
+
+
+@dataclass(frozen=True)
+class CamMethod(Method):
+    """CAM for class targets on heads produced by GAP + Linear; one layer."""
+
+    def compute(self, ctx: MethodContext) -> MethodOutput:
+        if len(ctx.layers) != 1:
+            raise ValueError(f"CAM uses one layer (the one right before global pooling), got {ctx.layers}")
+        name = ctx.layers[0]
+        a = ctx.acts[name]
+        rows = ctx.targets
+        B, T = len(rows), len(rows[0])
+        out = torch.empty((B, T, *a.shape[-2:]), dtype=a.dtype, device=a.device)
+        by_head: dict[Any, list[int]] = {}
+        for t in range(T):
+            for b in range(B):
+                tg = rows[b][t]
+                if tg.fn is not None or tg.cls is None:
+                    raise ValueError(f"CAM explains classes of a Linear head; target {tg.label!r} is not a class. "
+                                     "Use method='gradcam'.")
+                by_head.setdefault(tg.head, [])
+                if t not in by_head[tg.head]:
+                    by_head[tg.head].append(t)
+        heads = ctx.extra["heads"]
+        for h, ts in by_head.items():
+            linear = find_cam_head(a, heads[h], ctx.extra["linear_io"], ctx.extra["named_modules"], name, str(h))
+            classes = torch.tensor([[rows[b][t].cls if rows[b][t].head == h else 0 for t in ts] for b in range(B)],
+                                   device=a.device)
+            m = cam_maps(a, linear, classes)
+            for j, t in enumerate(ts):
+                mask = torch.tensor([rows[b][t].head == h for b in range(B)], device=a.device)
+                out[:, t] = torch.where(mask[:, None, None], m[:, j], out[:, t])
+        return MethodOutput(raws={name: out})
+
+
+CAM = register(CamMethod(
+    name="cam",
+    description="CAM: the final Linear layer's weights on globally average-pooled features (GAP+FC models)",
+    cost="1 forward, no backward; all classes at once",
+    needs_grads=False,
+))
