@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backends.torch import (LayerSpec, Runner, capture, check_calls, guess_layer, layer_gradients, model_device,
                              model_state, resolve_layers)
 from .explanation import Explanation
-from .methods import MethodContext, get_method
+from .methods import Method, MethodContext, MethodOutput, get_method
 from .methods.cam import CAM
 from .postprocess import normalize, process
 from .targets import Categories, ResolvedTarget, resolve_targets, split_outputs, target_probabilities
@@ -68,7 +70,8 @@ def _scores(rows: list[list[ResolvedTarget]], heads: dict, output: Any) -> Tenso
 def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerSpec, Sequence[LayerSpec], None] = None,
             method: str = "gradcam", top_k: Optional[int] = None, categories: Categories = None,
             fuse: Literal["mean", "max"] = "mean", relu: bool = True, upsample: bool = True,
-            eval_mode: bool = True, **options: Any) -> Explanation:
+            eval_mode: bool = True, aug_smooth: bool = False, noise_smooth: int = 0, noise_sigma: float = 0.15,
+            seed: int = 0, **options: Any) -> Explanation:
     """Explain T targets of each of B images: maps ``(B, T, H, W)`` in [0, 1].
 
     Args:
@@ -88,6 +91,9 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
         relu: apply ReLU to the raw maps (``False`` keeps negative evidence before min-max).
         upsample: resize maps to the input size (``False``: the layer's own size).
         eval_mode: run the model in eval mode (restored afterwards).
+        aug_smooth: average the maps of flipped and rescaled inputs, each mapped back in place.
+        noise_smooth: if > 0, SmoothGrad-style: average the method's raw output over this many
+            noisy copies (noise std ``noise_sigma`` x the image's value range; ``seed`` fixes it).
         **options: the method's options (see ``camlens methods``), e.g. ``batch_size=`` for Score-CAM.
 
     One forward pass runs with the layers hooked; all T targets' gradients come from one batched
@@ -103,46 +109,120 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
     else:
         layers = []
     names = [n for n, _ in layers]
+    size = tuple(x.shape[-2:])
+    out_size = size if upsample else None
 
     with model_state(net, eval_mode=eval_mode):
-        with capture(net, layers, grad=meth.needs_grads, linear=meth is CAM) as cap:
-            with torch.no_grad():
-                output = net(x)
-            check_calls(cap, layers)
-            heads = split_outputs(output)
-            rows = resolve_targets(targets, heads, output, top_k=top_k, categories=categories)
-            acts = [cap.activations[n] for n in names]
-            with torch.enable_grad():  # score fns must record a graph, even under a caller's no_grad
-                scores = _scores(rows, heads, output)
-            grads = None
-            if meth.needs_grads:
-                grads = dict(zip(names, layer_gradients(scores, acts, names, [t.label for t in rows[0]])))
-        scores = scores.detach()
-
-        def score_image(out: Any, b: int) -> Tensor:  # scores (N, T) of image b's targets on N outputs
-            hs = split_outputs(out)
-            return torch.stack([tg.score(hs, out) for tg in rows[b]], dim=1)
-
-        ctx = MethodContext(inputs=x.detach(), layers=names, modules=dict(layers),
-                            acts={n: a.detach() for n, a in zip(names, acts)}, grads=grads, scores=scores,
-                            targets=rows, runner=Runner(net, score_image),
-                            score_all=lambda out: _scores(rows, split_outputs(out), out), options=opts,
-                            extra={"linear_io": cap.linear_io, "heads": heads,
-                                   "named_modules": dict(net.named_modules())})
-        with torch.no_grad():
-            result = meth.compute(ctx)
-    with torch.no_grad():
-        size = tuple(x.shape[-2:])
-        raws = result.raws or {}
-        if raws:
-            maps = process(list(raws.values()), size if upsample else None, use_relu=relu, fuse_how=fuse)
-        elif result.saliency is not None:
-            sal = result.saliency.float()
-            maps = normalize(sal.clamp_min(0) if relu else sal)
-        else:
-            raise RuntimeError(f"method {meth.name!r} returned no maps")
-    detached = {k: v.detach() for k, v in heads.items()}
+        p = _compute(net, x, targets, layers, meth, opts, categories, top_k)
+        result = p.result
+        if noise_smooth:
+            result = _noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed)
+        maps = _finish(result, out_size, relu, fuse)
+        if aug_smooth:
+            maps = _aug_smoothed(net, x, p, layers, meth, opts, maps, out_size, relu, fuse)
+    raws = result.raws or {}
+    detached = {k: v.detach() for k, v in p.heads.items()}
     first = next(iter(raws.values())) if raws else result.saliency
-    return Explanation(maps=maps, raw=first, raws=dict(raws), scores=scores,
-                       probs=target_probabilities(rows, detached), targets=rows, inputs=x.detach(), layers=names,
-                       method=meth.name, display=display, heads=detached, pixel=result.pixel)
+    return Explanation(maps=maps, raw=first, raws=dict(raws), scores=p.scores,
+                       probs=target_probabilities(p.rows, detached), targets=p.rows, inputs=x.detach(),
+                       layers=names, method=meth.name, display=display, heads=detached, pixel=result.pixel)
+
+
+@dataclass
+class _Pass:
+    """One engine pass: the method's output, the scores (B, T), the resolved targets, the heads."""
+
+    result: MethodOutput
+    scores: Tensor
+    rows: list[list[ResolvedTarget]]
+    heads: dict
+
+
+def _compute(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method, opts: dict,
+             categories: Categories, top_k: Optional[int]) -> _Pass:
+    """One forward with the layers hooked, the batched backward if needed, then the method's math."""
+    names = [n for n, _ in layers]
+    with capture(net, layers, grad=meth.needs_grads, linear=meth is CAM) as cap:
+        with torch.no_grad():
+            output = net(x)
+        check_calls(cap, layers)
+        heads = split_outputs(output)
+        rows = resolve_targets(targets, heads, output, top_k=top_k, categories=categories)
+        acts = [cap.activations[n] for n in names]
+        with torch.enable_grad():  # score fns must record a graph, even under a caller's no_grad
+            scores = _scores(rows, heads, output)
+        grads = None
+        if meth.needs_grads:
+            grads = dict(zip(names, layer_gradients(scores, acts, names, [t.label for t in rows[0]])))
+    scores = scores.detach()
+
+    def score_image(out: Any, b: int) -> Tensor:  # scores (N, T) of image b's targets on N outputs
+        hs = split_outputs(out)
+        return torch.stack([tg.score(hs, out) for tg in rows[b]], dim=1)
+
+    ctx = MethodContext(inputs=x.detach(), layers=names, modules=dict(layers),
+                        acts={n: a.detach() for n, a in zip(names, acts)}, grads=grads, scores=scores,
+                        targets=rows, runner=Runner(net, score_image),
+                        score_all=lambda out: _scores(rows, split_outputs(out), out), options=opts,
+                        extra={"linear_io": cap.linear_io, "heads": heads, "named_modules": dict(net.named_modules())})
+    with torch.no_grad():
+        result = meth.compute(ctx)
+    if not result.raws and result.saliency is None:
+        raise RuntimeError(f"method {meth.name!r} returned no maps")
+    return _Pass(result, scores, rows, heads)
+
+
+@torch.no_grad()
+def _finish(result: MethodOutput, size: Optional[tuple[int, int]], relu: bool, fuse: str) -> Tensor:
+    """Method output -> maps ``(B, T, H, W)`` in [0, 1]."""
+    if result.raws:
+        return process(list(result.raws.values()), size, use_relu=relu, fuse_how=fuse)  # type: ignore[arg-type]
+    sal = result.saliency.float()  # type: ignore[union-attr]
+    return normalize(sal.clamp_min(0) if relu else sal)
+
+
+def _noise_smoothed(net: nn.Module, x: Tensor, p: _Pass, layers: list, meth: Method, opts: dict, n: int,
+                    sigma: float, seed: int) -> MethodOutput:
+    """SmoothGrad-style: the method's raw output averaged over ``n`` noisy copies of each image.
+
+    Noise ``N(0, (sigma * (max x_b - min x_b))^2)`` per image; the n*B copies run as one batch
+    (one forward, one batched backward) with the targets resolved on the clean images.
+    """
+    B = x.shape[0]
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(B, 1, 1, 1)
+    noisy = x.repeat(n, 1, 1, 1)  # copy i of image b at index i * B + b
+    noisy = noisy + torch.randn(noisy.shape, generator=gen, device=x.device, dtype=x.dtype) * (sigma * span).repeat(n, 1, 1, 1)
+    q = _compute(net, noisy, p.rows * n, layers, meth, opts, None, None).result
+
+    def avg(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.reshape(n, B, *t.shape[1:]).mean(0)
+
+    return MethodOutput(raws={k: avg(v) for k, v in q.raws.items()} if q.raws else None,  # type: ignore[misc]
+                        saliency=avg(q.saliency), pixel=avg(q.pixel))
+
+
+AUG_SCALES = (1.0, 1.1, 0.9)
+
+
+def _aug_smoothed(net: nn.Module, x: Tensor, p: _Pass, layers: list, meth: Method, opts: dict, maps: Tensor,
+                  size: Optional[tuple[int, int]], relu: bool, fuse: str) -> Tensor:
+    """Test-time augmentation: maps of horizontally flipped and rescaled (x1.1, x0.9) inputs, each
+    mapped back in place (resized back, flipped back), averaged with the plain maps and min-maxed."""
+    H, W = maps.shape[-2:]
+    total = maps.clone()
+    count = 1
+    for flip in (False, True):
+        for scale in AUG_SCALES:
+            if not flip and scale == 1.0:
+                continue
+            xa = torch.flip(x, dims=(-1,)) if flip else x
+            if scale != 1.0:
+                hw = (max(8, round(x.shape[-2] * scale)), max(8, round(x.shape[-1] * scale)))
+                xa = F.interpolate(xa, size=hw, mode="bilinear", align_corners=False)
+            q = _compute(net, xa, p.rows, layers, meth, opts, None, None).result
+            m = _finish(q, tuple(xa.shape[-2:]) if size is not None else None, relu, fuse)
+            m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False) if m.shape[-2:] != (H, W) else m
+            total += torch.flip(m, dims=(-1,)) if flip else m
+            count += 1
+    return normalize(total / count, warn=False)
