@@ -186,6 +186,12 @@ def check_calls(cap: Capture, layers: Sequence[tuple[str, nn.Module]]) -> None:
                                "runs once, such as the block or norm layer around it")
 
 
+def _is_vmap_error(err: BaseException) -> bool:
+    """An error from vmap's batching of the backward (an op without a batching rule)."""
+    msg = str(err).lower()
+    return "vmap" in msg or "batch" in msg
+
+
 def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str], labels: Sequence[str]) -> list[Tensor]:
     """Gradients of each target score w.r.t. each activation, in one batched backward.
 
@@ -207,12 +213,13 @@ def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str]
     eye = torch.eye(T, dtype=scores.dtype, device=scores.device)
     eye = eye[:, None, :].expand(T, B, T)
     try:
+        # retain_graph when batched: if vmap fails half-way, the per-target fallback needs the graph
         grads = torch.autograd.grad(scores, list(acts), grad_outputs=eye if T > 1 else eye[0],
-                                    is_grads_batched=T > 1, allow_unused=True)
+                                    is_grads_batched=T > 1, allow_unused=True, retain_graph=T > 1)
         if T == 1:
             grads = [None if g is None else g.unsqueeze(0) for g in grads]
     except RuntimeError as err:  # an op without a vmap rule: fall back to a loop over targets
-        if T == 1 or ("vmap" not in str(err).lower() and "batch" not in str(err).lower()):
+        if T == 1 or not _is_vmap_error(err):
             raise
         per_t = [torch.autograd.grad(scores[:, t].sum(), list(acts), retain_graph=t < T - 1, allow_unused=True)
                  for t in range(T)]
@@ -360,8 +367,11 @@ class Runner:
                     g = torch.autograd.grad(scores, xi, grad_outputs=eye[0])[0].unsqueeze(0)
                 else:
                     try:
-                        g = torch.autograd.grad(scores, xi, grad_outputs=eye, is_grads_batched=True)[0]
-                    except RuntimeError:  # vmap and the dispatch mode do not mix on some ops: loop
+                        g = torch.autograd.grad(scores, xi, grad_outputs=eye, is_grads_batched=True,
+                                                retain_graph=True)[0]
+                    except RuntimeError as err:  # an op without a vmap rule: loop over targets
+                        if not _is_vmap_error(err):
+                            raise
                         g = torch.stack([torch.autograd.grad(scores[:, t].sum(), xi, retain_graph=t < T - 1)[0]
                                          for t in range(T)])
         return g.transpose(0, 1), scores.detach()

@@ -1,1 +1,124 @@
-"""(being written)"""
+"""Guided backpropagation (Springenberg et al., 2015) and Guided Grad-CAM (Selvaraju et al., 2017).
+
+Guided backpropagation: the gradient of each target score ``S[b, t]`` w.r.t. the input pixels,
+computed with every ReLU's backward replaced by the *guided* rule: a ReLU passes the incoming
+gradient ``g`` back only where its input was positive (the ordinary ReLU rule) AND ``g > 0``
+(the deconvnet rule), i.e. ``dx = max(g, 0) * [x > 0]``; ReLU6 likewise passes
+``max(g, 0) * [0 < x < 6]``.
+
+    pixel[b, t, c, i, j]  = guided dS[b, t] / dx[b, c, i, j]          (B, T, C, H, W)
+    saliency[b, t, i, j]  = max_c |pixel[b, t, c, i, j]|                (B, T, H, W)
+
+The saliency map takes the maximum absolute value over input channels (as in Simonyan et al.'s
+saliency maps): a pixel is salient when any of its colour channels moves the score; the signed
+per-channel attributions stay available as ``Explanation.pixel``.
+
+How ReLUs are found: they are not. The backward runs inside :class:`camlens.backends.torch.GuidedReLU`,
+a ``TorchDispatchMode`` that sees every ATen op of the backward pass. ``nn.ReLU`` (also
+``inplace=True``, as in torchvision ResNets), ``F.relu``, ``torch.relu``, ``Tensor.relu_`` and
+ReLU6 (``nn.ReLU6`` / ``F.relu6``, i.e. ``hardtanh(0, 6)``) all reach the same backward kernels,
+``threshold_backward`` and ``hardtanh_backward``; for the duration of the backward those kernels
+receive ``max(g, 0)`` instead of ``g``. No module is swapped, no hook is registered, nothing in
+the model is modified, and leaving the block (also on an exception) restores plain autograd.
+
+Guided Grad-CAM: per target, the guided backprop attributions times the (non-negative) Grad-CAM
+map of the chosen layer upsampled to the input size,
+
+    cam[b, t]            = ReLU(sum_c mean_ij(dS[b, t] / dA[b, c, i, j]) * A[b, c])   (B, T, h, w)
+    pixel[b, t, c]       = guided[b, t, c] * upsample(cam[b, t])                      (B, T, C, H, W)
+    saliency[b, t]       = max_c |pixel[b, t, c]|                                     (B, T, H, W)
+
+with the un-normalised Grad-CAM and ``nearest`` upsampling by default, exactly as captum's
+``GuidedGradCam``; ``interpolate="bilinear"`` follows the Grad-CAM paper (``align_corners=False``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Method, MethodContext, MethodOutput, register
+from .gradcam import gradcam
+
+__all__ = ["guided_gradients", "channel_saliency", "upsample_cam", "GuidedBackprop", "GuidedGradCam",
+           "GUIDED_BACKPROP", "GUIDED_GRADCAM"]
+
+_INTERPOLATE = ("nearest", "bilinear")
+
+
+def guided_gradients(ctx: MethodContext) -> Tensor:
+    """Guided-backprop gradients of all T targets of all B images: ``(B, T, C, H, W)``.
+
+    One forward of ``ctx.inputs`` and one batched backward (all T targets at once) with guided ReLUs.
+    """
+    grads, _ = ctx.runner.input_gradients(ctx.inputs, ctx.score_all, guided=True)
+    return grads
+
+
+def channel_saliency(pixel: Tensor) -> Tensor:
+    """``(B, T, C, H, W)`` per-channel attributions -> ``(B, T, H, W)`` maps, ``max_c |pixel|``."""
+    return pixel.abs().amax(dim=2)
+
+
+def upsample_cam(cam: Tensor, size: tuple[int, int], mode: str = "nearest") -> Tensor:
+    """Resize maps ``(B, T, h, w)`` to ``(B, T, *size)`` with ``F.interpolate`` (``align_corners=False``
+    for bilinear, captum's ``LayerAttribution.interpolate`` convention)."""
+    if mode not in _INTERPOLATE:
+        raise ValueError(f"interpolate must be one of {_INTERPOLATE}, got {mode!r}")
+    if tuple(cam.shape[-2:]) == tuple(size):
+        return cam
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(cam, size=size, mode=mode, **kw)
+
+
+@dataclass(frozen=True)
+class GuidedBackprop(Method):
+    """Guided backpropagation: input gradients with guided ReLU backward (no layer, no hooks)."""
+
+    def compute(self, ctx: MethodContext) -> MethodOutput:
+        pixel = guided_gradients(ctx)
+        return MethodOutput(saliency=channel_saliency(pixel), pixel=pixel)
+
+
+@dataclass(frozen=True)
+class GuidedGradCam(Method):
+    """Guided Grad-CAM: guided backprop times the ReLU'd Grad-CAM of one layer, upsampled."""
+
+    def compute(self, ctx: MethodContext) -> MethodOutput:
+        if len(ctx.layers) != 1:
+            raise ValueError(f"guided_gradcam uses one layer (usually the last convolutional one), got "
+                             f"{ctx.layers}; pass layer='<name>'")
+        if ctx.grads is None:  # pragma: no cover - the engine honours needs_grads
+            raise RuntimeError("guided_gradcam needs the layer gradients (needs_grads=True)")
+        name = ctx.layers[0]
+        acts = ctx.acts[name]
+        if acts.ndim != 4:
+            raise ValueError(f"guided_gradcam needs a spatial layer output (B, C, h, w); layer {name!r} gave "
+                             f"{tuple(acts.shape)}. Pick a convolutional layer.")
+        cam = gradcam(acts, ctx.grads[name]).clamp_min(0)  # (B, T, h, w)
+        size = (int(ctx.inputs.shape[-2]), int(ctx.inputs.shape[-1]))
+        cam = upsample_cam(cam, size, ctx.options["interpolate"])  # (B, T, H, W)
+        guided = guided_gradients(ctx)  # (B, T, C, H, W)
+        pixel = guided * cam.unsqueeze(2).to(guided.dtype)
+        return MethodOutput(saliency=channel_saliency(pixel), pixel=pixel)
+
+
+GUIDED_BACKPROP = register(GuidedBackprop(
+    name="guided_backprop",
+    description="Guided backpropagation: input gradients through guided ReLUs; map = max over channels of |grad|",
+    cost="1 forward + 1 batched backward to the input for all targets",
+    needs_grads=False,
+    needs_layer=False,
+))
+
+GUIDED_GRADCAM = register(GuidedGradCam(
+    name="guided_gradcam",
+    description="Guided Grad-CAM: guided backprop times the layer's ReLU'd Grad-CAM upsampled to the input",
+    cost="2 forwards + 2 batched backwards (layer gradients, guided input gradients) for all targets",
+    needs_grads=True,
+    needs_layer=True,
+    options={"interpolate": "nearest"},
+))
