@@ -32,14 +32,30 @@ def explain(
     alpha: float = typer.Option(0.5, "--alpha", help="overlay opacity"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ..."),
     crop: bool = typer.Option(False, "--crop", help="centre-crop to a square (default: keep the whole picture)"),
+    option: Optional[List[str]] = typer.Option(None, "--option", "-O",
+                                               help="method option KEY=VALUE, e.g. batch_size=64 (repeatable)"),
+    aug_smooth: bool = typer.Option(False, "--aug-smooth", help="average over flipped / rescaled inputs"),
+    noise_smooth: int = typer.Option(0, "--noise-smooth", help="SmoothGrad-style: average over N noisy copies"),
 ) -> None:
-    """Explain images: overlays, a grid, .npy maps and summary.json per image in --out."""
+    """Explain images: overlays, a grid, .npy maps and summary.json per image in --out.
+
+    --method all runs every method on the same targets and writes NAME_methods.png side by side.
+    """
     import camlens
     from camlens.io import load_image
     from camlens.report import safe_name, write_explanation
 
     if target and top_k:
         raise typer.BadParameter("give --target or --top-k, not both")
+    opts = _parse_options(option or [])
+    all_methods = method.lower() == "all"
+    if not all_methods:
+        try:
+            camlens.methods.get_method(method)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+    kw = dict(targets=list(target) if target else None, top_k=top_k, layer=list(layer) if layer else None,
+              aug_smooth=aug_smooth, noise_smooth=noise_smooth)
     m = camlens.models.load(model, weights=str(weights) if weights else None, device=device, crop=crop)
     out.mkdir(parents=True, exist_ok=True)
     results, errors = [], []
@@ -55,12 +71,15 @@ def explain(
                 console.print(f"[red]✗ {path}: {err}[/]")
                 progress.advance(task)
                 continue
+            if all_methods:
+                entry = _compare_methods(m, img, kw, opts, out, safe_name(path.stem), cmap, alpha)
+                results.append({"image": str(path), **entry})
+                progress.advance(task)
+                continue
             try:
-                exp = camlens.explain(m, img, targets=list(target) if target else None, top_k=top_k,
-                                      layer=list(layer) if layer else None, method=method)
+                exp = camlens.explain(m, img, method=method, **kw, **opts)
             except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:  # same for every image
-                msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-                console.print(f"[red]error: {msg}[/]")
+                console.print(f"[red]error: {_message(err)}[/]")
                 raise typer.Exit(code=2) from None
             try:
                 entry = write_explanation(exp, out, safe_name(path.stem), cmap=cmap, alpha=alpha,
@@ -79,6 +98,46 @@ def explain(
     console.print(f"wrote {len(results)} explanation(s) to {out}/ (summary.json, *_grid.png, *.npy)")
     if errors:
         raise typer.Exit(code=1)
+
+
+def _message(err: BaseException) -> str:
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+def _parse_options(items: List[str]) -> dict:
+    """``["batch_size=64", "baseline='blur'"]`` -> ``{"batch_size": 64, "baseline": "blur"}``."""
+    import ast
+
+    opts = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"--option takes KEY=VALUE, got {item!r}")
+        try:
+            opts[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            opts[key.strip()] = value.strip()  # a bare word: a string
+    return opts
+
+
+def _compare_methods(m, img, kw: dict, opts: dict, out: Path, stem: str, cmap: str, alpha: float) -> dict:
+    """Every registered method on the same image and targets; one grid, methods side by side."""
+    import camlens
+    from camlens.report import write_method_grid
+
+    exps, skipped = {}, {}
+    for name, meth in camlens.available_methods().items():
+        own = {k: v for k, v in opts.items() if k in meth.options}
+        try:
+            exps[name] = camlens.explain(m, img, method=name, **kw, **own)
+        except (ValueError, RuntimeError, TypeError) as err:  # e.g. CAM on a head that is not GAP + Linear
+            skipped[name] = _message(err)
+            console.print(f"[yellow]skipped {name}: {_message(err)}[/]")
+    if not exps:
+        raise typer.Exit(code=2)
+    grid = write_method_grid(exps, out, stem, cmap=cmap, alpha=alpha)
+    console.print(f"[green]✓[/] {stem}: {len(exps)} methods → {grid}")
+    return {"methods_grid": grid, "methods": list(exps), "skipped": skipped}
 
 
 @app.command()

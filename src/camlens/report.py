@@ -14,7 +14,7 @@ import numpy as np
 
 from .explanation import Explanation
 
-__all__ = ["map_stats", "predictions", "write_explanation", "safe_name"]
+__all__ = ["map_stats", "predictions", "write_explanation", "write_method_grid", "safe_name"]
 
 
 def safe_name(text: str) -> str:
@@ -79,6 +79,29 @@ def write_explanation(exp: Explanation, out_dir: Path, stem: str, *, cmap: str =
                       "input_size": list(arr["maps"].shape[-2:])})
         summaries.append(entry)
     return summaries
+
+
+def write_method_grid(exps: dict[str, Explanation], out_dir: Path, stem: str, *, cmap: str = "jet",
+                      alpha: float = 0.5) -> str:
+    """One grid for the first image of several explanations of the same targets: a row per target,
+    a column per method. Returns the file name (in ``out_dir``)."""
+    import torch
+
+    from .viz import grid, save_png
+
+    first = next(iter(exps.values()))
+    display = first.display if first.display is not None else None
+    if display is None:
+        from .viz.grid import _display_from_inputs
+
+        display = _display_from_inputs(first.inputs)
+    T = first.maps.shape[1]
+    maps = torch.stack([e.maps[0] for e in exps.values()], dim=1)  # (T, M, H, W)
+    titles = [[f"{name}\n{first.targets[0][t].label}" for name in exps] for t in range(T)]
+    fig = grid([display[0]] * T, maps, titles, cmap=cmap, alpha=alpha, cell_size=2.4)
+    name = f"{stem}_methods.png"
+    save_png(Path(out_dir) / name, fig)
+    return name
 
 
 class _Row:
