@@ -111,3 +111,35 @@ def test_readme_example_runs():
     exec(compile(code, "README.md", "exec"), ns)
     exp = ns["exp"]
     assert exp.maps.shape[:2] == (1, 2) and exp.targets[0][0].cls == 281
+
+
+SMALL_MODEL = '''
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+'''
+
+
+def test_cli_method_all_and_options(tmp_path):
+    """--method all: every registered method side by side in one grid; --option reaches the method."""
+    (tmp_path / "small.py").write_text(SMALL_MODEL)
+    Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["explain", str(tmp_path / "a.png"), "--model", f"{tmp_path / 'small.py'}:build",
+                                   "--layer", "3", "--target", "2", "--method", "all", "--option", "patch=8",
+                                   "--option", "batch_size=16", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "summary.json").read_text())
+    entry = s["images"][0]
+    assert set(entry["methods"]) == set(camlens.available_methods()) and not entry["skipped"]
+    assert Image.open(out / entry["methods_grid"]).size[0] > 800
+    res = CliRunner().invoke(app, ["explain", str(tmp_path / "a.png"), "--model", f"{tmp_path / 'small.py'}:build",
+                                   "--method", "occlusion", "--option", "nonsense=1", "--out", str(out)])
+    assert res.exit_code == 2 and "nonsense" in res.output
+    res = CliRunner().invoke(app, ["explain", str(tmp_path / "a.png"), "--method", "nope", "--out", str(out)])
+    assert res.exit_code != 0 and "gradcam" in res.output

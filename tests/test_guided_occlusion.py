@@ -438,3 +438,21 @@ def test_model_state_restored(method, opts, fail):
     model.fail = "never"
     plain = _plain_grad(model.eval(), x, 1)  # plain autograd still works afterwards
     assert torch.isfinite(plain).all() and plain.abs().max() > 0
+
+
+def test_guided_maps_clip_outliers_but_pixel_is_raw():
+    """The display map caps each map at its `clip` quantile; exp.pixel keeps the raw gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    x = torch.randn(1, 3, 20, 20)
+    raw = camlens.explain(model, x, targets=1, method="guided_backprop", clip=1.0)
+    clipped = camlens.explain(model, x, targets=1, method="guided_backprop", clip=0.9)
+    assert torch.equal(raw.pixel, clipped.pixel)
+    sal = raw.pixel.abs().amax(2)[0, 0]
+    cap = torch.quantile(sal.flatten(), 0.9)
+    expected = (torch.minimum(sal, cap) - sal.min()) / (cap - sal.min())
+    assert torch.allclose(clipped.maps[0, 0], expected, atol=1e-6)
+    assert (clipped.maps[0, 0] == 1).float().mean() >= 0.09  # the top 10 % saturate
+    with pytest.raises(ValueError, match="quantile"):
+        camlens.explain(model, x, targets=1, method="guided_backprop", clip=0.0)

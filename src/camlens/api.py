@@ -15,7 +15,7 @@ from .backends.torch import (LayerSpec, Runner, capture, check_calls, guess_laye
 from .explanation import Explanation
 from .methods import Method, MethodContext, MethodOutput, get_method
 from .methods.cam import CAM
-from .postprocess import normalize, process
+from .postprocess import clip_quantile, normalize, process
 from .targets import Categories, ResolvedTarget, resolve_targets, split_outputs, target_probabilities
 
 __all__ = ["explain"]
@@ -178,7 +178,7 @@ def _finish(result: MethodOutput, size: Optional[tuple[int, int]], relu: bool, f
     if result.raws:
         return process(list(result.raws.values()), size, use_relu=relu, fuse_how=fuse)  # type: ignore[arg-type]
     sal = result.saliency.float()  # type: ignore[union-attr]
-    return normalize(sal.clamp_min(0) if relu else sal)
+    return normalize(clip_quantile(sal.clamp_min(0) if relu else sal, result.clip))
 
 
 def _noise_smoothed(net: nn.Module, x: Tensor, p: _Pass, layers: list, meth: Method, opts: dict, n: int,
@@ -199,7 +199,7 @@ def _noise_smoothed(net: nn.Module, x: Tensor, p: _Pass, layers: list, meth: Met
         return None if t is None else t.reshape(n, B, *t.shape[1:]).mean(0)
 
     return MethodOutput(raws={k: avg(v) for k, v in q.raws.items()} if q.raws else None,  # type: ignore[misc]
-                        saliency=avg(q.saliency), pixel=avg(q.pixel))
+                        saliency=avg(q.saliency), pixel=avg(q.pixel), clip=q.clip)
 
 
 AUG_SCALES = (1.0, 1.1, 0.9)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["relu", "upsample", "normalize", "fuse", "process"]
+__all__ = ["relu", "upsample", "normalize", "clip_quantile", "fuse", "process"]
 
 CONSTANT_EPS = 1e-12
 
@@ -51,6 +51,20 @@ def normalize(maps: Tensor, *, warn: bool = True) -> Tensor:
             warnings.warn(f"{n} of {const.numel()} maps are constant (no positive evidence at this layer); "
                           "they are returned as all-zero maps", RuntimeWarning, stacklevel=3)
     return out.view_as(maps)
+
+
+def clip_quantile(maps: Tensor, q: float) -> Tensor:
+    """Cap each map ``(..., H, W)`` at its ``q`` quantile (``q`` in (0, 1]; 1 leaves it unchanged).
+
+    Gradient maps are heavy-tailed: without a cap a few pixels take the whole [0, 1] range after
+    min-max (captum's visualisation caps the top 2 % for the same reason).
+    """
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"clip is a quantile in (0, 1], got {q}")
+    if q == 1.0:
+        return maps
+    cap = torch.quantile(maps.flatten(-2).float(), q, dim=-1)[..., None, None].to(maps.dtype)
+    return torch.minimum(maps, cap)
 
 
 def fuse(maps: Sequence[Tensor], how: Literal["mean", "max"] = "mean") -> Tensor:

@@ -96,9 +96,21 @@ def write_method_grid(exps: dict[str, Explanation], out_dir: Path, stem: str, *,
 
         display = _display_from_inputs(first.inputs)
     T = first.maps.shape[1]
-    maps = torch.stack([e.maps[0] for e in exps.values()], dim=1)  # (T, M, H, W)
-    titles = [[f"{name}\n{first.targets[0][t].label}" for name in exps] for t in range(T)]
-    fig = grid([display[0]] * T, maps, titles, cmap=cmap, alpha=alpha, cell_size=2.4)
+    names = list(exps)
+    if T == 1:  # one target: wrap the methods into rows of `cols`
+        cols = min(len(names), 5)
+        rows = -(-len(names) // cols)
+        flat = [e.maps[0, 0] for e in exps.values()]
+        flat += [torch.zeros_like(flat[0])] * (rows * cols - len(flat))
+        maps = torch.stack(flat).reshape(rows, cols, *flat[0].shape)
+        label = first.targets[0][0].label
+        titles = [[f"{names[r * cols + c]} · {label}" if r * cols + c < len(names) else None for c in range(cols)]
+                  for r in range(rows)]
+    else:  # a row per target, a column per method
+        rows = T
+        maps = torch.stack([e.maps[0] for e in exps.values()], dim=1)  # (T, M, H, W)
+        titles = [[f"{name}\n{first.targets[0][t].label}" for name in names] for t in range(T)]
+    fig = grid([display[0]] * rows, maps, titles, cmap=cmap, alpha=alpha, cell_size=2.6)
     name = f"{stem}_methods.png"
     save_png(Path(out_dir) / name, fig)
     return name

@@ -66,11 +66,14 @@ class MethodOutput:
         saliency: ``(B, T, H, W)`` maps already at input resolution (occlusion, guided backprop),
             positive = evidence for the target; only min-max normalised afterwards.
         pixel: ``(B, T, C, H, W)`` per-input-channel attributions (guided backprop and friends).
+        clip: for ``saliency``: cap each map at this quantile before min-max (heavy-tailed
+            gradient maps; 1.0 = no cap). ``exp.raw`` keeps the uncapped values.
     """
 
     raws: Optional[dict[str, Tensor]] = None
     saliency: Optional[Tensor] = None
     pixel: Optional[Tensor] = None
+    clip: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ class GuidedBackprop(Method):
 
     def compute(self, ctx: MethodContext) -> MethodOutput:
         pixel = guided_gradients(ctx)
-        return MethodOutput(saliency=channel_saliency(pixel), pixel=pixel)
+        return MethodOutput(saliency=channel_saliency(pixel), pixel=pixel,
+                            clip=ctx.options["clip"])
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ class GuidedGradCam(Method):
         cam = upsample_cam(cam, size, ctx.options["interpolate"])  # (B, T, H, W)
         guided = guided_gradients(ctx)  # (B, T, C, H, W)
         pixel = guided * cam.unsqueeze(2).to(guided.dtype)
-        return MethodOutput(saliency=channel_saliency(pixel), pixel=pixel)
+        return MethodOutput(saliency=channel_saliency(pixel), pixel=pixel,
+                            clip=ctx.options["clip"])
 
 
 GUIDED_BACKPROP = register(GuidedBackprop(
@@ -112,6 +114,7 @@ GUIDED_BACKPROP = register(GuidedBackprop(
     cost="1 forward + 1 batched backward to the input for all targets",
     needs_grads=False,
     needs_layer=False,
+    options={"clip": 0.995},
 ))
 
 GUIDED_GRADCAM = register(GuidedGradCam(
@@ -120,5 +123,5 @@ GUIDED_GRADCAM = register(GuidedGradCam(
     cost="2 forwards + 2 batched backwards (layer gradients, guided input gradients) for all targets",
     needs_grads=True,
     needs_layer=True,
-    options={"interpolate": "nearest"},
+    options={"interpolate": "nearest", "clip": 0.995},
 ))

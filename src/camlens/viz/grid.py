@@ -59,7 +59,8 @@ def grid(
             as a sequence or an array/tensor (B, H, W, 3).
         maps: array/tensor (B, T, h, w) in [0, 1]; (B, h, w) is read as T=1.
             Maps are resized to their image's size when they differ (see ``overlay``).
-        titles: optional B lists of T strings; long titles are wrapped.
+        titles: optional B lists of T strings; long titles are wrapped; a ``None`` title leaves
+            that cell empty (for ragged layouts).
         cmap: colormap name or ``Colormap``.
         alpha: heat-map weight in [0, 1].
         cell_size: size of one cell in inches.
@@ -103,6 +104,9 @@ def grid(
     for b in range(B):
         for t in range(T):
             ax = axes[b, t]
+            ax.set_axis_off()
+            if titles is not None and titles[b][t] is None:
+                continue  # an empty cell (ragged layouts)
             ax.imshow(overlay(imgs[b], m[b, t], cmap=colormap, alpha=alpha))
             if titles is not None:
                 ax.set_title(_wrap(titles[b][t], cell_size), fontsize=_TITLE_FONTSIZE)
