@@ -143,3 +143,44 @@ def test_cli_method_all_and_options(tmp_path):
     assert res.exit_code == 2 and "nonsense" in res.output
     res = CliRunner().invoke(app, ["explain", str(tmp_path / "a.png"), "--method", "nope", "--out", str(out)])
     assert res.exit_code != 0 and "gradcam" in res.output
+
+
+TWO_HEAD_MODEL = '''
+import torch
+from torch import nn
+
+
+class TwoHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.species = nn.Linear(8, 4)
+        self.colour = nn.Linear(8, 3)
+
+    def forward(self, x):
+        f = self.trunk(x).mean((2, 3))
+        return {"species": self.species(f), "colour": self.colour(f)}
+
+
+def build():
+    return TwoHead()
+'''
+
+
+def test_cli_combine_and_agreement(tmp_path):
+    (tmp_path / "two.py").write_text(TWO_HEAD_MODEL)
+    Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    base = ["explain", str(tmp_path / "a.png"), "--model", f"{tmp_path / 'two.py'}:build", "--target", "species:1",
+            "--target", "colour:2"]
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "sep")])
+    assert res.exit_code == 0, res.output
+    entry = json.loads((tmp_path / "sep" / "summary.json").read_text())["images"][0]
+    assert [t["label"] for t in entry["targets"]] == ["species: 1", "colour: 2"]
+    assert entry["agreement"][0]["targets"] == ["species: 1", "colour: 2"]
+    assert -1 <= entry["agreement"][0]["pearson"] <= 1 and 0 <= entry["agreement"][0]["iou"] <= 1
+    res = CliRunner().invoke(app, [*base, "--combine", "confidence", "--out", str(tmp_path / "conf")])
+    assert res.exit_code == 0, res.output
+    entry = json.loads((tmp_path / "conf" / "summary.json").read_text())["images"][0]
+    assert [t["label"] for t in entry["targets"]] == ["confidence(species: 1, colour: 2)"]
+    assert np.load(tmp_path / "conf" / entry["maps"]).shape == (1, 224, 224)

@@ -8,6 +8,7 @@
 
 from . import methods, postprocess
 from .api import explain
+from .compare import Agreement, agreement
 from .explanation import Explanation
 from .methods import available_methods
 from .targets import Target
@@ -24,5 +25,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'camlens' has no attribute {name!r}")
 
 
-__all__ = ["explain", "Explanation", "Target", "available_methods", "methods", "postprocess", "models", "viz",
+__all__ = ["explain", "agreement", "Agreement", "Explanation", "Target", "available_methods", "methods", "postprocess", "models", "viz",
            "__version__"]

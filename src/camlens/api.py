@@ -16,7 +16,8 @@ from .explanation import Explanation
 from .methods import Method, MethodContext, MethodOutput, get_method
 from .methods.cam import CAM
 from .postprocess import clip_quantile, normalize, process
-from .targets import Categories, ResolvedTarget, resolve_targets, split_outputs, target_probabilities
+from .targets import (Categories, ResolvedTarget, combine_targets, resolve_targets, split_outputs,
+                      target_probabilities)
 
 __all__ = ["explain"]
 
@@ -70,8 +71,8 @@ def _scores(rows: list[list[ResolvedTarget]], heads: dict, output: Any) -> Tenso
 def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerSpec, Sequence[LayerSpec], None] = None,
             method: str = "gradcam", top_k: Optional[int] = None, categories: Categories = None,
             fuse: Literal["mean", "max"] = "mean", relu: bool = True, upsample: bool = True,
-            eval_mode: bool = True, aug_smooth: bool = False, noise_smooth: int = 0, noise_sigma: float = 0.15,
-            seed: int = 0, **options: Any) -> Explanation:
+            eval_mode: bool = True, combine: str = "separate", aug_smooth: bool = False, noise_smooth: int = 0,
+            noise_sigma: float = 0.15, seed: int = 0, **options: Any) -> Explanation:
     """Explain T targets of each of B images: maps ``(B, T, H, W)`` in [0, 1].
 
     Args:
@@ -91,6 +92,10 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
         relu: apply ReLU to the raw maps (``False`` keeps negative evidence before min-max).
         upsample: resize maps to the input size (``False``: the layer's own size).
         eval_mode: run the model in eval mode (restored afterwards).
+        combine: ``"separate"`` (one map per target), or fold each image's targets into ONE map:
+            ``"mean"`` (gradients averaged over the outputs), ``"confidence"`` (each output's
+            gradients weighted by its softmax confidence for its target, then averaged), ``"sum"``.
+            ``exp.components`` keeps the targets that were combined.
         aug_smooth: average the maps of flipped and rescaled inputs, each mapped back in place.
         noise_smooth: if > 0, SmoothGrad-style: average the method's raw output over this many
             noisy copies (noise std ``noise_sigma`` x the image's value range; ``seed`` fixes it).
@@ -113,7 +118,7 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
     out_size = size if upsample else None
 
     with model_state(net, eval_mode=eval_mode):
-        p = _compute(net, x, targets, layers, meth, opts, categories, top_k)
+        p = _compute(net, x, targets, layers, meth, opts, categories, top_k, combine)
         result = p.result
         if noise_smooth:
             result = _noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed)
@@ -125,7 +130,8 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
     first = next(iter(raws.values())) if raws else result.saliency
     return Explanation(maps=maps, raw=first, raws=dict(raws), scores=p.scores,
                        probs=target_probabilities(p.rows, detached), targets=p.rows, inputs=x.detach(),
-                       layers=names, method=meth.name, display=display, heads=detached, pixel=result.pixel)
+                       layers=names, method=meth.name, display=display, heads=detached, pixel=result.pixel,
+                       components=p.components if combine != "separate" else None)
 
 
 @dataclass
@@ -136,10 +142,11 @@ class _Pass:
     scores: Tensor
     rows: list[list[ResolvedTarget]]
     heads: dict
+    components: list[list[ResolvedTarget]]
 
 
 def _compute(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method, opts: dict,
-             categories: Categories, top_k: Optional[int]) -> _Pass:
+             categories: Categories, top_k: Optional[int], combine: str = "separate") -> _Pass:
     """One forward with the layers hooked, the batched backward if needed, then the method's math."""
     names = [n for n, _ in layers]
     with capture(net, layers, grad=meth.needs_grads, linear=meth is CAM) as cap:
@@ -147,7 +154,8 @@ def _compute(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method
             output = net(x)
         check_calls(cap, layers)
         heads = split_outputs(output)
-        rows = resolve_targets(targets, heads, output, top_k=top_k, categories=categories)
+        components = resolve_targets(targets, heads, output, top_k=top_k, categories=categories)
+        rows = combine_targets(components, heads, combine)
         acts = [cap.activations[n] for n in names]
         with torch.enable_grad():  # score fns must record a graph, even under a caller's no_grad
             scores = _scores(rows, heads, output)
@@ -169,7 +177,7 @@ def _compute(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method
         result = meth.compute(ctx)
     if not result.raws and result.saliency is None:
         raise RuntimeError(f"method {meth.name!r} returned no maps")
-    return _Pass(result, scores, rows, heads)
+    return _Pass(result, scores, rows, heads, components)
 
 
 @torch.no_grad()

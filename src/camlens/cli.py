@@ -34,6 +34,8 @@ def explain(
     crop: bool = typer.Option(False, "--crop", help="centre-crop to a square (default: keep the whole picture)"),
     option: Optional[List[str]] = typer.Option(None, "--option", "-O",
                                                help="method option KEY=VALUE, e.g. batch_size=64 (repeatable)"),
+    combine: str = typer.Option("separate", "--combine",
+                                help="separate (a map per target) | mean | confidence | sum (one map per image)"),
     aug_smooth: bool = typer.Option(False, "--aug-smooth", help="average over flipped / rescaled inputs"),
     noise_smooth: int = typer.Option(0, "--noise-smooth", help="SmoothGrad-style: average over N noisy copies"),
 ) -> None:
@@ -55,7 +57,7 @@ def explain(
         except ValueError as err:
             raise typer.BadParameter(str(err)) from None
     kw = dict(targets=list(target) if target else None, top_k=top_k, layer=list(layer) if layer else None,
-              aug_smooth=aug_smooth, noise_smooth=noise_smooth)
+              combine=combine, aug_smooth=aug_smooth, noise_smooth=noise_smooth)
     m = camlens.models.load(model, weights=str(weights) if weights else None, device=device, crop=crop)
     out.mkdir(parents=True, exist_ok=True)
     results, errors = [], []

@@ -35,6 +35,8 @@ class Explanation:
         heads: the model's outputs by head key, detached.
         pixel: ``(B, T, C, H, W)`` per-input-channel attributions of input-space methods
             (guided backprop, guided Grad-CAM), else ``None``.
+        components: with ``combine=`` other than ``"separate"``, the B lists of targets that were
+            folded into each image's single combined target.
     """
 
     maps: Tensor
@@ -49,6 +51,7 @@ class Explanation:
     display: Optional[np.ndarray] = None
     heads: dict[Any, Tensor] = field(default_factory=dict)
     pixel: Optional[Tensor] = None
+    components: Optional[list[list[ResolvedTarget]]] = None
 
     @property
     def labels(self) -> list[list[str]]:

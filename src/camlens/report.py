@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .compare import agreement
 from .explanation import Explanation
 
 __all__ = ["map_stats", "predictions", "write_explanation", "write_method_grid", "safe_name"]
@@ -58,7 +59,8 @@ def write_explanation(exp: Explanation, out_dir: Path, stem: str, *, cmap: str =
         from .viz.grid import _display_from_inputs
 
         display = _display_from_inputs(exp.inputs)
-    B = arr["maps"].shape[0]
+    B, T = arr["maps"].shape[:2]
+    pairs = agreement(exp) if T >= 2 else None
     summaries = []
     for b in range(B):
         name = stem if B == 1 else f"{stem}_{b}"
@@ -77,6 +79,8 @@ def write_explanation(exp: Explanation, out_dir: Path, stem: str, *, cmap: str =
         save_png(out_dir / f"{name}_grid.png", fig)
         entry.update({"maps": f"{name}_maps.npy", "grid": f"{name}_grid.png",
                       "input_size": list(arr["maps"].shape[-2:])})
+        if pairs is not None:
+            entry["agreement"] = pairs.summary(b)
         summaries.append(entry)
     return summaries
 

@@ -36,6 +36,8 @@ __all__ = [
     "parse_target",
     "resolve_targets",
     "head_categories",
+    "combine_targets",
+    "COMBINE_MODES",
 ]
 
 
@@ -312,3 +314,60 @@ def target_probabilities(targets: list[list[ResolvedTarget]], heads: Mapping[Hea
             if tg.fn is None and tg.cls is not None and tg.head in soft:
                 probs[b, t] = soft[tg.head][b, tg.cls]
     return probs
+
+
+# ----------------------------------------------------------------------------------------------
+# combining targets across heads
+
+COMBINE_MODES = ("separate", "mean", "confidence", "sum")
+
+
+@dataclass(frozen=True, eq=False)
+class _Combined:
+    """Score ``sum_t w_t * S_t`` of several resolved targets on the same images."""
+
+    parts: tuple
+    weights: tuple
+
+    def __call__(self, output: Any) -> Tensor:
+        heads = split_outputs(output)
+        return sum(w * tg.score(heads, output) for w, tg in zip(self.weights, self.parts))  # type: ignore[return-value]
+
+
+def combine_targets(rows: list[list[ResolvedTarget]], heads: Mapping[HeadKey, Tensor], mode: str) -> list[list[ResolvedTarget]]:
+    """Fold each image's T targets into one combined target (T becomes 1), or keep them (``separate``).
+
+    Gradients are linear in the score, so explaining ``S = sum_t w_t S_t`` is the same as combining
+    the T targets' gradients with weights ``w``:
+
+    * ``mean``: ``w_t = 1 / T`` — gradients averaged over the outputs;
+    * ``sum``: ``w_t = 1``;
+    * ``confidence``: ``w_t = p_t / sum_u p_u`` with ``p_t`` the softmax probability of target t's
+      class on its head (each output's gradients weighted by its confidence, then averaged).
+      Needs class targets on classification heads.
+
+    Non-gradient methods explain the same combined score, so every method supports every mode.
+    """
+    if mode not in COMBINE_MODES:
+        raise ValueError(f"combine must be one of {COMBINE_MODES}, got {mode!r}")
+    if mode == "separate":
+        return rows
+    probs = target_probabilities(rows, heads).tolist() if mode == "confidence" else None
+    out = []
+    for b, row in enumerate(rows):
+        T = len(row)
+        if mode == "mean":
+            w = [1.0 / T] * T
+        elif mode == "sum":
+            w = [1.0] * T
+        else:
+            p = probs[b]  # type: ignore[index]
+            bad = [tg.label for tg, pt in zip(row, p) if pt != pt]
+            if bad:
+                raise ValueError(f"combine='confidence' needs class targets on classification heads; "
+                                 f"{bad} have no softmax probability")
+            total = sum(p)
+            w = [pt / total for pt in p]
+        label = f"{mode}({', '.join(tg.label for tg in row)})"
+        out.append([ResolvedTarget(row[0].head, None, label, _Combined(tuple(row), tuple(w)), head_only=False)])
+    return out

@@ -1,0 +1,105 @@
+"""Agreement and conflict between the maps of several targets (across heads) of one explanation.
+
+For each pair ``(i, j)`` of an image's targets, with final maps ``m_i, m_j`` in [0, 1] and raw maps
+``r_i = sum_c w_ic A_c`` (the layer's channel weights applied to its activations, upsampled):
+
+* ``overlap``  = ``min(m_i, m_j)``: where both are high;
+* ``only``     = ``m_i (1 - m_j)`` and ``m_j (1 - m_i)``: where only one is high;
+* ``conflict`` = ``min(r_i⁺, r_j⁻) - min(r_j⁺, r_i⁻)`` with ``r`` scaled by its max ``|r|``: positive
+  where target i's head pushes a region that target j's suppresses, negative for the reverse;
+* ``iou``      = IoU of the two top-``top`` fractions of pixels (default the top 20 %);
+* ``pearson``  = Pearson correlation of the two maps over pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .explanation import Explanation
+from .postprocess import upsample
+
+__all__ = ["Agreement", "agreement", "top_fraction_mask", "pearson"]
+
+
+@dataclass
+class Agreement:
+    """Pairwise agreement of an explanation's targets. P pairs, B images.
+
+    Attributes:
+        pairs: the P target-index pairs ``(i, j)``, ``i < j``.
+        labels: per pair, the two targets' labels (first image).
+        iou: ``(B, P)``; pearson: ``(B, P)``.
+        overlap: ``(B, P, H, W)``; only: ``(B, P, 2, H, W)``.
+        conflict: ``(B, P, H, W)`` signed, in [-1, 1]; ``None`` when the method has no raw layer maps.
+    """
+
+    pairs: list[tuple[int, int]]
+    labels: list[tuple[str, str]]
+    iou: Tensor
+    pearson: Tensor
+    overlap: Tensor
+    only: Tensor
+    conflict: Optional[Tensor]
+
+    def summary(self, b: int = 0) -> list[dict[str, Any]]:
+        """Per pair of image ``b``: labels, IoU, Pearson and the conflict mass (mean |conflict|)."""
+        rows = []
+        for p, ((i, j), (li, lj)) in enumerate(zip(self.pairs, self.labels)):
+            row = {"targets": [li, lj], "index": [i, j], "iou": round(float(self.iou[b, p]), 4),
+                   "pearson": round(float(self.pearson[b, p]), 4)}
+            if self.conflict is not None:
+                row["conflict_mass"] = round(float(self.conflict[b, p].abs().mean()), 4)
+            rows.append(row)
+        return rows
+
+
+def top_fraction_mask(maps: Tensor, top: float) -> Tensor:
+    """Boolean masks ``(..., H, W)`` of each map's top ``top`` fraction of pixels (ties broken by order)."""
+    if not 0.0 < top <= 1.0:
+        raise ValueError(f"top is a fraction in (0, 1], got {top}")
+    flat = maps.flatten(-2)
+    k = max(1, round(top * flat.shape[-1]))
+    idx = flat.topk(k, dim=-1).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True)
+    return mask.view_as(maps)
+
+
+def pearson(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlation over the last two dims; 0 where a map is constant."""
+    a = a.flatten(-2).double()
+    b = b.flatten(-2).double()
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    den = (a.norm(dim=-1) * b.norm(dim=-1))
+    return torch.where(den > 0, (a * b).sum(-1) / den.clamp_min(1e-300), torch.zeros_like(den)).float()
+
+
+def agreement(exp: Explanation, top: float = 0.2) -> Agreement:
+    """Pairwise agreement / conflict of each image's targets (needs T >= 2)."""
+    B, T, H, W = exp.maps.shape
+    if T < 2:
+        raise ValueError("agreement needs at least two targets per image (try top_k=2 or several heads)")
+    pairs = list(combinations(range(T), 2))
+    ii = torch.tensor([i for i, _ in pairs], device=exp.maps.device)
+    jj = torch.tensor([j for _, j in pairs], device=exp.maps.device)
+    mi, mj = exp.maps[:, ii], exp.maps[:, jj]  # (B, P, H, W)
+    ti, tj = top_fraction_mask(mi, top), top_fraction_mask(mj, top)
+    inter = (ti & tj).flatten(-2).sum(-1).float()
+    union = (ti | tj).flatten(-2).sum(-1).float()
+    iou = inter / union.clamp_min(1)
+    conflict = None
+    if exp.raws:
+        raws = [upsample(r.float(), (H, W)) for r in exp.raws.values()]
+        r = torch.stack(raws).mean(0)  # (B, T, H, W), layers averaged
+        r = r / r.flatten(-2).abs().amax(-1)[..., None, None].clamp_min(1e-12)
+        ri, rj = r[:, ii], r[:, jj]
+        conflict = (torch.minimum(ri.clamp_min(0), (-rj).clamp_min(0))
+                    - torch.minimum(rj.clamp_min(0), (-ri).clamp_min(0)))
+    return Agreement(pairs=pairs, labels=[(exp.targets[0][i].label, exp.targets[0][j].label) for i, j in pairs],
+                     iou=iou, pearson=pearson(mi, mj), overlap=torch.minimum(mi, mj),
+                     only=torch.stack([mi * (1 - mj), mj * (1 - mi)], dim=2), conflict=conflict)
