@@ -184,3 +184,21 @@ def test_cli_combine_and_agreement(tmp_path):
     entry = json.loads((tmp_path / "conf" / "summary.json").read_text())["images"][0]
     assert [t["label"] for t in entry["targets"]] == ["confidence(species: 1, colour: 2)"]
     assert np.load(tmp_path / "conf" / entry["maps"]).shape == (1, 224, 224)
+
+
+def test_cli_report_writes_self_contained_html(tmp_path):
+    (tmp_path / "two.py").write_text(TWO_HEAD_MODEL)
+    rng = np.random.default_rng(2)
+    for n in ("a.png", "b.png"):
+        Image.fromarray((rng.random((32, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / n)
+    (tmp_path / "bad.png").write_text("nope")
+    out = tmp_path / "r.html"
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "a.png"), str(tmp_path / "bad.png"), str(tmp_path / "b.png"),
+                                   "--model", f"{tmp_path / 'two.py'}:build", "--top-k", "2", "--out", str(out)])
+    assert res.exit_code == 1, res.output  # one unreadable file, the others reported
+    html = out.read_text()
+    assert "a.png" in html and "b.png" in html and "species" in html and "colour" in html
+    assert "http://" not in html and "https://" not in html
+    # 2 images x (2 heads x top-2) targets: each picture and each map embedded as a PNG data URI
+    assert html.count("data:image/png;base64") == 2 + 2 * 4
+    assert 'data-target="3"' in html and 'data-target="4"' not in html

@@ -143,6 +143,55 @@ def _compare_methods(m, img, kw: dict, opts: dict, out: Path, stem: str, cmap: s
 
 
 @app.command()
+def report(
+    images: List[Path] = typer.Argument(..., help="image files"),
+    out: Path = typer.Option(Path("camlens_report.html"), "--out", "-o", help="the HTML file to write"),
+    model: str = typer.Option("efficientnet-lite0", "--model", "-m",
+                              help="efficientnet-lite0 | shapes-2head | torchvision:NAME | timm:NAME | file.py:factory"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="state-dict file for the model"),
+    layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="layer name(s)"),
+    method: str = typer.Option("gradcam", "--method", help="see `camlens methods`"),
+    target: Optional[List[str]] = typer.Option(None, "--target", "-t", help="head:class (repeatable)"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="each head's K top classes (default 3)"),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """One self-contained HTML report: predictions per head and an interactive viewer per image
+    (toggle each head/target's map, opacity, colormap, per-head colour composite). Works offline."""
+    import camlens
+    from camlens.io import load_image
+    from camlens.viz import write_report
+
+    m = camlens.models.load(model, weights=str(weights) if weights else None, device=device)
+    kw = dict(targets=list(target) if target else None, top_k=None if target else (top_k or 3),
+              layer=list(layer) if layer else None, method=method)
+    exps, names, failed = [], [], 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("explaining", total=len(images))
+        for path in images:
+            try:
+                img = load_image(path)
+            except (OSError, ValueError) as err:
+                failed += 1
+                console.print(f"[red]✗ {path}: {err}[/]")
+                progress.advance(task)
+                continue
+            try:
+                exps.append(camlens.explain(m, img, **kw))
+            except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:
+                console.print(f"[red]error: {_message(err)}[/]")
+                raise typer.Exit(code=2) from None
+            names.append(path.name)
+            progress.advance(task)
+    if not exps:
+        raise typer.Exit(code=1)
+    path = write_report(exps, out, names=names, categories=m.categories, title=f"camlens · {m.name} · {method}")
+    console.print(f"wrote {path} ({len(exps)} image(s); open it in any browser, no network needed)")
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="output folder"),
     device: Optional[str] = typer.Option(None, "--device"),

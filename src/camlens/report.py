@@ -129,3 +129,4 @@ class _Row:
         self.targets = exp.targets[b:b + 1]
         self.inputs = exp.inputs[b:b + 1]
         self.display = None if exp.display is None else exp.display[b:b + 1]
+

@@ -1,6 +1,9 @@
-"""Visualisation: colourised maps, overlays, figure grids and PNG export."""
+"""Visualisation: colourised maps, overlays, figure grids, multi-target composites, PNG and HTML export."""
 
+from .composite import PALETTE, composite, composite_figure, explanation_composite
 from .grid import explanation_grid, grid, save_png
+from .html import write_report
 from .overlay import colorize, overlay
 
-__all__ = ["colorize", "overlay", "grid", "save_png", "explanation_grid"]
+__all__ = ["colorize", "overlay", "grid", "save_png", "explanation_grid", "PALETTE", "composite",
+           "composite_figure", "explanation_composite", "write_report"]

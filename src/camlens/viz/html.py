@@ -1,0 +1,445 @@
+"""One self-contained, offline HTML report: predictions per head and an interactive map viewer.
+
+Everything is embedded in the single file: images as base64 PNG data URIs, each map as an 8-bit grey
+PNG data URI (at the display image's size), colormaps as 256-entry lookup tables, plain JavaScript
+and CSS inline. No network access, no CDN, no web fonts, no framework.
+
+Per image, the viewer draws on ``canvas#view-{v}`` (``v`` counts images over all explanations):
+
+* ``input.layer-toggle[data-viewer=v][data-target=t]``: show/hide target ``t``'s map;
+  ``button.layer-solo``: show only that target; ``button.layers-all`` / ``button.layers-none``;
+* ``input#opacity-{v}`` (range 0..100): the overlay opacity ``alpha``;
+* ``select#mode-{v}``: ``"composite"`` — each checked target in its own hue, exactly the formula of
+  :func:`camlens.viz.composite` (default when T > 1); ``"colormap"`` — the per-pixel max of the
+  checked maps through the colormap of ``select#cmap-{v}``, i.e. :func:`camlens.viz.overlay` for a
+  single checked target (the image alone when none is checked);
+* the canvas's ``data-renders`` counts redraws; ``<html data-ready="1">`` once all viewers are drawn
+  (``data-error`` holds a message if an embedded image failed to decode).
+
+Pixel values match the Python functions on the 8-bit-quantised maps (``round(255 m) / 255``):
+Uint8ClampedArray rounds half to even like ``np.rint``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from os import PathLike
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from .composite import palette_colors
+from .grid import _display_from_inputs, _label
+from .overlay import _as_rgb_float, _get_cmap, _resize_bilinear, _to_numpy
+
+__all__ = ["write_report"]
+
+DEFAULT_CMAPS = ("jet", "viridis", "inferno", "magma", "gray")
+
+
+def _png_data_uri(arr: np.ndarray) -> str:
+    """PNG data URI of a uint8 (H, W) grey or (H, W, 3) RGB array."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _lut(name: str) -> list[int]:
+    """A colormap as 256 RGB triples, flattened (768 ints): entry ``q`` = ``colorize(q / 255)``."""
+    return _get_cmap(name)(np.arange(256) / 255.0, bytes=True)[:, :3].astype(int).ravel().tolist()
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _class_names(categories: Any, key: Any, first: bool) -> Optional[Sequence[str]]:
+    """Class names of head ``key``: a plain list applies to the first head, a mapping per key."""
+    if categories is None:
+        return None
+    if isinstance(categories, Mapping):
+        return categories.get(key, categories.get(str(key)))
+    return categories if first else None
+
+
+def _predictions(exp: Any, b: int, categories: Any, k: int = 5) -> list[dict[str, Any]]:
+    """Per head of ``exp.heads``: top-``k`` softmax classes of 2-D heads, the value of scalar heads.
+
+    Class names come from ``categories``, else from the labels of targets on that class
+    (``"head: name"``), else the index alone.
+    """
+    from_targets: dict[tuple[str, int], str] = {}
+    for tg in exp.targets[b]:
+        cls, head = getattr(tg, "cls", None), getattr(tg, "head", None)
+        if cls is not None:
+            lab = _label(tg)
+            prefix = f"{head}: "
+            name = lab[len(prefix):] if lab.startswith(prefix) else lab
+            if name != str(cls):  # "species: 3" names nothing new
+                from_targets[(str(head), int(cls))] = name
+    out = []
+    for n, (key, t) in enumerate(dict(getattr(exp, "heads", None) or {}).items()):
+        a = _to_numpy(t).astype(np.float64)
+        entry: dict[str, Any] = {"head": str(key)}
+        if a.ndim == 2 and a.shape[1] >= 2:
+            p = _softmax(a[b])
+            names = _class_names(categories, key, n == 0)
+            top = np.argsort(-p, kind="stable")[:k]
+            entry["top"] = [
+                {"cls": int(i), "name": str(names[i]) if names is not None and i < len(names)
+                 else from_targets.get((str(key), int(i)), ""), "prob": float(p[i])}
+                for i in top
+            ]
+        elif a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1):
+            entry["value"] = float(a.reshape(a.shape[0], -1)[b, 0])
+        else:
+            entry["shape"] = list(a.shape[1:])
+        out.append(entry)
+    return out
+
+
+def _viewer_html(v: int, name: str, meta: str, w: int, h: int, labels: list[str], heads: list[str],
+                 colors: np.ndarray, preds: list[dict[str, Any]], cmaps: Sequence[str], alpha: float,
+                 mode: str) -> str:
+    e = html.escape
+    scale = max(1, round(384 / w)) if w < 384 else 1
+    width = f"width:{w * scale}px"
+    style = width + (";image-rendering:pixelated" if scale > 1 else "")
+    layers = "\n".join(
+        f'<li class="layer" data-target="{t}" data-head="{e(hd)}"><label>'
+        f'<input type="checkbox" class="layer-toggle" data-viewer="{v}" data-target="{t}" checked>'
+        f'<span class="swatch" style="background:rgb({int(c[0])},{int(c[1])},{int(c[2])})"></span>'
+        f'<span class="layer-label">{e(lab)}</span></label>'
+        f'<button type="button" class="layer-solo" data-viewer="{v}" data-target="{t}" '
+        f'title="show only this map">only</button></li>'
+        for t, (lab, hd, c) in enumerate(zip(labels, heads, colors))
+    )
+    tables = []
+    for hp in preds:
+        if "top" in hp:
+            rows = "".join(
+                f'<tr><td class="cls">{r["cls"]}</td><td class="name">{e(r["name"])}</td>'
+                f'<td class="bar"><span style="width:{100 * r["prob"]:.1f}%"></span></td>'
+                f'<td class="p">{r["prob"]:.3f}</td></tr>' for r in hp["top"])
+        elif "value" in hp:
+            rows = f'<tr><td colspan="4">value {hp["value"]:.4g}</td></tr>'
+        else:
+            rows = f'<tr><td colspan="4">output of shape {hp["shape"]} (not shown)</td></tr>'
+        tables.append(f'<table class="pred" data-head="{e(hp["head"])}"><caption>{e(hp["head"])}</caption>'
+                      f"{rows}</table>")
+    cm_opts = "".join(f'<option value="{e(c)}">{e(c)}</option>' for c in cmaps)
+    sel = {m: " selected" if m == mode else "" for m in ("composite", "colormap")}
+    return f"""
+<section class="viewer" id="viewer-{v}" data-viewer="{v}">
+<h2>{e(name)}</h2>
+<p class="meta">{e(meta)}</p>
+<div class="row">
+<div class="stage">
+<canvas id="view-{v}" class="view" width="{w}" height="{h}" style="{style}" data-renders="0"></canvas>
+<canvas id="cbar-{v}" class="cbar" width="256" height="1" style="{width}"></canvas>
+</div>
+<div class="side">
+<div class="controls">
+<label>mode <select id="mode-{v}" class="mode" data-viewer="{v}">
+<option value="composite"{sel["composite"]}>composite: a hue per map</option>
+<option value="colormap"{sel["colormap"]}>colormap: max of checked maps</option></select></label>
+<label>colormap <select id="cmap-{v}" class="cmap" data-viewer="{v}">{cm_opts}</select></label>
+<label>opacity <input type="range" id="opacity-{v}" class="opacity" data-viewer="{v}" min="0" max="100" step="1"
+ value="{round(100 * alpha)}"> <output id="opacity-value-{v}">{alpha:.2f}</output></label>
+</div>
+<div class="layer-head">maps <button type="button" class="layers-all" data-viewer="{v}">all</button>
+<button type="button" class="layers-none" data-viewer="{v}">none</button></div>
+<ul class="layers" id="layers-{v}">
+{layers}
+</ul>
+<div class="preds"><h3>predictions</h3>
+{"".join(tables) or "<p>no model outputs recorded</p>"}
+</div>
+</div>
+</div>
+</section>"""
+
+
+_CSS = """
+:root{color-scheme:light dark;--fg:#1b1b1b;--bg:#fff;--mute:#666;--line:#ddd;--bar:#4a7fd0}
+@media (prefers-color-scheme:dark){:root{--fg:#e8e8e8;--bg:#161616;--mute:#999;--line:#333;--bar:#6b9be6}}
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5rem;color:var(--fg);background:var(--bg)}
+h1{font-size:1.4rem;margin:0 0 1rem}h2{font-size:1.1rem;margin:0}h3{font-size:.9rem;margin:.8rem 0 .3rem}
+.meta{color:var(--mute);margin:.2rem 0 .6rem;font-size:.85rem}
+.viewer{border-top:1px solid var(--line);padding:1rem 0}
+.row{display:flex;flex-wrap:wrap;gap:1.2rem;align-items:flex-start}
+.stage canvas.view{display:block;max-width:100%;height:auto;border:1px solid var(--line)}
+.stage{flex:0 1 auto;max-width:100%}
+.stage canvas.cbar{display:block;max-width:100%;height:10px;margin-top:4px}
+.side{min-width:260px;flex:1}
+.controls label{display:block;margin:.25rem 0}
+.layers{list-style:none;padding:0;margin:.3rem 0}
+.layer{display:flex;align-items:center;gap:.4rem;margin:.15rem 0}
+.layer label{display:flex;align-items:center;gap:.35rem;cursor:pointer}
+.swatch{display:inline-block;width:.9rem;height:.9rem;border-radius:2px}
+.layer-solo,.layers-all,.layers-none{font-size:.75rem;padding:0 .4rem}
+table.pred{border-collapse:collapse;margin:.3rem 0 .6rem;font-size:.85rem}
+table.pred caption{text-align:left;font-weight:600}
+table.pred td{padding:.05rem .4rem .05rem 0}
+td.cls{color:var(--mute);text-align:right}td.p{font-variant-numeric:tabular-nums}
+td.bar{width:120px}td.bar span{display:block;height:.6rem;background:var(--bar)}
+#error{color:#c00}
+"""
+
+# Plain ES5-style JavaScript: no modules, no framework, no network.
+_JS = r"""
+(function () {
+  "use strict";
+  var DATA = JSON.parse(document.getElementById("camlens-data").textContent);
+  var LUTS = DATA.luts;
+
+  function load(src) {
+    return new Promise(function (resolve, reject) {
+      var im = new Image();
+      im.onload = function () { resolve(im); };
+      im.onerror = function () { reject(new Error("cannot decode an embedded image")); };
+      im.src = src;
+    });
+  }
+  function pixels(im, w, h) {  // RGBA bytes of an image drawn at (w, h)
+    var c = document.createElement("canvas");
+    c.width = w; c.height = h;
+    var x = c.getContext("2d");
+    x.drawImage(im, 0, 0, w, h);
+    return x.getImageData(0, 0, w, h).data;
+  }
+  function q(sel, root) { return Array.prototype.slice.call((root || document).querySelectorAll(sel)); }
+
+  function Viewer(spec, image, maps) {
+    var v = spec.id, root = document.getElementById("viewer-" + v);
+    this.w = spec.w; this.h = spec.h; this.colors = spec.colors;
+    this.img = pixels(image, spec.w, spec.h);
+    this.maps = maps.map(function (m) { return pixels(m, spec.w, spec.h); });  // grey: R = G = B
+    this.canvas = document.getElementById("view-" + v);
+    this.ctx = this.canvas.getContext("2d");
+    this.out = this.ctx.createImageData(spec.w, spec.h);
+    this.cbar = document.getElementById("cbar-" + v);
+    this.mode = document.getElementById("mode-" + v);
+    this.cmap = document.getElementById("cmap-" + v);
+    this.opacity = document.getElementById("opacity-" + v);
+    this.opacityOut = document.getElementById("opacity-value-" + v);
+    this.toggles = q("input.layer-toggle", root);
+    this.renders = 0;
+    var self = this, redraw = function () { self.render(); };
+    this.toggles.forEach(function (el) { el.addEventListener("change", redraw); });
+    [this.mode, this.cmap].forEach(function (el) { el.addEventListener("change", redraw); });
+    this.opacity.addEventListener("input", redraw);
+    this.opacity.addEventListener("change", redraw);
+    q("button.layer-solo", root).forEach(function (btn) {
+      btn.addEventListener("click", function () {
+        self.toggles.forEach(function (el) { el.checked = el.dataset.target === btn.dataset.target; });
+        self.render();
+      });
+    });
+    q("button.layers-all, button.layers-none", root).forEach(function (btn) {
+      btn.addEventListener("click", function () {
+        var on = btn.classList.contains("layers-all");
+        self.toggles.forEach(function (el) { el.checked = on; });
+        self.render();
+      });
+    });
+  }
+
+  Viewer.prototype.render = function () {
+    var img = this.img, d = this.out.data, n = this.w * this.h * 4;
+    var a0 = parseFloat(this.opacity.value) / 100;
+    this.opacityOut.textContent = a0.toFixed(2);
+    var on = [], cols = [], self = this;
+    this.toggles.forEach(function (el) {
+      if (el.checked) { var t = +el.dataset.target; on.push(self.maps[t]); cols.push(self.colors[t]); }
+    });
+    var k, K = on.length, i, m, v, s, r, g, b, a;
+    var colormap = this.mode.value === "colormap";
+    this.cmap.disabled = !colormap;
+    if (K === 0) {
+      d.set(img);
+    } else if (colormap) {  // overlay(): (1 - a) * image + a * lut[max of checked maps]
+      var lut = LUTS[this.cmap.value];
+      for (i = 0; i < n; i += 4) {
+        m = 0;
+        for (k = 0; k < K; k++) { v = on[k][i]; if (v > m) m = v; }
+        m *= 3;
+        d[i] = (1 - a0) * img[i] + a0 * lut[m];  // Uint8ClampedArray: clamp, round half to even
+        d[i + 1] = (1 - a0) * img[i + 1] + a0 * lut[m + 1];
+        d[i + 2] = (1 - a0) * img[i + 2] + a0 * lut[m + 2];
+        d[i + 3] = 255;
+      }
+    } else {  // composite(): colour = sum m c / sum m, opacity = alpha * max m
+      for (i = 0; i < n; i += 4) {
+        s = 0; m = 0; r = 0; g = 0; b = 0;
+        for (k = 0; k < K; k++) {
+          v = on[k][i] / 255;
+          if (v > 0) { s += v; if (v > m) m = v; r += v * cols[k][0]; g += v * cols[k][1]; b += v * cols[k][2]; }
+        }
+        if (s > 0) {
+          a = a0 * m;
+          d[i] = (1 - a) * img[i] + a * (r / s);
+          d[i + 1] = (1 - a) * img[i + 1] + a * (g / s);
+          d[i + 2] = (1 - a) * img[i + 2] + a * (b / s);
+        } else { d[i] = img[i]; d[i + 1] = img[i + 1]; d[i + 2] = img[i + 2]; }
+        d[i + 3] = 255;
+      }
+    }
+    this.ctx.putImageData(this.out, 0, 0);
+    this.drawColorbar(colormap);
+    this.renders += 1;
+    this.canvas.dataset.renders = String(this.renders);
+  };
+
+  Viewer.prototype.drawColorbar = function (show) {
+    this.cbar.style.visibility = show ? "visible" : "hidden";
+    if (!show) return;
+    var x = this.cbar.getContext("2d"), im = x.createImageData(256, 1), lut = LUTS[this.cmap.value];
+    for (var j = 0; j < 256; j++) {
+      im.data[4 * j] = lut[3 * j]; im.data[4 * j + 1] = lut[3 * j + 1]; im.data[4 * j + 2] = lut[3 * j + 2];
+      im.data[4 * j + 3] = 255;
+    }
+    x.putImageData(im, 0, 0);
+  };
+
+  window.camlensViewers = [];
+  Promise.all(DATA.viewers.map(function (spec) {
+    return Promise.all([load(spec.image), Promise.all(spec.maps.map(load))]).then(function (res) {
+      var viewer = new Viewer(spec, res[0], res[1]);
+      viewer.render();
+      window.camlensViewers[spec.id] = viewer;
+    });
+  })).then(function () {
+    document.documentElement.dataset.ready = "1";
+  }, function (err) {
+    document.documentElement.dataset.error = String(err && err.message || err);
+    var box = document.getElementById("error");
+    box.textContent = "camlens report: " + document.documentElement.dataset.error;
+  });
+})();
+"""
+
+
+def _display_images(exp: Any, images: Any) -> list[np.ndarray]:
+    """B display images as uint8 (H, W, 3): ``images``, else ``exp.display``, else min-max inputs."""
+    if images is None:
+        images = getattr(exp, "display", None)
+    if images is None:
+        return list(_display_from_inputs(exp.inputs))
+    return [np.clip(np.rint(_as_rgb_float(im)), 0, 255).astype(np.uint8) for im in images]
+
+
+def write_report(
+    explanations: Union[Any, Sequence[Any]],
+    path: Union[str, PathLike],
+    *,
+    images: Optional[Sequence[Any]] = None,
+    names: Optional[Sequence[str]] = None,
+    title: str = "camlens report",
+    cmaps: Sequence[str] = DEFAULT_CMAPS,
+    alpha: float = 0.5,
+    categories: Any = None,
+    top_k: int = 5,
+) -> Path:
+    """Write one self-contained HTML file with a viewer per image of each explanation.
+
+    Args:
+        explanations: ``Explanation`` objects (duck-typed: ``maps`` (B, T, H, W), ``targets``,
+            ``probs`` (B, T), ``heads``, ``display``, ``inputs``, ``method``, ``layers``), or one.
+        path: the ``.html`` file to write (parent directories are created).
+        images: optional, one entry per explanation: display images (B, H, W, 3) (uint8 or float
+            in [0, 1]) or ``None``; default ``exp.display``, else ``exp.inputs`` min-max rescaled.
+            Maps are resized bilinearly to the display image's size.
+        names: optional section titles, one per explanation (e.g. file names); ``"[b]"`` is
+            appended for batches with B > 1.
+        title: the page title.
+        cmaps: colormap names offered by the viewer (the first is the default).
+        alpha: initial opacity in [0, 1].
+        categories: class names for the predictions: a list (first head) or a mapping head → list;
+            without them names come from the targets' labels where a class was explained.
+        top_k: predictions listed per classification head.
+
+    Returns:
+        The ``Path`` written.
+    """
+    if hasattr(explanations, "maps"):
+        explanations = [explanations]
+    exps = list(explanations)
+    if images is not None and len(images) != len(exps):
+        raise ValueError(f"images must have one entry per explanation ({len(exps)}), got {len(images)}")
+    if names is not None and len(names) != len(exps):
+        raise ValueError(f"names must have one entry per explanation ({len(exps)}), got {len(names)}")
+    if not cmaps:
+        raise ValueError("cmaps must name at least one colormap")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    luts = {str(c): _lut(str(c)) for c in cmaps}  # unknown names raise ValueError here
+
+    sections, specs = [], []
+    for i, exp in enumerate(exps):
+        maps = _to_numpy(exp.maps).astype(np.float64)
+        if maps.ndim != 4:
+            raise ValueError(f"explanation {i}: maps must be (B, T, H, W), got shape {maps.shape}")
+        B, T = maps.shape[:2]
+        if len(exp.targets) != B or any(len(row) != T for row in exp.targets):
+            raise ValueError(f"explanation {i}: targets must be B={B} lists of T={T} targets")
+        disp = _display_images(exp, None if images is None else images[i])
+        if len(disp) != B:
+            raise ValueError(f"explanation {i}: {len(disp)} display images for a batch of {B}")
+        probs = getattr(exp, "probs", None)
+        p = np.full((B, T), np.nan) if probs is None else _to_numpy(probs).astype(np.float64).reshape(B, T)
+        colors = palette_colors(T, cycle=True)
+        for b in range(B):
+            v = len(specs)
+            img = disp[b]
+            h, w = img.shape[:2]
+            layer_uris = []
+            for t in range(T):
+                m = maps[b, t] if maps.shape[2:] == (h, w) else _resize_bilinear(maps[b, t], (h, w))
+                q = np.rint(np.clip(np.nan_to_num(m, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
+                layer_uris.append(_png_data_uri(q))
+            labels = [_label(tg) + ("" if math.isnan(p[b, t]) else f" p={p[b, t]:.2f}")
+                      for t, tg in enumerate(exp.targets[b])]
+            heads = [str(getattr(tg, "head", "")) for tg in exp.targets[b]]
+            name = names[i] if names is not None else f"explanation {i + 1}"
+            if B > 1:
+                name += f" [{b}]"
+            layers = ", ".join(map(str, getattr(exp, "layers", []) or []))
+            meta = " · ".join(x for x in (str(getattr(exp, "method", "") or ""), f"layer {layers}" if layers else "",
+                                          f"{w}×{h}", f"{T} map{'s' * (T != 1)}") if x)
+            mode = "composite" if T > 1 else "colormap"
+            sections.append(_viewer_html(v, name, meta, w, h, labels, heads, colors,
+                                         _predictions(exp, b, categories, top_k), list(luts), float(alpha), mode))
+            specs.append({"id": v, "w": w, "h": h, "image": _png_data_uri(img), "maps": layer_uris,
+                          "colors": colors.astype(int).tolist()})
+
+    data = json.dumps({"luts": luts, "viewers": specs}, separators=(",", ":")).replace("</", "<\\/")
+    doc = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="camlens">
+<title>{html.escape(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<div id="error" role="alert"></div>
+{"".join(sections) or "<p>no explanations</p>"}
+<script type="application/json" id="camlens-data">{data}</script>
+<script>{_JS}</script>
+</body>
+</html>
+"""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(doc, encoding="utf-8")
+    return out
