@@ -6,9 +6,10 @@
 >>> exp.maps.shape          # (B, T, H, W), each map in [0, 1]
 """
 
-from . import methods, postprocess
+from . import methods, metrics, postprocess
 from .api import explain
 from .compare import Agreement, agreement
+from .evaluate import Scores, evaluate
 from .explanation import Explanation
 from .methods import available_methods
 from .targets import Target
@@ -25,5 +26,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'camlens' has no attribute {name!r}")
 
 
-__all__ = ["explain", "agreement", "Agreement", "Explanation", "Target", "available_methods", "methods", "postprocess", "models", "viz",
+__all__ = ["explain", "evaluate", "Scores", "metrics", "agreement", "Agreement", "Explanation", "Target", "available_methods", "methods", "postprocess", "models", "viz",
            "__version__"]

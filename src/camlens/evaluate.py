@@ -1,0 +1,173 @@
+"""``camlens.evaluate``: score maps with faithfulness, localisation, complexity and sanity metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .backends.torch import Runner, model_device, model_state
+from .explanation import Explanation
+from .metrics import EvalContext, Metric, get_metric
+from .targets import ResolvedTarget, resolve_targets, split_outputs
+
+__all__ = ["evaluate", "Scores", "DEFAULT_METRICS"]
+
+DEFAULT_METRICS = ("deletion", "insertion", "average_drop")
+
+
+@dataclass
+class Scores(Mapping):
+    """Metric values by name, each ``(B, T)``; ``curves[name]`` ``(B, T, S)`` for curve metrics.
+
+    ``metrics[name]`` is the :class:`~camlens.metrics.Metric` (its direction: ``higher_is_better``).
+    """
+
+    values: dict[str, Tensor]
+    curves: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Metric] = field(default_factory=dict)
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per metric: name, direction arrow, mean and standard error over all images and targets."""
+        rows = []
+        for name, v in self.values.items():
+            flat = v.detach().double().flatten()
+            flat = flat[~flat.isnan()]
+            n = flat.numel()
+            sem = float(flat.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
+            rows.append({"metric": name, "arrow": self.metrics[name].arrow, "mean": float(flat.mean()) if n else float("nan"),
+                         "sem": sem, "n": n, "category": self.metrics[name].category})
+        return rows
+
+
+def _unwrap(model: Any, inputs: Any) -> tuple[Any, Tensor, Any]:
+    categories = None
+    if hasattr(model, "model") and hasattr(model, "preprocess") and not isinstance(model, torch.nn.Module):
+        categories = getattr(model, "categories", None)
+        if not isinstance(inputs, Tensor):
+            inputs = model.preprocess(inputs)
+        model = model.model
+    if not isinstance(inputs, Tensor):
+        raise TypeError("inputs must be a tensor (B, C, H, W) for a plain nn.Module")
+    if inputs.ndim == 3:
+        inputs = inputs.unsqueeze(0)
+    return model, inputs, categories
+
+
+def _per_target(t: Optional[Tensor], B: int, T: int, what: str, tail: tuple[int, ...]) -> Optional[Tensor]:
+    """Broadcast ``(B, *tail)`` or ``(B, T, *tail)`` ground truth to ``(B, T, *tail)``."""
+    if t is None:
+        return None
+    t = torch.as_tensor(t)
+    if t.ndim == 1 + len(tail):
+        t = t[:, None].expand(B, T, *t.shape[1:])
+    if t.shape[:2] != (B, T) or (tail and tuple(t.shape[2:]) != tail and tail != (-1,)):
+        raise ValueError(f"{what} must have shape (B, {', '.join(map(str, tail))}) or (B, T, ...) with B={B}, "
+                         f"T={T}; got {tuple(t.shape)}")
+    return t
+
+
+def _probability(tg: ResolvedTarget, heads: Mapping, output: Any) -> Tensor:
+    """Softmax probability of ``tg``'s class on its head (raw score for other targets), ``(N,)``."""
+    h = heads[tg.head]
+    if tg.fn is None and tg.cls is not None and h.ndim == 2 and h.shape[1] > 1:
+        return h.float().softmax(1)[:, tg.cls]
+    return tg.score(heads, output).float()
+
+
+def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
+             metrics: Sequence[str] = DEFAULT_METRICS, *, targets: Any = None, masks: Any = None, boxes: Any = None,
+             batch_size: int = 64, options: Optional[dict[str, dict[str, Any]]] = None,
+             eval_mode: bool = True) -> Scores:
+    """Score maps with the given metrics: ``scores[name]`` ``(B, T)``, ``scores.curves[name]``.
+
+    Args:
+        model: ``nn.Module`` or :class:`camlens.models.LoadedModel`.
+        inputs: ``(B, C, H, W)`` (or images, with a LoadedModel).
+        explanation: a :class:`camlens.Explanation`, or a plain map tensor ``(B, T, H, W)``
+            (higher = more important) with ``targets=`` naming what each map explains.
+        metrics: metric names (``camlens.metrics.available_metrics()``).
+        masks, boxes: ground truth for localisation metrics: ``(B, H, W)`` / ``(B, 4)`` for every
+            target, or ``(B, T, H, W)`` / ``(B, T, 4)`` per target; boxes are ``(x0, y0, x1, y1)``.
+        batch_size: perturbed inputs per forward.
+        options: per-metric options, e.g. ``{"deletion": {"step": 448}}``.
+
+    The model is left as it came (modes, ``requires_grad``, hooks, ``.grad``).
+    """
+    net, x, categories = _unwrap(model, inputs)
+    x = x.to(model_device(net))
+    explain_fn = None
+    with model_state(net, eval_mode=eval_mode):
+        if isinstance(explanation, Explanation):
+            maps, rows = explanation.maps, explanation.targets
+            exp = explanation
+
+            def explain_fn(m: Any, xs: Tensor, rows: Any) -> Tensor:  # noqa: F811 - re-explain (sanity checks)
+                from .api import explain
+
+                layers = exp.layers if exp.layers else None
+                return explain(m, xs, targets=rows, layer=layers, method=exp.method).maps
+        else:
+            maps = torch.as_tensor(explanation)
+            if targets is None:
+                raise ValueError("a plain map tensor needs targets= (what each of its T maps explains)")
+            with torch.no_grad():
+                out = net(x)
+            rows = resolve_targets(targets, split_outputs(out), out, categories=categories)
+        if maps.ndim != 4 or maps.shape[0] != x.shape[0] or maps.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"maps must be (B, T, H, W) = ({x.shape[0]}, T, {x.shape[-2]}, {x.shape[-1]}) at input "
+                             f"resolution; got {tuple(maps.shape)}")
+        B, T = maps.shape[:2]
+        if len(rows) != B or any(len(r) != T for r in rows):
+            raise ValueError(f"targets resolve to {[len(r) for r in rows]} per image, but maps have T={T}")
+
+        def prob_fn(out: Any, b: int) -> Tensor:
+            hs = split_outputs(out)
+            return torch.stack([_probability(tg, hs, out) for tg in rows[b]], dim=1)
+
+        def score_fn(out: Any, b: int) -> Tensor:
+            hs = split_outputs(out)
+            return torch.stack([tg.score(hs, out) for tg in rows[b]], dim=1)
+
+        prob_runner, score_runner = Runner(net, prob_fn), Runner(net, score_fn)
+        ctx = EvalContext(model=net, inputs=x, maps=maps.to(x.device).float(), targets=rows,
+                          probs=lambda xs, b: prob_runner.scores(xs, b, batch_size),
+                          scores=lambda xs, b: score_runner.scores(xs, b, batch_size),
+                          masks=_per_target(masks, B, T, "masks", tuple(x.shape[-2:])),
+                          boxes=_per_target(boxes, B, T, "boxes", (4,)), batch_size=batch_size,
+                          explain=explain_fn, options=dict(options or {}))
+        result = Scores(values={})
+        for name in metrics:
+            metric = get_metric(name)
+            _check_requires(metric, ctx)
+            r = metric(ctx)
+            result.values[metric.name] = r.values
+            result.metrics[metric.name] = metric
+            if r.curves is not None:
+                result.curves[metric.name] = r.curves
+            if r.extra:
+                result.extra[metric.name] = r.extra
+    return result
+
+
+def _check_requires(metric: Metric, ctx: EvalContext) -> None:
+    for need in metric.requires:
+        have = {"masks": ctx.masks is not None, "boxes": ctx.boxes is not None, "explain": ctx.explain is not None}
+        if not any(have[n] for n in need.split("|")):
+            what = " or ".join(need.split("|"))
+            raise ValueError(f"metric {metric.name!r} needs {what}" + (
+                " (pass masks= / boxes=)" if need != "explain" else
+                " (pass a camlens Explanation, not a plain map tensor, so it can re-explain)"))

@@ -1,0 +1,130 @@
+"""Metric base: each metric declares its direction and category, and is batched over images and targets.
+
+A metric is called with an :class:`EvalContext` and returns a :class:`MetricResult`: one value per
+image and target ``(B, T)``, and optionally curves ``(B, T, S)``. Metrics that perturb inputs use
+``ctx.probs(xs, b)`` / ``ctx.scores(xs, b)``: the softmax probability (or raw score) of image b's
+T targets for N perturbed copies, computed in chunks of ``ctx.batch_size`` — no metric holds all
+perturbed images of a data set in memory at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["Metric", "MetricResult", "EvalContext", "register_metric", "get_metric", "available_metrics", "auc",
+           "order_pixels"]
+
+_METRICS: dict[str, "Metric"] = {}
+
+
+@dataclass
+class EvalContext:
+    """What a metric may use. B images, T targets per image, maps ``(B, T, H, W)`` in [0, 1].
+
+    Attributes:
+        model: the ``nn.Module`` (eval mode, frozen, for the duration of the evaluation).
+        inputs: ``(B, C, H, W)`` model inputs (normalised as the model expects).
+        maps: ``(B, T, H, W)`` saliency maps at input resolution, higher = more important.
+        targets: B lists of T resolved targets (see :mod:`camlens.targets`).
+        probs: ``(xs (N, C, H, W), b) -> (N, T)`` softmax probability of image b's targets'
+            classes on their heads (the raw score for targets without a class).
+        scores: ``(xs, b) -> (N, T)`` raw (pre-softmax) target scores.
+        masks: optional ``(B, T, H, W)`` bool ground-truth masks (per target), or ``None``.
+        boxes: optional ``(B, T, 4)`` ground-truth boxes ``(x0, y0, x1, y1)``, or ``None``.
+        batch_size: perturbed inputs per forward.
+        explain: ``(model, inputs, targets) -> maps (B, T, H, W)``: re-explains (the sanity check
+            uses it on randomised models), or ``None`` when the maps did not come from camlens.
+        options: per-metric options, ``{metric name: {option: value}}``.
+    """
+
+    model: Any
+    inputs: Tensor
+    maps: Tensor
+    targets: list
+    probs: Callable[[Tensor, int], Tensor]
+    scores: Callable[[Tensor, int], Tensor]
+    masks: Optional[Tensor] = None
+    boxes: Optional[Tensor] = None
+    batch_size: int = 64
+    explain: Optional[Callable[..., Tensor]] = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def opt(self, metric: "Metric", key: str) -> Any:
+        """Option ``key`` of ``metric``: the user's value, else the metric's default."""
+        return self.options.get(metric.name, {}).get(key, metric.defaults[key])
+
+
+@dataclass
+class MetricResult:
+    """``values`` ``(B, T)``; ``curves`` ``(B, T, S)`` for curve metrics (deletion, insertion, ROAD...)."""
+
+    values: Tensor
+    curves: Optional[Tensor] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric's identity.
+
+    Attributes:
+        name: registry key (``metrics=["deletion", ...]``).
+        higher_is_better: the direction (tables show ↑ / ↓).
+        category: ``"faithfulness"``, ``"localisation"``, ``"complexity"`` or ``"randomisation"``.
+        description: one line, with the paper.
+        requires: what beyond model + maps it needs: subset of ``{"masks", "boxes", "explain"}``
+            (``"masks|boxes"`` means either).
+        defaults: option name -> default.
+    """
+
+    name: str
+    higher_is_better: bool
+    category: str
+    description: str
+    requires: tuple[str, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self, ctx: EvalContext) -> MetricResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def arrow(self) -> str:
+        return "↑" if self.higher_is_better else "↓"
+
+
+def register_metric(metric: Metric) -> Metric:
+    if metric.name in _METRICS:
+        raise ValueError(f"metric {metric.name!r} is already registered")
+    _METRICS[metric.name] = metric
+    return metric
+
+
+def get_metric(name: str) -> Metric:
+    key = name.lower().replace("-", "_")
+    if key not in _METRICS:
+        raise ValueError(f"unknown metric {name!r}; available: {sorted(_METRICS)}")
+    return _METRICS[key]
+
+
+def available_metrics() -> dict[str, Metric]:
+    return dict(_METRICS)
+
+
+def auc(curve: Tensor) -> Tensor:
+    """Trapezoidal area under curves ``(..., n+1)`` sampled at n equal steps on [0, 1]:
+    ``(sum_i s_i - s_0 / 2 - s_n / 2) / n``."""
+    n = curve.shape[-1] - 1
+    return (curve.sum(-1) - curve[..., 0] / 2 - curve[..., -1] / 2) / n
+
+
+def order_pixels(maps: Tensor, generator: Optional[torch.Generator] = None, tie_noise: float = 0.0) -> Tensor:
+    """Pixel indices ``(B, T, H*W)`` by descending saliency (stable; optional tiny noise breaks ties)."""
+    flat = maps.flatten(-2).float()
+    if tie_noise:
+        flat = flat + tie_noise * torch.rand(flat.shape, generator=generator, device=flat.device)
+    return flat.argsort(dim=-1, descending=True, stable=True)
