@@ -1,0 +1,307 @@
+"""Localisation from maps: boxes, masks and their IoU (weakly supervised localisation).
+
+Conventions used throughout:
+
+* **Boxes** are ``(x0, y0, x1, y1)`` integer pixel indices, **inclusive-exclusive**: the box
+  covers columns ``x0 <= x < x1`` and rows ``y0 <= y < y1`` (like Python slices, so
+  ``mask[y0:y1, x0:x1]`` is the box and its area is ``(x1 - x0) * (y1 - y0)``). The whole
+  ``H x W`` image is ``(0, 0, W, H)``.
+* **Thresholds are fractions of each map's own maximum**: a pixel is foreground when
+  ``map >= threshold * map.max()`` (the CAM paper's rule, Zhou et al. 2016, with 0.2). For the
+  min-max normalised maps of :func:`camlens.explain` (max 1) this is the plain value.
+* **Degenerate maps** (maximum ``<= 0`` or not finite, e.g. the all-zero map camlens returns
+  when a layer has no positive evidence) localise nothing: their box is the whole image (an
+  uninformative but valid box, so every target still has one) and their mask is empty.
+* Coordinates are those of the map, i.e. of the model input (the resized image), not of the
+  original file.
+
+Components are 8-connected (diagonal neighbours join). Everything takes tensors and returns
+tensors on the maps' device; labelling and GrabCut run on CPU copies.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor
+
+__all__ = ["boxes_from_maps", "boxes_all_components", "masks_from_maps", "foreground_masks", "box_iou", "mask_iou",
+           "draw_boxes", "cutout"]
+
+_EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity for ndimage.label
+
+
+def _check_maps(maps: Tensor) -> Tensor:
+    if not isinstance(maps, Tensor):
+        maps = torch.as_tensor(np.asarray(maps))
+    if maps.ndim != 4:
+        raise ValueError(f"maps must be (B, T, H, W), got shape {tuple(maps.shape)}")
+    return maps
+
+
+def _check_fraction(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a fraction of the map's max in [0, 1], got {value}")
+    return value
+
+
+def foreground_masks(maps: Tensor, threshold: float) -> Tensor:
+    """``maps >= threshold * max`` per map: bool ``(B, T, H, W)``; degenerate maps give all False.
+
+    Args:
+        maps: ``(B, T, H, W)`` float maps (NaN is read as 0).
+        threshold: fraction of each map's maximum, in [0, 1].
+    """
+    maps = _check_maps(maps).float().nan_to_num(0.0)
+    threshold = _check_fraction("threshold", threshold)
+    peak = maps.flatten(-2).amax(-1)[..., None, None]  # (B, T, 1, 1)
+    ok = torch.isfinite(peak) & (peak > 0)
+    return (maps >= threshold * peak) & ok
+
+
+def _bbox(mask: Tensor) -> Tensor:
+    """Box ``(..., 4)`` around the True pixels of bool ``(..., H, W)``; all-False gives the whole image."""
+    H, W = mask.shape[-2:]
+    rows, cols = mask.any(-1), mask.any(-2)  # (..., H), (..., W)
+
+    def span(hit: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        idx = torch.arange(n, device=hit.device)
+        lo = torch.where(hit, idx, n).amin(-1)
+        hi = torch.where(hit, idx + 1, 0).amax(-1)
+        empty = ~hit.any(-1)
+        return torch.where(empty, 0, lo), torch.where(empty, n, hi)
+
+    y0, y1 = span(rows, H)
+    x0, x1 = span(cols, W)
+    return torch.stack([x0, y0, x1, y1], dim=-1).long()
+
+
+def _largest_component(fg: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of bool ``(H, W)`` (ties: the first in raster order)."""
+    labels, n = ndimage.label(fg, structure=_EIGHT)
+    if n <= 1:
+        return fg
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    return labels == int(np.argmax(sizes)) + 1
+
+
+def boxes_from_maps(maps: Tensor, threshold: float = 0.2, *, largest: bool = True) -> Tensor:
+    """One box per map, as in the CAM paper's weakly supervised localisation.
+
+    Pixels with ``map >= threshold * map.max()`` are kept; with ``largest=True`` the box is the
+    bounding box of the largest 8-connected component of them (by pixel count; ties go to the
+    component met first in raster order), with ``largest=False`` the box around all of them.
+
+    Args:
+        maps: ``(B, T, H, W)`` maps, e.g. ``explain(...).maps`` in [0, 1].
+        threshold: fraction of each map's maximum, in [0, 1] (0.2 in Zhou et al.).
+        largest: keep only the largest connected component.
+
+    Returns:
+        ``(B, T, 4)`` long ``(x0, y0, x1, y1)``, inclusive-exclusive (``x0 <= x < x1``), on the
+        maps' device. A degenerate map (max ``<= 0``) gets the whole image ``(0, 0, W, H)``.
+    """
+    fg = foreground_masks(maps, threshold)
+    if largest:
+        flat = fg.cpu().numpy().reshape(-1, *fg.shape[-2:])
+        kept = np.stack([_largest_component(m) for m in flat]) if len(flat) else flat
+        fg = torch.from_numpy(kept).reshape(fg.shape).to(fg.device)
+    return _bbox(fg)
+
+
+def boxes_all_components(maps: Tensor, threshold: float = 0.2, *, min_area: int = 1) -> list[list[Tensor]]:
+    """Every 8-connected component's box, per map: ``B`` lists of ``T`` tensors ``(N_bt, 4)`` long.
+
+    Boxes are ``(x0, y0, x1, y1)`` inclusive-exclusive, sorted by component area (pixel count),
+    largest first; components smaller than ``min_area`` pixels are dropped. A degenerate map
+    gives an empty ``(0, 4)`` tensor (no fallback box here: there are no components).
+    """
+    fg = foreground_masks(maps, threshold)
+    arr = fg.cpu().numpy()
+    out: list[list[Tensor]] = []
+    for b in range(arr.shape[0]):
+        row = []
+        for t in range(arr.shape[1]):
+            labels, n = ndimage.label(arr[b, t], structure=_EIGHT)
+            sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+            found = []
+            for i, sl in enumerate(ndimage.find_objects(labels)):
+                if sl is not None and sizes[i] >= min_area:
+                    found.append((int(sizes[i]), (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)))
+            found.sort(key=lambda s: -s[0])  # stable: equal areas keep raster order
+            row.append(torch.tensor([box for _, box in found], dtype=torch.long, device=fg.device).reshape(-1, 4))
+        out.append(row)
+    return out
+
+
+def _as_images(images: Any, B: int, H: int, W: int) -> np.ndarray:
+    """``(B, H, W, 3)`` uint8 numpy from a tensor / array; checks the shape against the maps."""
+    arr = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.shape != (B, H, W, 3):
+        raise ValueError(f"images must be (B, H, W, 3) = {(B, H, W, 3)} to match the maps, got {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (0..255), got {arr.dtype}")
+    return arr
+
+
+def _grabcut(image: np.ndarray, m: np.ndarray, threshold: float, low: float, high: float,
+             iterations: int) -> Optional[np.ndarray]:
+    """GrabCut one map; ``None`` when the initialisation lacks foreground or background."""
+    import cv2
+
+    peak = float(m.max())
+    if not np.isfinite(peak) or peak <= 0:
+        return None
+    r = m / peak
+    init = np.full(m.shape, cv2.GC_PR_BGD, dtype=np.uint8)
+    init[r >= threshold] = cv2.GC_PR_FGD
+    init[r >= high] = cv2.GC_FGD
+    init[r <= low] = cv2.GC_BGD
+    fg = (init == cv2.GC_FGD) | (init == cv2.GC_PR_FGD)
+    if fg.all() or not fg.any():  # a GMM needs samples on both sides
+        return None
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(0)  # GrabCut's k-means initialisation: reproducible
+    try:
+        cv2.grabCut(np.ascontiguousarray(image), init, None, bgd, fgd, int(iterations), cv2.GC_INIT_WITH_MASK)
+    except cv2.error:
+        return None
+    return (init == cv2.GC_FGD) | (init == cv2.GC_PR_FGD)
+
+
+def masks_from_maps(maps: Tensor, threshold: float = 0.5, *, refine: Optional[str] = None, images: Any = None,
+                    iterations: int = 5, low: float = 0.1, high: float = 0.9) -> Tensor:
+    """Foreground masks from maps: ``map >= threshold * map.max()``, optionally refined by GrabCut.
+
+    With ``refine="grabcut"`` each map initialises OpenCV's GrabCut (``cv2.GC_INIT_WITH_MASK``)
+    on its image, thresholds again as fractions of the map's max::
+
+        map >= high                -> definite foreground  (GC_FGD)
+        threshold <= map < high    -> probable foreground  (GC_PR_FGD)
+        low < map < threshold      -> probable background  (GC_PR_BGD)
+        map <= low                 -> definite background  (GC_BGD)
+
+    and the mask is what GrabCut ends up labelling (probable or definite) foreground: colour
+    models of the image snap the map's blurry edge to the object's. A map whose initialisation
+    has no foreground or no background pixel keeps its plain threshold mask.
+
+    Args:
+        maps: ``(B, T, H, W)`` maps.
+        threshold: fraction of each map's maximum, in [0, 1].
+        refine: ``None`` or ``"grabcut"``.
+        images: ``(B, H, W, 3)`` uint8 (tensor or array) at the maps' resolution; required by
+            GrabCut (e.g. ``explain(...).display``, or ``LoadedModel.to_display(exp.inputs)``).
+        iterations: GrabCut iterations.
+        low, high: GrabCut's definite background / foreground fractions (``low <= threshold <= high``).
+
+    Returns:
+        ``(B, T, H, W)`` bool on the maps' device; a degenerate map (max ``<= 0``) gives an empty mask.
+    """
+    maps = _check_maps(maps)
+    masks = foreground_masks(maps, threshold)
+    if refine is None:
+        return masks
+    if refine != "grabcut":
+        raise ValueError(f"refine must be None or 'grabcut', got {refine!r}")
+    low, high = _check_fraction("low", low), _check_fraction("high", high)
+    if not low <= threshold <= high:
+        raise ValueError(f"need low <= threshold <= high, got {low}, {threshold}, {high}")
+    if images is None:
+        raise ValueError("refine='grabcut' needs images (B, H, W, 3) uint8 at the maps' resolution")
+    B, T, H, W = maps.shape
+    imgs = _as_images(images, B, H, W)
+    arr = maps.detach().float().nan_to_num(0.0).cpu().numpy()
+    out = masks.cpu().numpy().copy()
+    for b in range(B):
+        for t in range(T):
+            refined = _grabcut(imgs[b], arr[b, t], threshold, low, high, iterations)
+            if refined is not None:
+                out[b, t] = refined
+    return torch.from_numpy(out).to(maps.device)
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of boxes ``(..., 4)`` ``(x0, y0, x1, y1)`` inclusive-exclusive, broadcast -> ``(...)`` float.
+
+    Area is ``(x1 - x0) * (y1 - y0)``; boxes that only touch do not overlap. Two empty boxes
+    (union 0) have IoU 0.
+    """
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp_min(0)
+    ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp_min(0)
+    inter = iw * ih
+
+    def area(x: Tensor) -> Tensor:
+        return (x[..., 2] - x[..., 0]).clamp_min(0) * (x[..., 3] - x[..., 1]).clamp_min(0)
+
+    union = area(a) + area(b) - inter
+    return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(union))
+
+
+def mask_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of bool masks over the last two dims, broadcast: ``(..., H, W)`` -> ``(...)`` float.
+
+    Two empty masks (union 0) have IoU 0.
+    """
+    a, b = torch.as_tensor(a).bool(), torch.as_tensor(b).bool()
+    inter = (a & b).flatten(-2).sum(-1).float()
+    union = (a | b).flatten(-2).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union))
+
+
+# --------------------------------------------------------------------------------------------
+# drawing (numpy uint8 in, numpy uint8 out)
+# --------------------------------------------------------------------------------------------
+def draw_boxes(image: Any, boxes: Any, labels: Optional[list[str]] = None,
+               colors: Optional[list[tuple[int, int, int]]] = None, width: int = 2) -> np.ndarray:
+    """Rectangles (and label text) drawn on a copy of ``image``.
+
+    Args:
+        image: ``(H, W, 3)`` uint8.
+        boxes: ``(N, 4)`` ``(x0, y0, x1, y1)`` inclusive-exclusive, in the image's pixels.
+        labels: N strings written on a filled tab at each box's top-left corner (inside the box
+            when there is no room above it).
+        colors: N RGB colours (default: camlens's categorical palette, cycled).
+        width: line width in pixels, drawn inwards from the box edge.
+
+    Returns:
+        ``(H, W, 3)`` uint8.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .viz import PALETTE
+
+    arr = np.asarray(image.detach().cpu().numpy() if isinstance(image, Tensor) else image)
+    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {arr.shape} {arr.dtype}")
+    bx = np.asarray(boxes.detach().cpu().numpy() if isinstance(boxes, Tensor) else boxes, dtype=np.int64).reshape(-1, 4)
+    pil = Image.fromarray(np.ascontiguousarray(arr))
+    draw = ImageDraw.Draw(pil)
+    font = ImageFont.load_default()
+    for i, (x0, y0, x1, y1) in enumerate(bx.tolist()):
+        colour = tuple(colors[i]) if colors else PALETTE[i % len(PALETTE)]
+        if x1 <= x0 or y1 <= y0:
+            continue
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=width)  # PIL's corners are inclusive
+        if labels:
+            l, t, r, b = draw.textbbox((0, 0), labels[i], font=font)
+            tw, th = r - l + 4, b - t + 4
+            ty = y0 - th if y0 - th >= 0 else y0
+            draw.rectangle([x0, ty, x0 + tw - 1, ty + th - 1], fill=colour)
+            draw.text((x0 + 2 - l, ty + 2 - t), labels[i], fill=(255, 255, 255), font=font)
+    return np.asarray(pil)
+
+
+def cutout(image: Any, mask: Any) -> np.ndarray:
+    """The foreground of ``image`` (H, W, 3) uint8 as RGBA ``(H, W, 4)`` uint8, alpha = mask * 255."""
+    arr = np.asarray(image.detach().cpu().numpy() if isinstance(image, Tensor) else image)
+    m = np.asarray(mask.detach().cpu().numpy() if isinstance(mask, Tensor) else mask).astype(bool)
+    if arr.shape[:2] != m.shape or arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"image (H, W, 3) and mask (H, W) must match, got {arr.shape} and {m.shape}")
+    return np.concatenate([arr.astype(np.uint8), (m * 255).astype(np.uint8)[..., None]], axis=-1)
