@@ -1,1 +1,190 @@
-"""(being written)"""
+"""Sanity checks: the model parameter randomisation test (Adebayo et al. 2018, "Sanity Checks for
+Saliency Maps", NeurIPS), cascading from the output towards the input.
+
+A map that explains the model must change when the model's learned weights are destroyed. On a
+deep copy of the model (the user's model is never touched) the parametrised modules are
+re-initialised step by step, from the top (output side) down to the input, cumulatively; after
+every step the maps are re-computed with the same method and layers (``ctx.explain``) and compared
+with the maps of the intact copy by the Spearman rank correlation, per image and target:
+
+    rho_s[b, t] = Pearson(rank(m_0[b, t]), rank(m_s[b, t]))        over the H*W pixels,
+
+with average ranks for ties (ReLU'd maps have many zeros). A map that is constant in one of the
+two has no ranking to share: rho = 0 (1 when both are constant). Low rho = the method depends on
+the weights (↓ better); a model-independent map (an edge detector) stays at 1.
+
+**Steps.** Units are the modules that own parameters (``recurse=False``) and run in a forward
+pass, in reverse order of their first call (modules that never run are left alone). With
+``max_steps`` (default 12, ``None`` = one step per module) they are grouped by the deepest
+module-name prefix (``layer4`` at depth 1, ``layer4.1`` at depth 2) that yields at most
+``max_steps`` consecutive groups; if even the top-level blocks are too many, consecutive blocks are
+merged into ``max_steps`` chunks. The last step always leaves every parameter re-initialised.
+
+**Re-initialisation.** ``module.reset_parameters()`` where it exists (the layer's own default
+init; BatchNorm also resets its running statistics), else every own parameter is redrawn from
+``N(0, s^2)`` with ``s`` its current standard deviation (0.02 for a constant or 1-element one).
+Seeded by ``seed`` (+ the step index) inside a forked RNG: the global RNG is left as it was.
+
+**Reference.** The intact copy is re-explained too, and that is the reference ``m_0``: a method
+option the re-explanation does not carry (``ctx.explain`` reuses method and layers only) cannot
+pass for sensitivity. ``extra["reference_correlation"]`` ``(B, T)`` is rho between ``ctx.maps`` and
+``m_0`` (1 when they agree).
+
+Result: ``values`` ``(B, T)`` = rho after the LAST step (every parameter re-initialised);
+``curves`` ``(B, T, S)`` = rho after each step; ``extra["steps"]`` the S step names (module names
+or prefixes; ``"a … b"`` for merged blocks). Cost: ``S + 1`` explanations of the batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .base import EvalContext, Metric, MetricResult, register_metric
+
+__all__ = ["average_ranks", "spearman", "forward_order", "randomisation_steps", "reinitialise", "MPRT", "MPRT_METRIC"]
+
+
+def average_ranks(x: Tensor) -> Tensor:
+    """Ranks ``(N, P)`` of each row of ``x`` ``(N, P)``, 0-based, ties sharing their average rank."""
+    N, P = x.shape
+    s, idx = x.sort(dim=1, stable=True)
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    gid = (new.cumsum(1) - 1) + torch.arange(N, device=x.device)[:, None] * P  # tie group, unique per row
+    pos = torch.arange(P, device=x.device, dtype=torch.float64).expand(N, P).reshape(-1)
+    g = gid.reshape(-1)
+    first = torch.full((N * P,), float(P), dtype=torch.float64, device=x.device).scatter_reduce(0, g, pos, "amin")
+    last = torch.full((N * P,), -1.0, dtype=torch.float64, device=x.device).scatter_reduce(0, g, pos, "amax")
+    avg_sorted = ((first[g] + last[g]) / 2).reshape(N, P)
+    return torch.empty_like(avg_sorted).scatter_(1, idx, avg_sorted)
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman rank correlation of maps ``a``, ``b`` ``(..., H, W)`` over pixels -> ``(...)``.
+
+    Pearson correlation of average ranks; 0 when exactly one of the two maps is constant, 1 when
+    both are.
+    """
+    lead = a.shape[:-2]
+    ra = average_ranks(a.reshape(-1, a.shape[-2] * a.shape[-1]).double())
+    rb = average_ranks(b.reshape(-1, b.shape[-2] * b.shape[-1]).double())
+    ra = ra - ra.mean(1, keepdim=True)
+    rb = rb - rb.mean(1, keepdim=True)
+    na, nb = ra.norm(dim=1), rb.norm(dim=1)
+    const_a, const_b = na == 0, nb == 0
+    rho = (ra * rb).sum(1) / (na * nb).clamp_min(1e-300)
+    rho = torch.where(const_a | const_b, torch.zeros_like(rho), rho)
+    rho = torch.where(const_a & const_b, torch.ones_like(rho), rho)
+    return rho.float().reshape(lead)
+
+
+def forward_order(model: nn.Module, x: Tensor) -> list[tuple[str, nn.Module]]:
+    """Modules that own parameters and run on ``x``, in order of their first call (input side first)."""
+    units = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    seen: dict[int, int] = {}
+    handles = []
+    def hook(i: int):
+        def record(mod: nn.Module, inp: object) -> None:  # must return None: a value would replace the input
+            seen.setdefault(i, len(seen))
+        return record
+
+    for i, (_, m) in enumerate(units):
+        handles.append(m.register_forward_pre_hook(hook(i)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [units[i] for i in sorted(seen, key=seen.__getitem__)]
+
+
+def _prefix(name: str, depth: int) -> str:
+    return ".".join(name.split(".")[:depth]) if name else "<model>"
+
+
+def randomisation_steps(units_top_first: list[tuple[str, nn.Module]],
+                        max_steps: Optional[int]) -> list[tuple[str, list[nn.Module]]]:
+    """Group units (output side first) into at most ``max_steps`` ``(name, modules)`` steps; see module doc."""
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"mprt max_steps must be >= 1 or None, got {max_steps!r}")
+    if max_steps is None or len(units_top_first) <= max_steps:
+        return [(n or "<model>", [m]) for n, m in units_top_first]
+
+    def runs(depth: int) -> list[tuple[str, list[nn.Module]]]:
+        out: list[tuple[str, list[nn.Module]]] = []
+        for n, m in units_top_first:
+            p = _prefix(n, depth)
+            if out and out[-1][0] == p:
+                out[-1][1].append(m)
+            else:
+                out.append((p, [m]))
+        return out
+
+    deepest = max(len(n.split(".")) for n, _ in units_top_first)
+    for depth in range(deepest, 0, -1):
+        groups = runs(depth)
+        if len(groups) <= max_steps:
+            return groups
+    groups = runs(1)
+    chunks = np.array_split(np.arange(len(groups)), max_steps)
+    return [(groups[c[0]][0] if len(c) == 1 else f"{groups[c[0]][0]} … {groups[c[-1]][0]}",
+             [m for i in c for m in groups[i][1]]) for c in chunks if len(c)]
+
+
+@torch.no_grad()
+def reinitialise(module: nn.Module, seed: int) -> None:
+    """Re-initialise ``module``'s own parameters in place (see module doc), seeded, global RNG untouched."""
+    devices = [p.device for p in module.parameters(recurse=False) if p.device.type == "cuda"]
+    with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})):
+        torch.manual_seed(seed)
+        if callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
+            return
+        for p in module.parameters(recurse=False):
+            s = float(p.float().std()) if p.numel() > 1 else 0.0
+            p.normal_(0.0, s if s > 0 else 0.02)
+
+
+def _explain(ctx: EvalContext, model: nn.Module) -> Tensor:
+    with warnings.catch_warnings():  # randomised models often give constant (all-zero) maps
+        warnings.filterwarnings("ignore", message=".*maps are constant.*")
+        return ctx.explain(model, ctx.inputs, ctx.targets).to(ctx.maps.device).float()  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class MPRT(Metric):
+    """Cascading model parameter randomisation; see the module docstring."""
+
+    def __call__(self, ctx: EvalContext) -> MetricResult:
+        if ctx.explain is None:
+            raise ValueError("mprt needs to re-explain: pass a camlens Explanation, not a plain map tensor")
+        seed, max_steps = int(ctx.opt(self, "seed")), ctx.opt(self, "max_steps")
+        net = copy.deepcopy(ctx.model)  # the user's model is never modified
+        units = forward_order(net, ctx.inputs[:1])
+        steps = randomisation_steps(units[::-1], max_steps)
+        ref = _explain(ctx, net)
+        rhos = []
+        for s, (_, modules) in enumerate(steps):
+            for j, m in enumerate(modules):
+                reinitialise(m, seed + 1000 * s + j)
+            rhos.append(spearman(ref, _explain(ctx, net)))
+        B, T = ctx.maps.shape[:2]
+        curves = torch.stack(rhos, dim=-1) if rhos else torch.ones(B, T, 0)
+        values = curves[..., -1] if rhos else torch.ones(B, T)
+        return MetricResult(values=values, curves=curves,
+                            extra={"steps": [n for n, _ in steps], "reference_correlation": spearman(ctx.maps, ref)})
+
+
+MPRT_METRIC = register_metric(MPRT(
+    name="mprt", higher_is_better=False, category="randomisation",
+    description="Model parameter randomisation (Adebayo et al. 2018): Spearman correlation of the maps with "
+                "those of the model re-initialised top-down, after the last step",
+    requires=("explain",), defaults={"max_steps": 12, "seed": 0}))
