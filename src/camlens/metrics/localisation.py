@@ -1,1 +1,118 @@
-"""(being written)"""
+"""Localisation metrics against ground-truth masks or boxes: pointing game, relevance mass, relevance rank.
+
+Maps ``(B, T, H, W)``; ground truth per image and target, ``ctx.masks`` ``(B, T, H, W)`` bool or
+``ctx.boxes`` ``(B, T, 4)`` ``(x0, y0, x1, y1)`` in pixels (masks win when both are given). A box
+covers the pixels whose centre ``(col + 0.5, row + 0.5)`` lies in ``[x0, x1] x [y0, y1]``: an
+integer box covers columns ``x0 .. x1 - 1`` and rows ``y0 .. y1 - 1``. An empty mask gives NaN
+(no object to point at), which :meth:`camlens.Scores.summary` leaves out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import EvalContext, Metric, MetricResult, order_pixels, register_metric
+
+__all__ = ["boxes_to_masks", "ground_truth", "PointingGame", "RelevanceMass", "RelevanceRank"]
+
+
+def boxes_to_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Boxes ``(..., 4)`` ``(x0, y0, x1, y1)`` -> bool masks ``(..., H, W)``: pixel (row r, col c) is
+    inside when ``x0 <= c + 0.5 <= x1`` and ``y0 <= r + 0.5 <= y1``."""
+    H, W = size
+    b = boxes.float()
+    cx = torch.arange(W, device=b.device, dtype=b.dtype) + 0.5
+    cy = torch.arange(H, device=b.device, dtype=b.dtype) + 0.5
+    x0, y0, x1, y1 = (b[..., k, None] for k in range(4))
+    in_x = (cx >= x0) & (cx <= x1)  # (..., W)
+    in_y = (cy >= y0) & (cy <= y1)  # (..., H)
+    return in_y[..., :, None] & in_x[..., None, :]
+
+
+def ground_truth(ctx: EvalContext) -> Tensor:
+    """Bool masks ``(B, T, H, W)`` on the maps' device: ``ctx.masks``, else ``ctx.boxes`` as masks."""
+    if ctx.masks is not None:
+        return ctx.masks.to(ctx.maps.device).bool()
+    if ctx.boxes is not None:
+        return boxes_to_masks(ctx.boxes.to(ctx.maps.device), tuple(ctx.maps.shape[-2:]))
+    raise ValueError("localisation metrics need masks= or boxes=")
+
+
+def _nan_if_empty(values: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask.flatten(-2).any(-1), values, torch.full_like(values, float("nan")))
+
+
+@dataclass(frozen=True)
+class PointingGame(Metric):
+    """Pointing game (Zhang et al., Top-down Neural Attention by Excitation Backprop, ECCV 2016).
+
+    The point is the map's maximum — the first one in raster order when several pixels tie
+    (``torch.argmax``). A hit (1.0) when a ground-truth pixel lies strictly closer than ``tolerance``
+    pixels (Euclidean distance between pixel indices) to the point, as TorchRay's ``PointingGame``,
+    or is the point itself (so ``tolerance=0`` means "the maximum is inside the mask"); else a miss
+    (0.0). Equivalent to testing the point against the mask dilated by an open disc of radius
+    ``tolerance``. ``extra["points"]``: ``(B, T, 2)`` (row, col) of each map's point.
+    Option: ``tolerance`` (default 15 px).
+    """
+
+    def __call__(self, ctx: EvalContext) -> MetricResult:
+        gt = ground_truth(ctx)
+        B, T, H, W = ctx.maps.shape
+        tol = float(ctx.opt(self, "tolerance"))
+        idx = ctx.maps.flatten(-2).argmax(-1)  # (B, T), first maximum
+        py, px = idx // W, idx % W
+        rows = torch.arange(H, device=idx.device)
+        cols = torch.arange(W, device=idx.device)
+        d2 = (rows.view(1, 1, H, 1) - py[..., None, None]) ** 2 + (cols.view(1, 1, 1, W) - px[..., None, None]) ** 2
+        accept = (d2.double() < tol * tol) | (d2 == 0)
+        hit = (gt & accept).flatten(-2).any(-1).float()
+        return MetricResult(values=_nan_if_empty(hit, gt), extra={"points": torch.stack([py, px], -1)})
+
+
+@dataclass(frozen=True)
+class RelevanceMass(Metric):
+    """Relevance mass accuracy (Arras et al., CLEVR-XAI, Information Fusion 2022): the share of the
+    map's positive relevance inside the mask, ``Σ_{p in mask} R_p / Σ_p R_p`` with
+    ``R = max(map, 0)``; in [0, 1]. A map with no positive mass scores 0."""
+
+    def __call__(self, ctx: EvalContext) -> MetricResult:
+        gt = ground_truth(ctx)
+        r = ctx.maps.clamp_min(0).flatten(-2).double()
+        total = r.sum(-1)
+        inside = (r * gt.flatten(-2)).sum(-1)
+        v = torch.where(total > 0, inside / total.clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(total))
+        return MetricResult(values=_nan_if_empty(v.float(), gt))
+
+
+@dataclass(frozen=True)
+class RelevanceRank(Metric):
+    """Relevance rank accuracy (Arras et al., 2022): with K = the mask's pixel count, the fraction of
+    the map's K highest pixels that lie in the mask, ``|top_K(map) ∩ mask| / K``; in [0, 1]. Ties
+    are ranked in raster order (stable sort), so a constant map picks the first K pixels."""
+
+    def __call__(self, ctx: EvalContext) -> MetricResult:
+        gt = ground_truth(ctx).flatten(-2)  # (B, T, HW)
+        k = gt.sum(-1)  # (B, T)
+        order = order_pixels(ctx.maps)  # (B, T, HW) descending
+        top = torch.arange(gt.shape[-1], device=gt.device) < k[..., None]  # first K positions of the order
+        hits = (gt.gather(-1, order) & top).sum(-1)
+        v = hits.double() / k.clamp_min(1).double()
+        return MetricResult(values=_nan_if_empty(v.float(), gt.unflatten(-1, ctx.maps.shape[-2:])))
+
+
+_REQ = ("masks|boxes",)
+register_metric(PointingGame(
+    name="pointing_game", higher_is_better=True, category="localisation",
+    description="Pointing game: the map's maximum within `tolerance` px of the mask (Zhang et al., 2016)",
+    requires=_REQ, defaults={"tolerance": 15}))
+register_metric(RelevanceMass(
+    name="relevance_mass", higher_is_better=True, category="localisation",
+    description="Relevance mass accuracy: share of the map's mass inside the mask (Arras et al., 2022)",
+    requires=_REQ))
+register_metric(RelevanceRank(
+    name="relevance_rank", higher_is_better=True, category="localisation",
+    description="Relevance rank accuracy: share of the top-K pixels inside the K-pixel mask (Arras et al., 2022)",
+    requires=_REQ))
