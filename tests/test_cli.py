@@ -45,6 +45,9 @@ def test_demo_cat_top_class_and_peak_on_cat(tmp_path):
     assert maps.shape == (3, 224, 336) and 0 <= maps.min() and maps.max() == 1
     assert (tmp_path / "demo_grid.png").exists() and (tmp_path / "summary.json").exists()
     assert Image.open(tmp_path / "demo_grid.png").size[0] > 600
+    shapes = summary["shapes"]  # the two-head toy model: composite + HTML report, peaks on the right objects
+    assert (tmp_path / shapes["composite"]).exists() and (tmp_path / shapes["report"]).exists()
+    assert sum(r["shape_peak_on_object"] and r["colour_peak_on_object"] for r in shapes["images"]) >= 3
     coffee = summary["images"][1]["targets"][0]
     assert coffee["label"] in ("espresso", "cup", "coffee mug", "eggnog", "consomme"), coffee
 

