@@ -205,3 +205,21 @@ def test_cli_report_writes_self_contained_html(tmp_path):
     # 2 images x (2 heads x top-2) targets: each picture and each map embedded as a PNG data URI
     assert html.count("data:image/png;base64") == 2 + 2 * 4
     assert 'data-target="3"' in html and 'data-target="4"' not in html
+
+
+def test_cli_evaluate_on_shapes_with_baselines(tmp_path):
+    out = tmp_path / "ev"
+    res = CliRunner().invoke(app, ["evaluate", "--shapes", "4", "--method", "gradcam", "--method", "center",
+                                   "--metric", "deletion", "--metric", "pointing_game", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "deletion ↓" in res.output and "pointing_game ↑" in res.output
+    rows = json.loads((out / "results.json").read_text())
+    got = {(r["method"], r["metric"]): r for r in rows}
+    assert set(got) == {(m, k) for m in ("gradcam", "center") for k in ("deletion", "pointing_game")}
+    assert got[("gradcam", "deletion")]["direction"] == "lower" and got[("gradcam", "deletion")]["n"] == 8
+    assert got[("gradcam", "pointing_game")]["mean"] >= 0.75  # each head's peak on its own object
+    assert got[("gradcam", "deletion")]["mean"] < got[("center", "deletion")]["mean"]
+    assert (out / "results.csv").read_text().startswith("method,metric,direction,mean,sem,n")
+    assert Image.open(out / "curves.png").size[0] > 300
+    res = CliRunner().invoke(app, ["evaluate", "--shapes", "2", "--metric", "nope", "--out", str(out)])
+    assert res.exit_code != 0

@@ -313,6 +313,90 @@ def report(
 
 
 @app.command()
+def evaluate(
+    images: Optional[List[Path]] = typer.Argument(None, help="image files (or use --shapes N)"),
+    shapes: int = typer.Option(0, "--shapes", help="evaluate on N generated shapes images with their masks "
+                                                    "(model shapes-2head, both heads' true classes)"),
+    model: str = typer.Option("efficientnet-lite0", "--model", "-m", help="model (ignored with --shapes)"),
+    weights: Optional[Path] = typer.Option(None, "--weights"),
+    method: Optional[List[str]] = typer.Option(None, "--method", help="methods (default: gradcam, random, center)"),
+    metric: Optional[List[str]] = typer.Option(None, "--metric", help="metrics (default: deletion, insertion, "
+                                                                       "average_drop; + pointing_game, relevance_mass "
+                                                                       "with --shapes)"),
+    layer: Optional[List[str]] = typer.Option(None, "--layer", "-l"),
+    target: Optional[List[str]] = typer.Option(None, "--target", "-t", help="head:class (default: top class)"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    out: Path = typer.Option(Path("camlens_eval"), "--out", "-o", help="folder for results.csv/json, curves.png"),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Compare methods with faithfulness / localisation metrics: a table (mean ± s.e., direction arrows),
+    results.csv, results.json and deletion/insertion curves per method. `random` and `center` are the
+    chance baselines."""
+    import camlens
+    from camlens.io import load_image
+    from camlens.report import write_evaluation
+
+    methods = list(method) if method else ["gradcam", "random", "center"]
+    metrics = list(metric) if metric else ["deletion", "insertion", "average_drop"] + (
+        ["pointing_game", "relevance_mass"] if shapes else [])
+    for name in methods:
+        camlens.methods.get_method(name)
+    for name in metrics:
+        camlens.metrics.get_metric(name)
+    items = []  # (name, input or image, targets, masks)
+    if shapes:
+        from camlens.datasets.shapes import make_shapes
+
+        m = camlens.models.load("shapes-2head", device=device)
+        data = make_shapes(shapes, seed=2024)
+        for b in range(shapes):
+            masks = torch_stack_masks(data, b)
+            items.append((f"shapes#{b}", data.images[b:b + 1], data.targets()[b], masks))
+    else:
+        if not images:
+            raise typer.BadParameter("give image files or --shapes N")
+        m = camlens.models.load(model, weights=str(weights) if weights else None, device=device)
+        for path in images:
+            try:
+                items.append((path.name, load_image(path), list(target) if target else None, None))
+            except (OSError, ValueError) as err:
+                console.print(f"[red]✗ {path}: {err}[/]")
+    values: dict = {meth: {met: [] for met in metrics} for meth in methods}
+    curves: dict = {meth: {} for meth in methods}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("evaluating", total=len(items) * len(methods))
+        for name, img, tg, masks in items:
+            for meth in methods:
+                progress.update(task, description=f"{name} · {meth}")
+                try:
+                    exp = camlens.explain(m, img, targets=tg, layer=list(layer) if layer else None, method=meth)
+                    sc = camlens.evaluate(m, exp.inputs, exp, metrics=metrics, masks=masks, batch_size=batch_size)
+                except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:
+                    console.print(f"[red]error ({meth} on {name}): {_message(err)}[/]")
+                    raise typer.Exit(code=2) from None
+                for met in metrics:
+                    values[meth][met].append(sc[met].flatten().cpu())
+                for met, c in sc.curves.items():
+                    curves[meth].setdefault(met, []).append(c.flatten(0, 1).cpu())
+                progress.advance(task)
+    table_rows = write_evaluation(values, curves, {n: camlens.metrics.get_metric(n) for n in metrics}, out)
+    table = Table("method", *[f"{n} {camlens.metrics.get_metric(n).arrow}" for n in metrics],
+                  title=f"{m.name} · {len(items)} image(s) · mean ± standard error")
+    for meth in methods:
+        table.add_row(meth, *[table_rows[meth][n] for n in metrics])
+    Console().print(table)
+    console.print(f"wrote {out}/results.csv, results.json, curves.png")
+
+
+def torch_stack_masks(data, b: int):
+    """(1, 2, H, W) bool masks of image b's two objects, in head order (shape, colour)."""
+    import torch
+
+    return torch.stack([data.masks["shape"][b], data.masks["colour"][b]])[None]
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="output folder"),
     device: Optional[str] = typer.Option(None, "--device"),

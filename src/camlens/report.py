@@ -5,6 +5,7 @@ A front-end helper on top of the public API (used by the CLI and the demo).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 from .compare import agreement
 from .explanation import Explanation
 
-__all__ = ["map_stats", "predictions", "write_explanation", "write_method_grid", "safe_name"]
+__all__ = ["map_stats", "predictions", "write_explanation", "write_method_grid", "write_evaluation", "safe_name"]
 
 
 def safe_name(text: str) -> str:
@@ -130,3 +131,50 @@ class _Row:
         self.inputs = exp.inputs[b:b + 1]
         self.display = None if exp.display is None else exp.display[b:b + 1]
 
+
+
+def write_evaluation(values: dict, curves: dict, metrics: dict, out_dir: Path) -> dict[str, dict[str, str]]:
+    """Write ``results.csv``, ``results.json`` and ``curves.png`` (mean deletion / insertion curves per
+    method) for ``values[method][metric]`` = list of per-image ``(T,)`` tensors. Returns the table cells
+    ``"mean ± s.e."`` per method and metric."""
+    import csv
+
+    import torch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells: dict[str, dict[str, str]] = {}
+    records = []
+    for meth, per_metric in values.items():
+        cells[meth] = {}
+        for met, parts in per_metric.items():
+            v = torch.cat(parts).double() if parts else torch.empty(0, dtype=torch.float64)
+            v = v[~v.isnan()]
+            n = v.numel()
+            mean = float(v.mean()) if n else float("nan")
+            sem = float(v.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
+            cells[meth][met] = f"{mean:.4f} ± {sem:.4f}"
+            records.append({"method": meth, "metric": met, "direction": "higher" if metrics[met].higher_is_better
+                            else "lower", "mean": mean, "sem": sem, "n": n})
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "metric", "direction", "mean", "sem", "n"])
+        w.writeheader()
+        w.writerows(records)
+    (out_dir / "results.json").write_text(json.dumps(records, indent=2))
+    names = sorted({met for per in curves.values() for met in per if met in ("deletion", "insertion")})
+    fig = Figure(figsize=(5 * max(1, len(names)), 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(1, len(names)), squeeze=False)[0]
+    for ax, met in zip(axes, names):
+        for meth, per in curves.items():
+            if met in per:
+                c = torch.cat(per[met]).float().mean(0)
+                ax.plot(torch.linspace(0, 1, c.numel()).numpy(), c.numpy(), label=f"{meth}")
+        ax.set_title(f"{met} ({metrics[met].arrow} AUC)")
+        ax.set_xlabel("fraction of pixels " + ("removed" if met == "deletion" else "revealed"))
+        ax.set_ylabel("target probability")
+        ax.legend()
+    fig.savefig(out_dir / "curves.png")
+    return cells
