@@ -19,9 +19,10 @@
 **Why the random map is smooth.** A map of per-pixel noise orders pixels at random, so deletion
 removes a salt-and-pepper pattern spread over the whole image: the perturbed images leave the data
 distribution and the score collapses after a few steps, whatever the model looks at. Such a map
-then looks *better* than any real method. Measured on EfficientNet-Lite0 (the cat photo):
-deletion AUC 0.12 for per-pixel noise against 0.41 for Grad-CAM, while a smooth random map got
-0.51. A random map with the spatial smoothness of a CAM removes contiguous regions, like
+then looks *better* than any real method. Measured on EfficientNet-Lite0 (the cat photo, top
+class, camlens' default deletion settings): deletion AUC 0.049 for per-pixel noise against 0.31 for
+Grad-CAM and 0.27 for this smooth random map (the issue that asked for it measured 0.12 / 0.41 /
+0.51 with other settings; the point is the same). A random map with the spatial smoothness of a CAM removes contiguous regions, like
 the methods it is compared with, and lands where chance should.
 """
 
