@@ -210,3 +210,19 @@ def test_cam_equals_gradcam_on_gap_linear_heads(lm, held_out, gradcam_maps) -> N
     x, targets = held_out.images[:50], held_out.targets()[:50]
     cam = camlens.explain(lm, x, targets=targets, method="cam").maps
     assert (cam - gradcam_maps[:50]).abs().max() < 1e-4  # measured 2.4e-7
+
+
+def test_gradcam_boxes_match_object_boxes(held_out, gradcam_maps) -> None:
+    """Weakly supervised localisation (CAM paper): boxes from each head's map vs its object's box.
+
+    Measured on these 200 held-out images (mean IoU shape / colour): threshold 0.4 of the max →
+    0.75 / 0.81 (IoU > 0.5 in 97 % / 100 %); the CAM paper's 0.2 → 0.49 / 0.55 (the maps' tails
+    reach past these small objects); 0.5 → 0.80 / 0.80.
+    """
+    from camlens.localize import box_iou, boxes_from_maps
+
+    gt = torch.stack([held_out.boxes["shape"], held_out.boxes["colour"]], 1)
+    iou = box_iou(boxes_from_maps(gradcam_maps, threshold=0.4), gt)
+    assert float(iou[:, 0].mean()) >= 0.7 and float(iou[:, 1].mean()) >= 0.7, iou.mean(0)
+    assert float((iou > 0.5).float().mean()) >= 0.9
+    assert float(box_iou(boxes_from_maps(gradcam_maps.flip(-1), threshold=0.4), gt).mean()) < 0.3  # mirrored: misses
