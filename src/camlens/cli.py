@@ -44,7 +44,6 @@ def explain(
     --method all runs every method on the same targets and writes NAME_methods.png side by side.
     """
     import camlens
-    from camlens.io import load_image
     from camlens.report import safe_name, write_explanation
 
     if target and top_k:
@@ -61,45 +60,59 @@ def explain(
     m = camlens.models.load(model, weights=str(weights) if weights else None, device=device, crop=crop)
     out.mkdir(parents=True, exist_ok=True)
     results, errors = [], []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("explaining", total=len(images))
-        for path in images:
-            progress.update(task, description=f"explaining {path.name}")
-            try:
-                img = load_image(path)
-            except (OSError, ValueError) as err:  # this file only: note it and go on with the others
-                errors.append({"image": str(path), "error": str(err)})
-                console.print(f"[red]✗ {path}: {err}[/]")
-                progress.advance(task)
-                continue
-            if all_methods:
-                entry = _compare_methods(m, img, kw, opts, out, safe_name(path.stem), cmap, alpha)
-                results.append({"image": str(path), **entry})
-                progress.advance(task)
-                continue
-            try:
-                exp = camlens.explain(m, img, method=method, **kw, **opts)
-            except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:  # same for every image
-                console.print(f"[red]error: {_message(err)}[/]")
-                raise typer.Exit(code=2) from None
-            try:
-                entry = write_explanation(exp, out, safe_name(path.stem), cmap=cmap, alpha=alpha,
-                                          categories=m.categories)[0]
-                results.append({"image": str(path), **entry})
-                best = entry["targets"][0]
-                console.print(f"[green]✓[/] {path}: {best['label']}"
-                              + (f" p={best['prob']:.2f}" if best["prob"] is not None else ""))
-            except (OSError, ValueError) as err:
-                errors.append({"image": str(path), "error": str(err)})
-                console.print(f"[red]✗ {path}: {err}[/]")
-            progress.advance(task)
+    for path, img in _readable_images(images, "explaining", errors):
+        if all_methods:
+            entry = _compare_methods(m, img, kw, opts, out, safe_name(path.stem), cmap, alpha)
+            results.append({"image": str(path), **entry})
+            continue
+        exp = _explain_or_exit(m, img, method=method, **kw, **opts)
+        try:
+            entry = write_explanation(exp, out, safe_name(path.stem), cmap=cmap, alpha=alpha,
+                                      categories=m.categories)[0]
+            results.append({"image": str(path), **entry})
+            best = entry["targets"][0]
+            console.print(f"[green]✓[/] {path}: {best['label']}"
+                          + (f" p={best['prob']:.2f}" if best["prob"] is not None else ""))
+        except (OSError, ValueError) as err:
+            errors.append({"image": str(path), "error": str(err)})
+            console.print(f"[red]✗ {path}: {err}[/]")
     summary = {"model": m.name, "method": method, "layers": list(layer) if layer else [m.default_layer],
                "images": results, "errors": errors}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"wrote {len(results)} explanation(s) to {out}/ (summary.json, *_grid.png, *.npy)")
     if errors:
         raise typer.Exit(code=1)
+
+
+def _readable_images(paths: List[Path], verb: str, errors: list):
+    """Yield ``(path, PIL image)`` per readable file under a progress bar; an unreadable file is
+    reported, recorded in ``errors`` and skipped, so the other images are still processed."""
+    from camlens.io import load_image
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(verb, total=len(paths))
+        for path in paths:
+            progress.update(task, description=f"{verb} {path.name}")
+            try:
+                img = load_image(path)
+            except (OSError, ValueError) as err:
+                errors.append({"image": str(path), "error": str(err)})
+                console.print(f"[red]✗ {path}: {err}[/]")
+            else:
+                yield path, img
+            progress.advance(task)
+
+
+def _explain_or_exit(m, img, **kw):
+    """``camlens.explain``; a configuration error (layer, target, option) is the same for every image: exit 2."""
+    import camlens
+
+    try:
+        return camlens.explain(m, img, **kw)
+    except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:
+        console.print(f"[red]error: {_message(err)}[/]")
+        raise typer.Exit(code=2) from None
 
 
 def _message(err: BaseException) -> str:
@@ -177,7 +190,6 @@ def localize(
     (RGBA), and summary.json.
     """
     import camlens
-    from camlens.io import load_image
     from camlens.localize import boxes_from_maps, cutout as make_cutout, draw_boxes, masks_from_maps
     from camlens.report import safe_name
     from camlens.viz import PALETTE, overlay, save_png
@@ -196,62 +208,46 @@ def localize(
     m = camlens.models.load(model, weights=str(weights) if weights else None, device=device, crop=crop)
     out.mkdir(parents=True, exist_ok=True)
     results, errors = [], []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("localising", total=len(images))
-        for path in images:
-            progress.update(task, description=f"localising {path.name}")
-            try:
-                img = load_image(path)
-            except (OSError, ValueError) as err:  # this file only: note it and go on with the others
-                errors.append({"image": str(path), "error": str(err)})
-                console.print(f"[red]✗ {path}: {err}[/]")
-                progress.advance(task)
-                continue
-            try:
-                exp = camlens.explain(m, img, **kw)
-            except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:  # same for every image
-                console.print(f"[red]error: {_message(err)}[/]")
-                raise typer.Exit(code=2) from None
-            try:
-                display = exp.display if exp.display is not None else m.to_display(exp.inputs)
-                boxes = boxes_from_maps(exp.maps, threshold, largest=not union)[0].cpu()
-                masks = masks_from_maps(exp.maps, mask_threshold, refine="grabcut" if grabcut else None,
-                                        images=display if grabcut else None, low=min(0.1, mask_threshold),
-                                        high=max(0.9, mask_threshold))[0].cpu()
-                maps = exp.maps[0].detach().float().cpu().numpy()
-                H, W = maps.shape[-2:]
-                stem = safe_name(path.stem)
-                entry = {"image": str(path), "original_size": [img.height, img.width], "input_size": [H, W],
-                         "targets": []}
-                for t, tg in enumerate(exp.targets[0]):
-                    base = f"{stem}_{t:02d}_{safe_name(tg.label)}"
-                    mask = masks[t].numpy()
-                    save_png(out / f"{base}_mask.png", (mask * 255).astype("uint8"))
-                    save_png(out / f"{base}_box.png", draw_boxes(overlay(display[0], maps[t], alpha=0.4),
-                                                                 boxes[t:t + 1], [tg.label], [PALETTE[t % len(PALETTE)]]))
-                    x0, y0, x1, y1 = boxes[t].tolist()
-                    p = float(exp.probs[0, t])
-                    rec = {"head": tg.head if isinstance(tg.head, int) else str(tg.head), "class": tg.cls,
-                           "label": tg.label, "score": round(float(exp.scores[0, t]), 5),
-                           "prob": None if p != p else round(p, 5), "box": [x0, y0, x1, y1],
-                           "box_area": round((x1 - x0) * (y1 - y0) / (H * W), 4),
-                           "mask": f"{base}_mask.png", "mask_area": round(float(mask.mean()), 4),
-                           "box_drawing": f"{base}_box.png"}
-                    if cutout:
-                        save_png(out / f"{base}_cutout.png", make_cutout(display[0], mask))
-                        rec["cutout"] = f"{base}_cutout.png"
-                    entry["targets"].append(rec)
-                labels = [f"{tg.label}" for tg in exp.targets[0]]
-                save_png(out / f"{stem}_boxes.png", draw_boxes(display[0], boxes, labels))
-                entry["drawing"] = f"{stem}_boxes.png"
-                results.append(entry)
-                best = entry["targets"][0]
-                console.print(f"[green]✓[/] {path}: {best['label']} box {best['box']}")
-            except (OSError, ValueError) as err:
-                errors.append({"image": str(path), "error": str(err)})
-                console.print(f"[red]✗ {path}: {err}[/]")
-            progress.advance(task)
+    for path, img in _readable_images(images, "localising", errors):
+        exp = _explain_or_exit(m, img, **kw)
+        try:
+            display = exp.display if exp.display is not None else m.to_display(exp.inputs)
+            boxes = boxes_from_maps(exp.maps, threshold, largest=not union)[0].cpu()
+            masks = masks_from_maps(exp.maps, mask_threshold, refine="grabcut" if grabcut else None,
+                                    images=display if grabcut else None, low=min(0.1, mask_threshold),
+                                    high=max(0.9, mask_threshold))[0].cpu()
+            maps = exp.maps[0].detach().float().cpu().numpy()
+            H, W = maps.shape[-2:]
+            stem = safe_name(path.stem)
+            entry = {"image": str(path), "original_size": [img.height, img.width], "input_size": [H, W],
+                     "targets": []}
+            for t, tg in enumerate(exp.targets[0]):
+                base = f"{stem}_{t:02d}_{safe_name(tg.label)}"
+                mask = masks[t].numpy()
+                save_png(out / f"{base}_mask.png", (mask * 255).astype("uint8"))
+                save_png(out / f"{base}_box.png", draw_boxes(overlay(display[0], maps[t], alpha=0.4),
+                                                             boxes[t:t + 1], [tg.label], [PALETTE[t % len(PALETTE)]]))
+                x0, y0, x1, y1 = boxes[t].tolist()
+                p = float(exp.probs[0, t])
+                rec = {"head": tg.head if isinstance(tg.head, int) else str(tg.head), "class": tg.cls,
+                       "label": tg.label, "score": round(float(exp.scores[0, t]), 5),
+                       "prob": None if p != p else round(p, 5), "box": [x0, y0, x1, y1],
+                       "box_area": round((x1 - x0) * (y1 - y0) / (H * W), 4),
+                       "mask": f"{base}_mask.png", "mask_area": round(float(mask.mean()), 4),
+                       "box_drawing": f"{base}_box.png"}
+                if cutout:
+                    save_png(out / f"{base}_cutout.png", make_cutout(display[0], mask))
+                    rec["cutout"] = f"{base}_cutout.png"
+                entry["targets"].append(rec)
+            labels = [f"{tg.label}" for tg in exp.targets[0]]
+            save_png(out / f"{stem}_boxes.png", draw_boxes(display[0], boxes, labels))
+            entry["drawing"] = f"{stem}_boxes.png"
+            results.append(entry)
+            best = entry["targets"][0]
+            console.print(f"[green]✓[/] {path}: {best['label']} box {best['box']}")
+        except (OSError, ValueError) as err:
+            errors.append({"image": str(path), "error": str(err)})
+            console.print(f"[red]✗ {path}: {err}[/]")
     summary = {"model": m.name, "method": method, "layers": list(layer) if layer else [m.default_layer],
                "threshold": threshold, "largest_component": not union, "mask_threshold": mask_threshold,
                "grabcut": grabcut,
@@ -279,36 +275,20 @@ def report(
     """One self-contained HTML report: predictions per head and an interactive viewer per image
     (toggle each head/target's map, opacity, colormap, per-head colour composite). Works offline."""
     import camlens
-    from camlens.io import load_image
     from camlens.viz import write_report
 
     m = camlens.models.load(model, weights=str(weights) if weights else None, device=device)
     kw = dict(targets=list(target) if target else None, top_k=None if target else (top_k or 3),
               layer=list(layer) if layer else None, method=method)
-    exps, names, failed = [], [], 0
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("explaining", total=len(images))
-        for path in images:
-            try:
-                img = load_image(path)
-            except (OSError, ValueError) as err:
-                failed += 1
-                console.print(f"[red]✗ {path}: {err}[/]")
-                progress.advance(task)
-                continue
-            try:
-                exps.append(camlens.explain(m, img, **kw))
-            except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as err:
-                console.print(f"[red]error: {_message(err)}[/]")
-                raise typer.Exit(code=2) from None
-            names.append(path.name)
-            progress.advance(task)
+    exps, names, errors = [], [], []
+    for path, img in _readable_images(images, "explaining", errors):
+        exps.append(_explain_or_exit(m, img, **kw))
+        names.append(path.name)
     if not exps:
         raise typer.Exit(code=1)
     path = write_report(exps, out, names=names, categories=m.categories, title=f"camlens · {m.name} · {method}")
     console.print(f"wrote {path} ({len(exps)} image(s); open it in any browser, no network needed)")
-    if failed:
+    if errors:
         raise typer.Exit(code=1)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -109,17 +109,19 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
     """
     net, x, categories = _unwrap(model, inputs)
     x = x.to(model_device(net))
-    explain_fn = None
+    explain_fn: Optional[Callable[..., Tensor]] = None
     with model_state(net, eval_mode=eval_mode):
         if isinstance(explanation, Explanation):
             maps, rows = explanation.maps, explanation.targets
             exp = explanation
 
-            def explain_fn(m: Any, xs: Tensor, rows: Any) -> Tensor:  # noqa: F811 - re-explain (sanity checks)
+            def reexplain(m: Any, xs: Tensor, rows: Any) -> Tensor:  # the sanity check re-explains
                 from .api import explain
 
                 layers = exp.layers if exp.layers else None
                 return explain(m, xs, targets=rows, layer=layers, method=exp.method).maps
+
+            explain_fn = reexplain
         else:
             maps = torch.as_tensor(explanation)
             if targets is None:
