@@ -1,6 +1,7 @@
 """The command line and the demo, end to end on the real pretrained model."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +224,17 @@ def test_cli_evaluate_on_shapes_with_baselines(tmp_path):
     assert Image.open(out / "curves.png").size[0] > 300
     res = CliRunner().invoke(app, ["evaluate", "--shapes", "2", "--metric", "nope", "--out", str(out)])
     assert res.exit_code != 0
+
+
+def test_cli_explain_a_folder(tmp_path):
+    (tmp_path / "small.py").write_text(SMALL_MODEL)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for n in ("b.png", "a.jpg"):
+        Image.fromarray((np.random.default_rng(0).random((20, 24, 3)) * 255).astype(np.uint8)).save(folder / n)
+    (folder / "notes.txt").write_text("skipped: not an image suffix")
+    res = CliRunner().invoke(app, ["explain", str(folder), "--model", f"{tmp_path / 'small.py'}:build", "--target", "1",
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert [Path(e["image"]).name for e in s["images"]] == ["a.jpg", "b.png"]

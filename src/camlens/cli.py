@@ -18,7 +18,7 @@ console = Console(stderr=True, soft_wrap=True)
 
 @app.command()
 def explain(
-    images: List[Path] = typer.Argument(..., help="image files to explain"),
+    images: List[Path] = typer.Argument(..., help="image files or folders to explain"),
     model: str = typer.Option("efficientnet-lite0", "--model", "-m",
                               help="efficientnet-lite0 | torchvision:NAME | timm:NAME | path/file.py:factory"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="state-dict file for the model"),
@@ -84,10 +84,27 @@ def explain(
         raise typer.Exit(code=1)
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def _expand(paths: List[Path]) -> List[Path]:
+    """Folders become their image files (sorted, by suffix); files are kept as given."""
+    out: List[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(p)
+    return out
+
+
 def _readable_images(paths: List[Path], verb: str, errors: list):
-    """Yield ``(path, PIL image)`` per readable file under a progress bar; an unreadable file is
-    reported, recorded in ``errors`` and skipped, so the other images are still processed."""
+    """Yield ``(path, PIL image)`` per readable file (folders expanded) under a progress bar; an
+    unreadable file is reported, recorded in ``errors`` and skipped, so the other images are still
+    processed."""
     from camlens.io import load_image
+
+    paths = _expand(paths)
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
@@ -294,7 +311,7 @@ def report(
 
 @app.command()
 def evaluate(
-    images: Optional[List[Path]] = typer.Argument(None, help="image files (or use --shapes N)"),
+    images: Optional[List[Path]] = typer.Argument(None, help="image files or folders (or use --shapes N)"),
     shapes: int = typer.Option(0, "--shapes", help="evaluate on N generated shapes images with their masks "
                                                     "(model shapes-2head, both heads' true classes)"),
     model: str = typer.Option("efficientnet-lite0", "--model", "-m", help="model (ignored with --shapes)"),
@@ -336,7 +353,7 @@ def evaluate(
         if not images:
             raise typer.BadParameter("give image files or --shapes N")
         m = camlens.models.load(model, weights=str(weights) if weights else None, device=device)
-        for path in images:
+        for path in _expand(images):
             try:
                 items.append((path.name, load_image(path), list(target) if target else None, None))
             except (OSError, ValueError) as err:
