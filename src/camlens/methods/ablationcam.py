@@ -131,10 +131,7 @@ class AblationCam(Method):
         _validate(o["batch_size"], o["ratio"], o["ablation_value"])
         raws = {}
         for name in ctx.layers:
-            a = ctx.acts[name]
-            if a.ndim != 4:
-                raise ValueError(f"Ablation-CAM needs a spatial layer output (B, C, h, w); layer {name!r} gave "
-                                 f"{tuple(a.shape)}")
+            a = ctx.spatial_acts(name, "Ablation-CAM")
             raws[name] = torch.stack([ablationcam_image(ctx, name, b, o["batch_size"], float(o["ratio"]),
                                                         o["ablation_value"]) for b in range(a.shape[0])])
         return MethodOutput(raws=raws)

@@ -56,6 +56,14 @@ class MethodContext:
     options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def spatial_acts(self, name: str, who: str) -> Tensor:
+        """Layer ``name``'s activations ``(B, C, h, w)``; a clear error for any other shape."""
+        a = self.acts[name]
+        if a.ndim != 4:
+            raise ValueError(f"{who} needs a spatial layer output (B, C, h, w); layer {name!r} gave {tuple(a.shape)}. "
+                             "Pick a convolutional layer.")
+        return a
+
 
 @dataclass
 class MethodOutput:

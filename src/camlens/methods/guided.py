@@ -94,10 +94,7 @@ class GuidedGradCam(Method):
         if ctx.grads is None:  # pragma: no cover - the engine honours needs_grads
             raise RuntimeError("guided_gradcam needs the layer gradients (needs_grads=True)")
         name = ctx.layers[0]
-        acts = ctx.acts[name]
-        if acts.ndim != 4:
-            raise ValueError(f"guided_gradcam needs a spatial layer output (B, C, h, w); layer {name!r} gave "
-                             f"{tuple(acts.shape)}. Pick a convolutional layer.")
+        acts = ctx.spatial_acts(name, "guided_gradcam")
         cam = gradcam(acts, ctx.grads[name]).clamp_min(0)  # (B, T, h, w)
         size = (int(ctx.inputs.shape[-2]), int(ctx.inputs.shape[-1]))
         cam = upsample_cam(cam, size, ctx.options["interpolate"])  # (B, T, H, W)

@@ -126,10 +126,7 @@ class ScoreCam(Method):
         _validate(bs, max_ch)
         raws = {}
         for name in ctx.layers:
-            a = ctx.acts[name]
-            if a.ndim != 4:
-                raise ValueError(f"Score-CAM needs a spatial layer output (B, C, h, w); layer {name!r} gave "
-                                 f"{tuple(a.shape)}")
+            a = ctx.spatial_acts(name, "Score-CAM")
             raws[name] = torch.stack([scorecam_image(ctx, a[b], b, bs, max_ch) for b in range(a.shape[0])])
         return MethodOutput(raws=raws)
 
