@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from .api import _unwrap, explain
 from .backends.torch import Runner, model_device, model_state
 from .explanation import Explanation
 from .metrics import EvalContext, Metric, get_metric
@@ -53,20 +54,6 @@ class Scores(Mapping):
         return rows
 
 
-def _unwrap(model: Any, inputs: Any) -> tuple[Any, Tensor, Any]:
-    categories = None
-    if hasattr(model, "model") and hasattr(model, "preprocess") and not isinstance(model, torch.nn.Module):
-        categories = getattr(model, "categories", None)
-        if not isinstance(inputs, Tensor):
-            inputs = model.preprocess(inputs)
-        model = model.model
-    if not isinstance(inputs, Tensor):
-        raise TypeError("inputs must be a tensor (B, C, H, W) for a plain nn.Module")
-    if inputs.ndim == 3:
-        inputs = inputs.unsqueeze(0)
-    return model, inputs, categories
-
-
 def _per_target(t: Optional[Tensor], B: int, T: int, what: str, tail: tuple[int, ...]) -> Optional[Tensor]:
     """Broadcast ``(B, *tail)`` or ``(B, T, *tail)`` ground truth to ``(B, T, *tail)``."""
     if t is None:
@@ -107,7 +94,7 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
 
     The model is left as it came (modes, ``requires_grad``, hooks, ``.grad``).
     """
-    net, x, categories = _unwrap(model, inputs)
+    net, x, _, categories, _ = _unwrap(model, inputs, None, None)
     x = x.to(model_device(net))
     explain_fn: Optional[Callable[..., Tensor]] = None
     with model_state(net, eval_mode=eval_mode):
@@ -116,8 +103,6 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
             exp = explanation
 
             def reexplain(m: Any, xs: Tensor, rows: Any) -> Tensor:  # the sanity check re-explains
-                from .api import explain
-
                 layers = exp.layers if exp.layers else None
                 return explain(m, xs, targets=rows, layer=layers, method=exp.method).maps
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from .compare import agreement
 from .explanation import Explanation
+from .targets import head_categories
 
 __all__ = ["map_stats", "predictions", "write_explanation", "write_method_grid", "write_evaluation", "safe_name"]
 
@@ -39,7 +40,7 @@ def predictions(exp: Explanation, b: int, categories: Any = None, k: int = 5) ->
             continue
         p = t[b].float().softmax(0)
         top = p.topk(min(k, p.numel()))
-        names = categories.get(key) if isinstance(categories, dict) else (categories if key == next(iter(exp.heads)) else None)
+        names = head_categories(categories, key, exp.heads)
         out[str(key)] = [{"class": int(i), "name": names[int(i)] if names else str(int(i)), "prob": round(float(v), 4)}
                          for v, i in zip(top.values.tolist(), top.indices.tolist())]
     return out
