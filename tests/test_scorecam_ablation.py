@@ -197,8 +197,8 @@ def test_max_channels_is_close_and_cheaper(resnet18, forwards):
     n_full, rows_full = len(forwards), sum(forwards)
     forwards.clear()
     fast = camlens.explain(resnet18, x, targets=[[3], [281]], layer="layer3", method="scorecam", max_channels=64)
-    assert max(forwards) <= 64 and sum(forwards) <= 2 * 64 < rows_full
-    assert (len(forwards), n_full) == (2, 8)  # 1 forward vs 4 per image (64 vs 256 channels, batch_size=64)
+    assert max(forwards) <= 32 and sum(forwards) <= 2 * 64 < rows_full
+    assert (len(forwards), n_full) == (4, 16)  # 2 forwards vs 8 per image (64 vs 256 channels, batch_size=32)
     corr = [_corr(fast.maps[b, 0], full.maps[b, 0]) for b in range(2)]
     assert min(corr) > 0.95, corr  # measured: 0.992 and 0.990 (32 channels: 0.987 / 0.966; 16: 0.86 / 0.87)
 

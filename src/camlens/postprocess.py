@@ -7,6 +7,7 @@ normalise → resize → normalise, and captum's ``LayerAttribution.interpolate`
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import Literal, Optional
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["relu", "upsample", "normalize", "clip_quantile", "fuse", "process"]
+__all__ = ["relu", "upsample", "upsample_normalize", "normalize", "clip_quantile", "fuse", "process"]
 
 CONSTANT_EPS = 1e-12
 
@@ -25,12 +26,89 @@ def relu(maps: Tensor) -> Tensor:
     return maps.clamp_min(0)
 
 
+@functools.lru_cache(maxsize=64)
+def _bilinear_matrix(n_in: int, n_out: int, device: torch.device) -> Tensor:
+    """``R`` ``(n_out, n_in)`` with ``R @ v`` = 1-D bilinear resize of ``v``, ``align_corners=False``.
+
+    PyTorch's source index: ``s = max((d + 0.5) * n_in / n_out - 0.5, 0)``, ``i0 = floor(s)``,
+    ``i1 = min(i0 + 1, n_in - 1)``, ``out[d] = (1 - l) v[i0] + l v[i1]`` with ``l = s - i0``.
+    """
+    d = torch.arange(n_out, dtype=torch.float64)
+    s = ((d + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    i0 = s.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    lam = s - i0
+    r = torch.zeros(n_out, n_in, dtype=torch.float64)
+    r.index_put_((torch.arange(n_out), i0), 1 - lam, accumulate=True)
+    r.index_put_((torch.arange(n_out), i1), lam, accumulate=True)
+    return r.float().to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _extreme_rows(n_in: int, n_out: int) -> tuple[int, ...]:
+    """Output indices where a bilinear resize can reach its min or max along one axis.
+
+    Outputs that share the source cell ``i0`` are ``(1 - l) v[i0] + l v[i1]`` with ``l`` rising
+    with ``d``: monotone in ``d``, so within a cell the extremes are its first and last output.
+    """
+    s = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    i0 = s.floor().long().tolist()
+    keep = {0, n_out - 1}
+    keep.update(d for d in range(1, n_out) if i0[d] != i0[d - 1])
+    keep.update(d - 1 for d in range(1, n_out) if i0[d] != i0[d - 1])
+    return tuple(sorted(keep))
+
+
 def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
-    """Resize ``(B, T, h, w)`` maps to ``(B, T, *size)``; bilinear with ``align_corners=False``."""
+    """Resize ``(B, T, h, w)`` maps to ``(B, T, *size)``; bilinear with ``align_corners=False``.
+
+    Bilinear resizing is separable: ``Ry @ m @ Rx^T`` with the two small resize matrices — the
+    same numbers as ``F.interpolate`` (to ~5e-7) and faster for many maps (one batched matmul).
+    """
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
-    kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    return F.interpolate(maps.float(), size=tuple(size), mode=mode, **kw)
+    if mode != "bilinear":
+        kw = {"align_corners": False} if mode == "bicubic" else {}
+        return F.interpolate(maps.float(), size=tuple(size), mode=mode, **kw)
+    m = maps.float()
+    ry = _bilinear_matrix(m.shape[-2], int(size[0]), m.device)
+    rx = _bilinear_matrix(m.shape[-1], int(size[1]), m.device)
+    return torch.matmul(ry, torch.matmul(m, rx.T))
+
+
+def upsample_normalize(maps: Tensor, size: tuple[int, int], *, warn: bool = True) -> Tensor:
+    """``normalize(upsample(maps, size))`` without min-maxing at full resolution.
+
+    Min-max is affine and each output of a bilinear resize is a convex combination of inputs, so
+    ``(up(m) - lo) / (hi - lo) = up((m - lo) / (hi - lo))``; ``lo``/``hi`` (the min and max of
+    ``up(m)``) are attained at the corner outputs of each source cell (:func:`_extreme_rows`),
+    which are computed exactly from a ``(2h, 2w)``-sized resize. The full-size maps are written
+    once. Equal to the two-step pipeline within float rounding (~1e-6); output clamped to [0, 1].
+    """
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return normalize(maps, warn=warn)
+    m = maps.float()
+    h, w = m.shape[-2:]
+    ry = _bilinear_matrix(h, int(size[0]), m.device)
+    rx = _bilinear_matrix(w, int(size[1]), m.device)
+    ys = torch.tensor(_extreme_rows(h, int(size[0])), device=m.device)
+    xs = torch.tensor(_extreme_rows(w, int(size[1])), device=m.device)
+    corners = torch.matmul(ry[ys], torch.matmul(m, rx[xs].T)).flatten(-2)
+    lo = corners.amin(-1)[..., None, None]
+    hi = corners.amax(-1)[..., None, None]
+    span = hi - lo
+    const = span <= CONSTANT_EPS * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
+    _warn_constant(const, warn)
+    scaled = torch.where(const, torch.zeros_like(m), (m - lo) / torch.where(const, torch.ones_like(span), span))
+    out = torch.matmul(ry, torch.matmul(scaled, rx.T)).clamp_(0.0, 1.0)
+    # pin the extremes to exactly 0 and 1 where they are attained (rounding may leave 1 - 6e-8)
+    nx = xs.numel()
+    flat = out.view(-1, out.shape[-2] * out.shape[-1])
+    live = ~const.reshape(-1)
+    for idx, value in ((corners.argmax(-1), 1.0), (corners.argmin(-1), 0.0)):
+        pos = (ys[idx // nx] * out.shape[-1] + xs[idx % nx]).reshape(-1, 1)
+        flat.scatter_(1, pos, torch.where(live, value, 0.0).to(out.dtype).reshape(-1, 1))
+    return out
 
 
 def normalize(maps: Tensor, *, warn: bool = True) -> Tensor:
@@ -45,12 +123,16 @@ def normalize(maps: Tensor, *, warn: bool = True) -> Tensor:
     span = hi - lo
     const = span <= CONSTANT_EPS * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
     out = torch.where(const, torch.zeros_like(flat), (flat - lo) / torch.where(const, torch.ones_like(span), span))
+    _warn_constant(const, warn)
+    return out.view_as(maps)
+
+
+def _warn_constant(const: Tensor, warn: bool) -> None:
     if warn:
         n = int(const.sum())
         if n:
             warnings.warn(f"{n} of {const.numel()} maps are constant (no positive evidence at this layer); "
-                          "they are returned as all-zero maps", RuntimeWarning, stacklevel=3)
-    return out.view_as(maps)
+                          "they are returned as all-zero maps", RuntimeWarning, stacklevel=4)
 
 
 def clip_quantile(maps: Tensor, q: float) -> Tensor:
@@ -90,6 +172,6 @@ def process(raws: Sequence[Tensor], size: Optional[tuple[int, int]], *, use_relu
         size = max((tuple(r.shape[-2:]) for r in raws), key=lambda s: s[0] * s[1])
     if len(raws) == 1:
         m = relu(raws[0]) if use_relu else raws[0]
-        return normalize(upsample(m, size, interpolation))
+        return upsample_normalize(m, size) if interpolation == "bilinear" else normalize(upsample(m, size, interpolation))
     per_layer = [upsample(normalize(relu(r) if use_relu else r, warn=False), size, interpolation) for r in raws]
     return normalize(fuse(per_layer, fuse_how))

@@ -33,8 +33,10 @@ def find_cam_head(acts: Tensor, head: Tensor, linear_io: Mapping[str, tuple[Tens
                          f"model's Linear layers ({list(linear_io) or 'none'}) produced it. Use method='gradcam', "
                          "which works on any architecture.")
     name = producers[-1]
-    inp = linear_io[name][0].float()
-    if inp.shape != pooled.shape or not torch.allclose(inp, pooled, rtol=1e-4, atol=1e-5 * (1 + pooled.abs().max().item())):
+    inp = linear_io[name][0]
+    tol = max(1e-4, 8 * torch.finfo(inp.dtype).eps)  # fp16/bf16 forwards round the pooled features
+    inp = inp.float()
+    if inp.shape != pooled.shape or not torch.allclose(inp, pooled, rtol=tol, atol=tol / 10 * (1 + pooled.abs().max().item())):
         raise ValueError(f"CAM needs the input of Linear {name!r} to be the global average pool of layer {layer!r}: "
                          f"its input has shape {tuple(inp.shape)}, while GAP({layer}) has shape {tuple(pooled.shape)}"
                          + ("" if inp.shape != pooled.shape else " but different values (other layers in between)")
