@@ -126,3 +126,39 @@ def test_channels_last_auto_falls_back_for_models_that_view_their_input():
     assert torch.allclose(auto.maps, ref.maps, atol=1e-6)
     with pytest.raises(RuntimeError, match="view"):
         camlens.explain(model, torch.randn(2, 3, 16, 16), targets=1, layer="features.1", channels_last=True)
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.a, self.b = nn.Linear(6, 7), nn.Linear(6, 3)
+
+    def forward(self, x):
+        f = self.features(x).mean(dim=(2, 3))
+        return {"a": self.a(f), "b": self.b(f)}
+
+
+def test_all_class_targets_scored_by_gather_equal_the_logits_and_probs():
+    model = _TwoHeads().eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        out = model(x)
+    exp = camlens.explain(model, x, targets="a:all", layer="features.1", method="cam")
+    assert torch.allclose(exp.scores, out["a"], atol=1e-6) and torch.allclose(exp.probs, out["a"].softmax(1))
+    mixed = [["a:6", "b:0", "a:1"], ["b:2", "a:0", "b:1"]]  # per image, heads interleaved
+    exp = camlens.explain(model, x, targets=mixed, layer="features.1", method="cam")
+    want = torch.tensor([[out["a"][0, 6], out["b"][0, 0], out["a"][0, 1]],
+                         [out["b"][1, 2], out["a"][1, 0], out["b"][1, 1]]])
+    assert torch.allclose(exp.scores, want, atol=1e-6)
+    probs = torch.tensor([[out["a"].softmax(1)[0, 6], out["b"].softmax(1)[0, 0], out["a"].softmax(1)[0, 1]],
+                          [out["b"].softmax(1)[1, 2], out["a"].softmax(1)[1, 0], out["b"].softmax(1)[1, 1]]])
+    assert torch.allclose(exp.probs, probs)
+    grad = camlens.explain(model, x, targets=mixed, layer="features.1", method="gradcam")
+    for b in range(2):  # each map equals the single-target map of the same head and class
+        for t, tg in enumerate(mixed[b]):
+            one = camlens.explain(model, x[b:b + 1], targets=tg, layer="features.1", method="cam")
+            assert torch.allclose(exp.maps[b, t], one.maps[0, 0], atol=1e-6)
+            one_g = camlens.explain(model, x[b:b + 1], targets=tg, layer="features.1", method="gradcam")
+            assert torch.allclose(grad.maps[b, t], one_g.maps[0, 0], atol=1e-5)

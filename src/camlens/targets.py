@@ -309,10 +309,15 @@ def target_probabilities(targets: list[list[ResolvedTarget]], heads: Mapping[Hea
     dev = next(iter(heads.values())).device
     probs = torch.full((batch, T), float("nan"), device=dev)
     soft = {k: v.detach().float().softmax(1) for k, v in heads.items() if v.ndim == 2 and v.shape[1] > 1}
+    where: dict[HeadKey, tuple[list[int], list[int], list[int]]] = {}  # head -> (b, t, cls) lists
     for b, row in enumerate(targets):
         for t, tg in enumerate(row):
             if tg.fn is None and tg.cls is not None and tg.head in soft:
-                probs[b, t] = soft[tg.head][b, tg.cls]
+                for lst, v in zip(where.setdefault(tg.head, ([], [], [])), (b, t, tg.cls)):
+                    lst.append(v)
+    for k, (bs, ts, cs) in where.items():  # one gather per head (T may be 1000)
+        bi, ci = torch.tensor(bs, device=dev), torch.tensor(cs, device=dev)
+        probs[bi, torch.tensor(ts, device=dev)] = soft[k][bi, ci]
     return probs
 
 

@@ -65,25 +65,24 @@ class CamMethod(Method):
         rows = ctx.targets
         B, T = len(rows), len(rows[0])
         out = torch.empty((B, T, *a.shape[-2:]), dtype=a.dtype, device=a.device)
-        by_head: dict[Any, list[int]] = {}
+        by_head: dict[Any, dict[int, None]] = {}  # head -> the target columns that use it (ordered set)
         for t in range(T):
             for b in range(B):
                 tg = rows[b][t]
                 if tg.fn is not None or tg.cls is None:
                     raise ValueError(f"CAM explains classes of a Linear head; target {tg.label!r} is not a class. "
                                      "Use method='gradcam'.")
-                by_head.setdefault(tg.head, [])
-                if t not in by_head[tg.head]:
-                    by_head[tg.head].append(t)
+                by_head.setdefault(tg.head, {})[t] = None
         heads = ctx.extra["heads"]
-        for h, ts in by_head.items():
+        for h, cols in by_head.items():
+            ts = list(cols)
             linear = find_cam_head(a, heads[h], ctx.extra["linear_io"], ctx.extra["named_modules"], name, str(h))
             classes = torch.tensor([[rows[b][t].cls if rows[b][t].head == h else 0 for t in ts] for b in range(B)],
                                    device=a.device)
             m = cam_maps(a, linear, classes)
-            for j, t in enumerate(ts):
-                mask = torch.tensor([rows[b][t].head == h for b in range(B)], device=a.device)
-                out[:, t] = torch.where(mask[:, None, None], m[:, j], out[:, t])
+            own = torch.tensor([[rows[b][t].head == h for t in ts] for b in range(B)], device=a.device)
+            idx = torch.tensor(ts, device=a.device)
+            out[:, idx] = torch.where(own[..., None, None], m, out[:, idx])  # all of this head's columns at once
         return MethodOutput(raws={name: out})
 
 
