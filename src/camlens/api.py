@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends.torch import (LayerSpec, Runner, capture, check_calls, guess_layer, layer_gradients, model_device,
-                             model_state, resolve_layers)
+from .backends.torch import (LayerSpec, Layout, Runner, autocast, capture, check_calls, guess_layer, layer_gradients,
+                             model_device, model_state, resolve_layers)
 from .explanation import Explanation
 from .methods import Method, MethodContext, MethodOutput, get_method
 from .methods.cam import CAM
@@ -46,8 +46,30 @@ def _unwrap(model: Any, inputs: Any, layer: Any, categories: Categories):
     return model, inputs, layer, categories, display
 
 
+def _class_scores(rows: list[list[ResolvedTarget]], heads: dict) -> Optional[Tensor]:
+    """The scores ``(B, T)`` by one gather per head when every target is a class of a ``(B, K)``
+    head (e.g. all 1000 classes); ``None`` when any target is something else."""
+    B = len(rows)
+    idx: dict[Any, list[list[int]]] = {}
+    for b, row in enumerate(rows):
+        for t, tg in enumerate(row):
+            h = heads.get(tg.head) if tg.fn is None else None
+            if h is None or tg.cls is None or h.ndim != 2 or h.shape[0] != B or not 0 <= tg.cls < h.shape[1]:
+                return None
+            idx.setdefault(tg.head, [[-1] * len(row) for _ in range(B)])[b][t] = tg.cls
+    out = None
+    for k, cls in idx.items():
+        c = torch.tensor(cls, device=heads[k].device)
+        s = heads[k].gather(1, c.clamp_min(0))
+        out = s if len(idx) == 1 else torch.where(c >= 0, s, 0 if out is None else out)
+    return out
+
+
 def _scores(rows: list[list[ResolvedTarget]], heads: dict, output: Any) -> Tensor:
     """Scores ``(B, T)``: ``S[b, t]`` is target ``rows[b][t]`` evaluated on image ``b``."""
+    fast = _class_scores(rows, heads)
+    if fast is not None:
+        return fast
     B, T = len(rows), len(rows[0])
     cols = []
     for t in range(T):
@@ -72,7 +94,9 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
             method: str = "gradcam", top_k: Optional[int] = None, categories: Categories = None,
             fuse: Literal["mean", "max"] = "mean", relu: bool = True, upsample: bool = True,
             eval_mode: bool = True, combine: str = "separate", aug_smooth: bool = False, noise_smooth: int = 0,
-            noise_sigma: float = 0.15, seed: int = 0, **options: Any) -> Explanation:
+            noise_sigma: float = 0.15, seed: int = 0, precision: str = "fp32",
+            channels_last: Optional[bool] = None, tile: Optional[Union[int, tuple[int, int]]] = None,
+            overlap: int = 32, tile_batch: int = 4, **options: Any) -> Explanation:
     """Explain T targets of each of B images: maps ``(B, T, H, W)`` in [0, 1].
 
     Args:
@@ -99,6 +123,23 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
         aug_smooth: average the maps of flipped and rescaled inputs, each mapped back in place.
         noise_smooth: if > 0, SmoothGrad-style: average the method's raw output over this many
             noisy copies (noise std ``noise_sigma`` x the image's value range; ``seed`` fixes it).
+        precision: ``"fp32"`` (default), ``"fp16"`` or ``"bf16"``: the model's forwards run under
+            ``torch.autocast`` with that dtype (backward follows it); activations, gradients and
+            all of camlens' maths are then taken in fp32. Fast on GPUs; on CPUs without bf16/fp16
+            units it is slower. Maps match fp32 within ~1e-2 (see README "Performance").
+        channels_last: input memory layout for the model's forwards. ``None`` (auto): NHWC for
+            batches of 2+ images on conv models on CPU, or on CUDA with fp16/bf16 (faster there);
+            ``True``/``False`` force it. The model's weights are never converted.
+        tile: explain large images tile by tile with bounded peak memory: an int or ``(th, tw)``.
+            Equal tiles overlapping by ``overlap`` pixels cover the image (the last ones end at the
+            edge); each tile's maps are computed as untiled, ReLU'd, upsampled to the tile, and
+            blended into full-size maps with weights that ramp linearly over the overlap
+            (:mod:`camlens.tiling`). ``targets=None`` / ``top_k`` pick classes from the mean over
+            tiles of each output; ``scores`` are the MEAN of the tile scores. Not combinable with
+            ``upsample=False``, ``combine``, ``aug_smooth`` or ``noise_smooth``. ``None``: no tiling.
+        overlap: with ``tile``: pixels shared by neighbouring tiles, ``0 <= overlap < tile``
+            (more overlap: smoother blends, more tiles).
+        tile_batch: with ``tile``: tiles per forward/backward pass (peak memory grows with it).
         **options: the method's options (see ``camlens methods``), e.g. ``batch_size=`` for Score-CAM.
 
     One forward pass runs with the layers hooked; all T targets' gradients come from one batched
@@ -109,6 +150,15 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
     meth = get_method(method)
     opts = meth.resolve_options(options)
     x = x.to(model_device(net))
+    if tile is not None:  # large images: tile by tile with bounded memory (the layer is guessed on a tile)
+        from .tiling import check_tiling, explain_tiled
+
+        check_tiling(tile, overlap, tile_batch)
+        with model_state(net, eval_mode=eval_mode):
+            return explain_tiled(net, x, targets, layer=layer, meth=meth, opts=opts, categories=categories,
+                                 top_k=top_k, fuse=fuse, relu=relu, upsample_maps=upsample, combine=combine,
+                                 aug_smooth=aug_smooth, noise_smooth=noise_smooth, display=display, tile=tile,
+                                 overlap=overlap, tile_batch=tile_batch, layout=Layout(net, channels_last, precision))
     if meth.needs_layer:
         layers = resolve_layers(net, layer if layer is not None else guess_layer(net, x))
     else:
@@ -118,13 +168,14 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
     out_size = size if upsample else None
 
     with model_state(net, eval_mode=eval_mode):
-        p = _compute(net, x, targets, layers, meth, opts, categories, top_k, combine)
+        layout = Layout(net, channels_last, precision)
+        p = _compute(net, x, targets, layers, meth, opts, categories, top_k, combine, layout)
         result = p.result
         if noise_smooth:
-            result = _noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed)
+            result = _noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed, layout)
         maps = _finish(result, out_size, relu, fuse)
         if aug_smooth:
-            maps = _aug_smoothed(net, x, p, layers, meth, opts, maps, out_size, relu, fuse)
+            maps = _aug_smoothed(net, x, p, layers, meth, opts, maps, out_size, relu, fuse, layout)
     raws = result.raws or {}
     detached = {k: v.detach() for k, v in p.heads.items()}
     first = next(iter(raws.values())) if raws else result.saliency
@@ -146,31 +197,37 @@ class _Pass:
 
 
 def _compute(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method, opts: dict,
-             categories: Categories, top_k: Optional[int], combine: str = "separate") -> _Pass:
-    """One forward with the layers hooked, the batched backward if needed, then the method's math."""
+             categories: Categories, top_k: Optional[int], combine: str = "separate",
+             layout: Optional[Layout] = None) -> _Pass:
+    """One forward with the layers hooked, the batched backward if needed, then the method's math.
+
+    ``layout`` carries the precision and memory layout of every forward (default: fp32, auto).
+    """
     names = [n for n, _ in layers]
+    layout = layout if layout is not None else Layout(net)
     with capture(net, layers, grad=meth.needs_grads, linear=meth is CAM) as cap:
         with torch.no_grad():
-            output = net(x)
+            output = layout.run(x)
         check_calls(cap, layers)
         heads = split_outputs(output)
         components = resolve_targets(targets, heads, output, top_k=top_k, categories=categories)
         rows = combine_targets(components, heads, combine)
         acts = [cap.activations[n] for n in names]
-        with torch.enable_grad():  # score fns must record a graph, even under a caller's no_grad
+        with torch.enable_grad(), autocast(x.device, layout.precision):  # score fns must record a graph
             scores = _scores(rows, heads, output)
         grads = None
         if meth.needs_grads:
-            grads = dict(zip(names, layer_gradients(scores, acts, names, [t.label for t in rows[0]])))
-    scores = scores.detach()
+            grads = dict(zip(names, (g.float() for g in layer_gradients(scores, acts, names,
+                                                                        [t.label for t in rows[0]]))))
+    scores = scores.detach().float()
 
     def score_image(out: Any, b: int) -> Tensor:  # scores (N, T) of image b's targets on N outputs
         hs = split_outputs(out)
         return torch.stack([tg.score(hs, out) for tg in rows[b]], dim=1)
 
     ctx = MethodContext(inputs=x.detach(), layers=names, modules=dict(layers),
-                        acts={n: a.detach() for n, a in zip(names, acts)}, grads=grads, scores=scores,
-                        targets=rows, runner=Runner(net, score_image),
+                        acts={n: a.detach().float() for n, a in zip(names, acts)}, grads=grads, scores=scores,
+                        targets=rows, runner=Runner(net, score_image, layout),
                         score_all=lambda out: _scores(rows, split_outputs(out), out), options=opts,
                         extra={"linear_io": cap.linear_io, "heads": heads, "named_modules": dict(net.named_modules())})
     with torch.no_grad():
@@ -190,7 +247,7 @@ def _finish(result: MethodOutput, size: Optional[tuple[int, int]], relu: bool, f
 
 
 def _noise_smoothed(net: nn.Module, x: Tensor, p: _Pass, layers: list, meth: Method, opts: dict, n: int,
-                    sigma: float, seed: int) -> MethodOutput:
+                    sigma: float, seed: int, layout: Optional[Layout] = None) -> MethodOutput:
     """SmoothGrad-style: the method's raw output averaged over ``n`` noisy copies of each image.
 
     Noise ``N(0, (sigma * (max x_b - min x_b))^2)`` per image; the n*B copies run as one batch
@@ -201,7 +258,7 @@ def _noise_smoothed(net: nn.Module, x: Tensor, p: _Pass, layers: list, meth: Met
     span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(B, 1, 1, 1)
     noisy = x.repeat(n, 1, 1, 1)  # copy i of image b at index i * B + b
     noisy = noisy + torch.randn(noisy.shape, generator=gen, device=x.device, dtype=x.dtype) * (sigma * span).repeat(n, 1, 1, 1)
-    q = _compute(net, noisy, p.rows * n, layers, meth, opts, None, None).result
+    q = _compute(net, noisy, p.rows * n, layers, meth, opts, None, None, layout=layout).result
 
     def avg(t: Optional[Tensor]) -> Optional[Tensor]:
         return None if t is None else t.reshape(n, B, *t.shape[1:]).mean(0)
@@ -214,7 +271,7 @@ AUG_SCALES = (1.0, 1.1, 0.9)
 
 
 def _aug_smoothed(net: nn.Module, x: Tensor, p: _Pass, layers: list, meth: Method, opts: dict, maps: Tensor,
-                  size: Optional[tuple[int, int]], relu: bool, fuse: str) -> Tensor:
+                  size: Optional[tuple[int, int]], relu: bool, fuse: str, layout: Optional[Layout] = None) -> Tensor:
     """Test-time augmentation: maps of horizontally flipped and rescaled (x1.1, x0.9) inputs, each
     mapped back in place (resized back, flipped back), averaged with the plain maps and min-maxed."""
     H, W = maps.shape[-2:]
@@ -228,7 +285,7 @@ def _aug_smoothed(net: nn.Module, x: Tensor, p: _Pass, layers: list, meth: Metho
             if scale != 1.0:
                 hw = (max(8, round(x.shape[-2] * scale)), max(8, round(x.shape[-1] * scale)))
                 xa = F.interpolate(xa, size=hw, mode="bilinear", align_corners=False)
-            q = _compute(net, xa, p.rows, layers, meth, opts, None, None).result
+            q = _compute(net, xa, p.rows, layers, meth, opts, None, None, layout=layout).result
             m = _finish(q, tuple(xa.shape[-2:]) if size is not None else None, relu, fuse)
             m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False) if m.shape[-2:] != (H, W) else m
             total += torch.flip(m, dims=(-1,)) if flip else m
