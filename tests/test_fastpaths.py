@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -162,3 +163,52 @@ def test_all_class_targets_scored_by_gather_equal_the_logits_and_probs():
             assert torch.allclose(exp.maps[b, t], one.maps[0, 0], atol=1e-6)
             one_g = camlens.explain(model, x[b:b + 1], targets=tg, layer="features.1", method="gradcam")
             assert torch.allclose(grad.maps[b, t], one_g.maps[0, 0], atol=1e-5)
+
+
+def test_batchnorm_folded_copy_for_score_only_forwards(resnet18):
+    from camlens.backends.torch import Layout, Runner
+
+    x = torch.randn(4, 3, 64, 64)
+    before = {k: v.clone() for k, v in resnet18.state_dict().items()}
+    layout = Layout(resnet18)
+    out = layout.run(x, score_only=True)
+    assert layout._folded is not False and not any(
+        isinstance(m, nn.BatchNorm2d) for m in layout._folded.modules())  # the copy has no BatchNorm left
+    with torch.no_grad():
+        ref = resnet18(x)
+    assert (out - ref).abs().max() < 1e-4 * (1 + ref.abs().max())
+    assert all(torch.equal(v, resnet18.state_dict()[k]) for k, v in before.items())  # model untouched
+    assert any(isinstance(m, nn.BatchNorm2d) for m in resnet18.modules())
+    # not folded: a hook on the model, training mode, fold_bn=False, batch of one
+    h = resnet18.layer1.register_forward_hook(lambda *a: None)
+    try:
+        hooked = Layout(resnet18)
+        hooked.run(x, score_only=True)
+        assert hooked._folded is False
+    finally:
+        h.remove()
+    off = Layout(resnet18, fold_bn=False)
+    off.run(x, score_only=True)
+    assert off._folded is False
+    single = Layout(resnet18)
+    single.run(x[:1], score_only=True)
+    assert single._folded is None
+    train = Layout(copy.deepcopy(resnet18).train())  # a copy: train-mode forwards update BN statistics
+    train.run(x, score_only=True)
+    assert train._folded is False
+    runner = Runner(resnet18, lambda o, b: o[:, [3, 7]])
+    assert torch.allclose(runner.scores(x, 0, batch_size=2), ref[:, [3, 7]], atol=1e-4)
+
+
+def test_scorecam_same_map_with_and_without_folding(resnet18):
+    import camlens.backends.torch as backend
+
+    x = torch.randn(1, 3, 64, 64)
+    fast = camlens.explain(resnet18, x, targets=[3, 9], layer="layer3", method="scorecam")
+    orig = backend._fold_batchnorm
+    backend._fold_batchnorm = lambda *a: False
+    try:
+        plain = camlens.explain(resnet18, x, targets=[3, 9], layer="layer3", method="scorecam")
+    finally:
+        backend._fold_batchnorm = orig
+    assert (fast.maps - plain.maps).abs().max() < 1e-4

@@ -52,9 +52,9 @@ def forwards(monkeypatch):
     count = Count()
     fwd, scores, with_layer = backend.Runner._forward, backend.Runner.scores, backend.Runner.scores_with_layer
 
-    def counting_forward(self, x):
+    def counting_forward(self, x, *a, **k):
         count.append(int(x.shape[0]))
-        return fwd(self, x)
+        return fwd(self, x, *a, **k)
 
     def counting_scores(self, x, *a, **k):
         count.rows += int(x.shape[0])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -68,12 +69,20 @@ class Layout:
     for good if the model rejects it (e.g. a ``.view`` of the raw input). ``True`` always (errors
     propagate), ``False`` never. Only the input's layout changes, never the model's weights, so
     the model is left as it came; the numbers are the same up to float rounding.
+
+    Score-only forwards (``run(x, score_only=True)``: Score-CAM's masked inputs, occlusion,
+    metrics) of 2+ inputs may run on an inference copy with BatchNorm folded into the preceding
+    convolutions (``torch.fx``), built once per call when ``fold_bn`` is not ``False`` and the
+    model is in eval mode, has no hooks and traces; it is checked against the model on one input
+    first (relative error < 1e-4) and dropped otherwise. The user's model is never modified.
     """
 
     model: nn.Module
     channels_last: Optional[bool] = None
     precision: str = "fp32"
     failed: bool = False
+    fold_bn: Optional[bool] = None
+    _folded: Any = field(default=None, repr=False)  # None: not tried; False: unusable; else the copy
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -89,18 +98,56 @@ class Layout:
             return False
         return x.device.type == "cpu" or (x.device.type == "cuda" and self.precision != "fp32")
 
-    def run(self, x: Tensor) -> Any:
+    def run(self, x: Tensor, score_only: bool = False) -> Any:
         """``model(x)`` under the precision's autocast, in the chosen layout."""
+        model = self._inference_model(x) if score_only and x.shape[0] >= 2 else self.model
         with autocast(x.device, self.precision):
             if not self.wants(x):
-                return self.model(x)
+                return model(x)
             try:
-                return self.model(x.contiguous(memory_format=torch.channels_last))
+                return model(x.contiguous(memory_format=torch.channels_last))
             except RuntimeError as err:
                 if self.channels_last or not _is_layout_error(err):
                     raise
                 self.failed = True  # auto mode: this model wants NCHW (e.g. it .view()s its input)
-                return self.model(x)
+                return model(x)
+
+    def _inference_model(self, x: Tensor) -> nn.Module:
+        if self._folded is None:
+            self._folded = _fold_batchnorm(self.model, x[:1], self.precision) if self.fold_bn is not False else False
+        return self._folded if self._folded is not False else self.model
+
+
+def _fold_batchnorm(model: nn.Module, probe_x: Tensor, precision: str) -> Any:
+    """A ``torch.fx`` copy of ``model`` with each eval BatchNorm folded into its conv, or ``False``.
+
+    ``False`` when the model has no BatchNorm, is in training mode, carries hooks, does not
+    trace symbolically, or the copy's outputs on ``probe_x`` differ from the model's.
+    """
+    from torch.fx.experimental.optimization import fuse
+    from torch.nn.modules import module as _m
+    from torch.utils._pytree import tree_leaves
+
+    mods = list(model.modules())
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mods) or any(m.training for m in mods):
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in mods) or _m._global_forward_hooks \
+            or _m._global_forward_pre_hooks:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            folded = fuse(model)  # works on a deep copy
+        with torch.no_grad(), autocast(probe_x.device, precision):
+            want, got = tree_leaves(model(probe_x)), tree_leaves(folded(probe_x))
+    except Exception:  # not traceable (data-dependent control flow, ...) or not foldable: keep the model
+        return False
+    tens = [(w, g) for w, g in zip(want, got) if isinstance(w, Tensor)]
+    if len(want) != len(got) or not tens or any(
+            not isinstance(g, Tensor) or g.shape != w.shape
+            or (g.float() - w.float()).abs().max() > 1e-4 * (1 + w.float().abs().max()) for w, g in tens):
+        return False
+    return folded
 
 
 def _is_layout_error(err: RuntimeError) -> bool:
@@ -384,14 +431,14 @@ class Runner:
         self.layout = layout if layout is not None else Layout(model)
         self.forwards = 0  # number of forward calls, for cost reports and tests
 
-    def _forward(self, x: Tensor) -> Any:
+    def _forward(self, x: Tensor, score_only: bool = False) -> Any:
         self.forwards += 1
-        return self.layout.run(x)
+        return self.layout.run(x, score_only)
 
     @torch.no_grad()
     def scores(self, x: Tensor, b: int, batch_size: int = 32) -> Tensor:
         """Scores ``(N, T)`` of image ``b``'s targets for N inputs ``x`` ``(N, C, H, W)``, in chunks."""
-        return torch.cat([self.score(self._forward(x[i:i + batch_size]), b).float()
+        return torch.cat([self.score(self._forward(x[i:i + batch_size], score_only=True), b).float()
                           for i in range(0, x.shape[0], batch_size)])
 
     @torch.no_grad()
