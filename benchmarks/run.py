@@ -96,7 +96,7 @@ class Setup:
         """Timed repeats: ``normal`` cases, ``heavy`` ones (seconds per call) and ``scorecam``."""
         if self.smoke:
             return 1
-        return {"normal": (15, 3), "heavy": (5, 2), "scorecam": (3, 1)}[kind][int(self.quick)]
+        return {"normal": (15, 3), "heavy": (5, 2), "scorecam": (5, 1)}[kind][int(self.quick)]
 
     @property
     def warmup(self) -> int:
@@ -570,7 +570,7 @@ def scorecam(s: Setup) -> list[dict[str, Any]]:
     pearson = {k: _pearson(full_map, fn()) for k, fn in fast.items()}  # also their warm-up
     title = f"resnet18 {s.size}² Score-CAM {layer_name}, 1 target"
     row = _measure(s, "scorecam", title, ours(), peers, s.reps("scorecam"), extra=fast,
-                   note="camlens batch size 64 (default)", warmup=0, ref=full_map)  # the checks are the warm-up
+                   note="camlens batch size 32 (default)", warmup=0, ref=full_map)  # the checks are the warm-up
     rows = [row]
     for k, st in row.pop("extra").items():
         speed = row["camlens"]["median_s"] / st["median_s"]

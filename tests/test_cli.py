@@ -238,3 +238,19 @@ def test_cli_explain_a_folder(tmp_path):
     assert res.exit_code == 0, res.output
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert [Path(e["image"]).name for e in s["images"]] == ["a.jpg", "b.png"]
+
+
+def test_cli_precision(tmp_path):
+    """--precision reaches explain: bf16 maps close to fp32; a bad value is an error naming the choices."""
+    (tmp_path / "small.py").write_text(SMALL_MODEL)
+    Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    base = ["explain", str(tmp_path / "a.png"), "--model", f"{tmp_path / 'small.py'}:build", "--layer", "3",
+            "--target", "2"]
+    maps = {}
+    for prec in ("fp32", "bf16"):
+        res = CliRunner().invoke(app, [*base, "--precision", prec, "--out", str(tmp_path / prec)])
+        assert res.exit_code == 0, res.output
+        maps[prec] = np.load(next((tmp_path / prec).glob("*_maps.npy")))
+    assert np.abs(maps["fp32"] - maps["bf16"]).max() < 0.1 and maps["fp32"].max() == 1
+    res = CliRunner().invoke(app, [*base, "--precision", "fp8", "--out", str(tmp_path / "bad")])
+    assert res.exit_code != 0 and "bf16" in res.output

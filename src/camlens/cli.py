@@ -38,6 +38,7 @@ def explain(
                                 help="separate (a map per target) | mean | confidence | sum (one map per image)"),
     aug_smooth: bool = typer.Option(False, "--aug-smooth", help="average over flipped / rescaled inputs"),
     noise_smooth: int = typer.Option(0, "--noise-smooth", help="SmoothGrad-style: average over N noisy copies"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 forwards (autocast; fast on GPUs)"),
 ) -> None:
     """Explain images: overlays, a grid, .npy maps and summary.json per image in --out.
 
@@ -56,7 +57,7 @@ def explain(
         except ValueError as err:
             raise typer.BadParameter(str(err)) from None
     kw = dict(targets=list(target) if target else None, top_k=top_k, layer=list(layer) if layer else None,
-              combine=combine, aug_smooth=aug_smooth, noise_smooth=noise_smooth)
+              combine=combine, aug_smooth=aug_smooth, noise_smooth=noise_smooth, precision=precision)
     m = camlens.models.load(model, weights=str(weights) if weights else None, device=device, crop=crop)
     out.mkdir(parents=True, exist_ok=True)
     results, errors = [], []
