@@ -229,7 +229,7 @@ def _compute(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method
                         acts={n: a.detach().float() for n, a in zip(names, acts)}, grads=grads, scores=scores,
                         targets=rows, runner=Runner(net, score_image, layout),
                         score_all=lambda out: _scores(rows, split_outputs(out), out), options=opts,
-                        extra={"linear_io": cap.linear_io, "heads": heads, "named_modules": dict(net.named_modules())})
+                        extra={"linear_io": cap.linear_io, "heads": heads, "model": net})
     with torch.no_grad():
         result = meth.compute(ctx)
     if not result.raws and result.saliency is None:

@@ -89,7 +89,13 @@ class Layout:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.channels_last not in (None, True, False):
             raise ValueError(f"channels_last must be None (auto), True or False, got {self.channels_last!r}")
-        self.has_conv = any(isinstance(m, nn.Conv2d) for m in self.model.modules())
+        self._has_conv: Optional[bool] = None
+
+    @property
+    def has_conv(self) -> bool:
+        if self._has_conv is None:  # looked up on the first batched forward only
+            self._has_conv = any(isinstance(m, nn.Conv2d) for m in self.model.modules())
+        return self._has_conv
 
     def wants(self, x: Tensor) -> bool:
         if self.channels_last is not None:

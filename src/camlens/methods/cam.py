@@ -76,7 +76,8 @@ class CamMethod(Method):
         heads = ctx.extra["heads"]
         for h, cols in by_head.items():
             ts = list(cols)
-            linear = find_cam_head(a, heads[h], ctx.extra["linear_io"], ctx.extra["named_modules"], name, str(h))
+            modules = dict(ctx.extra["model"].named_modules())
+            linear = find_cam_head(a, heads[h], ctx.extra["linear_io"], modules, name, str(h))
             classes = torch.tensor([[rows[b][t].cls if rows[b][t].head == h else 0 for t in ts] for b in range(B)],
                                    device=a.device)
             m = cam_maps(a, linear, classes)
