@@ -72,9 +72,9 @@ class Layout:
 
     Score-only forwards (``run(x, score_only=True)``: Score-CAM's masked inputs, occlusion,
     metrics) of 2+ inputs may run on an inference copy with BatchNorm folded into the preceding
-    convolutions (``torch.fx``), built once per call when ``fold_bn`` is not ``False`` and the
-    model is in eval mode, has no hooks and traces; it is checked against the model on one input
-    first (relative error < 1e-4) and dropped otherwise. The user's model is never modified.
+    convolutions (``torch.fx``), built once per call when ``fold_bn`` is ``True`` (``None``: on
+    CPU) and the model is in eval mode, has no hooks and traces; it is checked against the model
+    on one input first (relative error < 1e-4) and dropped otherwise. The model is never modified.
     """
 
     model: nn.Module
@@ -119,8 +119,9 @@ class Layout:
                 return model(x)
 
     def _inference_model(self, x: Tensor) -> nn.Module:
-        if self._folded is None:
-            self._folded = _fold_batchnorm(self.model, x[:1], self.precision) if self.fold_bn is not False else False
+        if self._folded is None:  # auto: CPU only (the copy doubles the weights' memory; GPUs gain less)
+            want = self.fold_bn if self.fold_bn is not None else x.device.type == "cpu"
+            self._folded = _fold_batchnorm(self.model, x[:1], self.precision) if want else False
         return self._folded if self._folded is not False else self.model
 
 
