@@ -26,6 +26,11 @@ def relu(maps: Tensor) -> Tensor:
     return maps.clamp_min(0)
 
 
+def _source_index(n_in: int, n_out: int) -> Tensor:
+    """Fractional source position of each output, ``max((d + 0.5) * n_in / n_out - 0.5, 0)`` (float64)."""
+    return ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+
+
 @functools.lru_cache(maxsize=64)
 def _bilinear_matrix(n_in: int, n_out: int, device: torch.device) -> Tensor:
     """``R`` ``(n_out, n_in)`` with ``R @ v`` = 1-D bilinear resize of ``v``, ``align_corners=False``.
@@ -33,8 +38,7 @@ def _bilinear_matrix(n_in: int, n_out: int, device: torch.device) -> Tensor:
     PyTorch's source index: ``s = max((d + 0.5) * n_in / n_out - 0.5, 0)``, ``i0 = floor(s)``,
     ``i1 = min(i0 + 1, n_in - 1)``, ``out[d] = (1 - l) v[i0] + l v[i1]`` with ``l = s - i0``.
     """
-    d = torch.arange(n_out, dtype=torch.float64)
-    s = ((d + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    s = _source_index(n_in, n_out)
     i0 = s.floor().long().clamp_max(n_in - 1)
     i1 = (i0 + 1).clamp_max(n_in - 1)
     lam = s - i0
@@ -51,8 +55,7 @@ def _extreme_rows(n_in: int, n_out: int) -> tuple[int, ...]:
     Outputs that share the source cell ``i0`` are ``(1 - l) v[i0] + l v[i1]`` with ``l`` rising
     with ``d``: monotone in ``d``, so within a cell the extremes are its first and last output.
     """
-    s = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
-    i0 = s.floor().long().tolist()
+    i0 = _source_index(n_in, n_out).floor().long().tolist()
     keep = {0, n_out - 1}
     keep.update(d for d in range(1, n_out) if i0[d] != i0[d - 1])
     keep.update(d - 1 for d in range(1, n_out) if i0[d] != i0[d - 1])
@@ -94,12 +97,7 @@ def upsample_normalize(maps: Tensor, size: tuple[int, int], *, warn: bool = True
     ys = torch.tensor(_extreme_rows(h, int(size[0])), device=m.device)
     xs = torch.tensor(_extreme_rows(w, int(size[1])), device=m.device)
     corners = torch.matmul(ry[ys], torch.matmul(m, rx[xs].T)).flatten(-2)
-    lo = corners.amin(-1)[..., None, None]
-    hi = corners.amax(-1)[..., None, None]
-    span = hi - lo
-    const = span <= CONSTANT_EPS * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
-    _warn_constant(const, warn)
-    scaled = torch.where(const, torch.zeros_like(m), (m - lo) / torch.where(const, torch.ones_like(span), span))
+    scaled, const = _min_max(m, corners.amin(-1)[..., None, None], corners.amax(-1)[..., None, None], warn)
     out = torch.matmul(ry, torch.matmul(scaled, rx.T)).clamp_(0.0, 1.0)
     # pin the extremes to exactly 0 and 1 where they are attained (rounding may leave 1 - 6e-8)
     nx = xs.numel()
@@ -118,21 +116,22 @@ def normalize(maps: Tensor, *, warn: bool = True) -> Tensor:
     ReLU) becomes all zero — never NaN or inf — with a warning naming how many maps were constant.
     """
     flat = maps.flatten(-2)
-    lo = flat.amin(-1, keepdim=True)
-    hi = flat.amax(-1, keepdim=True)
-    span = hi - lo
-    const = span <= CONSTANT_EPS * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
-    out = torch.where(const, torch.zeros_like(flat), (flat - lo) / torch.where(const, torch.ones_like(span), span))
-    _warn_constant(const, warn)
+    out, _ = _min_max(flat, flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True), warn)
     return out.view_as(maps)
 
 
-def _warn_constant(const: Tensor, warn: bool) -> None:
+def _min_max(t: Tensor, lo: Tensor, hi: Tensor, warn: bool) -> tuple[Tensor, Tensor]:
+    """``(t - lo) / (hi - lo)`` with a per-map (broadcast) ``lo``/``hi``; maps whose span is below
+    ``1e-12`` of their magnitude are constant and become 0. Returns the scaled ``t`` and the
+    constant mask (shape of ``lo``)."""
+    span = hi - lo
+    const = span <= CONSTANT_EPS * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
     if warn:
         n = int(const.sum())
         if n:
             warnings.warn(f"{n} of {const.numel()} maps are constant (no positive evidence at this layer); "
                           "they are returned as all-zero maps", RuntimeWarning, stacklevel=4)
+    return torch.where(const, torch.zeros_like(t), (t - lo) / torch.where(const, torch.ones_like(span), span)), const
 
 
 def clip_quantile(maps: Tensor, q: float) -> Tensor:

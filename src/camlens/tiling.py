@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from .backends.torch import guess_layer, resolve_layers
 from .explanation import Explanation
-from .methods import Method
-from .postprocess import clip_quantile, normalize, process, upsample
+from .methods import Method, MethodOutput
+from .postprocess import upsample
 from .targets import Categories, ResolvedTarget, resolve_targets, split_outputs, target_probabilities
 
 __all__ = ["tile_size", "tile_boxes", "tile_weights", "weight_sum", "TileCanvas", "check_tiling", "explain_tiled"]
@@ -217,7 +217,7 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
     ``layout`` (:class:`camlens.backends.torch.Layout`, optional) sets the precision and memory
     layout of every forward, as in the untiled engine.
     """
-    from .api import _compute  # api imports this module lazily
+    from .api import _compute, _finish  # api imports this module lazily
 
     th0, tw0 = check_tiling(tile, overlap, tile_batch)
     if not upsample_maps:
@@ -293,16 +293,10 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
                         pix.add(b, y0, x0, res.pixel[j])
         del p, res
 
-    with torch.no_grad():
-        if canvases:
-            raws = {n: c.result() for n, c in canvases.items()}
-            maps = process(list(raws.values()), (H, W), use_relu=relu, fuse_how=fuse)  # type: ignore[arg-type]
-            first = next(iter(raws.values()))
-        else:
-            assert sal is not None
-            raws = {}
-            first = sal.result()
-            maps = normalize(clip_quantile(first.clamp_min(0) if relu else first, clip))
+    raws = {n: c.result() for n, c in canvases.items()}
+    saliency = None if raws or sal is None else sal.result()
+    maps = _finish(MethodOutput(raws=raws or None, saliency=saliency, clip=clip), (H, W), relu, fuse)
+    first = next(iter(raws.values())) if raws else saliency
     mean_heads = heads.result()
     return Explanation(maps=maps, raw=first, raws=raws, scores=score_sum / len(boxes),
                        probs=target_probabilities(rows, mean_heads), targets=rows, inputs=x.detach(), layers=names,
