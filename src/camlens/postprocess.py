@@ -18,7 +18,8 @@ from torch import Tensor
 
 __all__ = ["relu", "upsample", "upsample_normalize", "normalize", "clip_quantile", "fuse", "process"]
 
-CONSTANT_EPS = 1e-12
+# a map is constant when its span is within this many float epsilons of its magnitude
+CONSTANT_ULPS = 8
 
 
 def relu(maps: Tensor) -> Tensor:
@@ -112,8 +113,9 @@ def upsample_normalize(maps: Tensor, size: tuple[int, int], *, warn: bool = True
 def normalize(maps: Tensor, *, warn: bool = True) -> Tensor:
     """Per-map min-max to [0, 1]: ``(m - min) / (max - min)`` over the last two dims.
 
-    A constant map (``max - min`` below ``1e-12`` relative to its magnitude, e.g. all zero after
-    ReLU) becomes all zero — never NaN or inf — with a warning naming how many maps were constant.
+    A constant map (``max - min`` within a few float epsilons of its magnitude, e.g. all zero
+    after ReLU; see :func:`_min_max`) becomes all zero — never NaN or inf — with a warning saying
+    how many maps were constant and why. Tiny but valid maps (values ~1e-15) are kept.
     """
     flat = maps.flatten(-2)
     out, _ = _min_max(flat, flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True), warn)
@@ -121,17 +123,38 @@ def normalize(maps: Tensor, *, warn: bool = True) -> Tensor:
 
 
 def _min_max(t: Tensor, lo: Tensor, hi: Tensor, warn: bool) -> tuple[Tensor, Tensor]:
-    """``(t - lo) / (hi - lo)`` with a per-map (broadcast) ``lo``/``hi``; maps whose span is below
-    ``1e-12`` of their magnitude are constant and become 0. Returns the scaled ``t`` and the
-    constant mask (shape of ``lo``)."""
-    span = hi - lo
-    const = span <= CONSTANT_EPS * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
+    """``(t - lo) / (hi - lo)`` with a per-map (broadcast) ``lo``/``hi``. Returns the scaled ``t``
+    and the constant mask (shape of ``lo``).
+
+    A map is constant only relative to the precision of its own dtype and magnitude:
+    ``hi - lo <= CONSTANT_ULPS * eps(dtype) * max(|hi|, |lo|)`` (an all-zero map included). The
+    test is scale-free, so Grad-CAM of a score multiplied by 1e-20 gives the same map as the
+    unscaled score. Maps are divided by their magnitude first, so spans down to the smallest
+    normal float neither underflow nor overflow. Constant maps become 0 (never NaN / inf), with a
+    warning that tells apart "all <= 0 (no positive evidence, e.g. after ReLU)" from "numerically
+    flat".
+    """
+    t32 = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    lo, hi = lo.to(t32.dtype), hi.to(t32.dtype)
+    mag = torch.maximum(hi.abs(), lo.abs())
+    eps = torch.finfo(t32.dtype).eps
+    scale = torch.where(mag > 0, mag, torch.ones_like(mag))  # work in units of the map's magnitude
+    span = hi / scale - lo / scale  # in [0, 2]: no overflow for huge maps, no underflow for tiny ones
+    const = (span <= CONSTANT_ULPS * eps) | ~torch.isfinite(span) | (mag == 0)
     if warn:
         n = int(const.sum())
         if n:
-            warnings.warn(f"{n} of {const.numel()} maps are constant (no positive evidence at this layer); "
-                          "they are returned as all-zero maps", RuntimeWarning, stacklevel=4)
-    return torch.where(const, torch.zeros_like(t), (t - lo) / torch.where(const, torch.ones_like(span), span)), const
+            zero = int((const & (hi <= 0)).sum())
+            parts = []
+            if zero:
+                parts.append(f"{zero} have no positive evidence at this layer (all values <= 0)")
+            if n - zero:
+                parts.append(f"{n - zero} are numerically flat (max - min within float rounding of their values)")
+            warnings.warn(f"{n} of {const.numel()} maps are constant: " + "; ".join(parts)
+                          + "; they are returned as all-zero maps", RuntimeWarning, stacklevel=4)
+    safe = torch.where(const, torch.ones_like(span), span)
+    out = torch.where(const, torch.zeros_like(t32), (t32 / scale - lo / scale) / safe)
+    return out.to(t.dtype) if t.dtype != t32.dtype else out, const
 
 
 def clip_quantile(maps: Tensor, q: float) -> Tensor:
