@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
@@ -10,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends.torch import (LayerSpec, Layout, Runner, autocast, capture, check_calls, guess_layer, layer_gradients,
-                             model_device, model_state, resolve_layers)
+from .backends.torch import (LayerSpec, Layout, Runner, autocast, capture, check_calls, check_layer_outputs,
+                             guess_layer, layer_gradients, model_device, model_state, resolve_layers)
 from .explanation import Explanation
 from .methods import Method, MethodContext, MethodOutput, get_method
 from .methods.cam import CAM
@@ -23,9 +24,16 @@ __all__ = ["explain"]
 
 
 def _unwrap(model: Any, inputs: Any, layer: Any, categories: Categories):
-    """Accept a :class:`camlens.models.LoadedModel`: preprocess images, default layer and class names."""
+    """Accept a :class:`camlens.models.LoadedModel`: preprocess images, default layer and class names.
+
+    Also checks the input tensor: floating point (a uint8 tensor given with a LoadedModel is
+    preprocessed as images), finite, not an inference tensor (cloned), shape ``(B, C, H, W)``.
+    """
     display = None
     if hasattr(model, "model") and hasattr(model, "preprocess") and not isinstance(model, nn.Module):
+        if isinstance(inputs, Tensor) and inputs.dtype == torch.uint8 and inputs.ndim in (3, 4) \
+                and inputs.shape[-3] == 3:  # uint8 (B, 3, H, W) images: preprocess them like arrays
+            inputs = list(inputs.reshape(-1, *inputs.shape[-3:]).permute(0, 2, 3, 1).cpu().numpy())
         if not isinstance(inputs, Tensor):
             inputs = model.preprocess(inputs)
             display = model.to_display(inputs) if hasattr(model, "to_display") else None
@@ -37,13 +45,72 @@ def _unwrap(model: Any, inputs: Any, layer: Any, categories: Categories):
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs must be a tensor (B, 3, H, W) for a plain nn.Module, got {type(inputs).__name__}; "
                         "preprocess images first, or pass a camlens.models.load(...) object as the model")
+    if not inputs.is_floating_point():
+        kind = "a uint8 image tensor" if inputs.dtype == torch.uint8 else f"a {inputs.dtype} tensor"
+        raise TypeError(f"inputs is {kind}, but models take float inputs: convert to float and normalise as the "
+                        "model expects (e.g. x.float() / 255, then the model's mean/std), or pass a "
+                        "camlens.models.load(...) object as the model, which preprocesses uint8 images")
+    if inputs.is_inference():  # made under torch.inference_mode(): a normal copy can record gradients
+        inputs = inputs.clone()
     if inputs.ndim == 3:
         inputs = inputs.unsqueeze(0)
         if display is not None and display.ndim == 3:
             display = display[None]
     if inputs.ndim != 4:
         raise ValueError(f"inputs must have shape (B, C, H, W), got {tuple(inputs.shape)}")
+    finite = torch.isfinite(inputs.flatten(1)).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(f"inputs contain NaN/Inf in image(s) {bad}: their maps and scores would be NaN; fix or "
+                         "drop those images (e.g. torch.nan_to_num) before explaining")
     return model, inputs, layer, categories, display
+
+
+def _outside_inference_mode(fn: Any) -> Any:
+    """Run ``fn`` with inference mode off: under ``torch.inference_mode()`` no graph can be recorded,
+    so gradient methods would fail (inference tensors among the inputs are cloned by :func:`_unwrap`)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _check_model_tensors(net: nn.Module) -> None:
+    """A model whose weights were made under ``torch.inference_mode()`` cannot be differentiated."""
+    for name, t in [*net.named_parameters(), *net.named_buffers()]:
+        if t.is_inference():
+            raise RuntimeError(f"the model's tensor {name!r} is an inference tensor (the model was created or loaded "
+                               "under torch.inference_mode()), so no gradients can flow through it; create / load the "
+                               "model outside inference mode, or clone its state: "
+                               "model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})")
+
+
+def _match_dtype(net: nn.Module, x: Tensor, precision: str) -> Tensor:
+    """Inputs on the model's device, in the dtype of its floating-point parameters (e.g. float64
+    images for a float32 model, float32 for a ``.half()`` one). Under fp16/bf16 autocast the
+    input is left to autocast (float64 becomes float32)."""
+    dev = model_device(net)
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
+    if dtype is None or x.dtype == dtype:
+        return x.to(dev)
+    if precision == "fp32":
+        return x.to(dev, dtype)
+    return x.to(dev, torch.float32) if x.dtype == torch.float64 else x.to(dev)
+
+
+def _check_scores(scores: Tensor, rows: list[list[ResolvedTarget]]) -> None:
+    """The model's scores for finite inputs must be finite: name the images and targets that are not."""
+    bad = ~torch.isfinite(scores.detach())
+    if bool(bad.any()):
+        where = bad.nonzero().tolist()
+        items = ", ".join(f"image {b} target {rows[b][t].label!r}" for b, t in where[:8])
+        more = f" and {len(where) - 8} more" if len(where) > 8 else ""
+        raise FloatingPointError(f"the model returned NaN/Inf scores for finite inputs: {items}{more}; the model "
+                                 "itself produces non-finite outputs (check its weights with torch.isfinite and its "
+                                 "numerics, e.g. precision=), so no map can be computed")
 
 
 def _class_scores(rows: list[list[ResolvedTarget]], heads: dict) -> Optional[Tensor]:
@@ -90,8 +157,9 @@ def _scores(rows: list[list[ResolvedTarget]], heads: dict, output: Any) -> Tenso
     return torch.stack(cols, dim=1)
 
 
+@_outside_inference_mode
 def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerSpec, Sequence[LayerSpec], None] = None,
-            method: str = "gradcam", top_k: Optional[int] = None, categories: Categories = None,
+            method: str = "gradcam", top_k: Optional[int] = None, categories: Categories = None, heads: Any = None,
             fuse: Literal["mean", "max"] = "mean", relu: bool = True, upsample: bool = True,
             eval_mode: bool = True, combine: str = "separate", aug_smooth: bool = False, noise_smooth: int = 0,
             noise_sigma: float = 0.15, seed: int = 0, precision: str = "fp32",
@@ -103,19 +171,39 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
         model: an ``nn.Module`` (any output structure: tensor, tuple, list, dict, namedtuple,
             dataclass) or a :class:`camlens.models.LoadedModel`, which also preprocesses images
             and supplies the default layer and class names.
-        inputs: ``(B, 3, H, W)`` or ``(3, H, W)`` tensor; with a LoadedModel also images / paths.
+        inputs: ``(B, 3, H, W)`` or ``(3, H, W)`` float tensor, preprocessed as the model expects
+            (moved to the model's device and cast to its parameters' dtype, e.g. float64 -> float32);
+            with a LoadedModel also images / paths / uint8 ``(B, 3, H, W)`` tensors, which it
+            preprocesses. Integer tensors for a plain module, and NaN/Inf pixels, are errors naming
+            the cause (and the images). Inference tensors and ``torch.inference_mode()`` around the
+            call are fine: camlens runs with inference mode off and clones such inputs.
         targets: an int, ``"head:class"``, ``(head, class)``, :class:`camlens.Target`, callable
             ``output -> (B,)``, a flat list of these (same targets for every image), a list of B
-            lists (per image), or ``"all"`` / ``"head:all"`` (every class of a head). ``None``:
-            the top class of every classification head (or ``top_k``).
+            lists (per image), or ``"all"`` / ``"head:all"`` (every class of the first
+            classification head / of that head). A tensor or NumPy array of class indices: 0-D
+            (or ``np.int64``) one class for every image; 1-D ``(B,)`` ONE CLASS PER IMAGE (unlike a
+            flat list: ``targets=[3, 5]`` is classes 3 and 5 of every image, ``torch.tensor([3, 5])``
+            class 3 of image 0 and class 5 of image 1); 2-D ``(B, T)`` T classes per image.
+            ``None``: the top class of every classification head (or ``top_k``); see ``heads``.
         layer: dotted name(s) or module(s); several layers are fused by ``fuse``. ``None``:
             the last spatial layer of the forward pass. Ignored by input-space methods.
         method: a registered method name (``camlens.methods.available_methods()``).
         top_k: explain each classification head's K highest-scoring classes.
         categories: class names, a list (first head) or ``{head: list}``.
+        heads: which outputs are classification heads when camlens picks the classes
+            (``targets=None``, ``top_k``, ``"all"``): an output key / position or a list of them,
+            e.g. ``heads=["shape", "colour"]`` or ``heads=[0]``; each must be ``(B, K)``. Explicit
+            targets are not affected. ``None``, the default rule: only ``(B, K)`` float outputs
+            with ``K >= 2`` qualify; of POSITIONAL outputs (a tensor, tuple, list) only the first
+            such one, so ``(logits, features)`` explains the logits alone; of NAMED outputs (dict,
+            namedtuple, dataclass, ``ModelOutput``) every such one except names with a feature
+            token (``feat(ure)s``, ``emb(ed)(ding)s``, ``hidden``, ``pooled``/``pooler``, ``latent``,
+            ``repr``, ...: :data:`camlens.targets.FEATURE_NAMES`).
         relu: apply ReLU to the raw maps (``False`` keeps negative evidence before min-max).
         upsample: resize maps to the input size (``False``: the layer's own size).
-        eval_mode: run the model in eval mode (restored afterwards).
+        eval_mode: run the model in eval mode (restored afterwards). ``False`` runs it in the
+            mode it is in; buffers a training-mode forward updates (BatchNorm running statistics,
+            ``num_batches_tracked``) are restored afterwards too.
         combine: ``"separate"`` (one map per target), or fold each image's targets into ONE map:
             ``"mean"`` (gradients averaged over the outputs), ``"confidence"`` (each output's
             gradients weighted by its softmax confidence for its target, then averaged), ``"sum"``.
@@ -147,9 +235,10 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
     hooks.
     """
     net, x, layer, categories, display = _unwrap(model, inputs, layer, categories)
+    _check_model_tensors(net)
     meth = get_method(method)
     opts = meth.resolve_options(options)
-    x = x.to(model_device(net))
+    x = _match_dtype(net, x, precision)
     if tile is not None:  # large images: tile by tile with bounded memory (the layer is guessed on a tile)
         from .tiling import check_tiling, explain_tiled
 
@@ -158,7 +247,8 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
             return explain_tiled(net, x, targets, layer=layer, meth=meth, opts=opts, categories=categories,
                                  top_k=top_k, fuse=fuse, relu=relu, upsample_maps=upsample, combine=combine,
                                  aug_smooth=aug_smooth, noise_smooth=noise_smooth, display=display, tile=tile,
-                                 overlap=overlap, tile_batch=tile_batch, layout=Layout(net, channels_last, precision))
+                                 overlap=overlap, tile_batch=tile_batch, layout=Layout(net, channels_last, precision),
+                                 head_keys=heads)
     if meth.needs_layer:
         layers = resolve_layers(net, layer if layer is not None else guess_layer(net, x))
     else:
@@ -169,7 +259,7 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
 
     with model_state(net, eval_mode=eval_mode):
         layout = Layout(net, channels_last, precision)
-        p = _compute(net, x, targets, layers, meth, opts, categories, top_k, combine, layout)
+        p = _compute(net, x, targets, layers, meth, opts, categories, top_k, combine, layout, head_keys=heads)
         result = p.result
         if noise_smooth:
             result = _noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed, layout)
@@ -198,10 +288,11 @@ class _Pass:
 
 def _compute(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method, opts: dict,
              categories: Categories, top_k: Optional[int], combine: str = "separate",
-             layout: Optional[Layout] = None) -> _Pass:
+             layout: Optional[Layout] = None, head_keys: Any = None) -> _Pass:
     """One forward with the layers hooked, the batched backward if needed, then the method's math.
 
-    ``layout`` carries the precision and memory layout of every forward (default: fp32, auto).
+    ``layout`` carries the precision and memory layout of every forward (default: fp32, auto);
+    ``head_keys`` is ``explain(heads=...)``.
     """
     names = [n for n, _ in layers]
     layout = layout if layout is not None else Layout(net)
@@ -209,12 +300,14 @@ def _compute(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method
         with torch.no_grad():
             output = layout.run(x)
         check_calls(cap, layers)
+        check_layer_outputs(cap, layers, net, x)  # one clear error for any method: (B, C, h, w) of this batch
         heads = split_outputs(output)
-        components = resolve_targets(targets, heads, output, top_k=top_k, categories=categories)
+        components = resolve_targets(targets, heads, output, top_k=top_k, categories=categories, head_keys=head_keys)
         rows = combine_targets(components, heads, combine)
         acts = [cap.activations[n] for n in names]
         with torch.enable_grad(), autocast(x.device, layout.precision):  # score fns must record a graph
             scores = _scores(rows, heads, output)
+        _check_scores(scores, rows)
         grads = None
         if meth.needs_grads:
             grads = dict(zip(names, (g.float() for g in layer_gradients(scores, acts, names,
@@ -234,6 +327,10 @@ def _compute(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method
         result = meth.compute(ctx)
     if not result.raws and result.saliency is None:
         raise RuntimeError(f"method {meth.name!r} returned no maps")
+    for key, m in [*(result.raws or {}).items(), ("saliency", result.saliency)]:
+        if m is not None and m.shape[0] != x.shape[0]:  # never maps for proposals/windows instead of images
+            raise RuntimeError(f"method {meth.name!r} returned maps {tuple(m.shape)} for {key!r}, but the input "
+                               f"has a batch of {x.shape[0]}: its leading dimension must be the batch")
     return _Pass(result, scores, rows, heads, components)
 
 

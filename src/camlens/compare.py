@@ -23,7 +23,10 @@ from torch import Tensor
 from .explanation import Explanation
 from .postprocess import upsample
 
-__all__ = ["Agreement", "agreement", "top_fraction_mask", "pearson"]
+__all__ = ["Agreement", "agreement", "agreement_summary", "top_fraction_mask", "pearson"]
+
+#: Default cap of :func:`agreement_summary`: pairwise statistics of the first 16 targets (120 pairs).
+MAX_AGREEMENT_TARGETS = 16
 
 
 @dataclass
@@ -80,7 +83,12 @@ def pearson(a: Tensor, b: Tensor) -> Tensor:
 
 
 def agreement(exp: Explanation, top: float = 0.2) -> Agreement:
-    """Pairwise agreement / conflict of each image's targets (needs T >= 2)."""
+    """Pairwise agreement / conflict of each image's targets (needs T >= 2).
+
+    Returns the full per-pixel ``overlap`` / ``only`` / ``conflict`` maps: memory grows as
+    pairs x H x W (``T (T - 1) / 2`` pairs), so use it for a handful of targets; for summary
+    numbers of many targets use :func:`agreement_summary` (bounded memory).
+    """
     B, T, H, W = exp.maps.shape
     if T < 2:
         raise ValueError("agreement needs at least two targets per image (try top_k=2 or several heads)")
@@ -103,3 +111,59 @@ def agreement(exp: Explanation, top: float = 0.2) -> Agreement:
     return Agreement(pairs=pairs, labels=[(exp.targets[0][i].label, exp.targets[0][j].label) for i, j in pairs],
                      iou=iou, pearson=pearson(mi, mj), overlap=torch.minimum(mi, mj),
                      only=torch.stack([mi * (1 - mj), mj * (1 - mi)], dim=2), conflict=conflict)
+
+
+def agreement_summary(exp: Explanation, top: float = 0.2, *, max_targets: Optional[int] = MAX_AGREEMENT_TARGETS,
+                      chunk: int = 64) -> list[list[dict[str, Any]]]:
+    """The numbers of :meth:`Agreement.summary` for every image, in bounded memory.
+
+    Per image ``b``, one row per pair ``(i, j)`` of its first ``max_targets`` targets (all when
+    ``None``): ``{"targets": [label_i, label_j], "index": [i, j], "iou", "pearson"}`` and, when the
+    method has raw layer maps, ``"conflict_mass"`` (mean ``|conflict|``). The same values as
+    ``agreement(exp).summary(b)``, but pairs are processed ``chunk`` at a time, so memory stays
+    O(T H W + chunk H W) instead of O(pairs H W) whatever the number of targets.
+
+    Returns ``B`` lists of rows (empty lists when fewer than two targets are compared).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if max_targets is not None and max_targets < 0:
+        raise ValueError(f"max_targets must be >= 0 or None, got {max_targets}")
+    B, T, H, W = exp.maps.shape
+    n = T if max_targets is None else min(T, max_targets)
+    out: list[list[dict[str, Any]]] = [[] for _ in range(B)]
+    if n < 2:
+        return out
+    pairs = list(combinations(range(n), 2))
+    maps = exp.maps[:, :n].float()
+    tops = top_fraction_mask(maps, top)  # (B, n, H, W) bool
+    r = None
+    if exp.raws:
+        r = None
+        for raw in exp.raws.values():  # layers averaged, one at a time
+            u = upsample(raw[:, :n].float(), (H, W))
+            r = u if r is None else r + u
+        r = r / len(exp.raws)
+        r = r / r.flatten(-2).abs().amax(-1)[..., None, None].clamp_min(1e-12)
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start:start + chunk]
+        ii = torch.tensor([i for i, _ in part], device=maps.device)
+        jj = torch.tensor([j for _, j in part], device=maps.device)
+        ti, tj = tops[:, ii], tops[:, jj]
+        inter = (ti & tj).flatten(-2).sum(-1).float()
+        union = (ti | tj).flatten(-2).sum(-1).float()
+        iou = (inter / union.clamp_min(1)).cpu()
+        pr = pearson(maps[:, ii], maps[:, jj]).cpu()
+        cm = None
+        if r is not None:
+            ri, rj = r[:, ii], r[:, jj]
+            cm = (torch.minimum(ri.clamp_min(0), (-rj).clamp_min(0))
+                  - torch.minimum(rj.clamp_min(0), (-ri).clamp_min(0))).abs().flatten(-2).mean(-1).cpu()
+        for p, (i, j) in enumerate(part):
+            for b in range(B):
+                row = {"targets": [exp.targets[b][i].label, exp.targets[b][j].label], "index": [i, j],
+                       "iou": round(float(iou[b, p]), 4), "pearson": round(float(pr[b, p]), 4)}
+                if cm is not None:
+                    row["conflict_mass"] = round(float(cm[b, p]), 4)
+                out[b].append(row)
+    return out

@@ -266,7 +266,8 @@ def draw_boxes(image: Any, boxes: Any, labels: Optional[list[str]] = None,
         image: ``(H, W, 3)`` uint8.
         boxes: ``(N, 4)`` ``(x0, y0, x1, y1)`` inclusive-exclusive, in the image's pixels.
         labels: N strings written on a filled tab at each box's top-left corner (inside the box
-            when there is no room above it).
+            when there is no room above it); a tab that would cover an earlier one is moved down
+            (or up) a row at a time, so labels of boxes with the same corner stay readable.
         colors: N RGB colours (default: camlens's categorical palette, cycled).
         width: line width in pixels, drawn inwards from the box edge.
 
@@ -284,6 +285,7 @@ def draw_boxes(image: Any, boxes: Any, labels: Optional[list[str]] = None,
     pil = Image.fromarray(np.ascontiguousarray(arr))
     draw = ImageDraw.Draw(pil)
     font = ImageFont.load_default()
+    placed: list[tuple[int, int, int, int]] = []  # label tabs drawn so far: never drawn over each other
     for i, (x0, y0, x1, y1) in enumerate(bx.tolist()):
         colour = tuple(colors[i]) if colors else PALETTE[i % len(PALETTE)]
         if x1 <= x0 or y1 <= y0:
@@ -292,10 +294,27 @@ def draw_boxes(image: Any, boxes: Any, labels: Optional[list[str]] = None,
         if labels:
             l, t, r, b = draw.textbbox((0, 0), labels[i], font=font)
             tw, th = r - l + 4, b - t + 4
-            ty = y0 - th if y0 - th >= 0 else y0
-            draw.rectangle([x0, ty, x0 + tw - 1, ty + th - 1], fill=colour)
-            draw.text((x0 + 2 - l, ty + 2 - t), labels[i], fill=(255, 255, 255), font=font)
+            tx, ty = _label_spot(placed, x0, y0, tw, th, pil.width, pil.height)
+            placed.append((tx, ty, tx + tw, ty + th))
+            draw.rectangle([tx, ty, tx + tw - 1, ty + th - 1], fill=colour)
+            draw.text((tx + 2 - l, ty + 2 - t), labels[i], fill=(255, 255, 255), font=font)
     return np.asarray(pil)
+
+
+def _label_spot(placed: list, x0: int, y0: int, tw: int, th: int, W: int, H: int) -> tuple[int, int]:
+    """Top-left corner of a ``tw x th`` label tab for a box at ``(x0, y0)`` that overlaps none of the
+    ``placed`` tabs: above the box if there is room, else just inside it, else stacked downwards
+    (then upwards) one tab height at a time; the first spot if every row is taken."""
+    tx = max(0, min(x0, W - tw))
+    first = y0 - th if y0 - th >= 0 else y0
+    rows = [first] + [first + k * th for k in range(1, H // max(th, 1) + 1)] + \
+           [first - k * th for k in range(1, H // max(th, 1) + 1)]
+    for ty in rows:
+        if ty < 0 or ty + th > max(H, th):
+            continue
+        if not any(tx < px1 and px0 < tx + tw and ty < py1 and py0 < ty + th for px0, py0, px1, py1 in placed):
+            return tx, ty
+    return tx, first
 
 
 def cutout(image: Any, mask: Any) -> np.ndarray:

@@ -21,8 +21,20 @@ __all__ = ["map_stats", "predictions", "write_explanation", "write_method_grid",
 
 
 def safe_name(text: str) -> str:
-    """A file-name-safe slug of ``text``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "x"
+    """A file-name-safe ASCII slug of ``text`` (at most 60 characters).
+
+    Text with no ASCII letter, digit, ``.``, ``_`` or ``-`` (e.g. a name in another script) gets
+    ``"u"`` + 8 hex digits of its SHA-1, so different such names stay different. Slugs can still
+    collide (truncation, dropped characters): callers that write one file per input deduplicate.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60]
+    if slug.strip("._-"):
+        return slug
+    if not text:
+        return "x"
+    import hashlib
+
+    return "u" + hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 def map_stats(m: np.ndarray) -> dict[str, Any]:
@@ -47,11 +59,30 @@ def predictions(exp: Explanation, b: int, categories: Any = None, k: int = 5) ->
 
 
 def write_explanation(exp: Explanation, out_dir: Path, stem: str, *, cmap: str = "jet", alpha: float = 0.5,
-                      categories: Any = None, images: Optional[np.ndarray] = None) -> list[dict[str, Any]]:
+                      categories: Any = None, images: Optional[np.ndarray] = None,
+                      originals: Optional[list] = None, note: Optional[str] = None,
+                      max_overlays: Optional[int] = None,
+                      max_agreement_targets: Optional[int] = 16) -> list[dict[str, Any]]:
     """Write, for each image b of ``exp``: one overlay PNG per target, a grid PNG and a ``.npy`` of maps.
 
-    Returns one summary dict per image (paths relative to ``out_dir``).
+    Args:
+        images: display images at the maps' size for the grid (and the overlays without
+            ``originals``); default ``exp.display``, else the inputs min-max rescaled.
+        originals: optional B pictures (H0, W0, 3) uint8 at their own resolution (e.g. the photos
+            as read): the overlays are drawn on them, maps upsampled to their size.
+        note: a line added to the grid's title and written in the overlays' top-left corner
+            (e.g. ``"random weights"``).
+        max_overlays: write overlay PNGs for the first this-many targets only (``None``: all); the
+            others get ``"overlay": None`` (their maps are still in the ``.npy`` and the stats in
+            the summary).
+        max_agreement_targets: pairwise agreement (``"agreement"``) of the first this-many targets
+            (``None``: all; memory and time grow as their number squared), computed pair chunk by
+            pair chunk (:func:`camlens.compare.agreement_summary`), never all pairs' maps at once.
+
+    Returns one summary dict per image (paths relative to ``out_dir``); ``"files"`` lists every
+    file written for that image.
     """
+    from .compare import agreement_summary
     from .viz import explanation_grid, overlay, save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,29 +93,58 @@ def write_explanation(exp: Explanation, out_dir: Path, stem: str, *, cmap: str =
 
         display = _display_from_inputs(exp.inputs)
     B, T = arr["maps"].shape[:2]
-    pairs = agreement(exp) if T >= 2 else None
+    pairs = agreement_summary(exp, max_targets=max_agreement_targets) if T >= 2 else None
     summaries = []
     for b in range(B):
         name = stem if B == 1 else f"{stem}_{b}"
         entry: dict[str, Any] = {"predictions": predictions(exp, b, categories), "targets": []}
+        files: list[str] = []
+        base = originals[b] if originals is not None else display[b]
         for t, tg in enumerate(exp.targets[b]):
-            path = out_dir / f"{name}_{t:02d}_{safe_name(tg.label)}.png"
-            save_png(path, overlay(display[b], arr["maps"][b, t], cmap=cmap, alpha=alpha))
+            written = None
+            if max_overlays is None or t < max_overlays:
+                path = out_dir / f"{name}_{t:02d}_{safe_name(tg.label)}.png"
+                pic = overlay(base, arr["maps"][b, t], cmap=cmap, alpha=alpha)
+                save_png(path, stamp(pic, note) if note else pic)
+                written = path.name
+                files.append(written)
             p = float(arr["probs"][b, t])
             entry["targets"].append({"head": tg.head if isinstance(tg.head, int) else str(tg.head), "class": tg.cls,
                                      "label": tg.label, "score": round(float(arr["scores"][b, t]), 5),
-                                     "prob": None if math.isnan(p) else round(p, 5), "overlay": path.name,
+                                     "prob": None if math.isnan(p) else round(p, 5), "overlay": written,
                                      **map_stats(arr["maps"][b, t])})
         np.save(out_dir / f"{name}_maps.npy", arr["maps"][b])
-        fig = explanation_grid(_Row(exp, b), images=display[b:b + 1], cmap=cmap, alpha=alpha,
-                               suptitle=f"{exp.method} @ {', '.join(exp.layers)}")
+        title = f"{exp.method} @ {', '.join(exp.layers)}" + (f" ({note})" if note else "")
+        fig = explanation_grid(_Row(exp, b), images=display[b:b + 1], cmap=cmap, alpha=alpha, suptitle=title)
         save_png(out_dir / f"{name}_grid.png", fig)
+        files += [f"{name}_maps.npy", f"{name}_grid.png"]
         entry.update({"maps": f"{name}_maps.npy", "grid": f"{name}_grid.png",
                       "input_size": list(arr["maps"].shape[-2:])})
+        if originals is not None:
+            entry["overlay_size"] = list(np.asarray(base).shape[:2])
+        if max_overlays is not None and T > max_overlays:
+            entry["overlays_note"] = f"overlay PNGs of the first {max_overlays} of {T} targets"
         if pairs is not None:
-            entry["agreement"] = pairs.summary(b)
+            entry["agreement"] = pairs[b]
+            if max_agreement_targets is not None and T > max_agreement_targets:
+                entry["agreement_note"] = (f"pairwise agreement of the first {max_agreement_targets} "
+                                           f"of {T} targets")
+        entry["files"] = files
         summaries.append(entry)
     return summaries
+
+
+def stamp(image: np.ndarray, text: str) -> np.ndarray:
+    """A copy of ``image`` (H, W, 3) uint8 with ``text`` on a dark tab in its top-left corner."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    draw = ImageDraw.Draw(pil)
+    font = ImageFont.load_default()
+    l, t, r, btm = draw.textbbox((0, 0), text, font=font)
+    draw.rectangle([0, 0, r - l + 5, btm - t + 5], fill=(0, 0, 0))
+    draw.text((3 - l, 3 - t), text, fill=(255, 255, 255), font=font)
+    return np.asarray(pil)
 
 
 def write_method_grid(exps: dict[str, Explanation], out_dir: Path, stem: str, *, cmap: str = "jet",

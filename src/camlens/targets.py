@@ -18,10 +18,12 @@ Accepted target specs (see :func:`parse_target`):
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +38,8 @@ __all__ = [
     "parse_target",
     "resolve_targets",
     "head_categories",
+    "class_heads",
+    "FEATURE_NAMES",
     "combine_targets",
     "COMBINE_MODES",
 ]
@@ -168,6 +172,11 @@ def head_categories(categories: Categories, head: HeadKey, heads: Mapping[HeadKe
 def _class_index(cls: Union[int, str], names: Optional[Sequence[str]], head: HeadKey) -> int:
     if isinstance(cls, int):
         return cls
+    if _is_arraylike(cls):  # a 0-d tensor / NumPy integer
+        a = _int_array(cls)
+        if a.ndim != 0:
+            raise ValueError(f"a class on head {head!r} must be one index, got an array of shape {a.shape}")
+        return int(a)
     s = cls.strip()
     if s.lstrip("-").isdigit():
         return int(s)
@@ -196,6 +205,11 @@ def parse_target(spec: Any, heads: Mapping[HeadKey, Tensor], categories: Categor
         return ResolvedTarget(next(iter(heads)), None, name, spec, head_only=False)
     if isinstance(spec, bool):
         raise TypeError("a target cannot be a bool")
+    if _is_arraylike(spec):  # a 0-d tensor / NumPy integer: one class index
+        spec = _plain_item(spec)
+        if isinstance(spec, list):
+            raise ValueError(f"one target must be one class index, got an array of {len(spec)}; "
+                             "pass the array itself as targets= (1-D: one class per image)")
     if isinstance(spec, int) or (hasattr(spec, "__index__") and not isinstance(spec, (str, tuple))):
         return _resolve(None, int(spec), heads, categories)
     if isinstance(spec, tuple):
@@ -243,15 +257,131 @@ def _is_per_image(targets: Sequence[Any]) -> bool:
     return len(targets) > 0 and all(isinstance(t, (list,)) for t in targets)
 
 
+# ----------------------------------------------------------------------------------------------
+# which outputs are classification heads (for targets=None / top_k / "all")
+
+#: Name tokens of outputs that are features, not classification heads (``"features"``,
+#: ``"image_embeds"``, ``"pooler_output"``, ``"last_hidden_state"``, ...).
+FEATURE_NAMES = frozenset({"feat", "feats", "feature", "features", "emb", "embed", "embeds", "embedding",
+                           "embeddings", "hidden", "pooled", "pooler", "latent", "latents", "penultimate",
+                           "repr", "representation", "representations"})
+
+
+def is_class_shaped(t: Tensor, batch: int) -> bool:
+    """A ``(B, K)`` floating-point tensor with ``K >= 2``: the shape of class logits."""
+    return t.ndim == 2 and t.shape[0] == batch and t.shape[1] >= 2 and t.is_floating_point()
+
+
+def _feature_name(key: HeadKey) -> bool:
+    if not isinstance(key, str):
+        return False
+    parts = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()  # camelCase -> camel_case
+    return any(p in FEATURE_NAMES for p in re.split(r"[^a-z0-9]+", parts))
+
+
+def class_heads(heads: Mapping[HeadKey, Tensor], names: Any = None) -> list[HeadKey]:
+    """The outputs that count as classification heads when camlens picks the classes.
+
+    With ``names`` (``explain(heads=...)``: a key / position or a list of them): exactly those
+    outputs, in that order; each must be ``(B, K)``. Otherwise the default rule:
+
+    * only ``(B, K)`` floating-point outputs with ``K >= 2`` qualify (maps, ``(B,)`` / ``(B, 1)``
+      scores and integer outputs never do);
+    * positional outputs (a tensor, tuple or list): only the FIRST qualifying one, so
+      ``(logits, features)`` or ``(logits, aux_logits)`` explain the logits alone;
+    * named outputs (dict, namedtuple, dataclass, ``ModelOutput``): every qualifying one except
+      names with a feature token (:data:`FEATURE_NAMES`: ``"features"``, ``"embedding"``,
+      ``"hidden"``, ``"pooled"``, ...; tokens split at ``_``, ``.``, ``-`` and camelCase).
+    """
+    batch = next(iter(heads.values())).shape[0]
+    if names is not None:
+        keys = list(names) if isinstance(names, (list, tuple)) else [names]
+        if not keys:
+            raise ValueError("heads= is an empty list; give at least one output key or position")
+        out: list[HeadKey] = []
+        for k in keys:
+            if isinstance(k, bool) or not isinstance(k, (int, str)):
+                raise TypeError(f"heads= takes output keys (str) or positions (int), got {k!r}")
+            key = _find_head(k, heads)
+            t = heads[key]
+            if t.ndim != 2 or t.shape[0] != batch:
+                raise ValueError(f"heads=: output {key!r} has shape {tuple(t.shape)}, not (B, K) = ({batch}, K); "
+                                 "only class-logit outputs can be classification heads")
+            if key not in out:
+                out.append(key)
+        return out
+    cand = [k for k, v in heads.items() if is_class_shaped(v, batch)]
+    if all(isinstance(k, int) for k in heads):
+        return cand[:1]
+    return [k for k in cand if not _feature_name(k)]
+
+
+def _no_class_heads(heads: Mapping[HeadKey, Tensor]) -> ValueError:
+    shapes = {k: tuple(v.shape) for k, v in heads.items()}
+    return ValueError(f"no classification output (B, K) to take top classes from; outputs: {shapes} (outputs "
+                      "named like features/embeddings are not heads by default). Pass targets explicitly, "
+                      "or name the classification heads with heads=[...]")
+
+
+def _is_arraylike(t: Any) -> bool:
+    return isinstance(t, (Tensor, np.ndarray, np.generic))
+
+
+def _int_array(t: Any) -> np.ndarray:
+    """A tensor / NumPy array / NumPy scalar of class indices as an int64 array (integer dtypes only)."""
+    a = t.detach().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"a targets tensor/array must hold integer class indices, got dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+def _array_targets(targets: Any, batch: int) -> Any:
+    """Tensor / NumPy targets -> the list forms: 0-d = one class (for every image); 1-D of
+    length B = one class PER IMAGE; 2-D ``(B, T)`` = T classes per image."""
+    a = _int_array(targets)
+    if a.ndim == 0:
+        return int(a)
+    if a.ndim == 1:
+        if a.shape[0] != batch:
+            raise ValueError(f"a 1-D targets tensor/array gives one class per image: got {a.shape[0]} classes for "
+                             f"a batch of {batch}; for the same classes on every image pass a list "
+                             "(targets=t.tolist()) or a 2-D (B, T) array")
+        return [[int(c)] for c in a]
+    if a.ndim == 2:
+        if a.shape[0] != batch or a.shape[1] == 0:
+            raise ValueError(f"a 2-D targets tensor/array is (B, T) = ({batch}, T >= 1) classes per image, got shape "
+                             f"{tuple(a.shape)}")
+        return [[int(c) for c in row] for row in a]
+    raise ValueError(f"a targets tensor/array must be 0-D (one class), 1-D (B,) (one class per image) or 2-D (B, T), "
+                     f"got shape {tuple(a.shape)}")
+
+
+def _plain_item(t: Any) -> Any:
+    """A list item that is a tensor / array: 0-d -> int; 1-D -> a list of ints (one image's targets)."""
+    if not _is_arraylike(t):
+        return t
+    a = _int_array(t)
+    if a.ndim == 0:
+        return int(a)
+    if a.ndim == 1:
+        return [int(c) for c in a]
+    raise ValueError(f"a tensor/array inside a targets list must be 0-D or 1-D, got shape {tuple(a.shape)}")
+
+
 def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any = None, *,
-                    top_k: Optional[int] = None, categories: Categories = None) -> list[list[ResolvedTarget]]:
+                    top_k: Optional[int] = None, categories: Categories = None,
+                    head_keys: Any = None) -> list[list[ResolvedTarget]]:
     """Resolve user targets into ``B`` lists of ``T`` resolved targets (one list per image).
 
-    * ``targets=None, top_k=None``: the top class of every classification head.
+    * ``targets=None, top_k=None``: the top class of every classification head
+      (:func:`class_heads`; ``head_keys`` names them explicitly, as ``explain(heads=...)``).
     * ``top_k=K``: each classification head's K highest-scoring classes, per image.
+    * ``"all"``: every class of the first classification head; ``"head:all"``: of that head.
     * a single spec or a flat list: the same targets for every image.
     * a list of lists: per-image targets; its length must equal the batch size and every inner
       list must have the same length T (never silently truncated or padded).
+    * a tensor / NumPy array of class indices: 0-D (or a NumPy integer) one class for every
+      image; 1-D ``(B,)`` ONE CLASS PER IMAGE (unlike a flat list); 2-D ``(B, T)`` per image.
     """
     batch = next(iter(heads.values())).shape[0]
     if targets is not None and top_k is not None:
@@ -260,10 +390,18 @@ def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any =
         k = 1 if top_k is None else int(top_k)
         if k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        return _top_k(heads, k, categories)
+        return _top_k(heads, k, categories, class_heads(heads, head_keys))
+    if _is_arraylike(targets):
+        targets = _array_targets(targets, batch)
+    elif isinstance(targets, list) and any(map(_is_arraylike, targets)):
+        targets = [_plain_item(t) for t in targets]
     if isinstance(targets, str) and targets.endswith("all"):
         h = targets[:-3].rstrip(":") or None
-        key = _find_head(h, heads)
+        if h is None:
+            keys = class_heads(heads, head_keys)
+            key = keys[0] if keys else _find_head(None, heads)
+        else:
+            key = _find_head(h, heads)
         n = heads[key].shape[1]
         per = [_resolve(key, c, heads, categories) for c in range(n)]
         return [list(per) for _ in range(batch)]
@@ -284,22 +422,19 @@ def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any =
     return [list(per) for _ in range(batch)]
 
 
-def _top_k(heads: Mapping[HeadKey, Tensor], k: int, categories: Categories) -> list[list[ResolvedTarget]]:
+def _top_k(heads: Mapping[HeadKey, Tensor], k: int, categories: Categories,
+           keys: Optional[Sequence[HeadKey]] = None) -> list[list[ResolvedTarget]]:
     batch = next(iter(heads.values())).shape[0]
+    keys = class_heads(heads) if keys is None else keys
+    if not keys:
+        raise _no_class_heads(heads)
     rows: list[list[ResolvedTarget]] = [[] for _ in range(batch)]
-    used = 0
-    for key, t in heads.items():
-        if t.ndim != 2 or t.shape[1] < 2 or t.shape[0] != batch:
-            continue  # not a classification head
-        used += 1
+    for key in keys:
+        t = heads[key]
         kk = min(k, t.shape[1])
         idx = t.detach().topk(kk, dim=1).indices.cpu().tolist()
         for b in range(batch):
             rows[b].extend(_resolve(key, c, heads, categories) for c in idx[b])
-    if used == 0:
-        shapes = {k: tuple(v.shape) for k, v in heads.items()}
-        raise ValueError(f"no classification output (B, K) to take top classes from; outputs: {shapes}. "
-                         "Pass targets explicitly.")
     return rows
 
 

@@ -193,7 +193,7 @@ class _HeadMean:
 def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: Method, opts: dict,
                   categories: Categories, top_k: Optional[int], fuse: str, relu: bool, upsample_maps: bool,
                   combine: str, aug_smooth: bool, noise_smooth: int, display: Any, tile: TileSpec, overlap: int,
-                  tile_batch: int, layout: Any = None) -> Explanation:
+                  tile_batch: int, layout: Any = None, head_keys: Any = None) -> Explanation:
     """:func:`camlens.explain` tile by tile; called by it when ``tile`` is given (model state held by the caller).
 
     1. Targets: explicit specs are resolved against the output of one tile (head names, class
@@ -253,7 +253,8 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
         with torch.no_grad():
             one = split_outputs(forward(_slice(x, [(0, *boxes[0])], th, tw)))
         heads0 = {k: v.expand(B, *v.shape[1:]) if v.ndim else v for k, v in one.items()}  # shapes, to resolve
-    rows: list[list[ResolvedTarget]] = resolve_targets(targets, heads0, None, top_k=top_k, categories=categories)
+    rows: list[list[ResolvedTarget]] = resolve_targets(targets, heads0, None, top_k=top_k, categories=categories,
+                                                       head_keys=head_keys)
     T = len(rows[0])
 
     # 2. maps; canvases are made on first use (a layer method may return input-space saliency only)

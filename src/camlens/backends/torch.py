@@ -31,7 +31,8 @@ LayerSpec = Union[str, nn.Module]
 
 __all__ = ["LayerSpec", "resolve_layers", "model_state", "capture", "Capture", "layer_gradients",
            "guess_layer", "probe", "model_device", "GuidedReLU", "Runner", "PRECISIONS", "autocast",
-           "Layout"]
+           "Layout", "check_calls", "check_layer_outputs", "probe_layers", "LayerProbe", "LayerRecord",
+           "layout_problem", "looks_channels_last"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -100,7 +101,7 @@ class Layout:
     def wants(self, x: Tensor) -> bool:
         if self.channels_last is not None:
             return self.channels_last and x.ndim == 4
-        if self.failed or x.ndim != 4 or x.shape[0] < 2 or not self.has_conv:
+        if self.failed or x.ndim != 4 or x.shape[0] < 2 or x.requires_grad or not self.has_conv:
             return False
         return x.device.type == "cpu" or (x.device.type == "cuda" and self.precision != "fp32")
 
@@ -111,12 +112,40 @@ class Layout:
             if not self.wants(x):
                 return model(x)
             try:
-                return model(x.contiguous(memory_format=torch.channels_last))
+                with (self._nchw_where_differentiated(model) if self.channels_last is None and not score_only
+                      else contextlib.nullcontext()):
+                    return model(x.contiguous(memory_format=torch.channels_last))
             except RuntimeError as err:
                 if self.channels_last or not _is_layout_error(err):
                     raise
                 self.failed = True  # auto mode: this model wants NCHW (e.g. it .view()s its input)
                 return model(x)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _nchw_where_differentiated(model: nn.Module) -> Iterator[None]:
+        """While active, a module whose 4-D input records a graph gets it back in NCHW.
+
+        Auto mode keeps channels_last to the no-grad part of a forward (before the first
+        captured layer): the part that autograd differentiates, forward and backward, runs in
+        NCHW, the layout of the reference implementations. NHWC backward kernels (oneDNN
+        brgemm) are ISA-dependent and were measured 5e-3 off on one AMD EPYC box.
+        """
+        def nhwc_with_grad(a: Any) -> bool:  # 4-D, records a graph, stored channels_last only
+            return (isinstance(a, Tensor) and a.requires_grad and a.ndim == 4 and not a.is_contiguous()
+                    and a.is_contiguous(memory_format=torch.channels_last))
+
+        def pre_hook(module: nn.Module, args: tuple) -> Optional[tuple]:
+            if not torch.is_grad_enabled() or not any(nhwc_with_grad(a) for a in args):
+                return None
+            return tuple(a.contiguous() if nhwc_with_grad(a) else a for a in args)
+
+        handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _inference_model(self, x: Tensor) -> nn.Module:
         if self._folded is None:  # auto: CPU only (the copy doubles the weights' memory; GPUs gain less)
@@ -199,10 +228,17 @@ def model_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
     """Put ``model`` in eval mode with frozen parameters for the block; restore exactly on exit.
 
     Restores every submodule's ``training`` flag and every parameter's ``requires_grad``, also
-    when the block raises. Hooks are the caller's to remove (see :func:`capture`).
+    when the block raises. With ``eval_mode=False`` and some module in training mode, every
+    buffer is also snapshotted (cloned) and restored in place (BatchNorm's running statistics and
+    ``num_batches_tracked`` change in training-mode forwards); in eval mode nothing is copied (eval
+    BatchNorm reads its buffers only). Hooks are the caller's to remove (see :func:`capture`).
     """
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved = None
+    if not eval_mode and any(t for _, t in modes):
+        with torch.no_grad():
+            saved = [(m, n, b, b.clone()) for m in model.modules() for n, b in m._buffers.items() if b is not None]
     try:
         if eval_mode:
             model.eval()
@@ -215,6 +251,14 @@ def model_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
             m.training = training
         for p, rg in flags:
             p.requires_grad_(rg)
+        if saved is not None:
+            with torch.no_grad():
+                for m, n, b, copy in saved:
+                    if b.shape == copy.shape:
+                        b.copy_(copy)
+                        m._buffers[n] = b  # the same tensor object, also if the module rebound the name
+                    else:
+                        m._buffers[n] = copy
 
 
 @dataclass
@@ -233,6 +277,12 @@ class Capture:
     activations: dict[str, Tensor] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     linear_io: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _handles: list = field(default_factory=list, repr=False)
+
+    def release(self) -> None:
+        """Remove the hooks now (before the block ends), e.g. to run another forward for an error message."""
+        for h in self._handles:
+            h.remove()
 
 
 def _first_tensor(out: Any) -> Optional[Tensor]:
@@ -253,7 +303,7 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, grad: 
     and all hooks are restored on exit.
     """
     cap = Capture()
-    handles = []
+    handles = cap._handles
     grad_mode = torch.is_grad_enabled()
 
     def make_hook(name: str) -> Callable:
@@ -307,6 +357,40 @@ def check_calls(cap: Capture, layers: Sequence[tuple[str, nn.Module]]) -> None:
                                "runs once, such as the block or norm layer around it")
 
 
+def check_layer_outputs(cap: Capture, layers: Sequence[tuple[str, nn.Module]], model: nn.Module, x: Tensor) -> None:
+    """Raise one clear error when a captured layer output is not a ``(B, C, h, w)`` map of the input's batch.
+
+    Shared by every layer method, before it runs: vectors ``(B, C)``, tokens ``(B, N, C)``,
+    channels-last ``(B, h, w, C)`` maps (see :func:`looks_channels_last`) and outputs whose
+    leading dimension is not the batch (per proposal / window) are refused, never misread. The
+    message names the layer, the shape seen, what camlens needs and layers that would work (from a
+    probe forward, run only on this error path, after the capture hooks are removed).
+    """
+    B, size = int(x.shape[0]), (int(x.shape[-2]), int(x.shape[-1]))
+    for name, mod in layers:
+        t = cap.activations.get(name)
+        if t is None:
+            continue
+        why = layout_problem(t.shape, B, size)
+        if why is None and t.ndim == 4 and not _grid_fits(t.shape[2], t.shape[3], size):
+            att = next((a for a in _strict_ancestors(name) if _is_attention(model.get_submodule(a))), None)
+            if att is not None:  # e.g. a ViT's attn.k_norm (B, heads, N, d)
+                why = f"it is inside attention block {att!r}, likely (B, heads, N, d), not a spatial map"
+        if why is None:
+            continue
+        cap.release()
+        try:
+            p = probe_layers(model, x)
+            cands, err = p.candidates(4), p.error
+        except Exception:  # the hint is optional
+            cands, err = [], None
+        hint = (f"pick a convolutional feature layer such as {', '.join(repr(c) for c in cands)} (layer=None "
+                "picks the first)" if cands and not err
+                else f"no layer of this model qualifies: {err}" if err else "pick a convolutional feature layer")
+        raise ValueError(f"layer {name!r} ({type(mod).__name__}) output has shape {tuple(t.shape)}: {why}. camlens "
+                         f"needs a (B, C, h, w) feature map with B = {B} (the input batch); {hint}")
+
+
 def _is_vmap_error(err: BaseException) -> bool:
     """An error from vmap's batching of the backward (an op without a batching rule)."""
     msg = str(err).lower()
@@ -354,46 +438,284 @@ def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str]
     return out
 
 
-def probe(model: nn.Module, x: Tensor) -> tuple[Optional[str], Any]:
-    """One forward without graph, in eval mode: ``(last spatial layer name or None, output)``.
+_PROBE_BATCH = 2  # the probe runs 2 images, so that a leading dimension that is not the batch shows
+_STEM_TOKENS = 6  # at least this many token / channels-last modules after the last (B, C, h, w) layer, and more
+# of them than (B, C, h, w) modules before it: that layer is the patch-embedding stem of a token-based network
 
-    The last spatial layer is the last module (in execution order) whose output is a map
-    ``(B, C, h, w)`` with h*w > 1; adaptive pooling modules are skipped (their fixed grid, e.g.
-    VGG's 7x7 ``avgpool``, does not follow the image). Model state and hooks are restored.
+
+@dataclass
+class LayerRecord:
+    """What the probe saw of one module: its first output's shape, calls, and why it is no candidate.
+
+    Attributes:
+        name, kind: dotted name and class name.
+        calls: times it ran in the forward; shape: its (first) tensor output's shape, or ``None``.
+        order: completion index of its first call (execution order).
+        reason: why it cannot be the default CAM layer; ``None``: a candidate.
+        fragment: a candidate inside a block whose output has no grid left (h*w = 1): used only
+            when no other candidate exists.
     """
-    order: list[str] = []
-    skip = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+    name: str
+    kind: str
+    calls: int
+    shape: Optional[tuple[int, ...]]
+    order: int
+    reason: Optional[str] = None
+    fragment: bool = False
+
+    def describe(self) -> str:
+        shape = "no tensor" if self.shape is None else str(tuple(self.shape))
+        return f"{self.name} ({self.kind}) {shape}" + (f": {self.reason}" if self.reason else "")
+
+
+@dataclass
+class LayerProbe:
+    """One probe forward: the output, per-module records, the chosen layer or why there is none.
+
+    ``batch`` is the probe's batch size (shapes in ``records`` have it as leading dimension).
+    """
+
+    output: Any
+    batch: int
+    size: tuple[int, int]
+    records: list[LayerRecord]
+    layer: Optional[str] = None
+    error: Optional[str] = None
+
+    def candidates(self, n: int = 5) -> list[str]:
+        """The ``n`` deepest candidate layer names, deepest first (the chosen layer first), without
+        pieces of a listed block with its shape (``layer4``, ``layer3``, not ``layer4``, ``layer4.1``)."""
+        good = [r for r in reversed(self.records) if r.reason is None]
+        good.sort(key=lambda r: r.fragment)  # stable: whole blocks before fragments
+        out: list[LayerRecord] = []
+        for r in good:
+            if len(out) < n and not any(r.name.startswith(o.name + ".") and r.shape == o.shape for o in out):
+                out.append(r)
+        return [r.name for r in out]
+
+    def near_misses(self, n: int = 6) -> list[LayerRecord]:
+        """The deepest modules with a batch-leading 3-D/4-D output, for error messages."""
+        out = [r for r in reversed(self.records) if r.shape is not None and len(r.shape) in (3, 4)
+               and not r.kind.startswith("Adaptive")]
+        return out[:n]
+
+
+def _grid_fits(h: int, w: int, size: tuple[int, int]) -> bool:
+    """Can ``(h, w)`` be the input ``size`` divided by one stride, each side rounded (±1)?"""
+    H, W = size
+    if h < 1 or w < 1:
+        return False
+    lo = max(H / (h + 1), W / (w + 1))
+    hi = min(H / (h - 1) if h > 1 else float("inf"), W / (w - 1) if w > 1 else float("inf"))
+    return lo <= hi
+
+
+def looks_channels_last(shape: Sequence[int], size: tuple[int, int]) -> bool:
+    """A 4-D ``(B, h, w, C)`` output: dims 1-2 fit the input's grid at one stride, dims 2-3 do not.
+
+    E.g. Swin's ``(B, 7, 7, 768)`` for a 224x224 input; a real ``(B, C, h, w)`` map never has
+    ``(h, w) = (7, 768)``. When both readings fit (small C), it is read as ``(B, C, h, w)``.
+    """
+    return len(shape) == 4 and _grid_fits(shape[1], shape[2], size) and not _grid_fits(shape[2], shape[3], size)
+
+
+def layout_problem(shape: Sequence[int], batch: int, size: tuple[int, int]) -> Optional[str]:
+    """Why a layer output of ``shape`` is not a ``(B, C, h, w)`` map camlens can read, or ``None``.
+
+    ``batch``: the input's B; ``size``: the input's (H, W).
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0 or shape[0] != batch:
+        lead = shape[0] if shape else "none"
+        return (f"its leading dimension ({lead}) is not the batch of the input ({batch}): one row per image is "
+                "needed, not per proposal/window/token")
+    if len(shape) == 2:
+        return "it is a vector per image (B, C) with no spatial grid (a pooled or classifier layer)"
+    if len(shape) == 3:
+        return "it looks like tokens (B, N, C) (a transformer layout, not supported yet)"
+    if len(shape) != 4:
+        return f"it is {len(shape)}-D"
+    if looks_channels_last(shape, size):
+        return ("it looks channels-last (B, h, w, C) (e.g. Swin stages; not supported yet), and reading it as "
+                "(B, C, h, w) would give a wrong map")
+    return None
+
+
+def _strict_ancestors(name: str) -> Iterator[str]:
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        yield ".".join(parts[:i])
+
+
+def _tensor_leaves(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        vals: Any = out.values()
+    elif isinstance(out, (tuple, list)):
+        vals = out
+    elif hasattr(out, "__dataclass_fields__"):
+        vals = [getattr(out, f) for f in out.__dataclass_fields__]
+    else:
+        return []
+    return [t for v in vals for t in _tensor_leaves(v)]
+
+
+def _is_attention(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.MultiheadAttention) or "attention" in type(mod).__name__.lower()
+
+
+def probe_layers(model: nn.Module, x: Tensor) -> LayerProbe:
+    """One forward without graph, in eval mode, of 2 images (``x[:2]``, or ``x[0]`` twice if B = 1).
+
+    Two images, so that an output whose leading dimension is not the batch shows (one image can
+    give 150 proposals, two give 300); a model that only takes batch 1 is probed at batch 1.
+
+    Picks the default CAM layer: the deepest module (execution order) that
+
+    * runs once (a reused module's output is ambiguous; the block around it is used instead),
+    * keeps the batch axis (not per-proposal / per-window outputs of detection or Swin internals),
+    * outputs a ``(B, C, h, w)`` map with h*w > 1 (not tokens, vectors or channels-last maps;
+      adaptive pooling is skipped: its fixed grid does not follow the image),
+    * is not inside an attention block (e.g. timm ViT's ``attn.k_norm`` ``(B, heads, N, d)``),
+    * is not the output head of a dense-prediction model (an output ``(B, K, H, W)``): a
+      convolution to K channels and the K-channel modules right after it, with all of a head
+      module (e.g. a segmentation ``classifier``) unless it holds the whole network,
+
+    preferring a whole block over a piece of a block whose own output has no grid left (resnet50
+    on a 32x32 input: ``layer3``, not ``layer4.0.bn1``). When the last such layer is followed by
+    many token or channels-last modules (more than the maps before it) it is a patch-embedding
+    stem (ViT, Mixer, Swin): no layer is chosen, and ``error`` says why. Model state and hooks are
+    restored.
+    """
+    xs = x[:_PROBE_BATCH] if x.shape[0] >= _PROBE_BATCH else torch.cat([x[:1]] * _PROBE_BATCH)
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    named = dict(model.named_modules())
+    records: dict[str, LayerRecord] = {}
 
     def hook(name: str) -> Callable:
         def f(m: nn.Module, i: Any, o: Any) -> None:
+            r = records.get(name)
+            if r is not None:
+                r.calls += 1
+                return
             t = _first_tensor(o)
-            if t is not None and t.ndim == 4 and t.shape[-1] * t.shape[-2] > 1:
-                order.append(name)
+            records[name] = LayerRecord(name, type(m).__name__, 1, None if t is None else tuple(t.shape),
+                                        len(records))
         return f
 
-    handles = []
+    def run(xb: Tensor) -> Any:
+        records.clear()
+        handles = [mod.register_forward_hook(hook(name)) for name, mod in named.items() if name]
+        try:
+            with torch.no_grad(), model_state(model):
+                return model(xb)
+        finally:
+            for h in handles:
+                h.remove()
+
     try:
-        for name, mod in model.named_modules():
-            if name and not isinstance(mod, skip):
-                handles.append(mod.register_forward_hook(hook(name)))
-        with torch.no_grad(), model_state(model):
-            out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return (order[-1] if order else None), out
+        out, B = run(xs), _PROBE_BATCH
+    except Exception:  # a model that only takes batch 1 (if batch 1 fails too, that error is raised)
+        out, B = run(x[:1]), 1
+    recs = sorted(records.values(), key=lambda r: r.order)
+    p = LayerProbe(out, B, size, recs)
+    _choose(p, named)
+    return p
+
+
+def _choose(p: LayerProbe, named: dict[str, nn.Module]) -> None:
+    B, size = p.batch, p.size
+    by_name = {r.name: r for r in p.records}
+    spatial: list[LayerRecord] = []  # (B, C, h, w) with h*w > 1, run once or not
+    for r in p.records:
+        mod = named[r.name]
+        if isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or "adaptive" in r.kind.lower():
+            r.reason = "adaptive pooling (its grid does not follow the image)"
+        elif r.shape is None:
+            r.reason = "no tensor output"
+        elif (why := layout_problem(r.shape, B, size)) is not None:
+            r.reason = why
+        elif r.shape[2] * r.shape[3] <= 1:
+            r.reason = "no spatial grid (h*w = 1)"
+        else:
+            att = next((a for a in _strict_ancestors(r.name) if _is_attention(named[a])), None)
+            if att is not None:
+                r.reason = f"inside attention block {att!r} ({type(named[att]).__name__})"
+            elif r.calls > 1:
+                r.reason = f"called {r.calls} times in one forward"
+            spatial.append(r)
+    # output head of a dense-prediction model: from a projection conv to K output channels on
+    dense_k = {int(t.shape[1]) for t in _tensor_leaves(p.output)
+               if t.ndim == 4 and t.shape[0] == B and t.shape[2] * t.shape[3] > 1}
+    heads: list[LayerRecord] = []
+    if dense_k:
+        chain = False
+        for r in spatial:
+            mod = named[r.name]
+            if r.shape[1] not in dense_k:
+                chain = False
+                continue
+            if isinstance(mod, nn.modules.conv._ConvNd) and mod.in_channels != mod.out_channels:
+                chain = True
+            if chain:
+                heads.append(r)
+        for r in heads:
+            r.reason = r.reason or f"output head (its {r.shape[1]} channels are the output's classes)"
+        head_names = {r.name for r in heads}
+        for h in heads:  # a head module: all of it is head, unless it holds the whole network
+            inside = [r for r in spatial if r.name.startswith(h.name + ".")]
+            outside = [r for r in spatial if r.reason is None and not r.name.startswith(h.name + ".")
+                       and r.name not in head_names]
+            if outside:
+                for r in inside:
+                    r.reason = r.reason or f"inside the output head {h.name!r}"
+    good = [r for r in spatial if r.reason is None]
+    for r in good:  # a piece of a block whose output has no grid left (e.g. layer4.0.bn1 when layer4 is 1x1)
+        r.fragment = any(a in by_name and by_name[a].shape is not None and len(by_name[a].shape) == 4
+                         and by_name[a].shape[0] == B and by_name[a].shape[2] * by_name[a].shape[3] <= 1
+                         for a in _strict_ancestors(r.name))
+    whole = [r for r in good if not r.fragment]
+    pick = (whole or good or [None])[-1]
+    misses = "; ".join(r.describe() for r in p.near_misses())
+    if pick is None:
+        p.error = (f"no module of the model outputs a (B, C, h, w) feature map that camlens can use for a "
+                   f"{size[0]}x{size[1]} input -- it needs a layer that runs once, "
+                   "keeps the batch axis, has h*w > 1 and is not the output head or inside an attention block. "
+                   f"Deepest modules (shapes at a probe batch of {B}): {misses or 'none'}. Pass layer= explicitly "
+                   "(token and channels-last transformer layouts are not supported yet)")
+        return
+    after = [r for r in p.records if r.order > pick.order and not r.name.startswith(pick.name + ".")
+             and r.shape is not None and r.shape[0] == B
+             and ((len(r.shape) == 3 and r.shape[1] > 1) or looks_channels_last(r.shape, size))]
+    maps_before = sum(1 for r in spatial if r.order <= pick.order)
+    if len(after) >= _STEM_TOKENS and len(after) > maps_before:  # mostly tokens after it (not a CNN + small RNN)
+        p.error = (f"it is token-based: after its patch-embedding stem {pick.name!r} ({pick.kind}, "
+                   f"{tuple(pick.shape)}), {len(after)} modules output tokens (B, N, C) or channels-last "
+                   f"(B, h, w, C) maps (the last: {after[-1].name} {tuple(after[-1].shape)}), which camlens cannot "
+                   "read yet (transformer layouts are not supported yet), and a CAM of the stem says nothing "
+                   f"about the network. Pass layer= explicitly (layer={pick.name!r} runs but explains only the "
+                   "stem), or use an input-space method: method='occlusion' or 'guided_backprop'")
+        return
+    p.layer = pick.name
+
+
+def probe(model: nn.Module, x: Tensor) -> tuple[Optional[str], Any]:
+    """``(default CAM layer or None, output)`` from :func:`probe_layers` (the output is for 2 images)."""
+    p = probe_layers(model, x)
+    return p.layer, p.output
 
 
 def guess_layer(model: nn.Module, x: Tensor) -> str:
-    """The last spatial layer of the forward pass (see :func:`probe`).
+    """The default CAM layer (see :func:`probe_layers`); a clear error listing candidates if none.
 
     torchvision ResNets give ``layer4``, VGG ``features``, timm EfficientNets ``bn2``.
     """
-    name, _ = probe(model, x)
-    if name is None:
-        raise ValueError(f"no module of {type(model).__name__} outputs a spatial (B, C, h, w) map with h*w > 1 for "
-                         f"an input of shape {tuple(x.shape)}; CAMs need a convolutional feature layer: pass layer=")
-    return name
+    p = probe_layers(model, x)
+    if p.layer is None:
+        raise ValueError(f"cannot pick a CAM layer of {type(model).__name__}: {p.error}")
+    return p.layer
 
 
 # ----------------------------------------------------------------------------------------------

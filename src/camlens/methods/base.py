@@ -57,11 +57,19 @@ class MethodContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def spatial_acts(self, name: str, who: str) -> Tensor:
-        """Layer ``name``'s activations ``(B, C, h, w)``; a clear error for any other shape."""
+        """Layer ``name``'s activations ``(B, C, h, w)``; a clear error for any other shape.
+
+        The same check as the engine's (:func:`camlens.backends.torch.layout_problem`): vectors,
+        tokens, channels-last maps and a leading dimension other than the batch are refused.
+        """
+        from ..backends.torch import layout_problem
+
         a = self.acts[name]
-        if a.ndim != 4:
-            raise ValueError(f"{who} needs a spatial layer output (B, C, h, w); layer {name!r} gave {tuple(a.shape)}. "
-                             "Pick a convolutional layer.")
+        B, H, W = (int(self.inputs.shape[i]) for i in (0, -2, -1))
+        why = layout_problem(a.shape, B, (H, W))
+        if why is not None:
+            raise ValueError(f"{who} needs a (B, C, h, w) feature map with B = {B}; layer {name!r} gave "
+                             f"{tuple(a.shape)}: {why}. Pick a convolutional feature layer (layer=None picks one).")
         return a
 
 
@@ -131,7 +139,7 @@ class GradientMethod(Method):
 
     def compute(self, ctx: MethodContext) -> MethodOutput:
         assert ctx.grads is not None
-        return MethodOutput(raws={n: self.raw(ctx.acts[n], ctx.grads[n]) for n in ctx.layers})
+        return MethodOutput(raws={n: self.raw(ctx.spatial_acts(n, self.name), ctx.grads[n]) for n in ctx.layers})
 
 
 @dataclass(frozen=True)
@@ -144,7 +152,7 @@ class ActivationMethod(Method):
     def compute(self, ctx: MethodContext) -> MethodOutput:
         assert self.fn is not None
         T = ctx.scores.shape[1]
-        return MethodOutput(raws={n: self.fn(ctx.acts[n], T) for n in ctx.layers})
+        return MethodOutput(raws={n: self.fn(ctx.spatial_acts(n, self.name), T) for n in ctx.layers})
 
 
 def register(method: Method) -> Method:

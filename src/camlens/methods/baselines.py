@@ -83,9 +83,7 @@ class RandomCAM(Method):
     def compute(self, ctx: MethodContext) -> MethodOutput:
         raws = {}
         for i, n in enumerate(ctx.layers):
-            a = ctx.acts[n]
-            if a.ndim != 4:
-                raise ValueError(f"method 'random' needs (B, C, h, w) activations at layer {n!r}, got {tuple(a.shape)}")
+            a = ctx.spatial_acts(n, "method 'random'")
             w = random_weights(ctx.targets, a.shape[1], int(ctx.options["random_seed"]), i).to(a.device, a.dtype)
             raw = torch.einsum("btc,bchw->bthw", w, a)
             raws[n] = raw - raw.mean(dim=(-2, -1), keepdim=True)  # the ReLU keeps the above-average half

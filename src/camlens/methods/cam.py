@@ -61,7 +61,7 @@ class CamMethod(Method):
         if len(ctx.layers) != 1:
             raise ValueError(f"CAM uses one layer (the one right before global pooling), got {ctx.layers}")
         name = ctx.layers[0]
-        a = ctx.acts[name]
+        a = ctx.spatial_acts(name, "CAM")
         rows = ctx.targets
         B, T = len(rows), len(rows[0])
         out = torch.empty((B, T, *a.shape[-2:]), dtype=a.dtype, device=a.device)

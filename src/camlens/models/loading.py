@@ -27,6 +27,7 @@ __all__ = [
     "guess_default_layer",
     "remap_state_dict_by_order",
     "load_weights_file",
+    "check_device",
     "imagenet_categories",
 ]
 
@@ -65,6 +66,10 @@ class LoadedModel:
         name: the name the model was loaded by.
         mean, std: per-channel normalisation used by ``preprocess``.
         input_size: shorter image side after resizing.
+        random_weights: ``True`` when the model was built with random initial weights (a
+            ``torchvision:``/``timm:`` architecture without ``weights=``): its predictions and
+            maps mean nothing. ``False`` for built-in, shipped or user-supplied weights (a
+            ``file.py:factory`` model is trusted to bring its own).
     """
 
     model: nn.Module
@@ -75,6 +80,7 @@ class LoadedModel:
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
     input_size: int = 224
+    random_weights: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Forward ``x`` (N, 3, H, W) through the model -> logits (N, num_classes)."""
@@ -177,7 +183,19 @@ def load_weights_file(path: Union[str, os.PathLike]) -> "OrderedDict[str, torch.
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read weights file {p}: {e}") from e
+        msg = str(e)
+        if "GLOBAL" in msg or "Unsupported global" in msg:
+            import re
+
+            found = re.search(r"GLOBAL ([\w.]+)", msg)
+            what = f" ({found.group(1)})" if found else ""
+            raise ValueError(
+                f"weights file {p} holds a pickled Python object{what}, e.g. a whole model saved with "
+                "torch.save(model), not a state dict; camlens does not unpickle arbitrary objects (it "
+                "can run code). Re-save it with torch.save(model.state_dict(), PATH)"
+            ) from None
+        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+        raise ValueError(f"cannot read weights file {p}: {first}") from e
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
@@ -195,11 +213,32 @@ def load_weights_file(path: Union[str, os.PathLike]) -> "OrderedDict[str, torch.
 
 
 def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strict ``load_state_dict`` with an error that says where the weights came from."""
+    """Strict ``load_state_dict`` with a one-line error that says where the weights came from and
+    summarises what does not fit (missing / unexpected keys, shape mismatches; a few examples each)."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise RuntimeError(f"weights from {source} do not fit {type(model).__name__}: {e}") from e
+        raise RuntimeError(f"weights from {source} do not fit {type(model).__name__}: "
+                           f"{_mismatch_summary(model.state_dict(), state) or str(e).splitlines()[0]}") from e
+
+
+def _mismatch_summary(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], n: int = 3) -> str:
+    """``"2 missing keys (a, b), 1 unexpected key (c), 1 shape mismatch (fc.weight: file (10, 512) vs
+    model (1000, 512))"``; empty when the key sets and shapes agree."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = []
+    for items, what in ((missing, "missing key"), (unexpected, "unexpected key"), (shapes, "shape mismatch")):
+        if items:
+            more = f", ... {len(items) - n} more" if len(items) > n else ""
+            plural = "es" if what.endswith("h") else "s"
+            parts.append(f"{len(items)} {what}{plural if len(items) != 1 else ''} ({', '.join(items[:n])}{more})")
+    hint = ""
+    if missing and unexpected and len(missing) >= len(own) // 2:
+        hint = "; is it a state dict of a different architecture?"
+    return ", ".join(parts) + hint
 
 
 def remap_state_dict_by_order(
@@ -349,14 +388,24 @@ def _load_torchvision(arch: str, name: str, weights: Optional[str], crop: bool) 
         raise ImportError(f"{name} needs torchvision: pip install torchvision") from e
     try:
         model = torchvision.models.get_model(arch, weights=None)
-    except ValueError as e:
+    except ValueError:
         raise ValueError(
-            f"unknown torchvision model {arch!r}; see torchvision.models.list_models() ({e})"
-        ) from e
-    return _from_module(
+            f"unknown torchvision model {arch!r}{_did_you_mean(arch, torchvision.models.list_models())}; "
+            "see torchvision.models.list_models()"
+        ) from None
+    lm = _from_module(
         model, name, size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         interpolation="bilinear", crop=crop, weights=weights,
     )
+    lm.random_weights = weights is None
+    return lm
+
+
+def _did_you_mean(name: str, choices: List[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def _load_timm(arch: str, name: str, weights: Optional[str], crop: bool) -> LoadedModel:
@@ -365,16 +414,20 @@ def _load_timm(arch: str, name: str, weights: Optional[str], crop: bool) -> Load
 
     try:
         model = timm.create_model(arch, pretrained=False)
-    except RuntimeError as e:
-        raise ValueError(f"unknown timm model {arch!r}; see timm.list_models() ({e})") from e
+    except RuntimeError:
+        raise ValueError(
+            f"unknown timm model {arch!r}{_did_you_mean(arch, timm.list_models())}; see timm.list_models()"
+        ) from None
     cfg = resolve_data_config({}, model=model)
     interp = cfg.get("interpolation", "bicubic")
-    return _from_module(
+    lm = _from_module(
         model, name, size=int(cfg["input_size"][-1]),
         mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),  # type: ignore[arg-type]
         interpolation=interp if interp in PIL_INTERPOLATION else "bilinear",
         crop=crop, weights=weights,
     )
+    lm.random_weights = weights is None
+    return lm
 
 
 def _load_factory(path_str: str, factory: str, name: str, weights: Optional[str], crop: bool) -> LoadedModel:
@@ -406,6 +459,8 @@ def _load_factory(path_str: str, factory: str, name: str, weights: Optional[str]
     if isinstance(obj, LoadedModel):
         if weights is not None:
             _load_state(obj.model, load_weights_file(weights), str(weights))
+        if crop and isinstance(obj.preprocess, Preprocess):
+            obj.preprocess.crop = True  # crop=True asks for square inputs whatever the factory chose
         obj.model.eval()
         return obj
     if isinstance(obj, nn.Module):
@@ -441,7 +496,11 @@ def load(
             image, shorter side = ``input_size``).
 
     Raises:
-        ValueError: unknown name (message lists the valid forms) or unusable model.
+        ValueError: unknown name (message lists the valid forms), unusable model, a weights file
+            that is not a state dict (e.g. a whole pickled model), or a device that is not
+            available (``"cuda"`` without a GPU).
+        RuntimeError: the weights do not fit the model (one line: missing / unexpected keys,
+            shape mismatches).
         FileNotFoundError: ``weights`` or the model file does not exist.
     """
     if not isinstance(name, str) or not name:
@@ -449,6 +508,7 @@ def load(
     weights_str = os.fspath(weights) if weights is not None else None
     if weights_str is not None and not Path(weights_str).is_file():
         raise FileNotFoundError(f"weights file not found: {weights_str}")
+    check_device(device)
 
     if name in _EFFICIENTNET_LITE:
         lm = _load_efficientnet_lite(name, weights_str, crop)
@@ -469,6 +529,35 @@ def load(
     lm.model.eval()
     lm.to(device)
     return lm
+
+
+def check_device(device: DeviceLike) -> Optional[torch.device]:
+    """``torch.device(device)`` if it exists on this machine, else a ``ValueError`` saying what is
+    available (``None`` passes through: CPU)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device {device!r} is not available: this PyTorch sees no CUDA GPU "
+                             f"(torch {torch.__version__}{'' if torch.version.cuda else ', built without CUDA'}); "
+                             "use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {device!r} is not available: {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device {device!r} is not available (no Apple MPS backend); use --device cpu")
+    elif dev.type != "cpu":
+        avail = getattr(torch, dev.type, None)
+        is_avail = getattr(avail, "is_available", None)
+        if not (callable(is_avail) and is_avail()):
+            raise ValueError(f"device {device!r} is not available; use --device cpu")
+    return dev
 
 
 def _valid_forms() -> str:

@@ -78,6 +78,18 @@ class Preprocess:
         """(H, W) that an h x w image has after preprocessing."""
         return (self.input_size, self.input_size) if self.crop else _resized_hw(h, w, self.input_size)
 
+    def source_box(self, h: int, w: int) -> Tuple[float, float, float, float]:
+        """The region ``(left, top, right, bottom)`` of an h x w original image that the model input
+        shows, in the original's pixels: the whole image, or with ``crop`` the centred square that
+        the crop keeps. Use it to draw maps back onto the original picture."""
+        if not self.crop:
+            return 0.0, 0.0, float(w), float(h)
+        nh, nw = _resized_hw(h, w, self.input_size)
+        top, left = _centre_box(nh, nw, self.input_size)
+        sy, sx = h / nh, w / nw
+        return (max(0.0, left * sx), max(0.0, top * sy), min(float(w), (left + self.input_size) * sx),
+                min(float(h), (top + self.input_size) * sy))
+
     def resize(self, image: object) -> _Resized:
         """Resize (and crop) one image as :meth:`__call__` does, without normalising.
 

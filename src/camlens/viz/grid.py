@@ -51,8 +51,14 @@ def grid(
     alpha: float = 0.5,
     cell_size: float = 3.0,
     suptitle: Optional[str] = None,
+    max_cols: Optional[int] = 16,
+    max_cells: Optional[int] = 128,
 ) -> Figure:
     """Plot a B x T grid of overlays: one row per image, one column per target.
+
+    Bounded whatever B and T: an image's targets wrap onto several rows of at most ``max_cols``
+    cells, and at most ``max_cells`` cells are drawn (the first ``min(T, max_cells)`` targets of
+    the first ``max_cells // that`` images); what was left out is said in the figure title.
 
     Args:
         images: B images (H, W, 3) (uint8 or float in [0, 1], or (H, W) grey),
@@ -65,6 +71,8 @@ def grid(
         alpha: heat-map weight in [0, 1].
         cell_size: size of one cell in inches.
         suptitle: optional figure title.
+        max_cols: at most this many cells per row (``None``: no wrapping).
+        max_cells: at most this many cells in all (``None``: no cap).
 
     Returns:
         A ``matplotlib.figure.Figure`` (Agg canvas) with B*T image axes (axes off)
@@ -90,21 +98,41 @@ def grid(
                 raise ValueError(f"titles[{b}] must be a list of T={T} strings, got {got}")
     if cell_size <= 0:
         raise ValueError(f"cell_size must be > 0, got {cell_size}")
+    for name, value in (("max_cols", max_cols), ("max_cells", max_cells)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 or None, got {value}")
     colormap = _get_cmap(cmap)
 
+    # Bound the number of cells drawn, then wrap each image's targets onto rows of `cols` cells.
+    shown_t = T if max_cells is None else min(T, max_cells)
+    shown_b = B if max_cells is None else min(B, max(1, max_cells // shown_t))
+    notes = []
+    if shown_b < B:
+        notes.append(f"first {shown_b} of {B} rows")
+    if shown_t < T:
+        notes.append(f"first {shown_t} of {T} targets")
+    if notes:
+        note = "(showing " + ", ".join(notes) + ")"
+        suptitle = f"{suptitle}\n{note}" if suptitle else note
+    cols = shown_t if max_cols is None else min(shown_t, max_cols)
+    per = -(-shown_t // cols)  # rows per image
+    nrows = shown_b * per
+
     # Cells follow the images' aspect (cell_size is the width); room for titles, colorbar, suptitle.
-    aspect = max(np.asarray(im).shape[0] / np.asarray(im).shape[1] for im in imgs)
+    aspect = max(np.asarray(im).shape[0] / np.asarray(im).shape[1] for im in imgs[:shown_b])
     row_h = cell_size * aspect + (0.3 if titles is not None else 0.05)
+    lines = 0 if not suptitle else 1 + str(suptitle).count("\n")
     fig = Figure(
-        figsize=(cell_size * T + 0.2 * cell_size + 0.6, row_h * B + (0.4 if suptitle else 0.0)),
+        figsize=(cell_size * cols + 0.2 * cell_size + 0.6, row_h * nrows + 0.4 * lines),
         layout="constrained",
     )
     FigureCanvasAgg(fig)
-    axes = fig.subplots(B, T, squeeze=False)
-    for b in range(B):
-        for t in range(T):
-            ax = axes[b, t]
-            ax.set_axis_off()
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for b in range(shown_b):
+        for t in range(shown_t):
+            ax = axes[b * per + t // cols, t % cols]
             if titles is not None and titles[b][t] is None:
                 continue  # an empty cell (ragged layouts)
             ax.imshow(overlay(imgs[b], m[b, t], cmap=colormap, alpha=alpha))
@@ -112,7 +140,7 @@ def grid(
                 ax.set_title(_wrap(titles[b][t], cell_size), fontsize=_TITLE_FONTSIZE)
             ax.set_axis_off()
     sm = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormap)
-    fig.colorbar(sm, ax=axes.ravel().tolist(), location="right", fraction=0.05 / max(T, 1) + 0.02, shrink=0.9)
+    fig.colorbar(sm, ax=axes.ravel().tolist(), location="right", fraction=0.05 / max(cols, 1) + 0.02, shrink=0.9)
     if suptitle:
         fig.suptitle(suptitle)
     return fig
@@ -172,8 +200,11 @@ def explanation_grid(exp: Any, images: Optional[Union[Sequence[ArrayLike], Array
     ``p=`` part is omitted where the probability is NaN or ``probs`` is None).
     Display images: ``images`` if given, else ``exp.display`` (B, H, W, 3) uint8,
     else ``exp.inputs`` (B, 3, H, W) min-max rescaled per image to 0..255.
-    Extra keyword arguments go to ``grid`` (``titles=`` overrides the built ones).
+    Extra keyword arguments go to ``grid`` (``titles=`` overrides the built ones); by default
+    at most 8 cells per row (targets wrap) and 64 cells in all (``max_cols``, ``max_cells``).
     """
+    kw.setdefault("max_cols", 8)
+    kw.setdefault("max_cells", 64)
     maps = exp.maps
     B, T = tuple(maps.shape[:2])
     if images is None:
