@@ -69,7 +69,11 @@ class Layout:
     measured faster (resnet18, CPU, batch 16: 31 ms vs 37 ms per image) — and falls back to NCHW
     for good if the model rejects it (e.g. a ``.view`` of the raw input). ``True`` always (errors
     propagate), ``False`` never. Only the input's layout changes, never the model's weights, so
-    the model is left as it came; the numbers are the same up to float rounding.
+    the model is left as it came; the numbers are the same up to float rounding. (Rounding, of
+    either layout: where a ReLU input or a max-pool pair after the layer is within a few ulps of
+    a tie, float32 rounding decides the gradient's route, and a map can move by ~1e-3 — as it
+    does for any other kernel, CPU or thread count; measured on vgg11, neither layout is closer
+    to float64 than the other. In float64 the layouts agree to 1e-6.)
 
     Score-only forwards (``run(x, score_only=True)``: Score-CAM's masked inputs, occlusion,
     metrics) of 2+ inputs may run on an inference copy with BatchNorm folded into the preceding
@@ -101,7 +105,7 @@ class Layout:
     def wants(self, x: Tensor) -> bool:
         if self.channels_last is not None:
             return self.channels_last and x.ndim == 4
-        if self.failed or x.ndim != 4 or x.shape[0] < 2 or x.requires_grad or not self.has_conv:
+        if self.failed or x.ndim != 4 or x.shape[0] < 2 or not self.has_conv:
             return False
         return x.device.type == "cpu" or (x.device.type == "cuda" and self.precision != "fp32")
 
@@ -112,40 +116,12 @@ class Layout:
             if not self.wants(x):
                 return model(x)
             try:
-                with (self._nchw_where_differentiated(model) if self.channels_last is None and not score_only
-                      else contextlib.nullcontext()):
-                    return model(x.contiguous(memory_format=torch.channels_last))
+                return model(x.contiguous(memory_format=torch.channels_last))
             except RuntimeError as err:
                 if self.channels_last or not _is_layout_error(err):
                     raise
                 self.failed = True  # auto mode: this model wants NCHW (e.g. it .view()s its input)
                 return model(x)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _nchw_where_differentiated(model: nn.Module) -> Iterator[None]:
-        """While active, a module whose 4-D input records a graph gets it back in NCHW.
-
-        Auto mode keeps channels_last to the no-grad part of a forward (before the first
-        captured layer): the part that autograd differentiates, forward and backward, runs in
-        NCHW, the layout of the reference implementations. NHWC backward kernels (oneDNN
-        brgemm) are ISA-dependent and were measured 5e-3 off on one AMD EPYC box.
-        """
-        def nhwc_with_grad(a: Any) -> bool:  # 4-D, records a graph, stored channels_last only
-            return (isinstance(a, Tensor) and a.requires_grad and a.ndim == 4 and not a.is_contiguous()
-                    and a.is_contiguous(memory_format=torch.channels_last))
-
-        def pre_hook(module: nn.Module, args: tuple) -> Optional[tuple]:
-            if not torch.is_grad_enabled() or not any(nhwc_with_grad(a) for a in args):
-                return None
-            return tuple(a.contiguous() if nhwc_with_grad(a) else a for a in args)
-
-        handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def _inference_model(self, x: Tensor) -> nn.Module:
         if self._folded is None:  # auto: CPU only (the copy doubles the weights' memory; GPUs gain less)
