@@ -26,3 +26,16 @@ def vgg11():
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(1)
     return tv.models.vgg11().eval()
+
+
+@pytest.fixture
+def quantus():
+    """Quantus (a dev extra) for the cross-checks; under CI=true a missing Quantus fails the test
+    instead of skipping it, so a cross-check cannot silently never run."""
+    try:
+        import quantus as q
+    except ImportError as err:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"quantus is not installed ({err}): pip install -e '.[dev]'")
+        pytest.skip("quantus is not installed (pip install -e '.[dev]')")
+    return q

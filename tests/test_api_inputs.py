@@ -176,6 +176,18 @@ def test_explain_works_under_inference_mode(net, method):
     assert torch.allclose(exp2.maps, ref.maps, atol=1e-6)
 
 
+def test_evaluate_works_under_inference_mode(net):
+    x = _x()
+    exp = camlens.explain(net, x, targets=[1, 2], layer="body")
+    kw = dict(metrics=["deletion", "average_drop", "mprt"], options={"deletion": {"step": 16}})
+    ref = camlens.evaluate(net, x, exp, **kw)
+    with torch.inference_mode():
+        got = camlens.evaluate(net, x.clone(), exp, **kw)  # mprt re-explains: needs gradients
+        assert torch.is_inference_mode_enabled()
+    for name in ref:
+        assert torch.allclose(got[name], ref[name], atol=1e-6), name
+
+
 def test_a_model_built_under_inference_mode_is_a_clear_error():
     with torch.inference_mode():
         m = Net().eval()
@@ -254,6 +266,16 @@ def test_named_outputs_count_every_head_except_feature_names():
     assert _heads_of(camlens.explain(model, x, layer="body", heads="image_embeds")) == [["image_embeds"]] * 2
     all_ = camlens.explain(model, x, layer="body", targets="all", heads=["colour"])
     assert _heads_of(all_)[0] == ["colour"] * 4
+
+
+def test_evaluate_heads_for_plain_maps():
+    torch.manual_seed(0)
+    model, x = Net("dict2").eval(), _x()
+    maps = torch.rand(2, 4, 12, 12, generator=torch.Generator().manual_seed(1))
+    s = camlens.evaluate(model, x, maps, metrics=["average_drop"], targets="all", heads=["colour"])
+    assert s["average_drop"].shape == (2, 4)  # colour has 4 classes (species would give 10)
+    with pytest.raises(ValueError, match="T=4"):
+        camlens.evaluate(model, x, maps, metrics=["average_drop"], targets="all")  # species: 10 targets
 
 
 def test_default_rule_on_positional_outputs():

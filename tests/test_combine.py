@@ -128,3 +128,19 @@ def test_top_fraction_and_pearson_helpers():
     assert top_fraction_mask(m, 0.3).flatten().tolist() == [False] * 7 + [True] * 3
     assert pearson(m, 2 * m + 1).item() == pytest.approx(1.0)
     assert pearson(m, torch.zeros_like(m)).item() == 0.0
+
+
+@pytest.mark.parametrize("scale", [1e-14, 1e-20])
+def test_conflict_does_not_depend_on_the_score_scale(scale):
+    # raw maps of ~1e-15 (a score multiplied by 1e-14): the conflict map is that of the unscaled model;
+    # an absolute floor on the peak (it was 1e-12) shrank it towards 0
+    model, tiny = Linear2Head().eval(), Linear2Head().eval()
+    with torch.no_grad():
+        tiny.a.weight.mul_(scale)
+        tiny.b.weight.mul_(scale)
+    x, kw = _x(), dict(targets=["a:0", "b:1"], layer="trunk", relu=False)
+    ref, got = camlens.agreement(camlens.explain(model, x, **kw)), camlens.agreement(camlens.explain(tiny, x, **kw))
+    assert ref.conflict.abs().amax() > 0.5
+    assert torch.allclose(got.conflict, ref.conflict, atol=1e-5)
+    rows = camlens.compare.agreement_summary(camlens.explain(tiny, x, **kw))
+    assert rows[0][0]["conflict_mass"] == pytest.approx(ref.summary(0)[0]["conflict_mass"], abs=2e-4)

@@ -135,7 +135,52 @@ def test_predictions_per_head_are_top5_softmax(case) -> None:
     assert f"background:rgb{PALETTE[1]}".replace(" ", "") in _section(case["text"], 0)
 
 
+class OneHead(nn.Module):
+    """A plain tensor output: one unnamed head (4 classes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+class TupleHeads(OneHead):
+    def forward(self, x: torch.Tensor):
+        z = super().forward(x)
+        return z, -z
+
+
+def test_prediction_headings(tmp_path, case) -> None:
+    # a single unnamed head (plain tensor output): headed "predictions", not "0"
+    exp = camlens.explain(OneHead(), case["x"][:1], targets=[2], layer="conv")
+    text = write_report(exp, tmp_path / "one.html").read_text()
+    sec = _section(text, 0)
+    assert re.findall(r"<caption>([^<]*)</caption>", sec) == ["predictions"]
+    assert "<caption>0</caption>" not in sec and sec.count("predictions") == 1
+    # unnamed heads of a tuple output: "output 0", "output 1" under one "predictions" heading
+    exp = camlens.explain(TupleHeads(), case["x"][:1], targets=["0:1", "1:2"], layer="conv")
+    sec = _section(write_report(exp, tmp_path / "two.html").read_text(), 0)
+    assert re.findall(r"<caption>([^<]*)</caption>", sec) == ["output 0", "output 1"]
+    assert "<h3>predictions</h3>" in sec
+    # named heads keep their names
+    assert re.findall(r"<caption>([^<]*)</caption>", _section(case["text"], 0)) == ["species", "colour"]
+
+
+def test_default_mode_shows_one_map(case) -> None:
+    sec = _section(case["text"], 0)
+    assert re.search(r'<option value="single" selected>', sec)
+    checked = re.findall(r'class="layer-toggle" data-viewer="0" data-target="(\d)"( checked)?', sec)
+    assert checked == [("0", " checked"), ("1", ""), ("2", "")]
+    assert re.findall(r'id="cbar-ticks-0"><span>([^<]*)</span><span>([^<]*)</span><span>([^<]*)</span>', sec) == [
+        ("0", "0.5", "1")]
+
+
 def test_bad_arguments(tmp_path, case) -> None:
+    with pytest.raises(ValueError, match="mode must be one of"):
+        write_report([case["exp"]], tmp_path / "a.html", mode="hues")
     with pytest.raises(ValueError, match="unknown colormap"):
         write_report([case["exp"]], tmp_path / "a.html", cmaps=("nope",))
     with pytest.raises(ValueError, match="one entry per explanation"):
@@ -208,25 +253,75 @@ def _set_opacity(pg, v: int, value: int) -> None:
         e.dispatchEvent(new Event('input', {bubbles: true})); }""", str(value))
 
 
-def test_viewer_draws_the_composite(page, case) -> None:
+def _checked(pg, v: int = 0) -> list[bool]:
+    return pg.eval_on_selector_all(f"#viewer-{v} input.layer-toggle", "els => els.map(e => e.checked)")
+
+
+def _composite_all(pg, v: int = 0) -> None:
+    """Switch viewer v to the composite mode with every map checked."""
+    pg.select_option(f"#mode-{v}", "composite")
+    pg.click(f"#viewer-{v} button.layers-all")
+
+
+def test_viewer_default_is_one_map_through_a_colormap(page, case) -> None:
     maps = _quantised(case["exp"].maps)
-    assert page.input_value("#mode-0") == "composite"  # T > 1
-    assert page.input_value("#opacity-0") == "50"
+    # every viewer starts with one map (the first target) through the first colormap at opacity 0.5
+    for v in range(3):
+        assert page.input_value(f"#mode-{v}") == "single" and page.input_value(f"#cmap-{v}") == "jet"
+        assert page.input_value(f"#opacity-{v}") == "50"
+    assert _checked(page) == [True, False, False]
     base = _pixels(page)
-    _close(base, composite(case["pics"][0], maps[0], alpha=0.5))
-    assert not np.array_equal(base, case["pics"][0])
-    # the second image has its own maps
-    _close(_pixels(page, 1), composite(case["pics"][1], maps[1], alpha=0.5))
-    # T == 1 starts in colormap mode: overlay() with the first colormap
-    assert page.input_value("#mode-2") == "colormap" and page.input_value("#cmap-2") == "jet"
+    _close(base, overlay(case["pics"][0], maps[0, 0], "jet", 0.5))
+    # clearly visible: the overlay moves the picture a long way where the map is high
+    hot = maps[0, 0] > 0.8
+    assert np.abs(base.astype(int) - case["pics"][0])[hot].mean() > 40
+    _close(_pixels(page, 1), overlay(case["pics"][1], maps[1, 0], "jet", 0.5))  # its own maps
+    assert page.is_disabled("#viewer-0 button.layers-all") and not page.is_disabled("#cmap-0")
+    # checking another map shows that map alone
+    page.locator('#viewer-0 input.layer-toggle[data-target="1"]').click()
+    assert _checked(page) == [False, True, False]
+    _close(_pixels(page), overlay(case["pics"][0], maps[0, 1], "jet", 0.5))
+    page.click('#viewer-0 button.layer-solo[data-target="2"]')
+    _close(_pixels(page), overlay(case["pics"][0], maps[0, 2], "jet", 0.5))
+    page.locator('#viewer-0 input.layer-toggle[data-target="2"]').click()  # off: the image alone
+    np.testing.assert_array_equal(_pixels(page), case["pics"][0])
+    # composite with all maps is still there; back to "single" keeps only the first checked map
+    _composite_all(page)
+    _close(_pixels(page), composite(case["pics"][0], maps[0], alpha=0.5))
+    page.select_option("#mode-0", "single")
+    assert _checked(page) == [True, False, False]
+    _close(_pixels(page), overlay(case["pics"][0], maps[0, 0], "jet", 0.5))
     single = case["single"]
     x = case["x"][0].permute(1, 2, 0).double().numpy()
     disp = np.rint((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8)
     _close(_pixels(page, 2), overlay(disp, _quantised(single.maps)[0, 0], "jet", 0.5))
 
 
+def test_colorbar_has_tick_labels(page, case) -> None:
+    bar = page.locator("#cbar-0").bounding_box()
+    spans = page.locator("#cbar-ticks-0 span")
+    assert [spans.nth(i).text_content() for i in range(3)] == ["0", "0.5", "1"]
+    boxes = [spans.nth(i).bounding_box() for i in range(3)]
+    assert bar["width"] == pytest.approx(384, abs=2)  # as wide as the picture
+    for bx in boxes:  # under the bar, readable
+        assert bx["y"] >= bar["y"] + bar["height"] - 1 and bx["height"] >= 8 and bx["width"] > 0
+    assert boxes[0]["x"] == pytest.approx(bar["x"], abs=2)
+    assert boxes[1]["x"] + boxes[1]["width"] / 2 == pytest.approx(bar["x"] + bar["width"] / 2, abs=2)
+    assert boxes[2]["x"] + boxes[2]["width"] == pytest.approx(bar["x"] + bar["width"], abs=2)
+    # the bar's pixels are the colormap, low on the left
+    lut = np.asarray(camlens.viz.html._lut("jet")).reshape(256, 3)
+    row = np.asarray(page.evaluate("""() => { const c = document.getElementById('cbar-0');
+        return Array.from(c.getContext('2d').getImageData(0, 0, 256, 1).data); }"""), np.uint8).reshape(256, 4)
+    np.testing.assert_array_equal(row[:, :3], lut)
+    visible = "e => getComputedStyle(e.parentNode).visibility"
+    assert page.eval_on_selector("#cbar-0", visible) == "visible"
+    page.select_option("#mode-0", "composite")  # no colormap, no colorbar
+    assert page.eval_on_selector("#cbar-0", visible) == "hidden"
+
+
 def test_toggle_layer_off_and_on(page, case) -> None:
     maps = _quantised(case["exp"].maps)
+    _composite_all(page)
     base = _pixels(page)
     n = _renders(page)
     other = _pixels(page, 1)
@@ -253,6 +348,7 @@ def test_toggle_layer_off_and_on(page, case) -> None:
 
 def test_opacity_colormap_and_mode(page, case, tmp_path) -> None:
     maps = _quantised(case["exp"].maps)
+    _composite_all(page)
     base = _pixels(page)
     _set_opacity(page, 0, 90)
     assert page.text_content("#opacity-value-0") == "0.90"

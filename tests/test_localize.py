@@ -232,3 +232,31 @@ def test_cli_localize_end_to_end(tmp_path):
     assert tuple(boxes_png[19, 25]) == PALETTE[0]          # square's box corner (x1 - 1, y1 - 1)
     assert tuple(boxes_png[31, 39]) == PALETTE[1]          # background's box: the image border
     assert (boxes_png != img).any()
+
+
+# ------------------------------------------------------------------------- camlens.localize names
+def test_camlens_localize_is_the_module_after_import_camlens():
+    """The README's `camlens.localize` is the module, reachable after a plain `import camlens` (loaded
+    on first use, like camlens.models / camlens.viz), and every import form gives the same module."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent("""
+        import sys, types, torch
+        import camlens
+        assert "camlens.localize" not in sys.modules          # lazy: SciPy only when used
+        L = camlens.localize
+        assert isinstance(L, types.ModuleType) and L.__name__ == "camlens.localize"
+        import camlens.localize
+        import camlens.localize as L2
+        from camlens.localize import boxes_from_maps
+        from camlens import localize as L3
+        assert L is L2 is L3 is camlens.localize and boxes_from_maps is L.boxes_from_maps
+        assert "localize" in camlens.__all__
+        maps = torch.zeros(1, 1, 8, 10)
+        maps[0, 0, 2:5, 3:7] = 1
+        print(L.boxes_from_maps(maps, 0.2).tolist(), int(L.masks_from_maps(maps, 0.5).sum()))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["[[[3,", "2,", "7,", "5]]]", "12"]

@@ -122,8 +122,7 @@ def test_gini_known_vectors():
 
 
 @pytest.mark.slow  # importing Quantus takes ~7 s
-def test_gini_agrees_with_quantus():
-    quantus = pytest.importorskip("quantus")
+def test_gini_agrees_with_quantus(quantus):
     a = torch.rand(6, 1, 12, 12) ** 3
     ref = quantus.Sparseness(disable_warnings=True).evaluate_batch(x_batch=None, a_batch=a.numpy().astype("float64"))
     ours = gini(a.flatten(1))

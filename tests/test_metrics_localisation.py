@@ -11,6 +11,7 @@ import camlens
 from camlens.metrics import get_metric
 from camlens.metrics.localisation import boxes_to_masks
 
+
 H = W = 40
 
 
@@ -148,8 +149,7 @@ def test_relevance_mass_and_rank_by_hand():
     assert [s[n].item() for n in ("relevance_mass", "relevance_rank", "pointing_game")] == [1.0, 1.0, 1.0]
 
 
-def test_agreement_with_quantus():
-    quantus = pytest.importorskip("quantus")
+def test_agreement_with_quantus(quantus):
     g = torch.Generator().manual_seed(0)
     B = 8
     a = torch.rand(B, 1, 24, 24, generator=g)  # continuous: no ties

@@ -18,8 +18,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # heavier submodules load on first use: camlens.models (timm), camlens.viz (matplotlib)
-    if name in ("models", "viz"):
+    # heavier submodules load on first use: camlens.models (timm), camlens.viz (matplotlib),
+    # camlens.localize (SciPy; boxes_from_maps, masks_from_maps, box_iou, mask_iou, draw_boxes, cutout)
+    if name in ("models", "viz", "localize"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
@@ -27,4 +28,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["explain", "evaluate", "Scores", "metrics", "agreement", "Agreement", "Explanation", "Target", "available_methods", "methods", "postprocess", "models", "viz",
+           "localize",
            "__version__"]

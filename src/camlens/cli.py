@@ -118,7 +118,7 @@ def explain(
                       + (f" p={best['prob']:.2f}" if best["prob"] is not None else "") + more
                       + (" [yellow](random weights)[/]" if note else ""), highlight=False)
     summary = {"model": m.name, "random_weights": m.random_weights, "method": method,
-               "layers": list(layer) if layer else [m.default_layer],
+               "layers": list(layer) if layer else [m.default_layer] if m.default_layer else [],
                "images": results, "files": _files_by_image(results), "errors": errors}
     if all_methods:
         summary["methods"] = list(camlens.available_methods())
@@ -579,7 +579,7 @@ def localize(
         except (OSError, ValueError, MemoryError) as err:
             _file_error(errors, path, err)
     summary = {"model": m.name, "random_weights": m.random_weights, "method": method,
-               "layers": list(layer) if layer else [m.default_layer],
+               "layers": list(layer) if layer else [m.default_layer] if m.default_layer else [],
                "threshold": threshold, "largest_component": not union, "mask_threshold": mask_threshold,
                "grabcut": grabcut,
                "box_format": "x0, y0, x1, y1 in model-input pixels, inclusive-exclusive (x0 <= x < x1)",
@@ -654,6 +654,9 @@ def evaluate(
     out: Path = typer.Option(Path("camlens_eval"), "--out", "-o", help="folder for results.csv/json, curves.png"),
     device: Optional[str] = typer.Option(None, "--device"),
     max_pixels: int = typer.Option(100_000_000, "--max-pixels", help=MAX_PIXELS_HELP),
+    option: Optional[List[str]] = typer.Option(
+        None, "--option", "-O", help="NAME.KEY=VALUE for one of the methods or metrics (repeatable), e.g. "
+        "deletion.step=2240 (fewer, coarser deletion steps), scorecam.max_channels=64, road.percentages=[0.2,0.5,0.8]"),
 ) -> None:
     """Compare methods with faithfulness / localisation metrics: a table (mean ± s.e. over n values:
     one per image and target, direction arrows; percent metrics marked %), results.csv,
@@ -680,6 +683,7 @@ def evaluate(
                                      "CLI has only for --shapes N; drop it or use --shapes")
     if shapes < 0 or batch_size < 1:
         raise typer.BadParameter("--shapes must be >= 0 and --batch-size >= 1")
+    method_opts, metric_opts = _evaluate_options(option or [], methods, metrics)
     _check_common(device=device, max_pixels=max_pixels)
     items = []  # (name, input or image, targets, masks)
     errors: list = []
@@ -708,12 +712,12 @@ def evaluate(
             for meth in methods:
                 progress.update(task, description=f"{Path(name).name} · {meth}")
                 exp = _explain_image(m, img, Path(name), errors, False, targets=tg,
-                                     layer=list(layer) if layer else None, method=meth)
+                                     layer=list(layer) if layer else None, method=meth, **method_opts.get(meth, {}))
                 if exp is None:
                     break
                 try:
                     got[meth] = camlens.evaluate(m, exp.inputs, exp, metrics=metrics, masks=masks,
-                                                 batch_size=batch_size)
+                                                 batch_size=batch_size, options=metric_opts)
                 except Exception as err:  # noqa: BLE001 - classified as in explain
                     if _is_model_error(err) or _is_oom(err):
                         _file_error(errors, Path(name), err, prefix=f"{meth}: evaluation failed on this image: ")
@@ -748,6 +752,36 @@ def evaluate(
                   + (f"; {len(errors)} file(s) failed" if errors else ""))
     if errors:
         raise typer.Exit(code=1)
+
+
+def _evaluate_options(items: List[str], methods: List[str], metrics: List[str]) -> tuple:
+    """``evaluate --option NAME.KEY=VALUE``: per-method and per-metric options, checked against
+    the options each method / metric declares."""
+    import camlens
+
+    meths = {camlens.methods.get_method(n).name: camlens.methods.get_method(n) for n in methods}
+    mets = {camlens.metrics.get_metric(n).name: camlens.metrics.get_metric(n) for n in metrics}
+    method_opts: dict = {}
+    metric_opts: dict = {}
+    for full, value in _parse_options(items).items():
+        owner, dot, key = full.partition(".")
+        if not dot or not key:
+            raise typer.BadParameter(f"evaluate --option takes NAME.KEY=VALUE (NAME a method or metric), got {full!r}")
+        if owner in mets or owner in metrics:
+            met = camlens.metrics.get_metric(owner)
+            if key not in met.defaults:
+                raise typer.BadParameter(f"metric {met.name!r} has no option {key!r}; it has: "
+                                         f"{', '.join(sorted(met.defaults)) or 'none'}")
+            metric_opts.setdefault(met.name, {})[key] = value
+        elif owner in meths or owner in methods:
+            meth = camlens.methods.get_method(owner)  # explain() itself rejects an unknown key
+            for given in methods:
+                if camlens.methods.get_method(given).name == meth.name:
+                    method_opts.setdefault(given, {})[key] = value
+        else:
+            raise typer.BadParameter(f"--option {full!r}: {owner!r} is not one of the methods ({', '.join(methods)}) "
+                                     f"or metrics ({', '.join(metrics)}) being evaluated")
+    return method_opts, metric_opts
 
 
 def torch_stack_masks(data, b: int):

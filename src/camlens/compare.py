@@ -104,13 +104,20 @@ def agreement(exp: Explanation, top: float = 0.2) -> Agreement:
     if exp.raws:
         raws = [upsample(r.float(), (H, W)) for r in exp.raws.values()]
         r = torch.stack(raws).mean(0)  # (B, T, H, W), layers averaged
-        r = r / r.flatten(-2).abs().amax(-1)[..., None, None].clamp_min(1e-12)
+        r = _unit_peak(r)
         ri, rj = r[:, ii], r[:, jj]
         conflict = (torch.minimum(ri.clamp_min(0), (-rj).clamp_min(0))
                     - torch.minimum(rj.clamp_min(0), (-ri).clamp_min(0)))
     return Agreement(pairs=pairs, labels=[(exp.targets[0][i].label, exp.targets[0][j].label) for i, j in pairs],
                      iou=iou, pearson=pearson(mi, mj), overlap=torch.minimum(mi, mj),
                      only=torch.stack([mi * (1 - mj), mj * (1 - mi)], dim=2), conflict=conflict)
+
+
+def _unit_peak(r: Tensor) -> Tensor:
+    """``r / max|r|`` per map (last two axes), scale-free: a map of raw values around 1e-15 is scaled
+    like one around 1 (no absolute floor); an all-zero map stays zero."""
+    peak = r.flatten(-2).abs().amax(-1)[..., None, None]
+    return torch.where(peak > 0, r / torch.where(peak > 0, peak, torch.ones_like(peak)), torch.zeros_like(r))
 
 
 def agreement_summary(exp: Explanation, top: float = 0.2, *, max_targets: Optional[int] = MAX_AGREEMENT_TARGETS,
@@ -144,7 +151,7 @@ def agreement_summary(exp: Explanation, top: float = 0.2, *, max_targets: Option
             u = upsample(raw[:, :n].float(), (H, W))
             r = u if r is None else r + u
         r = r / len(exp.raws)
-        r = r / r.flatten(-2).abs().amax(-1)[..., None, None].clamp_min(1e-12)
+        r = _unit_peak(r)
     for start in range(0, len(pairs), chunk):
         part = pairs[start:start + chunk]
         ii = torch.tensor([i for i, _ in part], device=maps.device)

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .api import _unwrap, explain
+from .api import _outside_inference_mode, _unwrap, explain
 from .backends.torch import Runner, model_device, model_state
 from .explanation import Explanation
 from .metrics import EvalContext, Metric, get_metric
@@ -75,10 +75,11 @@ def _probability(tg: ResolvedTarget, heads: Mapping, output: Any) -> Tensor:
     return tg.score(heads, output).float()
 
 
+@_outside_inference_mode
 def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
              metrics: Sequence[str] = DEFAULT_METRICS, *, targets: Any = None, masks: Any = None, boxes: Any = None,
              batch_size: int = 64, options: Optional[dict[str, dict[str, Any]]] = None,
-             eval_mode: bool = True) -> Scores:
+             eval_mode: bool = True, heads: Any = None) -> Scores:
     """Score maps with the given metrics: ``scores[name]`` ``(B, T)``, ``scores.curves[name]``.
 
     Args:
@@ -91,7 +92,11 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
             target, or ``(B, T, H, W)`` / ``(B, T, 4)`` per target; boxes are ``(x0, y0, x1, y1)``.
         batch_size: perturbed inputs per forward.
         options: per-metric options, e.g. ``{"deletion": {"step": 448}}``.
+        heads: with a plain map tensor, which outputs are classification heads for ``targets=``
+            such as ``"all"`` (as :func:`camlens.explain`'s ``heads=``); an Explanation brings its
+            resolved targets.
 
+    Runs with ``torch.inference_mode`` off (as :func:`camlens.explain`), so it can be called inside it.
     The model is left as it came (modes, ``requires_grad``, hooks, ``.grad``).
     """
     net, x, _, categories, _ = _unwrap(model, inputs, None, None)
@@ -113,7 +118,7 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
                 raise ValueError("a plain map tensor needs targets= (what each of its T maps explains)")
             with torch.no_grad():
                 out = net(x)
-            rows = resolve_targets(targets, split_outputs(out), out, categories=categories)
+            rows = resolve_targets(targets, split_outputs(out), out, categories=categories, head_keys=heads)
         if maps.ndim != 4 or maps.shape[0] != x.shape[0] or maps.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"maps must be (B, T, H, W) = ({x.shape[0]}, T, {x.shape[-2]}, {x.shape[-1]}) at input "
                              f"resolution; got {tuple(maps.shape)}")

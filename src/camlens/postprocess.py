@@ -147,7 +147,7 @@ def _min_max(t: Tensor, lo: Tensor, hi: Tensor, warn: bool) -> tuple[Tensor, Ten
             zero = int((const & (hi <= 0)).sum())
             parts = []
             if zero:
-                parts.append(f"{zero} have no positive evidence at this layer (all values <= 0)")
+                parts.append(f"{zero} have no positive evidence (all values <= 0)")
             if n - zero:
                 parts.append(f"{n - zero} are numerically flat (max - min within float rounding of their values)")
             warnings.warn(f"{n} of {const.numel()} maps are constant: " + "; ".join(parts)

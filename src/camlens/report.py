@@ -194,6 +194,31 @@ class _Row:
 
 
 
+def _mean_curve(parts: list, points: int = 101) -> "Any":
+    """Mean of curves ``(N_i, S_i)`` whose lengths may differ (images of different sizes take a
+    different number of deletion steps): each curve is resampled linearly onto ``points`` equally
+    spaced fractions of its x range [0, 1] first. Curves of one common length are averaged as they are."""
+    import torch
+
+    parts = [p.float().reshape(-1, p.shape[-1]) for p in parts if p.numel()]
+    if not parts:
+        return torch.empty(0)
+    if len({p.shape[-1] for p in parts}) == 1:
+        return torch.cat(parts).mean(0)
+    grid = torch.linspace(0, 1, points)
+    out = []
+    for p in parts:
+        S = p.shape[-1]
+        if S == 1:
+            out.append(p.expand(-1, points))
+            continue
+        pos = grid * (S - 1)
+        lo = pos.floor().long().clamp_max(S - 2)
+        w = pos - lo
+        out.append(p[:, lo] * (1 - w) + p[:, lo + 1] * w)
+    return torch.cat(out).mean(0)
+
+
 def write_evaluation(values: dict, curves: dict, metrics: dict, out_dir: Path) -> dict[str, dict[str, str]]:
     """Write ``results.csv``, ``results.json`` and ``curves.png`` (mean deletion / insertion curves per
     method) for ``values[method][metric]`` = list of per-image ``(T,)`` tensors. Returns the table cells
@@ -231,7 +256,7 @@ def write_evaluation(values: dict, curves: dict, metrics: dict, out_dir: Path) -
     for ax, met in zip(axes, names):
         for meth, per in curves.items():
             if met in per:
-                c = torch.cat(per[met]).float().mean(0)
+                c = _mean_curve(per[met])
                 ax.plot(torch.linspace(0, 1, c.numel()).numpy(), c.numpy(), label=f"{meth}")
         ax.set_title(f"{met} ({metrics[met].arrow} AUC)")
         ax.set_xlabel("fraction of pixels " + ("removed" if met == "deletion" else "revealed"))

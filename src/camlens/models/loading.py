@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backends.torch import model_device, probe
+from ..backends.torch import model_device, probe_layers
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PIL_INTERPOLATION, Preprocess, to_display
 
 __all__ = [
@@ -62,7 +62,11 @@ class LoadedModel:
         preprocess: ``images -> Tensor (N, 3, H, W)`` float32 on the model's device; see
             :class:`~camlens.models.preprocess.Preprocess`.
         categories: class names indexed like the logits, or ``None``.
-        default_layer: dotted module name of the layer CAMs use by default (4-D output).
+        default_layer: dotted module name of the layer CAMs use by default (a (B, C, h, w) output,
+            see :func:`camlens.backends.torch.probe_layers`), or ``None`` when no layer qualifies
+            (e.g. a ViT: token outputs); then ``layer_note`` says why. Input-space methods
+            (``occlusion``, ``guided_backprop``) need no layer; CAM methods then need ``layer=``
+            and raise that reason if none is given.
         name: the name the model was loaded by.
         mean, std: per-channel normalisation used by ``preprocess``.
         input_size: shorter image side after resizing.
@@ -75,12 +79,13 @@ class LoadedModel:
     model: nn.Module
     preprocess: Callable[[Any], torch.Tensor]
     categories: Optional[List[str]]
-    default_layer: str
+    default_layer: Optional[str]
     name: str
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
     input_size: int = 224
     random_weights: bool = False
+    layer_note: Optional[str] = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Forward ``x`` (N, 3, H, W) through the model -> logits (N, num_classes)."""
@@ -143,21 +148,19 @@ def guess_default_layer(model: nn.Module, size: int = 224) -> str:
     Raises:
         ValueError: no module produces a spatial (N, C, H, W) output with H*W > 1.
     """
-    layer, _ = _probe(model, size)
-    if layer is None:
-        raise ValueError(
-            f"no module of {type(model).__name__} outputs a 4-D (N, C, H, W) tensor with "
-            f"H*W > 1 for a {size}x{size} input; CAMs need a convolutional feature layer"
-        )
-    return layer
+    p = _probe(model, size)
+    if p.layer is None:
+        raise ValueError(f"cannot pick a CAM layer of {type(model).__name__} for a {size}x{size} input: {p.error}")
+    return p.layer
 
 
-def _probe(model: nn.Module, size: int) -> Tuple[Optional[str], Any]:
-    """Dummy forward of a (1, 3, size, size) zero image -> (last spatial layer name or None, output)."""
+def _probe(model: nn.Module, size: int) -> Any:
+    """Dummy forward of a (1, 3, size, size) zero image -> :class:`~camlens.backends.torch.LayerProbe`
+    (``.layer`` the default CAM layer or ``None`` with ``.error``, ``.output``)."""
     p = next(iter(model.parameters()), None)
     dev = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    return probe(model, torch.zeros(1, 3, size, size, device=dev, dtype=dtype))
+    return probe_layers(model, torch.zeros(1, 3, size, size, device=dev, dtype=dtype))
 
 
 def _categories_for_output(out: Any) -> Optional[List[str]]:
@@ -361,19 +364,15 @@ def _from_module(
     """Wrap an arbitrary module: optional weights, guessed layer, ImageNet names if 1000-way."""
     if weights is not None:
         _load_state(model, load_weights_file(weights), str(weights))
-    layer, out = _probe(model, size)
-    if layer is None:
-        raise ValueError(
-            f"cannot use {name}: no module outputs a 4-D (N, C, H, W) tensor with H*W > 1 for a "
-            f"{size}x{size} input; CAMs need a convolutional feature layer"
-        )
+    p = _probe(model, size)
     if categories is None and guess_categories:
-        categories = _categories_for_output(out)
+        categories = _categories_for_output(p.output)
     return LoadedModel(
         model=model,
         preprocess=Preprocess(size, mean, std, interpolation, crop),
         categories=categories,
-        default_layer=layer,
+        default_layer=p.layer,
+        layer_note=None if p.layer is not None else f"no default CAM layer for {name}: {p.error}",
         name=name,
         mean=mean,
         std=std,

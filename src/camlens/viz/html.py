@@ -9,10 +9,13 @@ Per image, the viewer draws on ``canvas#view-{v}`` (``v`` counts images over all
 * ``input.layer-toggle[data-viewer=v][data-target=t]``: show/hide target ``t``'s map;
   ``button.layer-solo``: show only that target; ``button.layers-all`` / ``button.layers-none``;
 * ``input#opacity-{v}`` (range 0..100): the overlay opacity ``alpha``;
-* ``select#mode-{v}``: ``"composite"`` — each checked target in its own hue, exactly the formula of
-  :func:`camlens.viz.composite` (default when T > 1); ``"colormap"`` — the per-pixel max of the
-  checked maps through the colormap of ``select#cmap-{v}``, i.e. :func:`camlens.viz.overlay` for a
-  single checked target (the image alone when none is checked);
+* ``select#mode-{v}``: ``"single"`` (the default) — one map at a time through the colormap of
+  ``select#cmap-{v}``, i.e. :func:`camlens.viz.overlay`: checking a map unchecks the others, and the
+  first target is shown at first; ``"colormap"`` — the per-pixel max of the checked maps through the
+  colormap; ``"composite"`` — each checked target in its own hue, exactly the formula of
+  :func:`camlens.viz.composite` (the image alone when no map is checked);
+* ``canvas#cbar-{v}`` with ``div#cbar-ticks-{v}`` (tick labels 0, 0.5, 1): the colorbar of the two
+  colormap modes;
 * the canvas's ``data-renders`` counts redraws; ``<html data-ready="1">`` once all viewers are drawn
   (``data-error`` holds a message if an embedded image failed to decode).
 
@@ -87,7 +90,7 @@ def _predictions(exp: Any, b: int, categories: Any, k: int = 5) -> list[dict[str
     out = []
     for n, (key, t) in enumerate(dict(getattr(exp, "heads", None) or {}).items()):
         a = _to_numpy(t).astype(np.float64)
-        entry: dict[str, Any] = {"head": str(key)}
+        entry: dict[str, Any] = {"head": str(key), "named": not isinstance(key, int)}
         if a.ndim == 2 and a.shape[1] >= 2:
             p = _softmax(a[b])
             names = _class_names(categories, key, n == 0)
@@ -105,6 +108,18 @@ def _predictions(exp: Any, b: int, categories: Any, k: int = 5) -> list[dict[str
     return out
 
 
+MODES = {"single": "one map (colormap)", "colormap": "colormap: max of checked maps",
+         "composite": "composite: a hue per map"}
+
+
+def _head_caption(head: str, n_heads: int, named: bool) -> str:
+    """A predictions table's caption: the head's name; "predictions" for a model's only, unnamed head
+    (a plain tensor output); "output N" for the unnamed heads of a tuple / list output."""
+    if named:
+        return head
+    return "predictions" if n_heads == 1 else f"output {head}"
+
+
 def _viewer_html(v: int, name: str, meta: str, w: int, h: int, labels: list[str], heads: list[str],
                  colors: np.ndarray, preds: list[dict[str, Any]], cmaps: Sequence[str], alpha: float,
                  mode: str) -> str:
@@ -114,7 +129,8 @@ def _viewer_html(v: int, name: str, meta: str, w: int, h: int, labels: list[str]
     style = width + (";image-rendering:pixelated" if scale > 1 else "")
     layers = "\n".join(
         f'<li class="layer" data-target="{t}" data-head="{e(hd)}"><label>'
-        f'<input type="checkbox" class="layer-toggle" data-viewer="{v}" data-target="{t}" checked>'
+        f'<input type="checkbox" class="layer-toggle" data-viewer="{v}" data-target="{t}"'
+        f'{" checked" if mode != "single" or t == 0 else ""}>'
         f'<span class="swatch" style="background:rgb({int(c[0])},{int(c[1])},{int(c[2])})"></span>'
         f'<span class="layer-label">{e(lab)}</span></label>'
         f'<button type="button" class="layer-solo" data-viewer="{v}" data-target="{t}" '
@@ -132,10 +148,12 @@ def _viewer_html(v: int, name: str, meta: str, w: int, h: int, labels: list[str]
             rows = f'<tr><td colspan="4">value {hp["value"]:.4g}</td></tr>'
         else:
             rows = f'<tr><td colspan="4">output of shape {hp["shape"]} (not shown)</td></tr>'
-        tables.append(f'<table class="pred" data-head="{e(hp["head"])}"><caption>{e(hp["head"])}</caption>'
+        caption = _head_caption(hp["head"], len(preds), hp.get("named", True))
+        tables.append(f'<table class="pred" data-head="{e(hp["head"])}"><caption>{e(caption)}</caption>'
                       f"{rows}</table>")
     cm_opts = "".join(f'<option value="{e(c)}">{e(c)}</option>' for c in cmaps)
-    sel = {m: " selected" if m == mode else "" for m in ("composite", "colormap")}
+    mode_opts = "\n".join(f'<option value="{m}"{" selected" if m == mode else ""}>{e(text)}</option>'
+                          for m, text in MODES.items())
     return f"""
 <section class="viewer" id="viewer-{v}" data-viewer="{v}">
 <h2>{e(name)}</h2>
@@ -143,13 +161,16 @@ def _viewer_html(v: int, name: str, meta: str, w: int, h: int, labels: list[str]
 <div class="row">
 <div class="stage">
 <canvas id="view-{v}" class="view" width="{w}" height="{h}" style="{style}" data-renders="0"></canvas>
-<canvas id="cbar-{v}" class="cbar" width="256" height="1" style="{width}"></canvas>
+<div class="cbar-box" style="{width}">
+<canvas id="cbar-{v}" class="cbar" width="256" height="1"></canvas>
+<div class="cbar-ticks" id="cbar-ticks-{v}"><span>0</span><span>0.5</span><span>1</span></div>
+<div class="cbar-caption">map value (1 = the map's maximum)</div>
+</div>
 </div>
 <div class="side">
 <div class="controls">
 <label>mode <select id="mode-{v}" class="mode" data-viewer="{v}">
-<option value="composite"{sel["composite"]}>composite: a hue per map</option>
-<option value="colormap"{sel["colormap"]}>colormap: max of checked maps</option></select></label>
+{mode_opts}</select></label>
 <label>colormap <select id="cmap-{v}" class="cmap" data-viewer="{v}">{cm_opts}</select></label>
 <label>opacity <input type="range" id="opacity-{v}" class="opacity" data-viewer="{v}" min="0" max="100" step="1"
  value="{round(100 * alpha)}"> <output id="opacity-value-{v}">{alpha:.2f}</output></label>
@@ -159,7 +180,7 @@ def _viewer_html(v: int, name: str, meta: str, w: int, h: int, labels: list[str]
 <ul class="layers" id="layers-{v}">
 {layers}
 </ul>
-<div class="preds"><h3>predictions</h3>
+<div class="preds">{"" if len(preds) == 1 and not preds[0].get("named", True) else "<h3>predictions</h3>"}
 {"".join(tables) or "<p>no model outputs recorded</p>"}
 </div>
 </div>
@@ -177,7 +198,13 @@ h1{font-size:1.4rem;margin:0 0 1rem}h2{font-size:1.1rem;margin:0}h3{font-size:.9
 .row{display:flex;flex-wrap:wrap;gap:1.2rem;align-items:flex-start}
 .stage canvas.view{display:block;max-width:100%;height:auto;border:1px solid var(--line)}
 .stage{flex:0 1 auto;max-width:100%}
-.stage canvas.cbar{display:block;max-width:100%;height:10px;margin-top:4px}
+.cbar-box{max-width:100%;margin-top:4px}
+.stage canvas.cbar{display:block;width:100%;height:12px}
+.cbar-ticks{position:relative;height:1.1em;font-size:.75rem;font-variant-numeric:tabular-nums}
+.cbar-ticks span{position:absolute;top:0}
+.cbar-ticks span:nth-child(1){left:0}.cbar-ticks span:nth-child(2){left:50%;transform:translateX(-50%)}
+.cbar-ticks span:nth-child(3){right:0}
+.cbar-caption{color:var(--mute);font-size:.75rem}
 .side{min-width:260px;flex:1}
 .controls label{display:block;margin:.25rem 0}
 .layers{list-style:none;padding:0;margin:.3rem 0}
@@ -226,6 +253,8 @@ _JS = r"""
     this.ctx = this.canvas.getContext("2d");
     this.out = this.ctx.createImageData(spec.w, spec.h);
     this.cbar = document.getElementById("cbar-" + v);
+    this.cbarBox = this.cbar.parentNode;
+    this.allButton = root.querySelector("button.layers-all");
     this.mode = document.getElementById("mode-" + v);
     this.cmap = document.getElementById("cmap-" + v);
     this.opacity = document.getElementById("opacity-" + v);
@@ -233,8 +262,22 @@ _JS = r"""
     this.toggles = q("input.layer-toggle", root);
     this.renders = 0;
     var self = this, redraw = function () { self.render(); };
-    this.toggles.forEach(function (el) { el.addEventListener("change", redraw); });
-    [this.mode, this.cmap].forEach(function (el) { el.addEventListener("change", redraw); });
+    this.toggles.forEach(function (el) {
+      el.addEventListener("change", function () {
+        if (self.mode.value === "single" && el.checked) {  // one map at a time: the others go off
+          self.toggles.forEach(function (o) { if (o !== el) o.checked = false; });
+        }
+        self.render();
+      });
+    });
+    this.mode.addEventListener("change", function () {
+      if (self.mode.value === "single") {  // keep the first checked map only
+        var seen = false;
+        self.toggles.forEach(function (o) { if (o.checked) { o.checked = !seen; seen = true; } });
+      }
+      self.render();
+    });
+    this.cmap.addEventListener("change", redraw);
     this.opacity.addEventListener("input", redraw);
     this.opacity.addEventListener("change", redraw);
     q("button.layer-solo", root).forEach(function (btn) {
@@ -261,8 +304,9 @@ _JS = r"""
       if (el.checked) { var t = +el.dataset.target; on.push(self.maps[t]); cols.push(self.colors[t]); }
     });
     var k, K = on.length, i, m, v, s, r, g, b, a;
-    var colormap = this.mode.value === "colormap";
+    var colormap = this.mode.value !== "composite";  // "single" and "colormap" use the colormap
     this.cmap.disabled = !colormap;
+    this.allButton.disabled = this.mode.value === "single";
     if (K === 0) {
       d.set(img);
     } else if (colormap) {  // overlay(): (1 - a) * image + a * lut[max of checked maps]
@@ -299,7 +343,7 @@ _JS = r"""
   };
 
   Viewer.prototype.drawColorbar = function (show) {
-    this.cbar.style.visibility = show ? "visible" : "hidden";
+    this.cbarBox.style.visibility = show ? "visible" : "hidden";
     if (!show) return;
     var x = this.cbar.getContext("2d"), im = x.createImageData(256, 1), lut = LUTS[this.cmap.value];
     for (var j = 0; j < 256; j++) {
@@ -347,6 +391,7 @@ def write_report(
     alpha: float = 0.5,
     categories: Any = None,
     top_k: int = 5,
+    mode: str = "single",
 ) -> Path:
     """Write one self-contained HTML file with a viewer per image of each explanation.
 
@@ -365,6 +410,9 @@ def write_report(
         categories: class names for the predictions: a list (first head) or a mapping head → list;
             without them names come from the targets' labels where a class was explained.
         top_k: predictions listed per classification head.
+        mode: the viewers' initial mode: ``"single"`` (one map at a time through the first
+            colormap, starting with the first target), ``"colormap"`` (max of all maps through the
+            colormap) or ``"composite"`` (a hue per map). Each viewer can switch.
 
     Returns:
         The ``Path`` written.
@@ -380,6 +428,8 @@ def write_report(
         raise ValueError("cmaps must name at least one colormap")
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     luts = {str(c): _lut(str(c)) for c in cmaps}  # unknown names raise ValueError here
 
     sections, specs = [], []
@@ -414,7 +464,6 @@ def write_report(
             layers = ", ".join(map(str, getattr(exp, "layers", []) or []))
             meta = " · ".join(x for x in (str(getattr(exp, "method", "") or ""), f"layer {layers}" if layers else "",
                                           f"{w}×{h}", f"{T} map{'s' * (T != 1)}") if x)
-            mode = "composite" if T > 1 else "colormap"
             sections.append(_viewer_html(v, name, meta, w, h, labels, heads, colors,
                                          _predictions(exp, b, categories, top_k), list(luts), float(alpha), mode))
             specs.append({"id": v, "w": w, "h": h, "image": _png_data_uri(img), "maps": layer_uris,
