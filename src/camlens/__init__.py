@@ -6,11 +6,12 @@
 >>> exp.maps.shape          # (B, T, H, W), each map in [0, 1]
 """
 
-from . import methods, metrics, postprocess
+from . import errors, methods, metrics, postprocess
 from .api import explain
 from .compare import Agreement, agreement
+from .errors import CamlensError
 from .evaluate import Scores, evaluate
-from .explanation import Explanation
+from .explanation import Explanation, load
 from .methods import available_methods
 from .targets import Target
 
@@ -27,6 +28,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'camlens' has no attribute {name!r}")
 
 
-__all__ = ["explain", "evaluate", "Scores", "metrics", "agreement", "Agreement", "Explanation", "Target", "available_methods", "methods", "postprocess", "models", "viz",
+__all__ = ["explain", "load", "errors", "CamlensError", "evaluate", "Scores", "metrics", "agreement", "Agreement", "Explanation", "Target", "available_methods", "methods", "postprocess", "models", "viz",
            "localize",
            "__version__"]

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from .backends.torch import (LayerSpec, Layout, Runner, autocast, capture, check_calls, check_layer_outputs,
                              guess_layer, layer_gradients, model_device, model_state, resolve_layers)
+from .errors import (ConfigTypeError, InputError, InputTypeError, ModelRuntimeError, NonFiniteScoresError,
+                     TargetError)
 from .explanation import Explanation
 from .methods import Method, MethodContext, MethodOutput, get_method
 from .methods.cam import CAM
@@ -41,13 +43,13 @@ def _unwrap(model: Any, inputs: Any, layer: Any, categories: Categories):
         categories = categories if categories is not None else getattr(model, "categories", None)
         model = model.model
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module or a camlens LoadedModel, got {type(model).__name__}")
+        raise ConfigTypeError(f"model must be an nn.Module or a camlens LoadedModel, got {type(model).__name__}")
     if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a tensor (B, 3, H, W) for a plain nn.Module, got {type(inputs).__name__}; "
+        raise InputTypeError(f"inputs must be a tensor (B, 3, H, W) for a plain nn.Module, got {type(inputs).__name__}; "
                         "preprocess images first, or pass a camlens.models.load(...) object as the model")
     if not inputs.is_floating_point():
         kind = "a uint8 image tensor" if inputs.dtype == torch.uint8 else f"a {inputs.dtype} tensor"
-        raise TypeError(f"inputs is {kind}, but models take float inputs: convert to float and normalise as the "
+        raise InputTypeError(f"inputs is {kind}, but models take float inputs: convert to float and normalise as the "
                         "model expects (e.g. x.float() / 255, then the model's mean/std), or pass a "
                         "camlens.models.load(...) object as the model, which preprocesses uint8 images")
     if inputs.is_inference():  # made under torch.inference_mode(): a normal copy can record gradients
@@ -57,11 +59,11 @@ def _unwrap(model: Any, inputs: Any, layer: Any, categories: Categories):
         if display is not None and display.ndim == 3:
             display = display[None]
     if inputs.ndim != 4:
-        raise ValueError(f"inputs must have shape (B, C, H, W), got {tuple(inputs.shape)}")
+        raise InputError(f"inputs must have shape (B, C, H, W), got {tuple(inputs.shape)}")
     finite = torch.isfinite(inputs.flatten(1)).all(1)
     if not bool(finite.all()):
         bad = (~finite).nonzero().flatten().tolist()
-        raise ValueError(f"inputs contain NaN/Inf in image(s) {bad}: their maps and scores would be NaN; fix or "
+        raise InputError(f"inputs contain NaN/Inf in image(s) {bad}: their maps and scores would be NaN; fix or "
                          "drop those images (e.g. torch.nan_to_num) before explaining")
     return model, inputs, layer, categories, display
 
@@ -82,7 +84,7 @@ def _check_model_tensors(net: nn.Module) -> None:
     """A model whose weights were made under ``torch.inference_mode()`` cannot be differentiated."""
     for name, t in [*net.named_parameters(), *net.named_buffers()]:
         if t.is_inference():
-            raise RuntimeError(f"the model's tensor {name!r} is an inference tensor (the model was created or loaded "
+            raise ModelRuntimeError(f"the model's tensor {name!r} is an inference tensor (the model was created or loaded "
                                "under torch.inference_mode()), so no gradients can flow through it; create / load the "
                                "model outside inference mode, or clone its state: "
                                "model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})")
@@ -108,7 +110,7 @@ def _check_scores(scores: Tensor, rows: list[list[ResolvedTarget]]) -> None:
         where = bad.nonzero().tolist()
         items = ", ".join(f"image {b} target {rows[b][t].label!r}" for b, t in where[:8])
         more = f" and {len(where) - 8} more" if len(where) > 8 else ""
-        raise FloatingPointError(f"the model returned NaN/Inf scores for finite inputs: {items}{more}; the model "
+        raise NonFiniteScoresError(f"the model returned NaN/Inf scores for finite inputs: {items}{more}; the model "
                                  "itself produces non-finite outputs (check its weights with torch.isfinite and its "
                                  "numerics, e.g. precision=), so no map can be computed")
 
@@ -152,7 +154,7 @@ def _scores(rows: list[list[ResolvedTarget]], heads: dict, output: Any) -> Tenso
                 parts.append(cache[c][b])
             s = torch.stack(parts)
         if s.shape[0] != B:
-            raise ValueError(f"target {col[0].label!r} gave {s.shape[0]} scores for a batch of {B}")
+            raise TargetError(f"target {col[0].label!r} gave {s.shape[0]} scores for a batch of {B}")
         cols.append(s)
     return torch.stack(cols, dim=1)
 
@@ -272,7 +274,7 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
     return Explanation(maps=maps, raw=first, raws=dict(raws), scores=p.scores,
                        probs=target_probabilities(p.rows, detached), targets=p.rows, inputs=x.detach(),
                        layers=names, method=meth.name, display=display, heads=detached, pixel=result.pixel,
-                       components=p.components if combine != "separate" else None)
+                       components=p.components if combine != "separate" else None, options=dict(opts))
 
 
 @dataclass

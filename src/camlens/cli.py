@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -15,6 +16,24 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="camlens: where an image model looks, for every output it has.")
 console = Console(stderr=True, soft_wrap=True)
+
+
+def command(*args, **kwargs):
+    """``app.command`` that turns a :class:`camlens.errors.CamlensError` reaching the command (an error
+    camlens raises on purpose: unknown layer, bad target or option, device) into one line and exit
+    code 2. This is the one place the CLI catches them; per-file problems (an unreadable image, the
+    model's own error on one image) are reported where they happen and the run goes on."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def run(*a, **k):
+            from camlens.errors import CamlensError
+
+            try:
+                return fn(*a, **k)
+            except CamlensError as err:
+                _fatal(_first_line(err))
+        return app.command(*args, **kwargs)(run)
+    return deco
 
 
 # ------------------------------------------------------------------------------------------
@@ -33,7 +52,7 @@ def _flag(default: bool, decls: str, help: str):
     return typer.Option(default, decls, help=help, metavar="")
 
 
-@app.command()
+@command()
 def explain(
     images: List[Path] = typer.Argument(..., help="image files or folders to explain"),
     model: str = typer.Option("efficientnet-lite0", "--model", "-m", help=MODEL_HELP),
@@ -189,9 +208,6 @@ def _message(err: BaseException) -> str:
 # ------------------------------------------------------------------------------------------
 # errors while explaining: per image (the model's own) or for the whole run (camlens usage)
 # ------------------------------------------------------------------------------------------
-_USAGE_ERRORS = (KeyError, ValueError, RuntimeError, IndexError, TypeError, NotImplementedError)
-
-
 def _is_model_error(err: BaseException) -> bool:
     """Whether ``err`` was raised inside the model's own forward (a module camlens called), not by
     camlens (layer names, targets, options): the innermost camlens frame of the traceback calls
@@ -236,9 +252,11 @@ def _hint(m, crop: bool) -> str:
 def _explain_image(m, img, path: Path, errors: list, crop: bool, **kw):
     """``camlens.explain`` on one image. The model's own error (e.g. a ViT given a non-224 picture)
     or running out of memory is a per-file error: recorded, printed with a hint, ``None`` returned.
-    A camlens usage error (unknown layer, bad target or option) is the same for every image: one
-    line, exit 2."""
+    So is a :class:`~camlens.errors.InputError` (this image's values, e.g. NaN pixels). Any other
+    camlens error (unknown layer, bad target or option) is the same for every image: it propagates
+    to :func:`command` (one line, exit 2)."""
     import camlens
+    from camlens.errors import CamlensError, InputError, NonFiniteScoresError
 
     try:
         return camlens.explain(m, img, **kw)
@@ -246,11 +264,12 @@ def _explain_image(m, img, path: Path, errors: list, crop: bool, **kw):
         if _is_oom(err):
             _file_error(errors, path, err, prefix="out of memory on this image: ")
             return None
-        if _is_model_error(err):
+        if isinstance(err, (InputError, NonFiniteScoresError)):  # this image's values
+            _file_error(errors, path, err)
+            return None
+        if _is_model_error(err) and not isinstance(err, CamlensError):
             _file_error(errors, path, err, prefix="the model failed on this image: ", suffix=_hint(m, crop))
             return None
-        if isinstance(err, _USAGE_ERRORS):
-            _fatal(_first_line(err))
         raise
 
 
@@ -277,9 +296,11 @@ def _check_image_args(images: Optional[List[Path]]) -> None:
 def _check_method(name: str) -> None:
     import camlens
 
+    from camlens.errors import ConfigError
+
     try:
         camlens.methods.get_method(name)
-    except ValueError as err:
+    except ConfigError as err:
         raise typer.BadParameter(_first_line(err)) from None
 
 
@@ -311,10 +332,7 @@ def _check_common(*, device: Optional[str] = None, top_k: Optional[int] = None,
         raise typer.BadParameter(f"--top-k must be >= 1, got {top_k}")
     if max_pixels is not None and max_pixels < 0:
         raise typer.BadParameter(f"--max-pixels must be >= 0 (0: no limit), got {max_pixels}")
-    try:
-        check_device(device)
-    except ValueError as err:
-        _fatal(_first_line(err))
+    check_device(device)  # a ConfigError: one line, exit 2 (see command)
 
 
 def _cli_targets(target: Optional[List[str]]):
@@ -435,6 +453,7 @@ def _compare_methods(m, img, path: Path, kw: dict, opts: dict, out: Path, stem: 
     import time
 
     import camlens
+    from camlens.errors import CamlensError
     from camlens.report import write_method_grid
 
     exps, skipped, model_errors = {}, {}, []
@@ -445,9 +464,9 @@ def _compare_methods(m, img, path: Path, kw: dict, opts: dict, out: Path, stem: 
         try:
             exps[name] = camlens.explain(m, img, method=name, **kw, **own)
         except Exception as err:  # noqa: BLE001 - classified below
-            if _is_model_error(err) or _is_oom(err):
+            if _is_oom(err) or (_is_model_error(err) and not isinstance(err, CamlensError)):
                 model_errors.append(err)
-            elif not isinstance(err, _USAGE_ERRORS):
+            elif not isinstance(err, CamlensError):  # a bug: the traceback is wanted
                 raise
             skipped[name] = _first_line(err)
             console.print(f"  [yellow]{n}/{len(names)} {name}: skipped: {escape(skipped[name])}[/]", highlight=False)
@@ -477,7 +496,7 @@ def _compare_methods(m, img, path: Path, kw: dict, opts: dict, out: Path, stem: 
     return {"methods_grid": grid, "methods": list(exps), "skipped": skipped, "files": [grid]}
 
 
-@app.command()
+@command()
 def localize(
     images: List[Path] = typer.Argument(..., help="image files to localise in"),
     model: str = typer.Option("efficientnet-lite0", "--model", "-m", help=MODEL_HELP),
@@ -592,7 +611,7 @@ def localize(
         raise typer.Exit(code=1)
 
 
-@app.command()
+@command()
 def report(
     images: List[Path] = typer.Argument(..., help="image files or folders"),
     out: Path = typer.Option(Path("camlens_report.html"), "--out", "-o", help="the HTML file to write"),
@@ -637,7 +656,7 @@ def report(
         raise typer.Exit(code=1)
 
 
-@app.command()
+@command()
 def evaluate(
     images: Optional[List[Path]] = typer.Argument(None, help="image files or folders (or use --shapes N)"),
     shapes: int = typer.Option(0, "--shapes", help="evaluate on N generated shapes images with their masks "
@@ -664,6 +683,7 @@ def evaluate(
     baselines. Localisation metrics (pointing_game, relevance_mass, ...) need ground-truth masks:
     the CLI has them only with --shapes N."""
     import camlens
+    from camlens.errors import CamlensError, ConfigError, InputError
     from camlens.report import write_evaluation
 
     _check_image_args(images)
@@ -675,7 +695,7 @@ def evaluate(
     for name in metrics:
         try:
             met = camlens.metrics.get_metric(name)
-        except ValueError as err:
+        except ConfigError as err:
             raise typer.BadParameter(_first_line(err)) from None
         needs = {n for need in met.requires for n in need.split("|")} & {"masks", "boxes"}
         if needs and not shapes:
@@ -719,12 +739,11 @@ def evaluate(
                     got[meth] = camlens.evaluate(m, exp.inputs, exp, metrics=metrics, masks=masks,
                                                  batch_size=batch_size, options=metric_opts)
                 except Exception as err:  # noqa: BLE001 - classified as in explain
-                    if _is_model_error(err) or _is_oom(err):
+                    if _is_oom(err) or isinstance(err, InputError) or \
+                            (_is_model_error(err) and not isinstance(err, CamlensError)):
                         _file_error(errors, Path(name), err, prefix=f"{meth}: evaluation failed on this image: ")
                         break
-                    if isinstance(err, _USAGE_ERRORS):
-                        _fatal(f"{meth} on {name}: {_first_line(err)}")
-                    raise
+                    raise  # a CamlensError: one line, exit 2 (see command)
                 progress.advance(task)
             else:  # every method ran: the image counts (the same images for every method)
                 done += 1
@@ -791,7 +810,7 @@ def torch_stack_masks(data, b: int):
     return torch.stack([data.masks["shape"][b], data.masks["colour"][b]])[None]
 
 
-@app.command()
+@command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="output folder"),
     device: Optional[str] = typer.Option(None, "--device"),
@@ -812,7 +831,7 @@ def demo(
                   f".npy maps, summary.json; {sh['composite']} (per-head composite), {sh['report']} (open in a browser)")
 
 
-@app.command()
+@command()
 def methods() -> None:
     """List the available methods, what they do and what they cost."""
     import camlens
@@ -823,7 +842,7 @@ def methods() -> None:
     Console().print(table)
 
 
-@app.command()
+@command()
 def models() -> None:
     """List the built-in models and the loader forms."""
     import camlens

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .explanation import Explanation
 from .postprocess import upsample
+from .errors import ConfigError
 
 __all__ = ["Agreement", "agreement", "agreement_summary", "top_fraction_mask", "pearson"]
 
@@ -64,7 +65,7 @@ class Agreement:
 def top_fraction_mask(maps: Tensor, top: float) -> Tensor:
     """Boolean masks ``(..., H, W)`` of each map's top ``top`` fraction of pixels (ties broken by order)."""
     if not 0.0 < top <= 1.0:
-        raise ValueError(f"top is a fraction in (0, 1], got {top}")
+        raise ConfigError(f"top is a fraction in (0, 1], got {top}")
     flat = maps.flatten(-2)
     k = max(1, round(top * flat.shape[-1]))
     idx = flat.topk(k, dim=-1).indices
@@ -91,7 +92,7 @@ def agreement(exp: Explanation, top: float = 0.2) -> Agreement:
     """
     B, T, H, W = exp.maps.shape
     if T < 2:
-        raise ValueError("agreement needs at least two targets per image (try top_k=2 or several heads)")
+        raise ConfigError("agreement needs at least two targets per image (try top_k=2 or several heads)")
     pairs = list(combinations(range(T), 2))
     ii = torch.tensor([i for i, _ in pairs], device=exp.maps.device)
     jj = torch.tensor([j for _, j in pairs], device=exp.maps.device)
@@ -133,9 +134,9 @@ def agreement_summary(exp: Explanation, top: float = 0.2, *, max_targets: Option
     Returns ``B`` lists of rows (empty lists when fewer than two targets are compared).
     """
     if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+        raise ConfigError(f"chunk must be >= 1, got {chunk}")
     if max_targets is not None and max_targets < 0:
-        raise ValueError(f"max_targets must be >= 0 or None, got {max_targets}")
+        raise ConfigError(f"max_targets must be >= 0 or None, got {max_targets}")
     B, T, H, W = exp.maps.shape
     n = T if max_targets is None else min(T, max_targets)
     out: list[list[dict[str, Any]]] = [[] for _ in range(B)]

@@ -9,6 +9,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .errors import MissingDependencyError
+
 __all__ = ["DEMO_IMAGES", "run_demo"]
 
 DEMO_IMAGES = ("chelsea", "coffee")
@@ -19,7 +21,7 @@ def demo_images() -> dict[str, np.ndarray]:
     try:
         import skimage.data as data
     except ImportError as err:  # pragma: no cover - scikit-image is a demo/dev dependency
-        raise RuntimeError("the demo needs scikit-image: pip install 'camlens[demo]'") from err
+        raise MissingDependencyError("the demo needs scikit-image: pip install 'camlens[demo]'") from err
     return {name: getattr(data, name)() for name in DEMO_IMAGES}
 
 

@@ -14,6 +14,7 @@ from .backends.torch import Runner, model_device, model_state
 from .explanation import Explanation
 from .metrics import EvalContext, Metric, get_metric
 from .targets import ResolvedTarget, resolve_targets, split_outputs
+from .errors import ConfigError, InputError, TargetError
 
 __all__ = ["evaluate", "Scores", "DEFAULT_METRICS"]
 
@@ -62,7 +63,7 @@ def _per_target(t: Optional[Tensor], B: int, T: int, what: str, tail: tuple[int,
     if t.ndim == 1 + len(tail):
         t = t[:, None].expand(B, T, *t.shape[1:])
     if t.shape[:2] != (B, T) or (tail and tuple(t.shape[2:]) != tail and tail != (-1,)):
-        raise ValueError(f"{what} must have shape (B, {', '.join(map(str, tail))}) or (B, T, ...) with B={B}, "
+        raise InputError(f"{what} must have shape (B, {', '.join(map(str, tail))}) or (B, T, ...) with B={B}, "
                          f"T={T}; got {tuple(t.shape)}")
     return t
 
@@ -115,16 +116,16 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
         else:
             maps = torch.as_tensor(explanation)
             if targets is None:
-                raise ValueError("a plain map tensor needs targets= (what each of its T maps explains)")
+                raise ConfigError("a plain map tensor needs targets= (what each of its T maps explains)")
             with torch.no_grad():
                 out = net(x)
             rows = resolve_targets(targets, split_outputs(out), out, categories=categories, head_keys=heads)
         if maps.ndim != 4 or maps.shape[0] != x.shape[0] or maps.shape[-2:] != x.shape[-2:]:
-            raise ValueError(f"maps must be (B, T, H, W) = ({x.shape[0]}, T, {x.shape[-2]}, {x.shape[-1]}) at input "
+            raise InputError(f"maps must be (B, T, H, W) = ({x.shape[0]}, T, {x.shape[-2]}, {x.shape[-1]}) at input "
                              f"resolution; got {tuple(maps.shape)}")
         B, T = maps.shape[:2]
         if len(rows) != B or any(len(r) != T for r in rows):
-            raise ValueError(f"targets resolve to {[len(r) for r in rows]} per image, but maps have T={T}")
+            raise TargetError(f"targets resolve to {[len(r) for r in rows]} per image, but maps have T={T}")
 
         def prob_fn(out: Any, b: int) -> Tensor:
             hs = split_outputs(out)
@@ -160,6 +161,6 @@ def _check_requires(metric: Metric, ctx: EvalContext) -> None:
         have = {"masks": ctx.masks is not None, "boxes": ctx.boxes is not None, "explain": ctx.explain is not None}
         if not any(have[n] for n in need.split("|")):
             what = " or ".join(need.split("|"))
-            raise ValueError(f"metric {metric.name!r} needs {what}" + (
+            raise ConfigError(f"metric {metric.name!r} needs {what}" + (
                 " (pass masks= / boxes=)" if need != "explain" else
                 " (pass a camlens Explanation, not a plain map tensor, so it can re-explain)"))

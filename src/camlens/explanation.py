@@ -1,16 +1,54 @@
-"""The result of :func:`camlens.explain`."""
+"""The result of :func:`camlens.explain`, and its file format (:meth:`Explanation.save`, :func:`load`).
+
+File format ``camlens.explanation``, version 1 (:data:`FORMAT`, :data:`FORMAT_VERSION`): ONE ``.npz``
+file (``numpy.savez_compressed``, a zip of ``.npy`` arrays) that any NumPy reads with
+``np.load(path, allow_pickle=False)``; nothing in it is pickled. Its entries:
+
+* ``__meta__``: ``(N,)`` uint8, the UTF-8 bytes of one JSON object (below);
+* ``maps``, ``scores``, ``probs``, ``inputs``: the tensors of the same names; ``raw`` unless it is
+  the first layer's raw maps (``meta["raw"] == "raws/0"``, the usual case, stored once);
+  ``raws/{i}``: the raw maps of layer ``meta["raws"][i]``; ``heads/{i}``: the output of head
+  ``meta["heads"][i]``; ``pixel`` and ``display`` (uint8 ``(B, H, W, 3)``) when set.
+
+The JSON object holds ``format`` (``"camlens.explanation"``), ``format_version`` (``1``),
+``camlens_version``, ``method``, ``layers``, ``options`` (the method's resolved options; a value
+JSON cannot hold is stored as its ``repr`` string and its name listed in ``options_repr``; tuples
+become lists), ``raws`` (layer names in order), ``raw``, ``heads`` (head keys in order; ints stay
+ints, strs strs), ``targets`` (B lists of T ``{"head", "cls", "label", "has_fn", "head_only"}``),
+``components`` (the same, or ``null``) and ``arrays``: per entry its original ``dtype`` (e.g.
+``"torch.bfloat16"``), ``device`` (e.g. ``"cuda:0"``), ``shape`` and ``stored_as`` (the NumPy
+dtype in the file). Tensors keep their dtype; a dtype NumPy lacks is stored widened (bf16 and
+float8 as float32, complex32 as complex64) and cast back on load, bit for bit.
+
+Score functions cannot be saved: such a target loads as a :class:`LoadedTarget` with ``fn=None``
+and ``has_fn=True``; its ``head``, ``cls``, ``label`` and ``head_only`` are kept.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
+import os
+import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from .errors import InputError, InputFileNotFoundError, InputTypeError, TargetError
 from .targets import ResolvedTarget
 
-__all__ = ["Explanation"]
+__all__ = ["Explanation", "load", "LoadedTarget", "FORMAT", "FORMAT_VERSION"]
+
+#: The ``format`` string in every saved explanation's metadata.
+FORMAT = "camlens.explanation"
+#: The newest format version this camlens writes and reads.
+FORMAT_VERSION = 1
+META_KEY = "__meta__"
 
 
 @dataclass
@@ -37,6 +75,9 @@ class Explanation:
             (guided backprop, guided Grad-CAM), else ``None``.
         components: with ``combine=`` other than ``"separate"``, the B lists of targets that were
             folded into each image's single combined target.
+        options: the method's options as :func:`camlens.explain` resolved them (defaults filled in).
+
+    :meth:`save` writes it to one ``.npz`` file; :func:`camlens.load` reads it back.
     """
 
     maps: Tensor
@@ -52,6 +93,7 @@ class Explanation:
     heads: dict[Any, Tensor] = field(default_factory=dict)
     pixel: Optional[Tensor] = None
     components: Optional[list[list[ResolvedTarget]]] = None
+    options: dict = field(default_factory=dict)
 
     @property
     def labels(self) -> list[list[str]]:
@@ -68,7 +110,307 @@ class Explanation:
             "labels": self.labels,
         }
 
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write this explanation to ONE compressed ``.npz`` file (see the module docs for the format).
+
+        Args:
+            path: the file; ``".npz"`` is appended when the name does not end with it (as
+                ``numpy.savez`` does), parent directories are created.
+
+        Returns:
+            The ``Path`` written (with the ``.npz`` suffix). :func:`camlens.load` reads it back,
+            tensors bit for bit; score functions (``target.fn``) are not saved.
+        """
+        out = _npz_path(path)
+        arrays, meta = _encode(self)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        blob = json.dumps(meta, ensure_ascii=False, allow_nan=True).encode("utf-8")
+        arrays[META_KEY] = np.frombuffer(blob, dtype=np.uint8)
+        tmp = out.with_name(out.name + ".part")
+        try:
+            with open(tmp, "wb") as f:  # a file object: numpy appends no second suffix
+                np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return out
+
     def __repr__(self) -> str:
         B, T, H, W = self.maps.shape
         return (f"Explanation(method={self.method!r}, layers={self.layers}, maps=(B={B}, T={T}, H={H}, W={W}), "
                 f"targets={self.labels[0] if B else []}{' ...' if B > 1 else ''})")
+
+
+@dataclass(frozen=True)
+class LoadedTarget(ResolvedTarget):
+    """A loaded target whose score function was not saved (functions cannot be): ``fn`` is
+    ``None`` and ``has_fn`` is ``True``. ``head``, ``cls``, ``label`` and ``head_only`` are as saved;
+    :meth:`score` raises, because the score cannot be recomputed without the function."""
+
+    has_fn: bool = True
+
+    def score(self, heads: Any, output: Any) -> Tensor:
+        raise TargetError(f"target {self.label!r} was loaded from a file and its score function was not saved "
+                           "(functions cannot be); explain the model again with the function to recompute it")
+
+
+# ----------------------------------------------------------------------------------------------
+# saving
+
+
+def _npz_path(path: Union[str, os.PathLike]) -> Path:
+    p = Path(os.fspath(path))
+    return p if p.name.endswith(".npz") else p.with_name(p.name + ".npz")
+
+
+def _tensor_array(name: str, t: Any, specs: dict[str, dict]) -> np.ndarray:
+    """``t`` as a NumPy array for the file; its original dtype / device / shape go to ``specs[name]``."""
+    if isinstance(t, np.ndarray):
+        specs[name] = {"dtype": f"numpy.{t.dtype}", "device": "numpy", "shape": list(t.shape),
+                       "stored_as": str(t.dtype)}
+        if t.dtype.hasobject:
+            raise InputTypeError(f"cannot save {name!r}: it is an object array (dtype {t.dtype}); only numeric arrays "
+                            "can be saved")
+        return t
+    if not isinstance(t, Tensor):
+        raise InputTypeError(f"cannot save {name!r}: expected a tensor, got {type(t).__name__}")
+    c = t.detach().cpu().resolve_conj().resolve_neg()
+    if c.layout != torch.strided:
+        c = c.to_dense()
+    if c.dtype == torch.bfloat16 or (c.is_floating_point() and c.element_size() == 1):
+        a = c.float().numpy()  # bf16 / float8 -> float32 is exact
+    elif c.dtype == torch.complex32:
+        a = c.to(torch.complex64).numpy()
+    else:
+        try:
+            a = c.numpy()
+        except TypeError as e:
+            raise InputTypeError(f"cannot save {name!r}: NumPy has no dtype for {t.dtype}") from e
+    specs[name] = {"dtype": str(t.dtype), "device": str(t.device), "shape": list(t.shape), "stored_as": str(a.dtype)}
+    return a
+
+
+def _key(k: Any, what: str) -> Union[int, str]:
+    """A head key for JSON: ints and strs are kept as they are (bool too); other integers become int."""
+    if isinstance(k, (str, int)):
+        return k
+    if isinstance(k, numbers.Integral):
+        return int(k)
+    raise InputTypeError(f"cannot save {what} {k!r} of type {type(k).__name__}: only int and str head keys can be saved")
+
+
+def _encode_target(t: ResolvedTarget) -> dict[str, Any]:
+    cls = t.cls
+    if cls is not None and not isinstance(cls, bool) and isinstance(cls, numbers.Integral):
+        cls = int(cls)
+    return {"head": _key(t.head, "target head"), "cls": cls, "label": None if t.label is None else str(t.label),
+            "has_fn": t.fn is not None or bool(getattr(t, "has_fn", False)),
+            "head_only": bool(getattr(t, "head_only", True))}
+
+
+def _encode_rows(rows: Optional[list[list[ResolvedTarget]]]) -> Optional[list[list[dict[str, Any]]]]:
+    return None if rows is None else [[_encode_target(t) for t in row] for row in rows]
+
+
+def _json_value(v: Any) -> tuple[Any, bool]:
+    """``(value, ok)``: ``v`` as JSON holds it (tuples become lists), or ``(repr(v), False)``."""
+    try:
+        back = json.loads(json.dumps(v, allow_nan=True))
+    except (TypeError, ValueError, RecursionError):
+        return repr(v), False
+
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, (list, tuple)):
+            return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict):
+            return isinstance(b, dict) and list(map(str, a)) == list(b) and all(same(a[k], b[str(k)]) for k in a)
+        if isinstance(a, float) and math.isnan(a):
+            return isinstance(b, float) and math.isnan(b)
+        return type(a) is type(b) and a == b
+
+    return (back, True) if same(v, back) else (repr(v), False)
+
+
+def _encode(exp: "Explanation") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays and the JSON metadata of one explanation (see the module docs)."""
+    specs: dict[str, dict] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for name in ("maps", "scores", "probs", "inputs", "pixel", "display"):
+        v = getattr(exp, name)
+        if v is not None:
+            arrays[name] = _tensor_array(name, v, specs)
+    raws = dict(exp.raws or {})
+    layer_names = [str(k) for k in raws]
+    for i, v in enumerate(raws.values()):
+        arrays[f"raws/{i}"] = _tensor_array(f"raws/{i}", v, specs)
+    raw_ref = None
+    if exp.raw is not None:
+        if raws and exp.raw is next(iter(raws.values())):
+            raw_ref = "raws/0"  # the usual case: the first layer's raw maps, stored once
+        else:
+            arrays["raw"] = _tensor_array("raw", exp.raw, specs)
+            raw_ref = "raw"
+    head_keys = [_key(k, "head key") for k in exp.heads]
+    for i, v in enumerate(exp.heads.values()):
+        arrays[f"heads/{i}"] = _tensor_array(f"heads/{i}", v, specs)
+    options, unsaved = {}, []
+    for k, v in (exp.options or {}).items():
+        options[str(k)], ok = _json_value(v)
+        if not ok:
+            unsaved.append(str(k))
+    from . import __version__
+
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "camlens_version": __version__,
+            "method": exp.method, "layers": [str(n) for n in exp.layers], "options": options,
+            "options_repr": unsaved, "raws": layer_names, "raw": raw_ref, "heads": head_keys,
+            "targets": _encode_rows(exp.targets), "components": _encode_rows(exp.components), "arrays": specs}
+    return arrays, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+class _FileError(InputError):
+    """A file :func:`load` refuses, with a message naming it."""
+
+
+def _torch_dtype(name: str) -> Optional[torch.dtype]:
+    """``"torch.float16"`` -> ``torch.float16``; ``None`` for a name this PyTorch does not know."""
+    if not name.startswith("torch."):
+        return None
+    d = getattr(torch, name[len("torch."):], None)
+    return d if isinstance(d, torch.dtype) else None
+
+
+def _restore(name: str, a: np.ndarray, spec: dict, device: torch.device, where: str) -> Any:
+    """An array of the file back as saved: a tensor of its original dtype on ``device`` (or the NumPy array)."""
+    if list(a.shape) != list(spec.get("shape", a.shape)):
+        raise _FileError(f"{where}: entry {name!r} has shape {list(a.shape)}, but the metadata says {spec['shape']}; "
+                         "the file is damaged")
+    dtype = str(spec.get("dtype", ""))
+    if dtype.startswith("numpy."):
+        return a
+    want = _torch_dtype(dtype)
+    if want is None:
+        raise _FileError(f"{where}: entry {name!r} has dtype {dtype!r}, unknown to this PyTorch {torch.__version__}")
+    if want == torch.bfloat16 and a.dtype == np.float32:
+        bits = np.ascontiguousarray(a).view(np.uint32)
+        if not (bits & 0xFFFF).any():  # float32 widened from bf16: its top 16 bits are the bf16, bit for bit
+            t = torch.from_numpy((bits >> 16).astype(np.uint16).view(np.int16)).view(torch.bfloat16)
+            return t.to(device)
+    t = torch.from_numpy(np.array(a, copy=True))
+    return t.to(device=device, dtype=want)
+
+
+def _decode_rows(rows: Optional[list], where: str) -> Optional[list[list[ResolvedTarget]]]:
+    if rows is None:
+        return None
+    try:
+        out = []
+        for row in rows:
+            r = []
+            for d in row:
+                kw = dict(head=d["head"], cls=d["cls"], label=d["label"], head_only=bool(d.get("head_only", True)))
+                r.append(LoadedTarget(fn=None, has_fn=True, **kw) if d.get("has_fn") else ResolvedTarget(**kw))
+            out.append(r)
+        return out
+    except (KeyError, TypeError) as e:
+        raise _FileError(f"{where}: its targets metadata is malformed ({e!r}); the file is damaged") from e
+
+
+def load(path: Union[str, os.PathLike], device: Union[str, torch.device, None] = None) -> "Explanation":
+    """Read an explanation written by :meth:`Explanation.save` (NOT :func:`camlens.models.load`,
+    which loads a model).
+
+    Args:
+        path: the ``.npz`` file. As in :meth:`Explanation.save`, ``".npz"`` is appended to a name
+            that does not end with it, unless a file of exactly that name exists.
+        device: where the tensors go; default CPU (the devices they were saved from are in the
+            file's metadata).
+
+    Returns:
+        An :class:`Explanation` whose tensors equal the saved ones bit for bit, in their saved
+        dtypes: ``maps`` ``(B, T, H, W)``, ``raw`` / ``raws`` ``(B, T, h, w)``, ``scores`` /
+        ``probs`` ``(B, T)``, ``inputs`` ``(B, C, H, W)``, ``pixel`` ``(B, T, C, H, W)``, ``display``
+        a uint8 NumPy ``(B, H, W, 3)``; ``heads`` keyed as saved. A target that had a score
+        function is a :class:`LoadedTarget` with ``fn=None``, ``has_fn=True``. ``options`` values
+        JSON could not hold are their ``repr`` strings.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a camlens explanation, is damaged, holds pickled / object
+            data (never unpickled), or has a newer ``format_version`` than this camlens reads.
+    """
+    given = Path(os.fspath(path))
+    p = given if given.is_file() else _npz_path(given)
+    if not p.is_file():
+        tried = f"{given}" + (f" or {p}" if p != given else "")
+        raise InputFileNotFoundError(f"no saved explanation at {tried}")
+    where = f"{p}"
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(p):
+        raise _FileError(f"{where} is not a camlens explanation: not an .npz (zip) file (it starts with {head!r}); "
+                         "save one with exp.save(path)")
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            names = list(z.files)
+            if META_KEY not in names:
+                shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+                raise _FileError(f"{where} is not a camlens explanation: it has no {META_KEY!r} entry (its arrays: "
+                                 f"{shown or 'none'}); save one with exp.save(path)")
+            raw_meta = z[META_KEY]
+            try:
+                meta = json.loads(raw_meta.tobytes().decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise _FileError(f"{where} is not a camlens explanation: its {META_KEY!r} entry is not UTF-8 JSON "
+                                 f"({e})") from e
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+                raise _FileError(f"{where} is not a camlens explanation: its format is {found!r}, "
+                                 f"expected {FORMAT!r}")
+            version = meta.get("format_version")
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise _FileError(f"{where}: format_version {version!r} is not a valid version (expected an integer "
+                                 f"from 1 to {FORMAT_VERSION})")
+            if version > FORMAT_VERSION:
+                raise _FileError(f"{where} has format_version {version} (written by camlens "
+                                 f"{meta.get('camlens_version', '?')}), but this camlens {_version()} reads versions "
+                                 f"up to {FORMAT_VERSION}; upgrade camlens to load it")
+            specs = meta.get("arrays", {})
+            missing = [k for k in specs if k not in names]
+            if missing:
+                raise _FileError(f"{where}: entries {missing} named in its metadata are missing; the file is damaged")
+            data = {k: _restore(k, z[k], specs[k], dev, where) for k in specs}
+    except zipfile.BadZipFile as e:
+        raise _FileError(f"{where} is not a readable .npz file ({e}); the file is damaged") from e
+    except _FileError:
+        raise
+    except (KeyError, TypeError, AttributeError) as e:  # metadata of the wrong shape
+        raise _FileError(f"{where}: its metadata is malformed ({e!r}); the file is damaged") from e
+    except ValueError as e:
+        # e.g. numpy's "Object arrays cannot be loaded when allow_pickle=False": never unpickled
+        raise _FileError(f"{where}: cannot be read without unpickling or is damaged ({e}); camlens never unpickles "
+                         "(allow_pickle=False)") from e
+
+    try:
+        raws = {name: data[f"raws/{i}"] for i, name in enumerate(meta["raws"])}
+        heads = {k: data[f"heads/{i}"] for i, k in enumerate(meta["heads"])}
+        raw_ref = meta.get("raw")
+        raw = data[raw_ref] if raw_ref is not None else None
+        return Explanation(maps=data["maps"], raw=raw, raws=raws, scores=data["scores"], probs=data.get("probs"),
+                           targets=_decode_rows(meta["targets"], where) or [], inputs=data["inputs"],
+                           layers=list(meta["layers"]), method=meta["method"], display=data.get("display"),
+                           heads=heads, pixel=data.get("pixel"),
+                           components=_decode_rows(meta.get("components"), where),
+                           options=dict(meta.get("options") or {}))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise _FileError(f"{where}: the metadata or arrays lack {e}; the file is damaged") from e
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

@@ -11,6 +11,8 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ConfigError, InputError, InputFileNotFoundError, InputTypeError
+
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 __all__ = ["ImageLike", "load_image", "array_to_pil", "to_rgb", "DEFAULT_MAX_PIXELS"]
@@ -34,7 +36,7 @@ def array_to_pil(arr: np.ndarray) -> Image.Image:
     if arr.ndim == 3 and arr.shape[2] == 4:
         arr = arr[:, :, :3]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
-        raise ValueError(
+        raise InputError(
             f"expected an image array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
             f"got {arr.shape}"
         )
@@ -44,7 +46,7 @@ def array_to_pil(arr: np.ndarray) -> Image.Image:
         u8 = _scale16(arr)
     elif np.issubdtype(arr.dtype, np.floating):
         if arr.size and (np.nanmin(arr) < -1e-3 or np.nanmax(arr) > 1 + 1e-3):
-            raise ValueError(
+            raise InputError(
                 f"float image values must be in [0, 1], got [{arr.min():.3g}, {arr.max():.3g}]; "
                 "divide by 255 or cast to uint8"
             )
@@ -53,12 +55,12 @@ def array_to_pil(arr: np.ndarray) -> Image.Image:
         if arr.dtype == np.bool_:
             arr = arr.astype(np.uint8) * 255
         if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise ValueError(
+            raise InputError(
                 f"integer image values must be in 0..255, got [{arr.min()}, {arr.max()}]"
             )
         u8 = arr.astype(np.uint8)
     else:
-        raise TypeError(f"unsupported image array dtype {arr.dtype}")
+        raise InputTypeError(f"unsupported image array dtype {arr.dtype}")
     return Image.fromarray(np.ascontiguousarray(u8)).convert("RGB")
 
 
@@ -149,16 +151,16 @@ def load_image(path_or_obj: ImageLike, *, max_pixels: Optional[int] = DEFAULT_MA
     if isinstance(path_or_obj, (str, os.PathLike)):
         path = Path(path_or_obj)
         if not path.exists():
-            raise FileNotFoundError(f"image file not found: {path}")
+            raise InputFileNotFoundError(f"image file not found: {path}")
         if path.is_dir():
-            raise ValueError(f"cannot read image {path}: it is a directory")
+            raise InputError(f"cannot read image {path}: it is a directory")
         if max_pixels is not None and max_pixels < 0:
-            raise ValueError(f"max_pixels must be >= 0 (0 or None: no limit), got {max_pixels}")
+            raise ConfigError(f"max_pixels must be >= 0 (0 or None: no limit), got {max_pixels}")
         try:
             with _open(path) as im:
                 w, h = im.size
                 if max_pixels and w * h > max_pixels:
-                    raise ValueError(
+                    raise InputError(
                         f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} pixels "
                         "(a decompression bomb?); raise the limit (--max-pixels) if the file is genuine"
                     )
@@ -169,8 +171,8 @@ def load_image(path_or_obj: ImageLike, *, max_pixels: Optional[int] = DEFAULT_MA
                 return to_rgb(im)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
                 MemoryError) as e:
-            raise ValueError(f"cannot read image {path}: {e}") from e
-    raise TypeError(
+            raise InputError(f"cannot read image {path}: {e}") from e
+    raise InputTypeError(
         f"cannot read an image from {type(path_or_obj).__name__}; "
         "expected a file path, a PIL.Image or a numpy array"
     )

@@ -28,6 +28,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from .errors import ConfigError, InputError
+
 __all__ = ["boxes_from_maps", "boxes_all_components", "masks_from_maps", "foreground_masks", "box_iou", "mask_iou",
            "draw_boxes", "cutout"]
 
@@ -38,14 +40,14 @@ def _check_maps(maps: Tensor) -> Tensor:
     if not isinstance(maps, Tensor):
         maps = torch.as_tensor(np.asarray(maps))
     if maps.ndim != 4:
-        raise ValueError(f"maps must be (B, T, H, W), got shape {tuple(maps.shape)}")
+        raise InputError(f"maps must be (B, T, H, W), got shape {tuple(maps.shape)}")
     return maps
 
 
 def _check_fraction(name: str, value: float) -> float:
     value = float(value)
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a fraction of the map's max in [0, 1], got {value}")
+        raise ConfigError(f"{name} must be a fraction of the map's max in [0, 1], got {value}")
     return value
 
 
@@ -144,9 +146,9 @@ def _as_images(images: Any, B: int, H: int, W: int) -> np.ndarray:
     if arr.ndim == 3:
         arr = arr[None]
     if arr.shape != (B, H, W, 3):
-        raise ValueError(f"images must be (B, H, W, 3) = {(B, H, W, 3)} to match the maps, got {arr.shape}")
+        raise InputError(f"images must be (B, H, W, 3) = {(B, H, W, 3)} to match the maps, got {arr.shape}")
     if arr.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 (0..255), got {arr.dtype}")
+        raise InputError(f"images must be uint8 (0..255), got {arr.dtype}")
     return arr
 
 
@@ -208,12 +210,12 @@ def masks_from_maps(maps: Tensor, threshold: float = 0.5, *, refine: Optional[st
     if refine is None:
         return masks
     if refine != "grabcut":
-        raise ValueError(f"refine must be None or 'grabcut', got {refine!r}")
+        raise ConfigError(f"refine must be None or 'grabcut', got {refine!r}")
     low, high = _check_fraction("low", low), _check_fraction("high", high)
     if not low <= threshold <= high:
-        raise ValueError(f"need low <= threshold <= high, got {low}, {threshold}, {high}")
+        raise ConfigError(f"need low <= threshold <= high, got {low}, {threshold}, {high}")
     if images is None:
-        raise ValueError("refine='grabcut' needs images (B, H, W, 3) uint8 at the maps' resolution")
+        raise ConfigError("refine='grabcut' needs images (B, H, W, 3) uint8 at the maps' resolution")
     B, T, H, W = maps.shape
     imgs = _as_images(images, B, H, W)
     arr = maps.detach().float().nan_to_num(0.0).cpu().numpy()
@@ -280,7 +282,7 @@ def draw_boxes(image: Any, boxes: Any, labels: Optional[list[str]] = None,
 
     arr = np.asarray(image.detach().cpu().numpy() if isinstance(image, Tensor) else image)
     if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {arr.shape} {arr.dtype}")
+        raise InputError(f"image must be (H, W, 3) uint8, got {arr.shape} {arr.dtype}")
     bx = np.asarray(boxes.detach().cpu().numpy() if isinstance(boxes, Tensor) else boxes, dtype=np.int64).reshape(-1, 4)
     pil = Image.fromarray(np.ascontiguousarray(arr))
     draw = ImageDraw.Draw(pil)
@@ -322,5 +324,5 @@ def cutout(image: Any, mask: Any) -> np.ndarray:
     arr = np.asarray(image.detach().cpu().numpy() if isinstance(image, Tensor) else image)
     m = np.asarray(mask.detach().cpu().numpy() if isinstance(mask, Tensor) else mask).astype(bool)
     if arr.shape[:2] != m.shape or arr.ndim != 3 or arr.shape[-1] != 3:
-        raise ValueError(f"image (H, W, 3) and mask (H, W) must match, got {arr.shape} and {m.shape}")
+        raise InputError(f"image (H, W, 3) and mask (H, W) must match, got {arr.shape} and {m.shape}")
     return np.concatenate([arr.astype(np.uint8), (m * 255).astype(np.uint8)[..., None]], axis=-1)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import ConfigError
+
 __all__ = ["relu", "upsample", "upsample_normalize", "normalize", "clip_quantile", "fuse", "process"]
 
 # a map is constant when its span is within this many float epsilons of its magnitude
@@ -164,7 +166,7 @@ def clip_quantile(maps: Tensor, q: float) -> Tensor:
     min-max (captum's visualisation caps the top 2 % for the same reason).
     """
     if not 0.0 < q <= 1.0:
-        raise ValueError(f"clip is a quantile in (0, 1], got {q}")
+        raise ConfigError(f"clip is a quantile in (0, 1], got {q}")
     if q == 1.0:
         return maps
     cap = torch.quantile(maps.flatten(-2).float(), q, dim=-1)[..., None, None].to(maps.dtype)
@@ -178,7 +180,7 @@ def fuse(maps: Sequence[Tensor], how: Literal["mean", "max"] = "mean") -> Tensor
         return stack.mean(0)
     if how == "max":
         return stack.amax(0)
-    raise ValueError(f"fuse must be 'mean' or 'max', got {how!r}")
+    raise ConfigError(f"fuse must be 'mean' or 'max', got {how!r}")
 
 
 def process(raws: Sequence[Tensor], size: Optional[tuple[int, int]], *, use_relu: bool = True,

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import ModelError, ModelTypeError, TargetError, TargetIndexError, TargetKeyError, TargetTypeError
+
 HeadKey = Union[int, str]
 ScoreFn = Callable[[Any], Tensor]
 Categories = Union[Sequence[str], Mapping[HeadKey, Sequence[str]], None]
@@ -86,7 +88,7 @@ class ResolvedTarget:
             s = head_score(heads[self.head], self.cls)
         if not isinstance(s, Tensor) or s.ndim != 1:
             shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-            raise ValueError(f"target {self.label!r}: a score function must return shape (B,), got {shape}")
+            raise TargetError(f"target {self.label!r}: a score function must return shape (B,), got {shape}")
         return s
 
 
@@ -102,9 +104,9 @@ def head_score(head: Tensor, cls: Optional[int]) -> Tensor:
     if cls is None:
         if head.shape[1] == 1:
             return head.flatten(1).sum(1)
-        raise ValueError(f"a class is needed for a head of shape {tuple(head.shape)}")
+        raise TargetError(f"a class is needed for a head of shape {tuple(head.shape)}")
     if not 0 <= cls < head.shape[1]:
-        raise IndexError(f"class {cls} out of range for a head with {head.shape[1]} classes")
+        raise TargetIndexError(f"class {cls} out of range for a head with {head.shape[1]} classes")
     return head[:, cls].reshape(head.shape[0], -1).sum(1)
 
 
@@ -130,14 +132,14 @@ def split_outputs(output: Any) -> dict[HeadKey, Tensor]:
     elif isinstance(output, (tuple, list)):
         items = list(enumerate(output))
     else:
-        raise TypeError(f"unsupported model output type {type(output).__name__}; expected a tensor, "
+        raise ModelTypeError(f"unsupported model output type {type(output).__name__}; expected a tensor, "
                         "tuple, list, dict, namedtuple or dataclass of tensors")
     heads = {k: v for k, v in items if v is not None}
     for k, v in heads.items():
         if not isinstance(v, Tensor):
-            raise TypeError(f"model output {k!r} is a {type(v).__name__}, not a tensor")
+            raise ModelTypeError(f"model output {k!r} is a {type(v).__name__}, not a tensor")
     if not heads:
-        raise ValueError("the model returned no tensor outputs")
+        raise ModelError("the model returned no tensor outputs")
     return heads
 
 
@@ -153,7 +155,7 @@ def _find_head(key: Optional[HeadKey], heads: Mapping[HeadKey, Tensor]) -> HeadK
             return key
     if isinstance(key, int) and -len(keys) <= key < len(keys):
         return keys[key]
-    raise KeyError(f"no model output {key!r}; the outputs are {keys} "
+    raise TargetKeyError(f"no model output {key!r}; the outputs are {keys} "
                    f"(shapes {[tuple(v.shape) for v in heads.values()]})")
 
 
@@ -175,19 +177,19 @@ def _class_index(cls: Union[int, str], names: Optional[Sequence[str]], head: Hea
     if _is_arraylike(cls):  # a 0-d tensor / NumPy integer
         a = _int_array(cls)
         if a.ndim != 0:
-            raise ValueError(f"a class on head {head!r} must be one index, got an array of shape {a.shape}")
+            raise TargetError(f"a class on head {head!r} must be one index, got an array of shape {a.shape}")
         return int(a)
     s = cls.strip()
     if s.lstrip("-").isdigit():
         return int(s)
     if names is None:
-        raise ValueError(f"class {cls!r} is not an index and head {head!r} has no class names")
+        raise TargetError(f"class {cls!r} is not an index and head {head!r} has no class names")
     low = [n.lower() for n in names]
     if s.lower() in low:
         return low.index(s.lower())
     close = [n for n in names if s.lower() in n.lower()]
     hint = f"; did you mean one of {close[:8]}" if close else ""
-    raise ValueError(f"no class named {cls!r} on head {head!r}{hint}")
+    raise TargetError(f"no class named {cls!r} on head {head!r}{hint}")
 
 
 def parse_target(spec: Any, heads: Mapping[HeadKey, Tensor], categories: Categories = None) -> ResolvedTarget:
@@ -204,17 +206,17 @@ def parse_target(spec: Any, heads: Mapping[HeadKey, Tensor], categories: Categor
         name = getattr(spec, "__name__", type(spec).__name__)
         return ResolvedTarget(next(iter(heads)), None, name, spec, head_only=False)
     if isinstance(spec, bool):
-        raise TypeError("a target cannot be a bool")
+        raise TargetTypeError("a target cannot be a bool")
     if _is_arraylike(spec):  # a 0-d tensor / NumPy integer: one class index
         spec = _plain_item(spec)
         if isinstance(spec, list):
-            raise ValueError(f"one target must be one class index, got an array of {len(spec)}; "
+            raise TargetError(f"one target must be one class index, got an array of {len(spec)}; "
                              "pass the array itself as targets= (1-D: one class per image)")
     if isinstance(spec, int) or (hasattr(spec, "__index__") and not isinstance(spec, (str, tuple))):
         return _resolve(None, int(spec), heads, categories)
     if isinstance(spec, tuple):
         if len(spec) != 2:
-            raise ValueError(f"a tuple target is (head, class), got {spec!r}")
+            raise TargetError(f"a tuple target is (head, class), got {spec!r}")
         return _resolve(spec[0], spec[1], heads, categories)
     if isinstance(spec, str):
         if ":" in spec:
@@ -228,7 +230,7 @@ def parse_target(spec: Any, heads: Mapping[HeadKey, Tensor], categories: Categor
                 raise
             return _resolve(head, c.strip() or None, heads, categories)
         return _resolve(None, spec, heads, categories)
-    raise TypeError(f"cannot use {spec!r} ({type(spec).__name__}) as a target; use an int, "
+    raise TargetTypeError(f"cannot use {spec!r} ({type(spec).__name__}) as a target; use an int, "
                     "'head:class', (head, class), camlens.Target or a callable")
 
 
@@ -241,9 +243,9 @@ def _resolve(head: Optional[HeadKey], cls: Union[int, str, None], heads: Mapping
     if idx is not None:
         n = t.shape[1] if t.ndim >= 2 else 1
         if t.ndim < 2 or not 0 <= idx < n:
-            raise IndexError(f"class {idx} out of range for output {key!r} of shape {tuple(t.shape)}")
+            raise TargetIndexError(f"class {idx} out of range for output {key!r} of shape {tuple(t.shape)}")
     elif not (t.ndim == 1 or (t.ndim >= 2 and t.shape[1] == 1)):
-        raise ValueError(f"output {key!r} has shape {tuple(t.shape)}: name a class, e.g. '{key}:0'")
+        raise TargetError(f"output {key!r} has shape {tuple(t.shape)}: name a class, e.g. '{key}:0'")
     if label is None:
         cname = names[idx] if names is not None and idx is not None and idx < len(names) else idx
         if len(heads) == 1 and cname is not None:
@@ -297,15 +299,15 @@ def class_heads(heads: Mapping[HeadKey, Tensor], names: Any = None) -> list[Head
     if names is not None:
         keys = list(names) if isinstance(names, (list, tuple)) else [names]
         if not keys:
-            raise ValueError("heads= is an empty list; give at least one output key or position")
+            raise TargetError("heads= is an empty list; give at least one output key or position")
         out: list[HeadKey] = []
         for k in keys:
             if isinstance(k, bool) or not isinstance(k, (int, str)):
-                raise TypeError(f"heads= takes output keys (str) or positions (int), got {k!r}")
+                raise TargetTypeError(f"heads= takes output keys (str) or positions (int), got {k!r}")
             key = _find_head(k, heads)
             t = heads[key]
             if t.ndim != 2 or t.shape[0] != batch:
-                raise ValueError(f"heads=: output {key!r} has shape {tuple(t.shape)}, not (B, K) = ({batch}, K); "
+                raise TargetError(f"heads=: output {key!r} has shape {tuple(t.shape)}, not (B, K) = ({batch}, K); "
                                  "only class-logit outputs can be classification heads")
             if key not in out:
                 out.append(key)
@@ -331,7 +333,7 @@ def _int_array(t: Any) -> np.ndarray:
     """A tensor / NumPy array / NumPy scalar of class indices as an int64 array (integer dtypes only)."""
     a = t.detach().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
     if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"a targets tensor/array must hold integer class indices, got dtype {a.dtype}")
+        raise TargetTypeError(f"a targets tensor/array must hold integer class indices, got dtype {a.dtype}")
     return a.astype(np.int64)
 
 
@@ -343,16 +345,16 @@ def _array_targets(targets: Any, batch: int) -> Any:
         return int(a)
     if a.ndim == 1:
         if a.shape[0] != batch:
-            raise ValueError(f"a 1-D targets tensor/array gives one class per image: got {a.shape[0]} classes for "
+            raise TargetError(f"a 1-D targets tensor/array gives one class per image: got {a.shape[0]} classes for "
                              f"a batch of {batch}; for the same classes on every image pass a list "
                              "(targets=t.tolist()) or a 2-D (B, T) array")
         return [[int(c)] for c in a]
     if a.ndim == 2:
         if a.shape[0] != batch or a.shape[1] == 0:
-            raise ValueError(f"a 2-D targets tensor/array is (B, T) = ({batch}, T >= 1) classes per image, got shape "
+            raise TargetError(f"a 2-D targets tensor/array is (B, T) = ({batch}, T >= 1) classes per image, got shape "
                              f"{tuple(a.shape)}")
         return [[int(c) for c in row] for row in a]
-    raise ValueError(f"a targets tensor/array must be 0-D (one class), 1-D (B,) (one class per image) or 2-D (B, T), "
+    raise TargetError(f"a targets tensor/array must be 0-D (one class), 1-D (B,) (one class per image) or 2-D (B, T), "
                      f"got shape {tuple(a.shape)}")
 
 
@@ -365,7 +367,7 @@ def _plain_item(t: Any) -> Any:
         return int(a)
     if a.ndim == 1:
         return [int(c) for c in a]
-    raise ValueError(f"a tensor/array inside a targets list must be 0-D or 1-D, got shape {tuple(a.shape)}")
+    raise TargetError(f"a tensor/array inside a targets list must be 0-D or 1-D, got shape {tuple(a.shape)}")
 
 
 def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any = None, *,
@@ -385,11 +387,11 @@ def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any =
     """
     batch = next(iter(heads.values())).shape[0]
     if targets is not None and top_k is not None:
-        raise ValueError("give either targets or top_k, not both")
+        raise TargetError("give either targets or top_k, not both")
     if targets is None:
         k = 1 if top_k is None else int(top_k)
         if k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+            raise TargetError(f"top_k must be >= 1, got {top_k}")
         return _top_k(heads, k, categories, class_heads(heads, head_keys))
     if _is_arraylike(targets):
         targets = _array_targets(targets, batch)
@@ -409,15 +411,15 @@ def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any =
         targets = [targets]
     if _is_per_image(targets):
         if len(targets) != batch:
-            raise ValueError(f"per-image targets: got {len(targets)} lists for a batch of {batch} images; "
+            raise TargetError(f"per-image targets: got {len(targets)} lists for a batch of {batch} images; "
                              "give one list per image, or a flat list to use the same targets for all")
         out = [[parse_target(t, heads, categories) for t in row] for row in targets]
         lens = {len(r) for r in out}
         if len(lens) != 1 or 0 in lens:
-            raise ValueError(f"per-image target lists must all have the same non-zero length, got {[len(r) for r in out]}")
+            raise TargetError(f"per-image target lists must all have the same non-zero length, got {[len(r) for r in out]}")
         return out
     if len(targets) == 0:
-        raise ValueError("empty target list")
+        raise TargetError("empty target list")
     per = [parse_target(t, heads, categories) for t in targets]
     return [list(per) for _ in range(batch)]
 
@@ -489,7 +491,7 @@ def combine_targets(rows: list[list[ResolvedTarget]], heads: Mapping[HeadKey, Te
     Non-gradient methods explain the same combined score, so every method supports every mode.
     """
     if mode not in COMBINE_MODES:
-        raise ValueError(f"combine must be one of {COMBINE_MODES}, got {mode!r}")
+        raise TargetError(f"combine must be one of {COMBINE_MODES}, got {mode!r}")
     if mode == "separate":
         return rows
     probs = target_probabilities(rows, heads).tolist() if mode == "confidence" else None
@@ -504,7 +506,7 @@ def combine_targets(rows: list[list[ResolvedTarget]], heads: Mapping[HeadKey, Te
             p = probs[b]  # type: ignore[index]
             bad = [tg.label for tg, pt in zip(row, p) if pt != pt]
             if bad:
-                raise ValueError(f"combine='confidence' needs class targets on classification heads; "
+                raise TargetError(f"combine='confidence' needs class targets on classification heads; "
                                  f"{bad} have no softmax probability")
             total = sum(p)
             w = [pt / total for pt in p]

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends.torch import guess_layer, resolve_layers
+from .errors import ConfigError
 from .explanation import Explanation
 from .methods import Method, MethodOutput
 from .postprocess import upsample
@@ -44,18 +45,18 @@ def check_tiling(tile: TileSpec, overlap: int, tile_batch: int) -> tuple[int, in
     if isinstance(tile, bool) or not (isinstance(tile, int) or (isinstance(tile, (tuple, list)) and len(tile) == 2
                                                                 and all(isinstance(t, int) and not isinstance(t, bool)
                                                                         for t in tile))):
-        raise ValueError(f"tile must be a positive int or a (height, width) pair of positive ints, e.g. tile=512; "
+        raise ConfigError(f"tile must be a positive int or a (height, width) pair of positive ints, e.g. tile=512; "
                          f"got {tile!r}")
     th, tw = (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
     if th < 1 or tw < 1:
-        raise ValueError(f"tile must be positive, got {tile!r}; e.g. tile=512 explains 512x512 tiles")
+        raise ConfigError(f"tile must be positive, got {tile!r}; e.g. tile=512 explains 512x512 tiles")
     if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
-        raise ValueError(f"overlap must be an int >= 0 (pixels shared by neighbouring tiles), got {overlap!r}")
+        raise ConfigError(f"overlap must be an int >= 0 (pixels shared by neighbouring tiles), got {overlap!r}")
     if overlap >= min(th, tw):
-        raise ValueError(f"overlap ({overlap}) must be smaller than the tile {(th, tw)}; "
+        raise ConfigError(f"overlap ({overlap}) must be smaller than the tile {(th, tw)}; "
                          f"e.g. overlap={max(min(th, tw) // 4, 0)}")
     if isinstance(tile_batch, bool) or not isinstance(tile_batch, int) or tile_batch < 1:
-        raise ValueError(f"tile_batch must be an int >= 1 (tiles per forward/backward pass), got {tile_batch!r}")
+        raise ConfigError(f"tile_batch must be an int >= 1 (tiles per forward/backward pass), got {tile_batch!r}")
     return th, tw
 
 
@@ -88,7 +89,7 @@ def tile_boxes(H: int, W: int, tile: TileSpec, overlap: int) -> list[tuple[int, 
     """
     th, tw = tile_size(H, W, tile)
     if overlap < 0 or (overlap >= min(th, tw) and (th < H or tw < W)):
-        raise ValueError(f"overlap must be in [0, tile) for tiles {(th, tw)}, got {overlap}")
+        raise ConfigError(f"overlap must be in [0, tile) for tiles {(th, tw)}, got {overlap}")
     return [(y0, x0) for y0 in _starts(H, th, overlap) for x0 in _starts(W, tw, overlap)]
 
 
@@ -221,12 +222,12 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
 
     th0, tw0 = check_tiling(tile, overlap, tile_batch)
     if not upsample_maps:
-        raise ValueError("upsample=False is not available with tile=: tiled maps are always at the input "
+        raise ConfigError("upsample=False is not available with tile=: tiled maps are always at the input "
                          "resolution; drop upsample=False, or tile=None for layer-resolution maps")
     unsupported = [n for n, on in (("combine", combine != "separate"), ("aug_smooth", bool(aug_smooth)),
                                    ("noise_smooth", bool(noise_smooth))) if on]
     if unsupported:
-        raise ValueError(f"{', '.join(unsupported)} not supported with tile= yet; use tile=None for them, "
+        raise ConfigError(f"{', '.join(unsupported)} not supported with tile= yet; use tile=None for them, "
                          "or explain without them")
     B, _, H, W = x.shape
     th, tw = tile_size(H, W, (th0, tw0))
@@ -302,4 +303,4 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
     return Explanation(maps=maps, raw=first, raws=raws, scores=score_sum / len(boxes),
                        probs=target_probabilities(rows, mean_heads), targets=rows, inputs=x.detach(), layers=names,
                        method=meth.name, display=display, heads=mean_heads,
-                       pixel=pix.result() if pix is not None else None, components=None)
+                       pixel=pix.result() if pix is not None else None, components=None, options=dict(opts))

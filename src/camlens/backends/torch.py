@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..errors import ConfigError, ConfigTypeError, LayerError, LayerNotFoundError, LayerRuntimeError, LayerTypeError
+
 LayerSpec = Union[str, nn.Module]
 
 __all__ = ["LayerSpec", "resolve_layers", "model_state", "capture", "Capture", "layer_gradients",
@@ -53,7 +55,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     Only the model runs under it; camlens' own maths (weights, maps, normalisation) stays fp32.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
@@ -91,9 +93,9 @@ class Layout:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.channels_last not in (None, True, False):
-            raise ValueError(f"channels_last must be None (auto), True or False, got {self.channels_last!r}")
+            raise ConfigError(f"channels_last must be None (auto), True or False, got {self.channels_last!r}")
         self._has_conv: Optional[bool] = None
 
     @property
@@ -182,20 +184,20 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec
     for spec in layers:
         if isinstance(spec, nn.Module):
             if id(spec) not in by_id:
-                raise ValueError(f"module {type(spec).__name__} is not a submodule of the model")
+                raise LayerError(f"module {type(spec).__name__} is not a submodule of the model")
             out.append((by_id[id(spec)] or "<model>", spec))
             continue
         if not isinstance(spec, str):
-            raise TypeError(f"a layer is a dotted name or an nn.Module, got {type(spec).__name__}")
+            raise ConfigTypeError(f"a layer is a dotted name or an nn.Module, got {type(spec).__name__}")
         name = spec.strip()
         if name not in named:
             close = difflib.get_close_matches(name, [n for n in named if n], n=8, cutoff=0.5)
             if not close:
                 close = [n for n in named if n and "." not in n][:12]
-            raise KeyError(f"no layer named {spec!r} in {type(model).__name__}; closest valid names: {close}")
+            raise LayerNotFoundError(f"no layer named {spec!r} in {type(model).__name__}; closest valid names: {close}")
         out.append((name, named[name]))
     if not out:
-        raise ValueError("no layer given")
+        raise LayerError("no layer given")
     return out
 
 
@@ -287,7 +289,7 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, grad: 
             cap.calls[name] = cap.calls.get(name, 0) + 1
             t = _first_tensor(out)
             if t is None:
-                raise TypeError(f"layer {name!r} returned {type(out).__name__}; camlens needs a tensor output")
+                raise LayerTypeError(f"layer {name!r} returned {type(out).__name__}; camlens needs a tensor output")
             if not grad:
                 cap.activations[name] = t.detach()
                 return None
@@ -325,10 +327,10 @@ def check_calls(cap: Capture, layers: Sequence[tuple[str, nn.Module]]) -> None:
     for name, mod in layers:
         n = cap.calls.get(name, 0)
         if n == 0:
-            raise RuntimeError(f"layer {name!r} ({type(mod).__name__}) was never called in the forward pass, "
+            raise LayerRuntimeError(f"layer {name!r} ({type(mod).__name__}) was never called in the forward pass, "
                                "so it has no activations; pick a module on the path from input to output")
         if n > 1:
-            raise RuntimeError(f"layer {name!r} ({type(mod).__name__}) was called {n} times in one forward pass "
+            raise LayerRuntimeError(f"layer {name!r} ({type(mod).__name__}) was called {n} times in one forward pass "
                                "(a module reused, e.g. one activation module applied twice); pick a module that "
                                "runs once, such as the block or norm layer around it")
 
@@ -363,7 +365,7 @@ def check_layer_outputs(cap: Capture, layers: Sequence[tuple[str, nn.Module]], m
         hint = (f"pick a convolutional feature layer such as {', '.join(repr(c) for c in cands)} (layer=None "
                 "picks the first)" if cands and not err
                 else f"no layer of this model qualifies: {err}" if err else "pick a convolutional feature layer")
-        raise ValueError(f"layer {name!r} ({type(mod).__name__}) output has shape {tuple(t.shape)}: {why}. camlens "
+        raise LayerError(f"layer {name!r} ({type(mod).__name__}) output has shape {tuple(t.shape)}: {why}. camlens "
                          f"needs a (B, C, h, w) feature map with B = {B} (the input batch); {hint}")
 
 
@@ -388,7 +390,7 @@ def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str]
     images are independent, summing over B in the vector-Jacobian product is exact.
     """
     if not scores.requires_grad:
-        raise RuntimeError("the explained scores do not depend on any captured layer through autograd "
+        raise LayerRuntimeError("the explained scores do not depend on any captured layer through autograd "
                            "(the model detaches its output, runs under no_grad, or leaves torch)")
     B, T = scores.shape
     eye = torch.eye(T, dtype=scores.dtype, device=scores.device)
@@ -408,7 +410,7 @@ def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str]
     out = []
     for g, name in zip(grads, names):
         if g is None:
-            raise RuntimeError(f"the target scores {list(labels)} do not depend on layer {name!r}: no gradient "
+            raise LayerRuntimeError(f"the target scores {list(labels)} do not depend on layer {name!r}: no gradient "
                                "path from this layer to the explained output (is it on another branch?)")
         out.append(g.transpose(0, 1))  # (T, B, ...) -> (B, T, ...)
     return out
@@ -690,7 +692,7 @@ def guess_layer(model: nn.Module, x: Tensor) -> str:
     """
     p = probe_layers(model, x)
     if p.layer is None:
-        raise ValueError(f"cannot pick a CAM layer of {type(model).__name__}: {p.error}")
+        raise LayerError(f"cannot pick a CAM layer of {type(model).__name__}: {p.error}")
     return p.layer
 
 

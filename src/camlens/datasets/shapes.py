@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError
+
 __all__ = ["SHAPE_CLASSES", "COLOUR_CLASSES", "HEADS", "GAP", "ShapesBatch", "make_shapes", "ShapesDataset"]
 
 SHAPE_CLASSES: List[str] = ["circle", "square", "triangle", "cross"]
@@ -159,9 +161,9 @@ def make_shapes(n: int, seed: int = 0, size: int = 64) -> ShapesBatch:
         :class:`ShapesBatch` with images (n, 3, size, size) and labels / masks / boxes per head.
     """
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise ConfigError(f"n must be >= 1, got {n}")
     if size < 48:
-        raise ValueError(f"size must be >= 48, got {size}")
+        raise ConfigError(f"size must be >= 48, got {size}")
     rng = np.random.default_rng(seed)
     k = size / 64.0
     shape_lbl = rng.integers(0, len(SHAPE_CLASSES), n)

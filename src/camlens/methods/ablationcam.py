@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .base import Method, MethodContext, MethodOutput, register
+from ..errors import ConfigError
 
 __all__ = ["AblationCam", "ABLATIONCAM", "ablation_value", "channels_to_ablate", "ablationcam_image"]
 
@@ -114,11 +115,11 @@ def ablationcam_image(ctx: MethodContext, name: str, b: int, batch_size: int = 3
 
 def _validate(batch_size: object, ratio: object, value: object) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"ablationcam batch_size must be a positive int, got {batch_size!r}")
+        raise ConfigError(f"ablationcam batch_size must be a positive int, got {batch_size!r}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"ablationcam ratio must be a number in (0, 1] (share of channels to ablate), got {ratio!r}")
+        raise ConfigError(f"ablationcam ratio must be a number in (0, 1] (share of channels to ablate), got {ratio!r}")
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ValueError(f"ablationcam ablation_value must be a number or None (pytorch-grad-cam's rule), "
+        raise ConfigError(f"ablationcam ablation_value must be a number or None (pytorch-grad-cam's rule), "
                          f"got {value!r}")
 
 

@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional
 
 from torch import Tensor
 
+from ..errors import ConfigError, ConfigTypeError, LayerError
+
 __all__ = ["Method", "GradientMethod", "ActivationMethod", "MethodContext", "MethodOutput", "register", "get_method",
            "available_methods"]
 
@@ -68,7 +70,7 @@ class MethodContext:
         B, H, W = (int(self.inputs.shape[i]) for i in (0, -2, -1))
         why = layout_problem(a.shape, B, (H, W))
         if why is not None:
-            raise ValueError(f"{who} needs a (B, C, h, w) feature map with B = {B}; layer {name!r} gave "
+            raise LayerError(f"{who} needs a (B, C, h, w) feature map with B = {B}; layer {name!r} gave "
                              f"{tuple(a.shape)}: {why}. Pick a convolutional feature layer (layer=None picks one).")
         return a
 
@@ -120,7 +122,7 @@ class Method:
         unknown = set(given) - set(self.options)
         if unknown:
             valid = ", ".join(sorted(self.options)) or "none"
-            raise TypeError(f"method {self.name!r} has no option(s) {sorted(unknown)}; its options: {valid}")
+            raise ConfigTypeError(f"method {self.name!r} has no option(s) {sorted(unknown)}; its options: {valid}")
         return {**self.options, **given}
 
 
@@ -158,7 +160,7 @@ class ActivationMethod(Method):
 def register(method: Method) -> Method:
     """Add a method to the registry (name must be new)."""
     if method.name in _REGISTRY:
-        raise ValueError(f"method {method.name!r} is already registered")
+        raise ConfigError(f"method {method.name!r} is already registered")
     _REGISTRY[method.name] = method
     return method
 
@@ -172,7 +174,7 @@ def get_method(name: str) -> Method:
     for n, m in _REGISTRY.items():
         if _key(n) == _key(name):
             return m
-    raise ValueError(f"unknown method {name!r}; available: {sorted(_REGISTRY)}")
+    raise ConfigError(f"unknown method {name!r}; available: {sorted(_REGISTRY)}")
 
 
 def available_methods() -> dict[str, Method]:

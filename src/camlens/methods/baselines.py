@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .base import Method, MethodContext, MethodOutput, register
+from ..errors import ConfigError
 
 __all__ = ["RandomCAM", "CenterPrior", "random_weights", "center_map", "RANDOM", "CENTER"]
 
@@ -70,7 +71,7 @@ def random_weights(targets: list, C: int, seed: int, layer: int = 0) -> Tensor:
 def center_map(H: int, W: int, sigma: float, device: torch.device = torch.device("cpu")) -> Tensor:
     """Centred Gaussian ``(H, W)``, peak 1 at the image centre, std ``sigma * H`` / ``sigma * W`` pixels."""
     if not sigma > 0:
-        raise ValueError(f"center sigma must be > 0 (a fraction of the image size), got {sigma!r}")
+        raise ConfigError(f"center sigma must be > 0 (a fraction of the image size), got {sigma!r}")
     y = torch.arange(H, device=device, dtype=torch.float32) - (H - 1) / 2
     x = torch.arange(W, device=device, dtype=torch.float32) - (W - 1) / 2
     return torch.exp(-(y[:, None] ** 2 / (2 * (sigma * H) ** 2) + x[None, :] ** 2 / (2 * (sigma * W) ** 2)))

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Method, MethodContext, MethodOutput, register
+from ..errors import ConfigError, LayerError, ModelError, TargetError
 
 
 def find_cam_head(acts: Tensor, head: Tensor, linear_io: Mapping[str, tuple[Tensor, Tensor]],
@@ -25,11 +26,11 @@ def find_cam_head(acts: Tensor, head: Tensor, linear_io: Mapping[str, tuple[Tens
         linear_io: per Linear name, the ``(input, output)`` seen in the forward.
     """
     if acts.ndim != 4:
-        raise ValueError(f"CAM needs a spatial layer output (B, C, h, w); layer {layer!r} gave {tuple(acts.shape)}")
+        raise LayerError(f"CAM needs a spatial layer output (B, C, h, w); layer {layer!r} gave {tuple(acts.shape)}")
     pooled = acts.detach().float().mean(dim=(2, 3))
     producers = [n for n, (_, o) in linear_io.items() if o is head or (o.shape == head.shape and torch.equal(o, head))]
     if not producers:
-        raise ValueError(f"CAM needs output {head_name!r} to come straight from an nn.Linear layer; none of the "
+        raise ModelError(f"CAM needs output {head_name!r} to come straight from an nn.Linear layer; none of the "
                          f"model's Linear layers ({list(linear_io) or 'none'}) produced it. Use method='gradcam', "
                          "which works on any architecture.")
     name = producers[-1]
@@ -37,7 +38,7 @@ def find_cam_head(acts: Tensor, head: Tensor, linear_io: Mapping[str, tuple[Tens
     tol = max(1e-4, 8 * torch.finfo(inp.dtype).eps)  # fp16/bf16 forwards round the pooled features
     inp = inp.float()
     if inp.shape != pooled.shape or not torch.allclose(inp, pooled, rtol=tol, atol=tol / 10 * (1 + pooled.abs().max().item())):
-        raise ValueError(f"CAM needs the input of Linear {name!r} to be the global average pool of layer {layer!r}: "
+        raise ModelError(f"CAM needs the input of Linear {name!r} to be the global average pool of layer {layer!r}: "
                          f"its input has shape {tuple(inp.shape)}, while GAP({layer}) has shape {tuple(pooled.shape)}"
                          + ("" if inp.shape != pooled.shape else " but different values (other layers in between)")
                          + ". Pick the layer right before the global pooling, or use method='gradcam'.")
@@ -59,7 +60,7 @@ class CamMethod(Method):
 
     def compute(self, ctx: MethodContext) -> MethodOutput:
         if len(ctx.layers) != 1:
-            raise ValueError(f"CAM uses one layer (the one right before global pooling), got {ctx.layers}")
+            raise ConfigError(f"CAM uses one layer (the one right before global pooling), got {ctx.layers}")
         name = ctx.layers[0]
         a = ctx.spatial_acts(name, "CAM")
         rows = ctx.targets
@@ -70,7 +71,7 @@ class CamMethod(Method):
             for b in range(B):
                 tg = rows[b][t]
                 if tg.fn is not None or tg.cls is None:
-                    raise ValueError(f"CAM explains classes of a Linear head; target {tg.label!r} is not a class. "
+                    raise TargetError(f"CAM explains classes of a Linear head; target {tg.label!r} is not a class. "
                                      "Use method='gradcam'.")
                 by_head.setdefault(tg.head, {})[t] = None
         heads = ctx.extra["heads"]

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from .base import Method, MethodContext, MethodOutput, register
 from .gradcam import gradcam
+from ..errors import ConfigError
 
 __all__ = ["guided_gradients", "channel_saliency", "upsample_cam", "GuidedBackprop", "GuidedGradCam",
            "GUIDED_BACKPROP", "GUIDED_GRADCAM"]
@@ -66,7 +67,7 @@ def upsample_cam(cam: Tensor, size: tuple[int, int], mode: str = "nearest") -> T
     """Resize maps ``(B, T, h, w)`` to ``(B, T, *size)`` with ``F.interpolate`` (``align_corners=False``
     for bilinear, captum's ``LayerAttribution.interpolate`` convention)."""
     if mode not in _INTERPOLATE:
-        raise ValueError(f"interpolate must be one of {_INTERPOLATE}, got {mode!r}")
+        raise ConfigError(f"interpolate must be one of {_INTERPOLATE}, got {mode!r}")
     if tuple(cam.shape[-2:]) == tuple(size):
         return cam
     kw = {"align_corners": False} if mode == "bilinear" else {}
@@ -89,7 +90,7 @@ class GuidedGradCam(Method):
 
     def compute(self, ctx: MethodContext) -> MethodOutput:
         if len(ctx.layers) != 1:
-            raise ValueError(f"guided_gradcam uses one layer (usually the last convolutional one), got "
+            raise ConfigError(f"guided_gradcam uses one layer (usually the last convolutional one), got "
                              f"{ctx.layers}; pass layer='<name>'")
         if ctx.grads is None:  # pragma: no cover - the engine honours needs_grads
             raise RuntimeError("guided_gradcam needs the layer gradients (needs_grads=True)")

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .base import Method, MethodContext, MethodOutput, register
+from ..errors import ConfigError, ConfigTypeError
 
 __all__ = ["window_starts", "coverage", "occlusion_fill", "occlusion_maps", "Occlusion", "OCCLUSION"]
 
@@ -43,20 +44,20 @@ IntPair = Union[int, tuple[int, int]]
 def _pair(v: Any, name: str) -> tuple[int, int]:
     """An int or an (h, w) pair of positive ints."""
     if isinstance(v, bool):
-        raise TypeError(f"occlusion option {name!r} must be an int or (h, w), got {v!r}")
+        raise ConfigTypeError(f"occlusion option {name!r} must be an int or (h, w), got {v!r}")
     vals = (v, v) if isinstance(v, int) else tuple(v) if isinstance(v, (tuple, list)) else None
     ok = vals is not None and len(vals) == 2
     if not ok or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in vals):
-        raise TypeError(f"occlusion option {name!r} must be a positive int or a pair (h, w) of them, got {v!r}")
+        raise ConfigTypeError(f"occlusion option {name!r} must be a positive int or a pair (h, w) of them, got {v!r}")
     return vals  # type: ignore[return-value]
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:
     """captum's window start positions on a side of ``size``: ``0, s, ..., (ceil((size - k) / s)) * s``."""
     if patch > size:
-        raise ValueError(f"occlusion patch {patch} is larger than the image side {size}; use patch <= {size}")
+        raise ConfigError(f"occlusion patch {patch} is larger than the image side {size}; use patch <= {size}")
     if stride > patch and patch < size:
-        raise ValueError(f"occlusion stride {stride} is larger than the patch {patch}: pixels between windows would "
+        raise ConfigError(f"occlusion stride {stride} is larger than the patch {patch}: pixels between windows would "
                          f"never be occluded; use stride <= patch")
     return [i * stride for i in range(math.ceil((size - patch) / stride) + 1)]
 
@@ -78,9 +79,9 @@ def occlusion_fill(x: Tensor, baseline: Any, blur_sigma: float) -> Tensor:
     """
     if isinstance(baseline, str):
         if baseline != "blur":
-            raise ValueError(f"occlusion baseline must be a number, a tensor or 'blur', got {baseline!r}")
+            raise ConfigError(f"occlusion baseline must be a number, a tensor or 'blur', got {baseline!r}")
         if not blur_sigma > 0:
-            raise ValueError(f"occlusion blur_sigma must be > 0, got {blur_sigma!r}")
+            raise ConfigError(f"occlusion blur_sigma must be > 0, got {blur_sigma!r}")
         from torchvision.transforms.functional import gaussian_blur
 
         H, W = x.shape[-2:]
@@ -91,7 +92,7 @@ def occlusion_fill(x: Tensor, baseline: Any, blur_sigma: float) -> Tensor:
         return baseline.to(device=x.device, dtype=x.dtype)
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
         return torch.full((), float(baseline), device=x.device, dtype=x.dtype)
-    raise TypeError(f"occlusion baseline must be a number, a tensor or 'blur', got {type(baseline).__name__}")
+    raise ConfigTypeError(f"occlusion baseline must be a number, a tensor or 'blur', got {type(baseline).__name__}")
 
 
 def occlusion_maps(ctx: MethodContext, patch: IntPair, stride: Optional[IntPair], baseline: Any,
@@ -102,7 +103,7 @@ def occlusion_maps(ctx: MethodContext, patch: IntPair, stride: Optional[IntPair]
     kh, kw = _pair(patch, "patch")
     sh, sw = (max(1, kh // 2), max(1, kw // 2)) if stride is None else _pair(stride, "stride")
     if not (isinstance(batch_size, int) and batch_size > 0):
-        raise ValueError(f"occlusion batch_size must be a positive int, got {batch_size!r}")
+        raise ConfigError(f"occlusion batch_size must be a positive int, got {batch_size!r}")
     rows, cols = window_starts(H, kh, sh), window_starts(W, kw, sw)
     nr, nc = len(rows), len(cols)
     n = nr * nc

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Method, MethodContext, MethodOutput, register
+from ..errors import ConfigError
 
 __all__ = ["ScoreCam", "SCORECAM", "channel_masks", "scorecam_image"]
 
@@ -60,10 +61,10 @@ def channel_masks(acts: Tensor, size: tuple[int, int]) -> Tensor:
 
 def _validate(batch_size: object, max_channels: object) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"scorecam batch_size must be a positive int, got {batch_size!r}")
+        raise ConfigError(f"scorecam batch_size must be a positive int, got {batch_size!r}")
     if max_channels is not None and (isinstance(max_channels, bool) or not isinstance(max_channels, int)
                                      or max_channels < 1):
-        raise ValueError(f"scorecam max_channels must be a positive int or None (all channels), got {max_channels!r}")
+        raise ConfigError(f"scorecam max_channels must be a positive int or None (all channels), got {max_channels!r}")
 
 
 def scorecam_image(ctx: MethodContext, acts: Tensor, b: int, batch_size: int = 64,

@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
+
 __all__ = ["Metric", "MetricResult", "EvalContext", "register_metric", "get_metric", "available_metrics", "auc",
            "order_pixels"]
 
@@ -99,7 +101,7 @@ class Metric:
 
 def register_metric(metric: Metric) -> Metric:
     if metric.name in _METRICS:
-        raise ValueError(f"metric {metric.name!r} is already registered")
+        raise ConfigError(f"metric {metric.name!r} is already registered")
     _METRICS[metric.name] = metric
     return metric
 
@@ -107,7 +109,7 @@ def register_metric(metric: Metric) -> Metric:
 def get_metric(name: str) -> Metric:
     key = name.lower().replace("-", "_")
     if key not in _METRICS:
-        raise ValueError(f"unknown metric {name!r}; available: {sorted(_METRICS)}")
+        raise ConfigError(f"unknown metric {name!r}; available: {sorted(_METRICS)}")
     return _METRICS[key]
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..postprocess import normalize
 from .base import EvalContext, Metric, MetricResult, auc, order_pixels, register_metric
+from ..errors import ConfigError, ConfigTypeError
 
 __all__ = ["CausalMetric", "ConfidenceChange", "Sparseness", "gaussian_blur", "gini", "causal_curves",
            "mult_image_probs"]
@@ -43,7 +44,7 @@ def gaussian_blur(x: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tenso
     kernel from ``scipy.ndimage.gaussian_filter``; the two differ only near the border.
     """
     if kernel_size % 2 != 1 or kernel_size < 1:
-        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+        raise ConfigError(f"kernel_size must be a positive odd integer, got {kernel_size}")
     B, C, H, W = x.shape
     half = (kernel_size - 1) * 0.5
     grid = torch.linspace(-half, half, kernel_size, device=x.device, dtype=torch.float32)
@@ -68,10 +69,10 @@ def _substrate(x: Tensor, spec: Substrate, kernel: int, sigma: float) -> Tensor:
             return gaussian_blur(x, kernel, sigma)
         if spec == "mean":
             return x.mean(dim=(-2, -1), keepdim=True).expand_as(x).clone()
-        raise ValueError(f"substrate must be a number, 'blur', 'mean' or a tensor; got {spec!r}")
+        raise ConfigError(f"substrate must be a number, 'blur', 'mean' or a tensor; got {spec!r}")
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return torch.full_like(x, float(spec))
-    raise TypeError(f"substrate must be a number, 'blur', 'mean' or a tensor; got {type(spec).__name__}")
+    raise ConfigTypeError(f"substrate must be a number, 'blur', 'mean' or a tensor; got {type(spec).__name__}")
 
 
 def causal_curves(ctx: EvalContext, start: Tensor, finish: Tensor, step: int) -> tuple[Tensor, Tensor]:
@@ -91,7 +92,7 @@ def causal_curves(ctx: EvalContext, start: Tensor, finish: Tensor, step: int) ->
     interior step ``(t, i)`` is one perturbed image, in chunks of ``ctx.batch_size``.
     """
     if int(step) < 1:
-        raise ValueError(f"step must be a positive number of pixels, got {step}")
+        raise ConfigError(f"step must be a positive number of pixels, got {step}")
     step = int(step)
     B, T, H, W = ctx.maps.shape
     C, hw, dev = start.shape[1], H * W, start.device

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .base import EvalContext, Metric, MetricResult, order_pixels, register_metric
+from ..errors import ConfigError
 
 __all__ = ["boxes_to_masks", "ground_truth", "PointingGame", "RelevanceMass", "RelevanceRank"]
 
@@ -38,7 +39,7 @@ def ground_truth(ctx: EvalContext) -> Tensor:
         return ctx.masks.to(ctx.maps.device).bool()
     if ctx.boxes is not None:
         return boxes_to_masks(ctx.boxes.to(ctx.maps.device), tuple(ctx.maps.shape[-2:]))
-    raise ValueError("localisation metrics need masks= or boxes=")
+    raise ConfigError("localisation metrics need masks= or boxes=")
 
 
 def _nan_if_empty(values: Tensor, mask: Tensor) -> Tensor:

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import EvalContext, Metric, MetricResult, order_pixels, register_metric
+from ..errors import ConfigError, InputError
 
 __all__ = ["NEIGHBOURS", "imputation_system", "impute_spsolve", "impute_cg", "noisy_linear_impute", "removal_masks",
            "road_curves", "ROAD", "ROAD_MORF", "ROAD_LERF", "ROAD_COMBINED"]
@@ -125,7 +126,7 @@ def impute_spsolve(img: Tensor, removed: Tensor) -> Tensor:
     if not rem.any():
         return img.clone()
     if rem.all():
-        raise ValueError("linear imputation needs at least one kept pixel")
+        raise InputError("linear imputation needs at least one kept pixel")
     L, K, idx = imputation_system(rem)
     v = img.detach().cpu().double().reshape(C, H * W).numpy()
     x = spsolve(L, np.ascontiguousarray((K @ v.T)))  # (n, C), or (n,) when C == 1
@@ -151,7 +152,7 @@ def impute_cg(imgs: Tensor, removed: Tensor, tol: float = 1e-6, max_iter: int = 
     v = imgs.detach().to(dtype).reshape(N * C, 1, H, W)
     M = removed.to(device=imgs.device, dtype=dtype)[:, None].expand(N, C, H, W).reshape(N * C, 1, H, W)
     if bool((M.flatten(1).amin(1) > 0).any()):
-        raise ValueError("linear imputation needs at least one kept pixel per image")
+        raise InputError("linear imputation needs at least one kept pixel per image")
     conv = _neighbour_sum
     d = conv(torch.ones(1, 1, H, W, dtype=dtype, device=imgs.device))
 
@@ -214,7 +215,7 @@ def noisy_linear_impute(imgs: Tensor, removed: Tensor, noise: float = 0.01, gene
     elif solver == "cg":
         out = impute_cg(imgs, removed, tol=cg_tol)
     else:
-        raise ValueError(f"ROAD solver must be 'auto', 'cg' or 'spsolve', got {solver!r}")
+        raise ConfigError(f"ROAD solver must be 'auto', 'cg' or 'spsolve', got {solver!r}")
     if noise:
         eps = torch.randn(imgs.shape, generator=generator, dtype=torch.float32).to(imgs.device, imgs.dtype)
         out = torch.where(removed[:, None].to(imgs.device), out + noise * eps, out)
@@ -245,7 +246,7 @@ def road_curves(ctx: EvalContext, metric: Metric, most_first: bool) -> tuple[Ten
     opts = {k: ctx.opt(metric, k) for k in ("percentages", "noise", "seed", "tie_noise", "solver", "cg_tol")}
     pcts = tuple(float(p) for p in opts["percentages"])
     if not pcts or not all(0.0 <= p < 1.0 for p in pcts):
-        raise ValueError(f"ROAD percentages must be fractions in [0, 1) (removed share), got {opts['percentages']!r}")
+        raise ConfigError(f"ROAD percentages must be fractions in [0, 1) (removed share), got {opts['percentages']!r}")
     key = (most_first, pcts, float(opts["noise"]), int(opts["seed"]), float(opts["tie_noise"]), opts["solver"],
            float(opts["cg_tol"]))
     cache = ctx.__dict__.setdefault("_road_cache", {})

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import EvalContext, Metric, MetricResult, register_metric
+from ..errors import ConfigError
 
 __all__ = ["average_ranks", "spearman", "forward_order", "randomisation_steps", "reinitialise", "MPRT", "MPRT_METRIC"]
 
@@ -114,7 +115,7 @@ def randomisation_steps(units_top_first: list[tuple[str, nn.Module]],
                         max_steps: Optional[int]) -> list[tuple[str, list[nn.Module]]]:
     """Group units (output side first) into at most ``max_steps`` ``(name, modules)`` steps; see module doc."""
     if max_steps is not None and max_steps < 1:
-        raise ValueError(f"mprt max_steps must be >= 1 or None, got {max_steps!r}")
+        raise ConfigError(f"mprt max_steps must be >= 1 or None, got {max_steps!r}")
     if max_steps is None or len(units_top_first) <= max_steps:
         return [(n or "<model>", [m]) for n, m in units_top_first]
 
@@ -165,7 +166,7 @@ class MPRT(Metric):
 
     def __call__(self, ctx: EvalContext) -> MetricResult:
         if ctx.explain is None:
-            raise ValueError("mprt needs to re-explain: pass a camlens Explanation, not a plain map tensor")
+            raise ConfigError("mprt needs to re-explain: pass a camlens Explanation, not a plain map tensor")
         seed, max_steps = int(ctx.opt(self, "seed")), ctx.opt(self, "max_steps")
         net = copy.deepcopy(ctx.model)  # the user's model is never modified
         units = forward_order(net, ctx.inputs[:1])

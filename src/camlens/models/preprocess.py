@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from ..io import array_to_pil, load_image
+from ..errors import ConfigError, InputError, InputTypeError
 
 __all__ = ["Preprocess", "to_display", "IMAGENET_MEAN", "IMAGENET_STD", "PIL_INTERPOLATION"]
 
@@ -66,7 +67,7 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.interpolation not in PIL_INTERPOLATION:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown interpolation {self.interpolation!r}; "
                 f"use one of {sorted(PIL_INTERPOLATION)}"
             )
@@ -124,7 +125,7 @@ class Preprocess:
     def __call__(self, images: object) -> torch.Tensor:
         """Preprocess one image or a list of images -> Tensor (N, 3, H, W) float32 on ``device``."""
         if isinstance(images, torch.Tensor):
-            raise TypeError(
+            raise InputTypeError(
                 "preprocess expects images (PIL, numpy array, path), not a tensor; "
                 "a tensor is assumed to be already preprocessed: pass it to the model directly"
             )
@@ -135,11 +136,11 @@ class Preprocess:
         else:
             items = [images]
         if len(items) == 0:
-            raise ValueError("preprocess got an empty list of images")
+            raise InputError("preprocess got an empty list of images")
         arrays = [self._to_chw(self.resize(im)) for im in items]
         shapes = {a.shape[1:] for a in arrays}
         if len(shapes) > 1:
-            raise ValueError(
+            raise InputError(
                 f"images preprocess to different sizes {sorted(shapes)}; preprocess them one "
                 "at a time, resize them to one size first, or use crop=True"
             )
@@ -176,15 +177,15 @@ def _as_rgb(image: object) -> _Resized:
             if arr.ndim == 2:
                 arr = np.repeat(arr[:, :, None], 3, axis=2)
             if arr.ndim != 3 or arr.shape[2] != 3:
-                raise ValueError(f"expected an image array (H, W) or (H, W, 3), got {image.shape}")
+                raise InputError(f"expected an image array (H, W) or (H, W, 3), got {image.shape}")
             if arr.size and (np.nanmin(arr) < -1e-3 or np.nanmax(arr) > 1 + 1e-3):
-                raise ValueError(
+                raise InputError(
                     f"float image values must be in [0, 1], got [{arr.min():.3g}, {arr.max():.3g}]; "
                     "divide by 255 or cast to uint8"
                 )
             return np.clip(arr, 0.0, 1.0)
         return array_to_pil(image)
-    raise TypeError(
+    raise InputTypeError(
         f"cannot preprocess a {type(image).__name__}; expected a PIL.Image, a numpy array "
         "(H, W) or (H, W, 3), a path to an image file, or a list of these"
     )
@@ -199,7 +200,7 @@ def to_display(
     """
     t = torch.as_tensor(x).detach().to("cpu", torch.float32)
     if t.ndim not in (3, 4) or t.shape[-3] != 3:
-        raise ValueError(f"to_display expects (N, 3, H, W) or (3, H, W), got {tuple(t.shape)}")
+        raise InputError(f"to_display expects (N, 3, H, W) or (3, H, W), got {tuple(t.shape)}")
     shape = (3, 1, 1)
     t = t * torch.tensor(std, dtype=torch.float32).view(shape) + torch.tensor(mean, dtype=torch.float32).view(shape)
     u8 = (t * 255.0).round().clamp(0, 255).to(torch.uint8)

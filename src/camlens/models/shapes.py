@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..datasets.shapes import COLOUR_CLASSES, SHAPE_CLASSES
 from .preprocess import Preprocess
+from ..errors import InputError, MissingFileError
 
 if TYPE_CHECKING:  # loading imports this module lazily; avoid a cycle at import time
     from .loading import LoadedModel
@@ -94,7 +95,7 @@ class ShapesPreprocess(Preprocess):
         if x.ndim == 3:
             x = x.unsqueeze(0)
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected a tensor (3, H, W) or (N, 3, H, W), got {tuple(images.shape)}")
+            raise InputError(f"expected a tensor (3, H, W) or (N, 3, H, W), got {tuple(images.shape)}")
         hw = self.output_hw(*x.shape[-2:])
         if tuple(x.shape[-2:]) != hw:
             x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True).clamp(0.0, 1.0)
@@ -130,7 +131,7 @@ def load_shapes(weights: Optional[str] = None, name: str = SHAPES_MODEL) -> "Loa
 
     path = weights if weights is not None else shapes_weights_path()
     if path is None:
-        raise FileNotFoundError(f"camlens/data/{_WEIGHTS} is missing; run scripts/train_shapes.py")
+        raise MissingFileError(f"camlens/data/{_WEIGHTS} is missing; run scripts/train_shapes.py")
     model = ShapesNet()
     model.load_state_dict(load_weights_file(path), strict=True)
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)

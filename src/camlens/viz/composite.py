@@ -27,6 +27,7 @@ from matplotlib.patches import Patch
 
 from .grid import _display_from_inputs, _label
 from .overlay import ArrayLike, _as_rgb_float, _resize_bilinear, _to_numpy
+from ..errors import ConfigError, InputError
 
 __all__ = ["PALETTE", "composite", "composite_figure", "explanation_composite"]
 
@@ -62,7 +63,7 @@ def palette_colors(n: int, colors: Optional[Sequence[Any]] = None, *, cycle: boo
         pal = np.asarray([to_rgb(c) for c in colors], dtype=np.float64).reshape(-1, 3) * 255.0
     if n > len(pal):
         if not cycle or len(pal) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{n} targets but only {len(pal)} colours; pass colors= with {n} colours, or draw fewer "
                 "targets (e.g. explanation_composite(..., targets=[0, 1, 2]))"
             )
@@ -76,7 +77,7 @@ def _as_maps(maps: ArrayLike, hw: tuple[int, int]) -> np.ndarray:
     if m.ndim == 2:
         m = m[None]
     if m.ndim != 3:
-        raise ValueError(f"maps must be (T, H, W), got shape {m.shape}")
+        raise InputError(f"maps must be (T, H, W), got shape {m.shape}")
     if m.shape[1:] != hw:
         m = np.stack([_resize_bilinear(x, hw) for x in m]) if len(m) else np.zeros((0, *hw))
     return np.clip(np.nan_to_num(m, nan=0.0), 0.0, 1.0)
@@ -112,12 +113,12 @@ def composite(
     """
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     img = _as_rgb_float(image)
     m = _as_maps(maps, img.shape[:2])
     T = m.shape[0]
     if labels is not None and len(labels) != T:
-        raise ValueError(f"{len(labels)} labels for {T} maps")
+        raise ConfigError(f"{len(labels)} labels for {T} maps")
     if T == 0:
         return np.clip(np.rint(img), 0, 255).astype(np.uint8)
     col = palette_colors(T, colors)  # (T, 3)

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .overlay import ArrayLike, CmapLike, _get_cmap, _to_numpy, overlay
+from ..errors import ConfigError, InputError
 
 __all__ = ["grid", "save_png", "explanation_grid"]
 
@@ -32,7 +33,7 @@ def _as_image_list(images: ArrayLike) -> list[Any]:
         return list(images)
     arr = _to_numpy(images)
     if arr.ndim not in (3, 4):
-        raise ValueError(f"images must be (B, H, W, 3) or a sequence of (H, W, 3) arrays, got shape {arr.shape}")
+        raise InputError(f"images must be (B, H, W, 3) or a sequence of (H, W, 3) arrays, got shape {arr.shape}")
     return list(arr)
 
 
@@ -83,24 +84,24 @@ def grid(
     if m.ndim == 3:
         m = m[:, None]
     if m.ndim != 4:
-        raise ValueError(f"maps must be (B, T, H, W), got shape {m.shape}")
+        raise InputError(f"maps must be (B, T, H, W), got shape {m.shape}")
     B, T = m.shape[:2]
     if B != len(imgs):
-        raise ValueError(f"maps has B={B} but {len(imgs)} images were given")
+        raise InputError(f"maps has B={B} but {len(imgs)} images were given")
     if B == 0 or T == 0:
-        raise ValueError(f"nothing to plot: maps has shape {m.shape}")
+        raise InputError(f"nothing to plot: maps has shape {m.shape}")
     if titles is not None:
         if len(titles) != B:
-            raise ValueError(f"titles has {len(titles)} rows but maps has B={B}")
+            raise InputError(f"titles has {len(titles)} rows but maps has B={B}")
         for b, row in enumerate(titles):
             if isinstance(row, str) or len(row) != T:
                 got = "a string" if isinstance(row, str) else f"{len(row)} titles"
-                raise ValueError(f"titles[{b}] must be a list of T={T} strings, got {got}")
+                raise InputError(f"titles[{b}] must be a list of T={T} strings, got {got}")
     if cell_size <= 0:
-        raise ValueError(f"cell_size must be > 0, got {cell_size}")
+        raise ConfigError(f"cell_size must be > 0, got {cell_size}")
     for name, value in (("max_cols", max_cols), ("max_cells", max_cells)):
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1 or None, got {value}")
+            raise ConfigError(f"{name} must be >= 1 or None, got {value}")
     colormap = _get_cmap(cmap)
 
     # Bound the number of cells drawn, then wrap each image's targets onto rows of `cols` cells.
@@ -167,12 +168,12 @@ def save_png(path: Union[str, PathLike], array_or_figure: Union[ArrayLike, Figur
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
-        raise ValueError(f"array must be (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}")
+        raise InputError(f"array must be (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}")
     if arr.dtype != np.uint8:
         if np.issubdtype(arr.dtype, np.floating):
             arr = np.clip(np.rint(np.nan_to_num(arr) * 255.0), 0, 255).astype(np.uint8)
         else:
-            raise ValueError(f"array must be uint8 or float in [0, 1], got dtype {arr.dtype}")
+            raise InputError(f"array must be uint8 or float in [0, 1], got dtype {arr.dtype}")
     Image.fromarray(np.ascontiguousarray(arr)).save(p, format="PNG", dpi=(dpi, dpi))
     return p
 
@@ -181,7 +182,7 @@ def _display_from_inputs(inputs: ArrayLike) -> np.ndarray:
     """Min-max rescale model inputs (B, C, H, W) per image to uint8 (B, H, W, C)."""
     x = _to_numpy(inputs).astype(np.float64)
     if x.ndim != 4:
-        raise ValueError(f"exp.inputs must be (B, C, H, W), got shape {x.shape}")
+        raise InputError(f"exp.inputs must be (B, C, H, W), got shape {x.shape}")
     lo = x.min(axis=(1, 2, 3), keepdims=True)
     span = x.max(axis=(1, 2, 3), keepdims=True) - lo
     x = np.where(span > 0, (x - lo) / np.where(span > 0, span, 1.0), 0.0)
@@ -214,7 +215,7 @@ def explanation_grid(exp: Any, images: Optional[Union[Sequence[ArrayLike], Array
     if "titles" not in kw:
         targets = exp.targets
         if len(targets) != B or any(len(row) != T for row in targets):
-            raise ValueError(f"exp.targets must be B={B} lists of T={T} targets")
+            raise InputError(f"exp.targets must be B={B} lists of T={T} targets")
         probs = getattr(exp, "probs", None)
         p = None if probs is None else _to_numpy(probs).astype(np.float64).reshape(B, T)
         kw["titles"] = [

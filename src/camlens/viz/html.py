@@ -37,6 +37,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from ..errors import ConfigError, InputError
 from .composite import palette_colors
 from .grid import _display_from_inputs, _label
 from .overlay import _as_rgb_float, _get_cmap, _resize_bilinear, _to_numpy
@@ -397,7 +398,8 @@ def write_report(
 
     Args:
         explanations: ``Explanation`` objects (duck-typed: ``maps`` (B, T, H, W), ``targets``,
-            ``probs`` (B, T), ``heads``, ``display``, ``inputs``, ``method``, ``layers``), or one.
+            ``probs`` (B, T), ``heads``, ``display``, ``inputs``, ``method``, ``layers``), or one;
+            a ``str`` / ``Path`` entry is the file of a saved one (``exp.save``), read by ``camlens.load``.
         path: the ``.html`` file to write (parent directories are created).
         images: optional, one entry per explanation: display images (B, H, W, 3) (uint8 or float
             in [0, 1]) or ``None``; default ``exp.display``, else ``exp.inputs`` min-max rescaled.
@@ -417,32 +419,34 @@ def write_report(
     Returns:
         The ``Path`` written.
     """
-    if hasattr(explanations, "maps"):
+    if hasattr(explanations, "maps") or isinstance(explanations, (str, PathLike)):
         explanations = [explanations]
-    exps = list(explanations)
+    from ..explanation import load as load_explanation  # a path: an explanation saved by exp.save
+
+    exps = [load_explanation(e) if isinstance(e, (str, PathLike)) else e for e in explanations]
     if images is not None and len(images) != len(exps):
-        raise ValueError(f"images must have one entry per explanation ({len(exps)}), got {len(images)}")
+        raise ConfigError(f"images must have one entry per explanation ({len(exps)}), got {len(images)}")
     if names is not None and len(names) != len(exps):
-        raise ValueError(f"names must have one entry per explanation ({len(exps)}), got {len(names)}")
+        raise ConfigError(f"names must have one entry per explanation ({len(exps)}), got {len(names)}")
     if not cmaps:
-        raise ValueError("cmaps must name at least one colormap")
+        raise ConfigError("cmaps must name at least one colormap")
     if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     luts = {str(c): _lut(str(c)) for c in cmaps}  # unknown names raise ValueError here
 
     sections, specs = [], []
     for i, exp in enumerate(exps):
         maps = _to_numpy(exp.maps).astype(np.float64)
         if maps.ndim != 4:
-            raise ValueError(f"explanation {i}: maps must be (B, T, H, W), got shape {maps.shape}")
+            raise InputError(f"explanation {i}: maps must be (B, T, H, W), got shape {maps.shape}")
         B, T = maps.shape[:2]
         if len(exp.targets) != B or any(len(row) != T for row in exp.targets):
-            raise ValueError(f"explanation {i}: targets must be B={B} lists of T={T} targets")
+            raise InputError(f"explanation {i}: targets must be B={B} lists of T={T} targets")
         disp = _display_images(exp, None if images is None else images[i])
         if len(disp) != B:
-            raise ValueError(f"explanation {i}: {len(disp)} display images for a batch of {B}")
+            raise InputError(f"explanation {i}: {len(disp)} display images for a batch of {B}")
         probs = getattr(exp, "probs", None)
         p = np.full((B, T), np.nan) if probs is None else _to_numpy(probs).astype(np.float64).reshape(B, T)
         colors = palette_colors(T, cycle=True)

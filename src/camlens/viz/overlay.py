@@ -12,6 +12,8 @@ import matplotlib
 import numpy as np
 from matplotlib.colors import Colormap
 
+from ..errors import ConfigError, ConfigTypeError, InputError
+
 # Anything numpy can take, or a torch.Tensor (duck-typed through ``.detach``).
 ArrayLike = Any
 CmapLike = Union[str, Colormap]
@@ -33,12 +35,12 @@ def _get_cmap(cmap: CmapLike) -> Colormap:
     if isinstance(cmap, Colormap):
         return cmap
     if not isinstance(cmap, str):
-        raise TypeError(f"cmap must be a colormap name or a matplotlib Colormap, got {type(cmap).__name__}")
+        raise ConfigTypeError(f"cmap must be a colormap name or a matplotlib Colormap, got {type(cmap).__name__}")
     try:
         return matplotlib.colormaps[cmap]
     except KeyError:
         n = len(list(matplotlib.colormaps))
-        raise ValueError(
+        raise ConfigError(
             f"unknown colormap {cmap!r}; try one of {', '.join(_SUGGESTED_CMAPS)} "
             f"(matplotlib.colormaps lists all {n})"
         ) from None
@@ -48,7 +50,7 @@ def _as_map(map: ArrayLike) -> np.ndarray:
     """Validate a 2-D map and return it as float64 (H, W)."""
     m = _to_numpy(map).astype(np.float64)
     if m.ndim != 2:
-        raise ValueError(f"map must be 2-D (H, W), got shape {m.shape}")
+        raise InputError(f"map must be 2-D (H, W), got shape {m.shape}")
     return m
 
 
@@ -65,7 +67,7 @@ def _as_rgb_float(image: ArrayLike) -> np.ndarray:
         img = np.repeat(img[..., None], 3, axis=-1)
     if img.ndim != 3 or img.shape[-1] not in (3, 4):
         hint = " (for a CHW tensor use image.permute(1, 2, 0))" if img.ndim == 3 and img.shape[0] in (1, 3) else ""
-        raise ValueError(f"image must be (H, W, 3) or (H, W), got shape {img.shape}{hint}")
+        raise InputError(f"image must be (H, W, 3) or (H, W), got shape {img.shape}{hint}")
     img = img[..., :3]
     if img.dtype == np.bool_:
         return img.astype(np.float64) * 255.0
@@ -73,7 +75,7 @@ def _as_rgb_float(image: ArrayLike) -> np.ndarray:
         return np.clip(img.astype(np.float64), 0.0, 255.0)
     img = img.astype(np.float64)
     if np.nanmax(img, initial=0.0) > 1.5:  # clearly 0..255 data stored as float
-        raise ValueError("float images must be in [0, 1]; convert 0..255 data to uint8 first")
+        raise InputError("float images must be in [0, 1]; convert 0..255 data to uint8 first")
     return np.clip(np.nan_to_num(img), 0.0, 1.0) * 255.0
 
 
@@ -134,7 +136,7 @@ def overlay(image: ArrayLike, map: ArrayLike, cmap: CmapLike = "jet", alpha: flo
     """
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     img = _as_rgb_float(image)
     m = _as_map(map)
     if m.shape != img.shape[:2]:
