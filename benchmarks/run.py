@@ -107,13 +107,14 @@ class Setup:
             torch.cuda.synchronize()
 
     def model(self, name: str) -> nn.Module:
-        """``resnet18``, ``resnet50`` or ``threeheads-<arch>``; random weights from seed 0, eval mode."""
+        """``resnet18``, ``resnet50``, ``threeheads-<arch>`` or ``tiny-cnn``; random weights from seed 0, eval mode."""
         if name not in self.models:
             import torchvision
 
             torch.manual_seed(0)
             arch = name.split("-", 1)[1] if name.startswith("threeheads-") else None
-            net = ThreeHeads(arch) if arch else getattr(torchvision.models, name)()
+            net = (TinyCNN() if name == "tiny-cnn" else ThreeHeads(arch) if arch
+                   else getattr(torchvision.models, name)())
             self.models[name] = net.eval().to(self.device)
         return self.models[name]
 
@@ -140,6 +141,22 @@ class ThreeHeads(nn.Module):
         f = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
         p = self.pool(f).flatten(1)
         return {k: h(p) for k, h in self.heads.items()}
+
+
+class TinyCNN(nn.Module):
+    """Three 3x3 convolutions (16, 32, 64 channels, the last two with stride 2), GAP, Linear(64, 10): a
+    model so small that camlens' own per-call work (hooks, checks, target resolution, post-processing)
+    shows against the forward + backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
 
 
 class Concat(nn.Module):
@@ -449,6 +466,23 @@ def gradcam_10t_layer4(s: Setup) -> list[dict[str, Any]]:
 @case("gradcam-10t-layer3")
 def gradcam_10t_layer3(s: Setup) -> list[dict[str, Any]]:
     return _gradcam_row(s, "gradcam-10t-layer3", "layer3", 10)
+
+
+@case("tiny-cnn-overhead")
+def tiny_cnn_overhead(s: Setup) -> list[dict[str, Any]]:
+    """camlens' per-call overhead: Grad-CAM of one target on a 3-conv CNN at 64², where the forward and
+    backward take about a millisecond; ``camlens / bound`` is the overhead factor over a hand-written
+    forward + ``autograd.grad``."""
+    model, x = s.model("tiny-cnn"), s.x(size=64)
+    layer = model.features
+    peers = {PGC: Peer(pgc_peer("gradcam", model, layer, x, [3])),
+             TC: Peer(tc_grad_peer("gradcam", model, layer, x, [3])),
+             CAPTUM: Peer(captum_peer(model, layer, x, [3]))}
+    row = _measure(s, "tiny-cnn-overhead", "tiny CNN (3 convs) 64² Grad-CAM, 1 target: per-call overhead",
+                   lambda: camlens.explain(model, x, targets=[3], layer="features").maps, peers, s.reps(),
+                   bound=("forward+grad", forward_grad(model, layer, x, lambda o: o[0, 3])),
+                   note="random weights; the bound is a plain forward + autograd.grad of the logit to the layer")
+    return [row]
 
 
 @case("multihead-3x5")

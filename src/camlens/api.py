@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,12 +14,12 @@ from torch import Tensor, nn
 
 from .backends.torch import (LayerSpec, Layout, Runner, autocast, capture, check_calls, check_layer_outputs,
                              guess_layer, layer_gradients, model_device, model_state, resolve_layers)
-from .errors import (ConfigTypeError, InputError, InputTypeError, ModelRuntimeError, NonFiniteScoresError,
+from .errors import (ConfigError, ConfigTypeError, InputError, InputTypeError, ModelRuntimeError, NonFiniteScoresError,
                      TargetError)
 from .explanation import Explanation
 from .methods import Method, MethodContext, MethodOutput, get_method
 from .methods.cam import CAM
-from .postprocess import clip_quantile, normalize, process
+from .postprocess import _float, clip_quantile, normalize, process
 from .targets import (Categories, ResolvedTarget, combine_targets, resolve_targets, split_outputs,
                       target_probabilities)
 
@@ -103,6 +104,22 @@ def _match_dtype(net: nn.Module, x: Tensor, precision: str) -> Tensor:
     return x.to(dev, torch.float32) if x.dtype == torch.float64 else x.to(dev)
 
 
+def _check_differentiable(meth: Method, tile: Any, aug_smooth: bool, noise_smooth: int) -> None:
+    """``differentiable=True`` needs a method whose maths is differentiable, and no wrappers yet."""
+    if not meth.differentiable:
+        from .methods import available_methods
+
+        ok = [n for n, m in available_methods().items() if m.differentiable]
+        raise ConfigError(f"method {meth.name!r} cannot return differentiable maps (its maps come from "
+                          f"{'perturbed forwards without a graph' if not meth.needs_grads else 'steps without a stable gradient'}); "
+                          f"differentiable=True works with: {', '.join(ok)}")
+    unsupported = [n for n, on in (("tile=", tile is not None), ("aug_smooth=True", aug_smooth),
+                                   ("noise_smooth=", bool(noise_smooth))) if on]
+    if unsupported:
+        raise ConfigError(f"differentiable=True does not combine with {', '.join(unsupported)} yet; "
+                          "drop them for the training loss (they matter for pictures, not for gradients)")
+
+
 def _check_scores(scores: Tensor, rows: list[list[ResolvedTarget]]) -> None:
     """The model's scores for finite inputs must be finite: name the images and targets that are not."""
     bad = ~torch.isfinite(scores.detach())
@@ -163,10 +180,10 @@ def _scores(rows: list[list[ResolvedTarget]], heads: dict, output: Any) -> Tenso
 def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerSpec, Sequence[LayerSpec], None] = None,
             method: str = "gradcam", top_k: Optional[int] = None, categories: Categories = None, heads: Any = None,
             fuse: Literal["mean", "max"] = "mean", relu: bool = True, upsample: bool = True,
-            eval_mode: bool = True, combine: str = "separate", aug_smooth: bool = False, noise_smooth: int = 0,
-            noise_sigma: float = 0.15, seed: int = 0, precision: str = "fp32",
+            eval_mode: Optional[bool] = None, combine: str = "separate", aug_smooth: bool = False,
+            noise_smooth: int = 0, noise_sigma: float = 0.15, seed: int = 0, precision: str = "fp32",
             channels_last: Optional[bool] = None, tile: Optional[Union[int, tuple[int, int]]] = None,
-            overlap: int = 32, tile_batch: int = 4, **options: Any) -> Explanation:
+            overlap: int = 32, tile_batch: int = 4, differentiable: bool = False, **options: Any) -> Explanation:
     """Explain T targets of each of B images: maps ``(B, T, H, W)`` in [0, 1].
 
     Args:
@@ -203,9 +220,10 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
             ``repr``, ...: :data:`camlens.targets.FEATURE_NAMES`).
         relu: apply ReLU to the raw maps (``False`` keeps negative evidence before min-max).
         upsample: resize maps to the input size (``False``: the layer's own size).
-        eval_mode: run the model in eval mode (restored afterwards). ``False`` runs it in the
-            mode it is in; buffers a training-mode forward updates (BatchNorm running statistics,
-            ``num_batches_tracked``) are restored afterwards too.
+        eval_mode: run the model in eval mode (restored afterwards); ``None`` (default): ``True``,
+            or ``False`` with ``differentiable=True``. ``False`` runs it in the mode it is in;
+            buffers a training-mode forward updates (BatchNorm running statistics,
+            ``num_batches_tracked``) are restored afterwards too (not with ``differentiable``).
         combine: ``"separate"`` (one map per target), or fold each image's targets into ONE map:
             ``"mean"`` (gradients averaged over the outputs), ``"confidence"`` (each output's
             gradients weighted by its softmax confidence for its target, then averaged), ``"sum"``.
@@ -230,6 +248,16 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
         overlap: with ``tile``: pixels shared by neighbouring tiles, ``0 <= overlap < tile``
             (more overlap: smoother blends, more tiles).
         tile_batch: with ``tile``: tiles per forward/backward pass (peak memory grows with it).
+        differentiable: return maps that carry the autograd graph back to the model's parameters
+            and the input (for CAM losses in training): the whole forward records a graph, the
+            gradients are taken with ``create_graph=True``, nothing is detached, and the model runs
+            in its own mode with its own ``requires_grad`` (nothing frozen). ``exp.maps``,
+            ``exp.raws``, ``exp.scores`` and ``exp.heads`` then keep their graphs, so one forward
+            gives both a classification loss (from ``exp.heads``) and a map loss. As in any
+            forward of a training step, BatchNorm statistics of a training-mode model update once
+            (they are not restored). Parameter ``.grad`` is still untouched (``autograd.grad``).
+            Methods: those whose maths is differentiable (``Method.differentiable``: the Grad-CAM
+            family but Eigen-Grad-CAM); not with ``tile``, ``aug_smooth`` or ``noise_smooth``.
         **options: the method's options (see ``camlens methods``), e.g. ``batch_size=`` for Score-CAM.
 
     One forward pass runs with the layers hooked; all T targets' gradients come from one batched
@@ -240,6 +268,10 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
     _check_model_tensors(net)
     meth = get_method(method)
     opts = meth.resolve_options(options)
+    if differentiable:
+        _check_differentiable(meth, tile, aug_smooth, noise_smooth)
+    if eval_mode is None:
+        eval_mode = not differentiable
     x = _match_dtype(net, x, precision)
     if tile is not None:  # large images: tile by tile with bounded memory (the layer is guessed on a tile)
         from .tiling import check_tiling, explain_tiled
@@ -259,21 +291,23 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
     size = tuple(x.shape[-2:])
     out_size = size if upsample else None
 
-    with model_state(net, eval_mode=eval_mode):
+    with model_state(net, eval_mode=eval_mode, freeze=not differentiable, restore_buffers=not differentiable):
         layout = Layout(net, channels_last, precision)
-        p = _compute(net, x, targets, layers, meth, opts, categories, top_k, combine, layout, head_keys=heads)
+        p = _compute(net, x, targets, layers, meth, opts, categories, top_k, combine, layout, head_keys=heads,
+                     differentiable=differentiable)
         result = p.result
         if noise_smooth:
             result = _noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed, layout)
-        maps = _finish(result, out_size, relu, fuse)
+        maps = _finish_maps(result, out_size, relu, fuse) if differentiable else _finish(result, out_size, relu, fuse)
         if aug_smooth:
             maps = _aug_smoothed(net, x, p, layers, meth, opts, maps, out_size, relu, fuse, layout)
     raws = result.raws or {}
     detached = {k: v.detach() for k, v in p.heads.items()}
     first = next(iter(raws.values())) if raws else result.saliency
     return Explanation(maps=maps, raw=first, raws=dict(raws), scores=p.scores,
-                       probs=target_probabilities(p.rows, detached), targets=p.rows, inputs=x.detach(),
-                       layers=names, method=meth.name, display=display, heads=detached, pixel=result.pixel,
+                       probs=target_probabilities(p.rows, detached), targets=p.rows,
+                       inputs=x if differentiable else x.detach(), heads=p.heads if differentiable else detached,
+                       layers=names, method=meth.name, display=display, pixel=result.pixel,
                        components=p.components if combine != "separate" else None, options=dict(opts))
 
 
@@ -290,16 +324,17 @@ class _Pass:
 
 def _compute(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method, opts: dict,
              categories: Categories, top_k: Optional[int], combine: str = "separate",
-             layout: Optional[Layout] = None, head_keys: Any = None) -> _Pass:
+             layout: Optional[Layout] = None, head_keys: Any = None, differentiable: bool = False) -> _Pass:
     """One forward with the layers hooked, the batched backward if needed, then the method's math.
 
     ``layout`` carries the precision and memory layout of every forward (default: fp32, auto);
-    ``head_keys`` is ``explain(heads=...)``.
+    ``head_keys`` is ``explain(heads=...)``. ``differentiable``: the forward records its graph
+    from the input, gradients keep theirs (``create_graph``) and nothing is detached.
     """
     names = [n for n, _ in layers]
     layout = layout if layout is not None else Layout(net)
-    with capture(net, layers, grad=meth.needs_grads, linear=meth is CAM) as cap:
-        with torch.no_grad():
+    with capture(net, layers, grad=meth.needs_grads, linear=meth is CAM, full_graph=differentiable) as cap:
+        with contextlib.nullcontext() if differentiable else torch.no_grad():
             output = layout.run(x)
         check_calls(cap, layers)
         check_layer_outputs(cap, layers, net, x)  # one clear error for any method: (B, C, h, w) of this batch
@@ -312,20 +347,22 @@ def _compute(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method
         _check_scores(scores, rows)
         grads = None
         if meth.needs_grads:
-            grads = dict(zip(names, (g.float() for g in layer_gradients(scores, acts, names,
-                                                                        [t.label for t in rows[0]]))))
-    scores = scores.detach().float()
+            cast = _float if differentiable else Tensor.float
+            grads = dict(zip(names, (cast(g) for g in layer_gradients(scores, acts, names, [t.label for t in rows[0]],
+                                                                      create_graph=differentiable))))
+    scores = _float(scores) if differentiable else scores.detach().float()
 
     def score_image(out: Any, b: int) -> Tensor:  # scores (N, T) of image b's targets on N outputs
         hs = split_outputs(out)
         return torch.stack([tg.score(hs, out) for tg in rows[b]], dim=1)
 
     ctx = MethodContext(inputs=x.detach(), layers=names, modules=dict(layers),
-                        acts={n: a.detach().float() for n, a in zip(names, acts)}, grads=grads, scores=scores,
+                        acts={n: _float(a) if differentiable else a.detach().float() for n, a in zip(names, acts)},
+                        grads=grads, scores=scores,
                         targets=rows, runner=Runner(net, score_image, layout),
                         score_all=lambda out: _scores(rows, split_outputs(out), out), options=opts,
                         extra={"linear_io": cap.linear_io, "heads": heads, "model": net})
-    with torch.no_grad():
+    with torch.enable_grad() if differentiable else torch.no_grad():
         result = meth.compute(ctx)
     if not result.raws and result.saliency is None:
         raise RuntimeError(f"method {meth.name!r} returned no maps")
@@ -339,6 +376,11 @@ def _compute(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method
 @torch.no_grad()
 def _finish(result: MethodOutput, size: Optional[tuple[int, int]], relu: bool, fuse: str) -> Tensor:
     """Method output -> maps ``(B, T, H, W)`` in [0, 1]."""
+    return _finish_maps(result, size, relu, fuse)
+
+
+def _finish_maps(result: MethodOutput, size: Optional[tuple[int, int]], relu: bool, fuse: str) -> Tensor:
+    """:func:`_finish` in the caller's grad mode (differentiable maps keep their graph)."""
     if result.raws:
         return process(list(result.raws.values()), size, use_relu=relu, fuse_how=fuse)  # type: ignore[arg-type]
     sal = result.saliency.float()  # type: ignore[union-attr]

@@ -65,6 +65,11 @@ def _extreme_rows(n_in: int, n_out: int) -> tuple[int, ...]:
     return tuple(sorted(keep))
 
 
+def _float(t: Tensor) -> Tensor:
+    """float32, except that float64 stays float64 (differentiable maps checked in float64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
     """Resize ``(B, T, h, w)`` maps to ``(B, T, *size)``; bilinear with ``align_corners=False``.
 
@@ -76,9 +81,9 @@ def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Ten
     if mode != "bilinear":
         kw = {"align_corners": False} if mode == "bicubic" else {}
         return F.interpolate(maps.float(), size=tuple(size), mode=mode, **kw)
-    m = maps.float()
-    ry = _bilinear_matrix(m.shape[-2], int(size[0]), m.device)
-    rx = _bilinear_matrix(m.shape[-1], int(size[1]), m.device)
+    m = _float(maps)
+    ry = _bilinear_matrix(m.shape[-2], int(size[0]), m.device).to(m.dtype)
+    rx = _bilinear_matrix(m.shape[-1], int(size[1]), m.device).to(m.dtype)
     return torch.matmul(ry, torch.matmul(m, rx.T))
 
 
@@ -93,10 +98,10 @@ def upsample_normalize(maps: Tensor, size: tuple[int, int], *, warn: bool = True
     """
     if tuple(maps.shape[-2:]) == tuple(size):
         return normalize(maps, warn=warn)
-    m = maps.float()
+    m = _float(maps)
     h, w = m.shape[-2:]
-    ry = _bilinear_matrix(h, int(size[0]), m.device)
-    rx = _bilinear_matrix(w, int(size[1]), m.device)
+    ry = _bilinear_matrix(h, int(size[0]), m.device).to(m.dtype)
+    rx = _bilinear_matrix(w, int(size[1]), m.device).to(m.dtype)
     ys = torch.tensor(_extreme_rows(h, int(size[0])), device=m.device)
     xs = torch.tensor(_extreme_rows(w, int(size[1])), device=m.device)
     corners = torch.matmul(ry[ys], torch.matmul(m, rx[xs].T)).flatten(-2)

@@ -202,19 +202,22 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec
 
 
 @contextlib.contextmanager
-def model_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True) -> Iterator[nn.Module]:
+def model_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True,
+                restore_buffers: bool = True) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode with frozen parameters for the block; restore exactly on exit.
 
     Restores every submodule's ``training`` flag and every parameter's ``requires_grad``, also
     when the block raises. With ``eval_mode=False`` and some module in training mode, every
     buffer is also snapshotted (cloned) and restored in place (BatchNorm's running statistics and
     ``num_batches_tracked`` change in training-mode forwards); in eval mode nothing is copied (eval
-    BatchNorm reads its buffers only). Hooks are the caller's to remove (see :func:`capture`).
+    BatchNorm reads its buffers only). ``restore_buffers=False`` skips that (differentiable maps:
+    the call is a forward of the caller's training step, and restoring buffers in place would
+    invalidate the graph that saved them). Hooks are the caller's to remove (see :func:`capture`).
     """
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     saved = None
-    if not eval_mode and any(t for _, t in modes):
+    if restore_buffers and not eval_mode and any(t for _, t in modes):
         with torch.no_grad():
             saved = [(m, n, b, b.clone()) for m in model.modules() for n, b in m._buffers.items() if b is not None]
     try:
@@ -273,11 +276,13 @@ def _first_tensor(out: Any) -> Optional[Tensor]:
 
 @contextlib.contextmanager
 def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, grad: bool = True,
-            linear: bool = False) -> Iterator[Capture]:
+            linear: bool = False, full_graph: bool = False) -> Iterator[Capture]:
     """Hooks ``layers`` for the block; yields a :class:`Capture` filled by the next forward.
 
     With ``grad=True`` the forward should run under ``torch.no_grad()``: the first captured layer
-    switches grad mode on, so only the part of the network after it records a graph. Grad mode
+    switches grad mode on, so only the part of the network after it records a graph. With
+    ``full_graph=True`` the forward runs with grad mode on from the input and the captured
+    activation is the layer's output itself (its graph back to the parameters kept). Grad mode
     and all hooks are restored on exit.
     """
     cap = Capture()
@@ -293,7 +298,8 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, grad: 
             if not grad:
                 cap.activations[name] = t.detach()
                 return None
-            torch.set_grad_enabled(True)
+            if not full_graph:
+                torch.set_grad_enabled(True)
             if not t.requires_grad:
                 t = t.detach().requires_grad_(True)
             cap.activations[name] = t
@@ -375,13 +381,16 @@ def _is_vmap_error(err: BaseException) -> bool:
     return "vmap" in msg or "batch" in msg
 
 
-def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str], labels: Sequence[str]) -> list[Tensor]:
+def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str], labels: Sequence[str], *,
+                    create_graph: bool = False) -> list[Tensor]:
     """Gradients of each target score w.r.t. each activation, in one batched backward.
 
     Args:
         scores: ``(B, T)`` scores; image ``b`` depends only on input ``b`` (eval mode).
         acts: activations ``(B, C, h, w)`` (any shape with leading B).
         names, labels: layer names and target labels, for error messages.
+        create_graph: keep the backward's graph, so the gradients (and maps made of them) are
+            differentiable themselves (``explain(differentiable=True)``).
 
     Returns:
         per activation, gradients ``(B, T, *act.shape[1:])``.
@@ -398,14 +407,15 @@ def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str]
     try:
         # retain_graph when batched: if vmap fails half-way, the per-target fallback needs the graph
         grads = torch.autograd.grad(scores, list(acts), grad_outputs=eye if T > 1 else eye[0],
-                                    is_grads_batched=T > 1, allow_unused=True, retain_graph=T > 1)
+                                    is_grads_batched=T > 1, allow_unused=True,
+                                    retain_graph=T > 1 or create_graph, create_graph=create_graph)
         if T == 1:
             grads = [None if g is None else g.unsqueeze(0) for g in grads]
     except RuntimeError as err:  # an op without a vmap rule: fall back to a loop over targets
         if T == 1 or not _is_vmap_error(err):
             raise
-        per_t = [torch.autograd.grad(scores[:, t].sum(), list(acts), retain_graph=t < T - 1, allow_unused=True)
-                 for t in range(T)]
+        per_t = [torch.autograd.grad(scores[:, t].sum(), list(acts), retain_graph=t < T - 1 or create_graph,
+                                     allow_unused=True, create_graph=create_graph) for t in range(T)]
         grads = [None if per_t[0][i] is None else torch.stack([g[i] for g in per_t]) for i in range(len(acts))]
     out = []
     for g, name in zip(grads, names):

@@ -104,6 +104,8 @@ class Method:
         cost: forwards / backwards per call, in words.
         needs_grads: the engine computes gradients of the targets at the layers.
         needs_layer: the method works on a layer (False for input-space methods).
+        differentiable: its maths is plain differentiable tensor code on the activations and
+            gradients, so ``explain(..., differentiable=True)`` can return maps with a graph.
         options: option name -> default, accepted as keyword arguments by ``camlens.explain``.
     """
 
@@ -113,6 +115,7 @@ class Method:
     needs_grads: bool = True
     needs_layer: bool = True
     options: Mapping[str, Any] = field(default_factory=dict)
+    differentiable: bool = False
 
     def compute(self, ctx: MethodContext) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError(f"method {self.name!r} has no compute()")
@@ -134,6 +137,7 @@ class GradientMethod(Method):
     """
 
     fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None
+    differentiable: bool = True
 
     def raw(self, acts: Tensor, grads: Tensor) -> Tensor:
         assert self.fn is not None

@@ -107,4 +107,5 @@ EIGENCAM = register(ActivationMethod(
     cost="1 forward, no backward; one SVD per image", fn=eigencam))
 EIGENGRADCAM = register(GradientMethod(
     name="eigengradcam", description="Eigen-Grad-CAM: first principal component of gradients x activations",
-    cost=_ONE_PASS + "; one SVD per target", fn=eigengradcam))
+    cost=_ONE_PASS + "; one SVD per target", fn=eigengradcam,
+    differentiable=False))  # an SVD's sign is fixed by hand and its gradient is unstable at near-equal values
