@@ -13,6 +13,7 @@ from .errors import CamlensError
 from .evaluate import Scores, evaluate
 from .explanation import Explanation, load
 from .methods import available_methods
+from .stream import Failure, stream
 from .targets import Target
 
 __version__ = "0.1.0"
@@ -28,6 +29,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'camlens' has no attribute {name!r}")
 
 
-__all__ = ["explain", "load", "errors", "CamlensError", "evaluate", "Scores", "metrics", "agreement", "Agreement", "Explanation", "Target", "available_methods", "methods", "postprocess", "models", "viz",
+__all__ = ["explain", "stream", "Failure", "load", "errors", "CamlensError", "evaluate", "Scores", "metrics", "agreement", "Agreement", "Explanation", "Target", "available_methods", "methods", "postprocess", "models", "viz",
            "localize",
            "__version__"]

@@ -26,6 +26,7 @@ and ``has_fn=True``; its ``head``, ``cls``, ``label`` and ``head_only`` are kept
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -76,6 +77,8 @@ class Explanation:
         components: with ``combine=`` other than ``"separate"``, the B lists of targets that were
             folded into each image's single combined target.
         options: the method's options as :func:`camlens.explain` resolved them (defaults filled in).
+        source: where the input came from, set by :func:`camlens.stream` (a path, a key, an index);
+            ``None`` from :func:`camlens.explain`. Not saved by :meth:`save`.
 
     :meth:`save` writes it to one ``.npz`` file; :func:`camlens.load` reads it back.
     """
@@ -94,6 +97,25 @@ class Explanation:
     pixel: Optional[Tensor] = None
     components: Optional[list[list[ResolvedTarget]]] = None
     options: dict = field(default_factory=dict)
+    source: Any = None
+
+    def image(self, b: int) -> "Explanation":
+        """Image ``b`` alone: the same explanation with a batch of one (every batched field sliced
+        ``[b:b+1]``, views of the same tensors; ``targets`` / ``components`` ``[b]``)."""
+        B = int(self.maps.shape[0])
+        if not -B <= b < B:
+            raise InputError(f"image index {b} out of range for a batch of {B}")
+        b = b % B
+        sl = slice(b, b + 1)
+
+        def cut(t: Any) -> Any:
+            return t[sl] if t is not None and getattr(t, "ndim", 0) >= 1 and t.shape[0] == B else t
+
+        return dataclasses.replace(
+            self, maps=self.maps[sl], raw=cut(self.raw), raws={k: cut(v) for k, v in self.raws.items()},
+            scores=self.scores[sl], probs=self.probs[sl], targets=[self.targets[b]], inputs=cut(self.inputs),
+            display=cut(self.display), heads={k: cut(v) for k, v in self.heads.items()}, pixel=cut(self.pixel),
+            components=None if self.components is None else [self.components[b]], options=dict(self.options))
 
     @property
     def labels(self) -> list[list[str]]:
