@@ -124,5 +124,6 @@ def test_cli_turns_camlens_errors_into_one_line_and_lets_bugs_through(tmp_path, 
         raise ZeroDivisionError("a bug, not a usage error")
 
     monkeypatch.setattr(camlens, "explain", boom)
+    monkeypatch.setattr(camlens.api, "explain", boom)  # what camlens.stream (the CLI's loop) calls
     res = CliRunner().invoke(app, ["explain", str(img), "--model", "shapes-2head", "--out", str(tmp_path / "p")])
     assert isinstance(res.exception, ZeroDivisionError)  # not disguised as a one-line usage error

@@ -122,3 +122,30 @@ def test_explanation_image_slices_every_batched_field(shapes_model):
     assert one.targets == [exp.targets[2]] and one.components == [exp.components[2]]
     with pytest.raises(InputError, match="out of range"):
         exp.image(3)
+
+
+def test_the_cli_explains_through_stream(shapes_model, pictures, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from camlens.cli import app
+
+    for i in range(3):
+        Image.fromarray(pictures[i]).save(tmp_path / f"s{i}.png")
+    (tmp_path / "bad.png").write_text("nope")
+    used = []
+    real = camlens.stream
+
+    def spy(*a, **k):
+        used.append(k.get("on_error"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(camlens, "stream", spy)
+    res = CliRunner().invoke(app, ["explain", str(tmp_path / "s0.png"), str(tmp_path / "bad.png"),
+                                   str(tmp_path / "s1.png"), str(tmp_path / "s2.png"), "--model", "shapes-2head",
+                                   "--out", str(tmp_path / "o")])
+    assert used == ["yield"] and res.exit_code == 1  # one unreadable file: reported, the others written
+    import json
+
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert [e["image"] for e in summary["images"]] == [str(tmp_path / f"s{i}.png") for i in range(3)]
+    assert [e["image"] for e in summary["errors"]] == [str(tmp_path / "bad.png")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 from pathlib import Path
@@ -113,16 +114,26 @@ def explain(
     note = "random weights" if m.random_weights else None
     out.mkdir(parents=True, exist_ok=True)
     results, errors, stems = [], [], _Stems()
-    for path, img in _readable_images(images, "explaining", errors, max_pixels):
-        stem = stems.take(path)
-        if all_methods:
-            entry = _compare_methods(m, img, path, kw, opts, out, stem, cmap, alpha, crop, errors)
+    if all_methods:
+        for path, img in _readable_images(images, "explaining", errors, max_pixels):
+            entry = _compare_methods(m, img, path, kw, opts, out, stems.take(path), cmap, alpha, crop, errors)
             if entry is not None:
                 results.append({"image": str(path), **entry})
+    read: collections.deque = collections.deque()  # the decoded photos, in order, until their result comes
+
+    def photos():
+        for path, img in _readable_images(images, "explaining", errors, max_pixels):
+            read.append(img)
+            yield path, img
+
+    for res in ([] if all_methods else camlens.stream(m, photos(), keyed=True, batch_size=1, on_error="yield",
+                                                       method=method, **kw, **opts)):
+        path, img = res.source, read.popleft()
+        stem = stems.take(path)
+        if isinstance(res, camlens.Failure):
+            _failed_image(errors, path, res.error, m, crop)
             continue
-        exp = _explain_image(m, img, path, errors, crop, method=method, **kw, **opts)
-        if exp is None:
-            continue
+        exp = res
         try:
             entry = write_explanation(exp, out, stem, cmap=cmap, alpha=alpha, categories=m.categories,
                                       originals=_originals(m, img, exp), note=note,
@@ -249,6 +260,22 @@ def _hint(m, crop: bool) -> str:
     return f" (the model's input is {size}x{size})"
 
 
+def _failed_image(errors: list, path: Path, err: BaseException, m, crop: bool) -> None:
+    """Report an image ``camlens.stream`` could not explain: out of memory, its own values
+    (:class:`~camlens.errors.InputError`), or the model's own error (with a hint). Anything else is a
+    bug: raised with its traceback."""
+    from camlens.errors import CamlensError, InputError, NonFiniteScoresError
+
+    if _is_oom(err):
+        _file_error(errors, path, err, prefix="out of memory on this image: ")
+    elif isinstance(err, (InputError, NonFiniteScoresError)):
+        _file_error(errors, path, err)
+    elif _is_model_error(err) and not isinstance(err, CamlensError):
+        _file_error(errors, path, err, prefix="the model failed on this image: ", suffix=_hint(m, crop))
+    else:
+        raise err
+
+
 def _explain_image(m, img, path: Path, errors: list, crop: bool, **kw):
     """``camlens.explain`` on one image. The model's own error (e.g. a ViT given a non-224 picture)
     or running out of memory is a per-file error: recorded, printed with a hint, ``None`` returned.
@@ -256,21 +283,20 @@ def _explain_image(m, img, path: Path, errors: list, crop: bool, **kw):
     camlens error (unknown layer, bad target or option) is the same for every image: it propagates
     to :func:`command` (one line, exit 2)."""
     import camlens
-    from camlens.errors import CamlensError, InputError, NonFiniteScoresError
+    from camlens.errors import CamlensError
 
     try:
         return camlens.explain(m, img, **kw)
-    except Exception as err:  # noqa: BLE001 - classified below
-        if _is_oom(err):
-            _file_error(errors, path, err, prefix="out of memory on this image: ")
-            return None
-        if isinstance(err, (InputError, NonFiniteScoresError)):  # this image's values
-            _file_error(errors, path, err)
-            return None
-        if _is_model_error(err) and not isinstance(err, CamlensError):
-            _file_error(errors, path, err, prefix="the model failed on this image: ", suffix=_hint(m, crop))
-            return None
-        raise
+    except CamlensError as err:
+        from camlens.errors import InputError, NonFiniteScoresError
+
+        if not isinstance(err, (InputError, NonFiniteScoresError)):
+            raise
+        _failed_image(errors, path, err, m, crop)
+        return None
+    except Exception as err:  # noqa: BLE001 - classified by _failed_image
+        _failed_image(errors, path, err, m, crop)
+        return None
 
 
 def _fatal(msg: str, code: int = 2):
