@@ -221,17 +221,20 @@ def model_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
         with torch.no_grad():
             saved = [(m, n, b, b.clone()) for m in model.modules() for n, b in m._buffers.items() if b is not None]
     try:
-        if eval_mode:
+        if eval_mode and any(t for _, t in modes):  # (already in eval mode: nothing to switch)
             model.eval()
         if freeze:
-            for p, _ in flags:
-                p.requires_grad_(False)
+            for p, rg in flags:
+                if rg:
+                    p.requires_grad_(False)
         yield model
     finally:
         for m, training in modes:
-            m.training = training
+            if m.training != training:
+                m.training = training
         for p, rg in flags:
-            p.requires_grad_(rg)
+            if p.requires_grad != rg:
+                p.requires_grad_(rg)
         if saved is not None:
             with torch.no_grad():
                 for m, n, b, copy in saved:
