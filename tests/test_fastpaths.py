@@ -31,8 +31,10 @@ def test_upsample_matches_interpolate(src, dst):
     assert (P.upsample(m, dst) - ref).abs().max() < 2e-6 * (1 + m.abs().max())
 
 
+@pytest.mark.parametrize("fused", [True, False])  # both paths, whatever the size threshold between them
 @pytest.mark.parametrize("src,dst", SIZES)
-def test_upsample_normalize_equals_two_steps_with_exact_extremes(src, dst):
+def test_upsample_normalize_equals_two_steps_with_exact_extremes(src, dst, fused, monkeypatch):
+    monkeypatch.setattr(P, "FUSED_MIN_PIXELS", 0 if fused else 1 << 62)
     torch.manual_seed(1)
     for k in range(10):
         m = torch.randn(2, 3, *src).clamp_min(0) if k % 2 else torch.rand(2, 3, *src) ** 4
@@ -45,7 +47,9 @@ def test_upsample_normalize_equals_two_steps_with_exact_extremes(src, dst):
         assert (flat.amax(-1)[~live] == 0).all()
 
 
-def test_upsample_normalize_constant_maps_are_zero_with_warning():
+@pytest.mark.parametrize("fused", [True, False])
+def test_upsample_normalize_constant_maps_are_zero_with_warning(fused, monkeypatch):
+    monkeypatch.setattr(P, "FUSED_MIN_PIXELS", 0 if fused else 1 << 62)
     m = torch.zeros(1, 3, 7, 7)
     m[0, 1] = 3.0
     m[0, 2] = torch.rand(7, 7)
