@@ -24,6 +24,7 @@ EXPECTED = {
     "layercam-layer4": {PGC, TC},
     "layercam-layer3": {PGC, TC},
     "batch32-top1": {PGC, TC, CAPTUM},
+    "tiny-cnn-overhead": {PGC, TC, CAPTUM},
     "option-channels_last": set(),
     "option-bf16": set(),
 }

@@ -58,6 +58,7 @@ def run_shapes_demo(out_dir: Path, *, n: int = 4, seed: int = 123, device: Optio
     (``shapes_report.html``). Returns the per-image pointing results against the known object masks."""
     import camlens
     from camlens.datasets.shapes import make_shapes
+    from camlens.metrics import pointing_game
     from camlens.viz import composite_figure, save_png, write_report
 
     out_dir = Path(out_dir)
@@ -67,15 +68,14 @@ def run_shapes_demo(out_dir: Path, *, n: int = 4, seed: int = 123, device: Optio
     exp = camlens.explain(m, x)  # targets=None: the top class of every head
     display = m.to_display(x)
     exp.display = display
-    H, W = exp.maps.shape[-2:]
+    masks = torch.stack([torch.stack([data.masks[str(tg.head)][b] for tg in exp.targets[b]]) for b in range(n)])
+    hits, _ = pointing_game(exp.maps, masks, tolerance=0)  # (n, T): the map's maximum on the object
     rows = []
     for b in range(n):
         row = {"truth": data.label_names(b), "predicted": {}}
         for t, tg in enumerate(exp.targets[b]):
-            peak = int(exp.maps[b, t].flatten().argmax())
-            y, xx = divmod(peak, W)
             row["predicted"][str(tg.head)] = tg.label
-            row[f"{tg.head}_peak_on_object"] = bool(data.masks[str(tg.head)][b, y, xx])
+            row[f"{tg.head}_peak_on_object"] = bool(hits[b, t] == 1)
         rows.append(row)
     labels = [f"{tg.label} p={float(exp.probs[0, t]):.2f}" for t, tg in enumerate(exp.targets[0])]
     big = np.kron(display[0], np.ones((4, 4, 1), dtype=np.uint8))  # 64 px -> 256 px for the picture

@@ -12,7 +12,7 @@ from torch import Tensor
 from .api import _outside_inference_mode, _unwrap, explain
 from .backends.torch import Runner, model_device, model_state
 from .explanation import Explanation
-from .metrics import EvalContext, Metric, get_metric
+from .metrics import EvalContext, Metric, get_metric, mean_sem
 from .targets import ResolvedTarget, resolve_targets, split_outputs
 from .errors import ConfigError, InputError, TargetError
 
@@ -46,11 +46,8 @@ class Scores(Mapping):
         """Per metric: name, direction arrow, mean and standard error over all images and targets."""
         rows = []
         for name, v in self.values.items():
-            flat = v.detach().double().flatten()
-            flat = flat[~flat.isnan()]
-            n = flat.numel()
-            sem = float(flat.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
-            rows.append({"metric": name, "arrow": self.metrics[name].arrow, "mean": float(flat.mean()) if n else float("nan"),
+            mean, sem, n = mean_sem(v)
+            rows.append({"metric": name, "arrow": self.metrics[name].arrow, "mean": mean,
                          "sem": sem, "n": n, "category": self.metrics[name].category})
         return rows
 

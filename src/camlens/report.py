@@ -15,7 +15,7 @@ import numpy as np
 
 from .compare import agreement
 from .explanation import Explanation
-from .targets import head_categories
+from .predictions import head_predictions
 
 __all__ = ["map_stats", "predictions", "write_explanation", "write_method_grid", "write_evaluation", "safe_name"]
 
@@ -45,17 +45,11 @@ def map_stats(m: np.ndarray) -> dict[str, Any]:
 
 
 def predictions(exp: Explanation, b: int, categories: Any = None, k: int = 5) -> dict[str, list[dict[str, Any]]]:
-    """Top-k softmax predictions of image ``b`` for every classification head."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for key, t in exp.heads.items():
-        if t.ndim != 2 or t.shape[1] < 2:
-            continue
-        p = t[b].float().softmax(0)
-        top = p.topk(min(k, p.numel()))
-        names = head_categories(categories, key, exp.heads)
-        out[str(key)] = [{"class": int(i), "name": names[int(i)] if names else str(int(i)), "prob": round(float(v), 4)}
-                         for v, i in zip(top.values.tolist(), top.indices.tolist())]
-    return out
+    """Top-k softmax predictions of image ``b`` for every classification head
+    (:func:`camlens.predictions.head_predictions`); a class without a name is named by its index."""
+    return {str(hp["head"]): [{"class": r["cls"], "name": r["name"] if r["name"] is not None else str(r["cls"]),
+                               "prob": round(r["prob"], 4)} for r in hp["top"]]
+            for hp in head_predictions(exp.heads, b, categories, k) if "top" in hp}
 
 
 def write_explanation(exp: Explanation, out_dir: Path, stem: str, *, cmap: str = "jet", alpha: float = 0.5,
@@ -89,9 +83,9 @@ def write_explanation(exp: Explanation, out_dir: Path, stem: str, *, cmap: str =
     arr = exp.numpy()
     display = images if images is not None else exp.display
     if display is None:
-        from .viz.grid import _display_from_inputs
+        from .viz.grid import display_from_inputs
 
-        display = _display_from_inputs(exp.inputs)
+        display = display_from_inputs(exp.inputs)
     B, T = arr["maps"].shape[:2]
     pairs = agreement_summary(exp, max_targets=max_agreement_targets) if T >= 2 else None
     summaries = []
@@ -158,9 +152,9 @@ def write_method_grid(exps: dict[str, Explanation], out_dir: Path, stem: str, *,
     first = next(iter(exps.values()))
     display = first.display if first.display is not None else None
     if display is None:
-        from .viz.grid import _display_from_inputs
+        from .viz.grid import display_from_inputs
 
-        display = _display_from_inputs(first.inputs)
+        display = display_from_inputs(first.inputs)
     T = first.maps.shape[1]
     names = list(exps)
     if T == 1:  # one target: wrap the methods into rows of `cols`
@@ -229,6 +223,8 @@ def write_evaluation(values: dict, curves: dict, metrics: dict, out_dir: Path) -
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from .metrics import mean_sem
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells: dict[str, dict[str, str]] = {}
@@ -236,11 +232,7 @@ def write_evaluation(values: dict, curves: dict, metrics: dict, out_dir: Path) -
     for meth, per_metric in values.items():
         cells[meth] = {}
         for met, parts in per_metric.items():
-            v = torch.cat(parts).double() if parts else torch.empty(0, dtype=torch.float64)
-            v = v[~v.isnan()]
-            n = v.numel()
-            mean = float(v.mean()) if n else float("nan")
-            sem = float(v.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
+            mean, sem, n = mean_sem(torch.cat([p.flatten() for p in parts]) if parts else torch.empty(0))
             cells[meth][met] = f"{mean:.4f} ± {sem:.4f}"
             records.append({"method": meth, "metric": met, "direction": "higher" if metrics[met].higher_is_better
                             else "lower", "mean": mean, "sem": sem, "n": n})

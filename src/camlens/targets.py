@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .errors import ModelError, ModelTypeError, TargetError, TargetIndexError, TargetKeyError, TargetTypeError
+from .predictions import class_name, head_categories
 
 HeadKey = Union[int, str]
 ScoreFn = Callable[[Any], Tensor]
@@ -159,18 +160,6 @@ def _find_head(key: Optional[HeadKey], heads: Mapping[HeadKey, Tensor]) -> HeadK
                    f"(shapes {[tuple(v.shape) for v in heads.values()]})")
 
 
-def head_categories(categories: Categories, head: HeadKey, heads: Mapping[HeadKey, Tensor]) -> Optional[Sequence[str]]:
-    """Class names of one head: a plain list applies to the first head, a mapping per head key."""
-    if categories is None:
-        return None
-    if isinstance(categories, Mapping):
-        if head in categories:
-            return categories[head]
-        pos = list(heads).index(head)
-        return categories.get(pos)  # type: ignore[call-overload]
-    return categories if head == next(iter(heads)) else None
-
-
 def _class_index(cls: Union[int, str], names: Optional[Sequence[str]], head: HeadKey) -> int:
     if isinstance(cls, int):
         return cls
@@ -247,7 +236,8 @@ def _resolve(head: Optional[HeadKey], cls: Union[int, str, None], heads: Mapping
     elif not (t.ndim == 1 or (t.ndim >= 2 and t.shape[1] == 1)):
         raise TargetError(f"output {key!r} has shape {tuple(t.shape)}: name a class, e.g. '{key}:0'")
     if label is None:
-        cname = names[idx] if names is not None and idx is not None and idx < len(names) else idx
+        cname = None if idx is None else class_name(names, idx)
+        cname = idx if cname is None else cname
         if len(heads) == 1 and cname is not None:
             label = str(cname)  # a single-output model: the class alone
         else:

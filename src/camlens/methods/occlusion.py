@@ -82,12 +82,12 @@ def occlusion_fill(x: Tensor, baseline: Any, blur_sigma: float) -> Tensor:
             raise ConfigError(f"occlusion baseline must be a number, a tensor or 'blur', got {baseline!r}")
         if not blur_sigma > 0:
             raise ConfigError(f"occlusion blur_sigma must be > 0, got {blur_sigma!r}")
-        from torchvision.transforms.functional import gaussian_blur
+        from ..metrics.faithfulness import gaussian_blur
 
         H, W = x.shape[-2:]
         kh = min(2 * math.ceil(3 * blur_sigma) + 1, 2 * H - 1)  # odd; reflect padding needs k // 2 < side
         kw = min(2 * math.ceil(3 * blur_sigma) + 1, 2 * W - 1)
-        return gaussian_blur(x, [kw, kh], [float(blur_sigma), float(blur_sigma)])
+        return gaussian_blur(x, (kw, kh), float(blur_sigma))
     if isinstance(baseline, Tensor):
         return baseline.to(device=x.device, dtype=x.dtype)
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..errors import ConfigError
 
 __all__ = ["Metric", "MetricResult", "EvalContext", "register_metric", "get_metric", "available_metrics", "auc",
-           "order_pixels"]
+           "order_pixels", "mean_sem"]
 
 _METRICS: dict[str, "Metric"] = {}
 
@@ -122,6 +122,17 @@ def auc(curve: Tensor) -> Tensor:
     ``(sum_i s_i - s_0 / 2 - s_n / 2) / n``."""
     n = curve.shape[-1] - 1
     return (curve.sum(-1) - curve[..., 0] / 2 - curve[..., -1] / 2) / n
+
+
+def mean_sem(values: Tensor) -> tuple[float, float, int]:
+    """Mean, standard error of the mean (``std(unbiased) / sqrt(n)``) and count ``n`` of ``values``
+    (any shape), NaN values left out, in float64. The mean is NaN when ``n == 0``, the s.e. when ``n < 2``."""
+    v = torch.as_tensor(values).detach().double().flatten()
+    v = v[~v.isnan()]
+    n = v.numel()
+    mean = float(v.mean()) if n else float("nan")
+    sem = float(v.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
+    return mean, sem, n
 
 
 def order_pixels(maps: Tensor, generator: Optional[torch.Generator] = None, tie_noise: float = 0.0) -> Tensor:

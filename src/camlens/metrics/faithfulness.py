@@ -34,27 +34,34 @@ Substrate = Union[float, int, str, Tensor]
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def gaussian_blur(x: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tensor:
+def gaussian_blur(x: Tensor, kernel_size: Union[int, tuple[int, int]] = 11, sigma: float = 5.0) -> Tensor:
     """Gaussian blur of ``(B, C, H, W)`` images, per channel; the same numbers as
     ``torchvision.transforms.functional.gaussian_blur(x, [k, k], [sigma, sigma])``.
 
-    Kernel ``g_i ∝ exp(-i^2 / (2 sigma^2))`` for ``i = -(k-1)/2 .. (k-1)/2``, normalised to sum 1,
-    applied separably with reflect padding (replicate padding for images smaller than ``k // 2 + 1``,
-    where reflection is undefined). RISE's original code used a zero-padded 2-D convolution with a
-    kernel from ``scipy.ndimage.gaussian_filter``; the two differ only near the border.
+    ``kernel_size``: ``k``, or ``(k_w, k_h)`` (torchvision's order: width first) for a different
+    kernel along each axis. Kernel ``g_i ∝ exp(-i^2 / (2 sigma^2))`` for ``i = -(k-1)/2 .. (k-1)/2``,
+    normalised to sum 1, applied separably with reflect padding (replicate padding for images smaller
+    than ``k // 2 + 1``, where reflection is undefined). RISE's original code used a zero-padded 2-D
+    convolution with a kernel from ``scipy.ndimage.gaussian_filter``; the two differ only near the border.
     """
-    if kernel_size % 2 != 1 or kernel_size < 1:
-        raise ConfigError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+    kw, kh = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    for k in (kw, kh):
+        if k % 2 != 1 or k < 1:
+            raise ConfigError(f"kernel_size must be a positive odd integer, got {k}")
     B, C, H, W = x.shape
-    half = (kernel_size - 1) * 0.5
-    grid = torch.linspace(-half, half, kernel_size, device=x.device, dtype=torch.float32)
-    k1 = torch.exp(-0.5 * (grid / sigma) ** 2)
-    k1 = (k1 / k1.sum()).to(x.dtype if x.is_floating_point() else torch.float32)
-    pad = kernel_size // 2
-    mode = "reflect" if pad < min(H, W) else "replicate"
-    y = F.pad(x.reshape(B * C, 1, H, W).to(k1.dtype), (pad, pad, pad, pad), mode=mode)
-    y = F.conv2d(y, k1.view(1, 1, 1, -1))  # along W
-    y = F.conv2d(y, k1.view(1, 1, -1, 1))  # along H
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+
+    def kernel(k: int) -> Tensor:
+        half = (k - 1) * 0.5
+        grid = torch.linspace(-half, half, k, device=x.device, dtype=torch.float32)
+        k1 = torch.exp(-0.5 * (grid / sigma) ** 2)
+        return (k1 / k1.sum()).to(dtype)
+
+    pw, ph = kw // 2, kh // 2
+    mode = "reflect" if pw < W and ph < H else "replicate"
+    y = F.pad(x.reshape(B * C, 1, H, W).to(dtype), (pw, pw, ph, ph), mode=mode)
+    y = F.conv2d(y, kernel(kw).view(1, 1, 1, -1))  # along W
+    y = F.conv2d(y, kernel(kh).view(1, 1, -1, 1))  # along H
     return y.reshape(B, C, H, W).to(x.dtype)
 
 

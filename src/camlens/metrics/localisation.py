@@ -17,7 +17,7 @@ from torch import Tensor
 from .base import EvalContext, Metric, MetricResult, order_pixels, register_metric
 from ..errors import ConfigError
 
-__all__ = ["boxes_to_masks", "ground_truth", "PointingGame", "RelevanceMass", "RelevanceRank"]
+__all__ = ["boxes_to_masks", "ground_truth", "pointing_game", "PointingGame", "RelevanceMass", "RelevanceRank"]
 
 
 def boxes_to_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
@@ -60,17 +60,23 @@ class PointingGame(Metric):
     """
 
     def __call__(self, ctx: EvalContext) -> MetricResult:
-        gt = ground_truth(ctx)
-        B, T, H, W = ctx.maps.shape
-        tol = float(ctx.opt(self, "tolerance"))
-        idx = ctx.maps.flatten(-2).argmax(-1)  # (B, T), first maximum
-        py, px = idx // W, idx % W
-        rows = torch.arange(H, device=idx.device)
-        cols = torch.arange(W, device=idx.device)
-        d2 = (rows.view(1, 1, H, 1) - py[..., None, None]) ** 2 + (cols.view(1, 1, 1, W) - px[..., None, None]) ** 2
-        accept = (d2.double() < tol * tol) | (d2 == 0)
-        hit = (gt & accept).flatten(-2).any(-1).float()
-        return MetricResult(values=_nan_if_empty(hit, gt), extra={"points": torch.stack([py, px], -1)})
+        hit, points = pointing_game(ctx.maps, ground_truth(ctx), float(ctx.opt(self, "tolerance")))
+        return MetricResult(values=hit, extra={"points": points})
+
+
+def pointing_game(maps: Tensor, masks: Tensor, tolerance: float = 15) -> tuple[Tensor, Tensor]:
+    """The pointing game of :class:`PointingGame` on maps ``(..., H, W)`` and bool masks of the same
+    shape: hits ``(...)`` (1.0 / 0.0, NaN where the mask is empty) and the points ``(..., 2)`` (row, col)."""
+    H, W = maps.shape[-2:]
+    gt = masks.to(maps.device).bool()
+    idx = maps.flatten(-2).argmax(-1)  # first maximum
+    py, px = idx // W, idx % W
+    rows = torch.arange(H, device=idx.device)
+    cols = torch.arange(W, device=idx.device)
+    d2 = (rows.view(H, 1) - py[..., None, None]) ** 2 + (cols.view(1, W) - px[..., None, None]) ** 2
+    accept = (d2.double() < tolerance * tolerance) | (d2 == 0)
+    hit = (gt & accept).flatten(-2).any(-1).float()
+    return _nan_if_empty(hit, gt), torch.stack([py, px], -1)
 
 
 @dataclass(frozen=True)

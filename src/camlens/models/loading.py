@@ -112,12 +112,6 @@ class LoadedModel:
         """
         return to_display(x, self.mean, self.std)
 
-    def category(self, index: int) -> str:
-        """Name of class ``index`` (``"class {index}"`` when categories are unknown)."""
-        if self.categories is not None and 0 <= index < len(self.categories):
-            return self.categories[index]
-        return f"class {index}"
-
 
 # --------------------------------------------------------------------------------------------
 # helpers

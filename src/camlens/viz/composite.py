@@ -25,8 +25,8 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .grid import _display_from_inputs, _label
-from .overlay import ArrayLike, _as_rgb_float, _resize_bilinear, _to_numpy
+from .grid import display_from_inputs, target_label
+from .overlay import ArrayLike, as_rgb_float, resize_bilinear, to_numpy
 from ..errors import ConfigError, InputError
 
 __all__ = ["PALETTE", "composite", "composite_figure", "explanation_composite"]
@@ -73,13 +73,13 @@ def palette_colors(n: int, colors: Optional[Sequence[Any]] = None, *, cycle: boo
 
 def _as_maps(maps: ArrayLike, hw: tuple[int, int]) -> np.ndarray:
     """Maps (T, h, w) (or one (h, w)) as float64 (T, H, W) in [0, 1], resized to ``hw`` if needed."""
-    m = _to_numpy(maps).astype(np.float64)
+    m = to_numpy(maps).astype(np.float64)
     if m.ndim == 2:
         m = m[None]
     if m.ndim != 3:
         raise InputError(f"maps must be (T, H, W), got shape {m.shape}")
     if m.shape[1:] != hw:
-        m = np.stack([_resize_bilinear(x, hw) for x in m]) if len(m) else np.zeros((0, *hw))
+        m = np.stack([resize_bilinear(x, hw) for x in m]) if len(m) else np.zeros((0, *hw))
     return np.clip(np.nan_to_num(m, nan=0.0), 0.0, 1.0)
 
 
@@ -114,7 +114,7 @@ def composite(
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
-    img = _as_rgb_float(image)
+    img = as_rgb_float(image)
     m = _as_maps(maps, img.shape[:2])
     T = m.shape[0]
     if labels is not None and len(labels) != T:
@@ -191,15 +191,16 @@ def explanation_composite(
         targets: indices of the targets to draw (default all T; at most 9 with the default palette).
         **kw: passed to :func:`composite_figure` (``colors``, ``alpha``, ``threshold``, ``title``, ``size``).
     """
-    maps = _to_numpy(exp.maps)
+    maps = to_numpy(exp.maps)
     B, T = maps.shape[:2]
     if not -B <= b < B:
         raise IndexError(f"image index {b} out of range for a batch of {B}")
     if images is None:
         images = getattr(exp, "display", None)
-    img = _to_numpy(images)[b] if images is not None else _display_from_inputs(exp.inputs[b:b + 1])[0]
+    img = to_numpy(images)[b] if images is not None else display_from_inputs(exp.inputs[b:b + 1])[0]
     idx = list(range(T)) if targets is None else [int(t) for t in targets]
     probs = getattr(exp, "probs", None)
-    p = None if probs is None else _to_numpy(probs).astype(np.float64).reshape(B, T)[b]
-    labels = [_label(exp.targets[b][t]) + ("" if p is None or math.isnan(p[t]) else f" p={p[t]:.2f}") for t in idx]
+    p = None if probs is None else to_numpy(probs).astype(np.float64).reshape(B, T)[b]
+    labels = [target_label(exp.targets[b][t]) + ("" if p is None or math.isnan(p[t]) else f" p={p[t]:.2f}")
+              for t in idx]
     return composite_figure(img, maps[b, idx], labels, **kw)

@@ -19,7 +19,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .overlay import ArrayLike, CmapLike, _get_cmap, _to_numpy, overlay
+from .overlay import ArrayLike, CmapLike, get_cmap, overlay, to_numpy
 from ..errors import ConfigError, InputError
 
 __all__ = ["grid", "save_png", "explanation_grid"]
@@ -31,7 +31,7 @@ def _as_image_list(images: ArrayLike) -> list[Any]:
     """Split images (B, H, W, 3) or a sequence of B images into a list (items unchanged)."""
     if isinstance(images, (list, tuple)):
         return list(images)
-    arr = _to_numpy(images)
+    arr = to_numpy(images)
     if arr.ndim not in (3, 4):
         raise InputError(f"images must be (B, H, W, 3) or a sequence of (H, W, 3) arrays, got shape {arr.shape}")
     return list(arr)
@@ -80,7 +80,7 @@ def grid(
         and a shared colorbar (0..1) on the right.
     """
     imgs = _as_image_list(images)
-    m = _to_numpy(maps)
+    m = to_numpy(maps)
     if m.ndim == 3:
         m = m[:, None]
     if m.ndim != 4:
@@ -102,7 +102,7 @@ def grid(
     for name, value in (("max_cols", max_cols), ("max_cells", max_cells)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1 or None, got {value}")
-    colormap = _get_cmap(cmap)
+    colormap = get_cmap(cmap)
 
     # Bound the number of cells drawn, then wrap each image's targets onto rows of `cols` cells.
     shown_t = T if max_cells is None else min(T, max_cells)
@@ -164,7 +164,7 @@ def save_png(path: Union[str, PathLike], array_or_figure: Union[ArrayLike, Figur
     if isinstance(array_or_figure, Figure):
         array_or_figure.savefig(p, format="png", dpi=dpi, bbox_inches="tight")
         return p
-    arr = _to_numpy(array_or_figure)
+    arr = to_numpy(array_or_figure)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
@@ -178,9 +178,9 @@ def save_png(path: Union[str, PathLike], array_or_figure: Union[ArrayLike, Figur
     return p
 
 
-def _display_from_inputs(inputs: ArrayLike) -> np.ndarray:
+def display_from_inputs(inputs: ArrayLike) -> np.ndarray:
     """Min-max rescale model inputs (B, C, H, W) per image to uint8 (B, H, W, C)."""
-    x = _to_numpy(inputs).astype(np.float64)
+    x = to_numpy(inputs).astype(np.float64)
     if x.ndim != 4:
         raise InputError(f"exp.inputs must be (B, C, H, W), got shape {x.shape}")
     lo = x.min(axis=(1, 2, 3), keepdims=True)
@@ -189,7 +189,8 @@ def _display_from_inputs(inputs: ArrayLike) -> np.ndarray:
     return np.rint(x * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def _label(target: Any) -> str:
+def target_label(target: Any) -> str:
+    """A target's ``.label`` (e.g. ``"species: dog"``), else the object itself as text."""
     return str(getattr(target, "label", target))
 
 
@@ -211,16 +212,16 @@ def explanation_grid(exp: Any, images: Optional[Union[Sequence[ArrayLike], Array
     if images is None:
         images = getattr(exp, "display", None)
     if images is None:
-        images = _display_from_inputs(exp.inputs)
+        images = display_from_inputs(exp.inputs)
     if "titles" not in kw:
         targets = exp.targets
         if len(targets) != B or any(len(row) != T for row in targets):
             raise InputError(f"exp.targets must be B={B} lists of T={T} targets")
         probs = getattr(exp, "probs", None)
-        p = None if probs is None else _to_numpy(probs).astype(np.float64).reshape(B, T)
+        p = None if probs is None else to_numpy(probs).astype(np.float64).reshape(B, T)
         kw["titles"] = [
             [
-                _label(targets[b][t]) + ("" if p is None or math.isnan(p[b, t]) else f" p={p[b, t]:.2f}")
+                target_label(targets[b][t]) + ("" if p is None or math.isnan(p[b, t]) else f" p={p[b, t]:.2f}")
                 for t in range(T)
             ]
             for b in range(B)

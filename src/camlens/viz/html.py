@@ -32,15 +32,16 @@ import json
 import math
 from os import PathLike
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, InputError
+from ..predictions import head_predictions
 from .composite import palette_colors
-from .grid import _display_from_inputs, _label
-from .overlay import _as_rgb_float, _get_cmap, _resize_bilinear, _to_numpy
+from .grid import display_from_inputs, target_label
+from .overlay import as_rgb_float, get_cmap, resize_bilinear, to_numpy
 
 __all__ = ["write_report"]
 
@@ -56,25 +57,12 @@ def _png_data_uri(arr: np.ndarray) -> str:
 
 def _lut(name: str) -> list[int]:
     """A colormap as 256 RGB triples, flattened (768 ints): entry ``q`` = ``colorize(q / 255)``."""
-    return _get_cmap(name)(np.arange(256) / 255.0, bytes=True)[:, :3].astype(int).ravel().tolist()
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
-def _class_names(categories: Any, key: Any, first: bool) -> Optional[Sequence[str]]:
-    """Class names of head ``key``: a plain list applies to the first head, a mapping per key."""
-    if categories is None:
-        return None
-    if isinstance(categories, Mapping):
-        return categories.get(key, categories.get(str(key)))
-    return categories if first else None
+    return get_cmap(name)(np.arange(256) / 255.0, bytes=True)[:, :3].astype(int).ravel().tolist()
 
 
 def _predictions(exp: Any, b: int, categories: Any, k: int = 5) -> list[dict[str, Any]]:
-    """Per head of ``exp.heads``: top-``k`` softmax classes of 2-D heads, the value of scalar heads.
+    """Per head of ``exp.heads``: top-``k`` softmax classes of 2-D heads, the value of scalar heads
+    (:func:`camlens.predictions.head_predictions`).
 
     Class names come from ``categories``, else from the labels of targets on that class
     (``"head: name"``), else the index alone.
@@ -83,28 +71,18 @@ def _predictions(exp: Any, b: int, categories: Any, k: int = 5) -> list[dict[str
     for tg in exp.targets[b]:
         cls, head = getattr(tg, "cls", None), getattr(tg, "head", None)
         if cls is not None:
-            lab = _label(tg)
+            lab = target_label(tg)
             prefix = f"{head}: "
             name = lab[len(prefix):] if lab.startswith(prefix) else lab
             if name != str(cls):  # "species: 3" names nothing new
                 from_targets[(str(head), int(cls))] = name
     out = []
-    for n, (key, t) in enumerate(dict(getattr(exp, "heads", None) or {}).items()):
-        a = _to_numpy(t).astype(np.float64)
-        entry: dict[str, Any] = {"head": str(key), "named": not isinstance(key, int)}
-        if a.ndim == 2 and a.shape[1] >= 2:
-            p = _softmax(a[b])
-            names = _class_names(categories, key, n == 0)
-            top = np.argsort(-p, kind="stable")[:k]
-            entry["top"] = [
-                {"cls": int(i), "name": str(names[i]) if names is not None and i < len(names)
-                 else from_targets.get((str(key), int(i)), ""), "prob": float(p[i])}
-                for i in top
-            ]
-        elif a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1):
-            entry["value"] = float(a.reshape(a.shape[0], -1)[b, 0])
-        else:
-            entry["shape"] = list(a.shape[1:])
+    for entry in head_predictions(dict(getattr(exp, "heads", None) or {}), b, categories, k):
+        key = entry["head"]
+        entry.update(head=str(key), named=not isinstance(key, int))
+        for row in entry.get("top", ()):
+            row["name"] = (str(row["name"]) if row["name"] is not None
+                           else from_targets.get((str(key), row["cls"]), ""))
         out.append(entry)
     return out
 
@@ -377,8 +355,8 @@ def _display_images(exp: Any, images: Any) -> list[np.ndarray]:
     if images is None:
         images = getattr(exp, "display", None)
     if images is None:
-        return list(_display_from_inputs(exp.inputs))
-    return [np.clip(np.rint(_as_rgb_float(im)), 0, 255).astype(np.uint8) for im in images]
+        return list(display_from_inputs(exp.inputs))
+    return [np.clip(np.rint(as_rgb_float(im)), 0, 255).astype(np.uint8) for im in images]
 
 
 def write_report(
@@ -438,7 +416,7 @@ def write_report(
 
     sections, specs = [], []
     for i, exp in enumerate(exps):
-        maps = _to_numpy(exp.maps).astype(np.float64)
+        maps = to_numpy(exp.maps).astype(np.float64)
         if maps.ndim != 4:
             raise InputError(f"explanation {i}: maps must be (B, T, H, W), got shape {maps.shape}")
         B, T = maps.shape[:2]
@@ -448,7 +426,7 @@ def write_report(
         if len(disp) != B:
             raise InputError(f"explanation {i}: {len(disp)} display images for a batch of {B}")
         probs = getattr(exp, "probs", None)
-        p = np.full((B, T), np.nan) if probs is None else _to_numpy(probs).astype(np.float64).reshape(B, T)
+        p = np.full((B, T), np.nan) if probs is None else to_numpy(probs).astype(np.float64).reshape(B, T)
         colors = palette_colors(T, cycle=True)
         for b in range(B):
             v = len(specs)
@@ -456,10 +434,10 @@ def write_report(
             h, w = img.shape[:2]
             layer_uris = []
             for t in range(T):
-                m = maps[b, t] if maps.shape[2:] == (h, w) else _resize_bilinear(maps[b, t], (h, w))
+                m = maps[b, t] if maps.shape[2:] == (h, w) else resize_bilinear(maps[b, t], (h, w))
                 q = np.rint(np.clip(np.nan_to_num(m, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
                 layer_uris.append(_png_data_uri(q))
-            labels = [_label(tg) + ("" if math.isnan(p[b, t]) else f" p={p[b, t]:.2f}")
+            labels = [target_label(tg) + ("" if math.isnan(p[b, t]) else f" p={p[b, t]:.2f}")
                       for t, tg in enumerate(exp.targets[b])]
             heads = [str(getattr(tg, "head", "")) for tg in exp.targets[b]]
             name = names[i] if names is not None else f"explanation {i + 1}"

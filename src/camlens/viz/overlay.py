@@ -23,14 +23,14 @@ __all__ = ["colorize", "overlay"]
 _SUGGESTED_CMAPS = ("jet", "viridis", "inferno", "magma", "plasma", "turbo", "gray", "hot")
 
 
-def _to_numpy(x: ArrayLike) -> np.ndarray:
+def to_numpy(x: ArrayLike) -> np.ndarray:
     """Return ``x`` as a numpy array; torch tensors go through ``.detach().float().cpu()``."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         return x.detach().float().cpu().numpy()
     return np.asarray(x)
 
 
-def _get_cmap(cmap: CmapLike) -> Colormap:
+def get_cmap(cmap: CmapLike) -> Colormap:
     """Resolve a colormap name or object; unknown names raise ``ValueError``."""
     if isinstance(cmap, Colormap):
         return cmap
@@ -48,19 +48,19 @@ def _get_cmap(cmap: CmapLike) -> Colormap:
 
 def _as_map(map: ArrayLike) -> np.ndarray:
     """Validate a 2-D map and return it as float64 (H, W)."""
-    m = _to_numpy(map).astype(np.float64)
+    m = to_numpy(map).astype(np.float64)
     if m.ndim != 2:
         raise InputError(f"map must be 2-D (H, W), got shape {m.shape}")
     return m
 
 
-def _as_rgb_float(image: ArrayLike) -> np.ndarray:
+def as_rgb_float(image: ArrayLike) -> np.ndarray:
     """Convert an image to float64 (H, W, 3) on the 0..255 scale.
 
     Accepts (H, W, 3) or (H, W, 4) (alpha dropped), (H, W, 1) or (H, W) grey;
     integer dtypes are read as 0..255, float dtypes as 0..1 (clipped).
     """
-    img = _to_numpy(image)
+    img = to_numpy(image)
     if img.ndim == 3 and img.shape[-1] == 1:
         img = img[..., 0]
     if img.ndim == 2:
@@ -79,7 +79,7 @@ def _as_rgb_float(image: ArrayLike) -> np.ndarray:
     return np.clip(np.nan_to_num(img), 0.0, 1.0) * 255.0
 
 
-def _resize_bilinear(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_bilinear(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinearly resize a 2-D array to ``size`` = (H, W).
 
     Same sampling as ``torch.nn.functional.interpolate(mode="bilinear",
@@ -114,7 +114,7 @@ def colorize(map: ArrayLike, cmap: CmapLike = "jet") -> np.ndarray:
         uint8 array (H, W, 3), equal to ``cmap(map, bytes=True)[..., :3]``.
     """
     m = np.clip(np.nan_to_num(_as_map(map), nan=0.0), 0.0, 1.0)
-    return np.ascontiguousarray(_get_cmap(cmap)(m, bytes=True)[..., :3])
+    return np.ascontiguousarray(get_cmap(cmap)(m, bytes=True)[..., :3])
 
 
 def overlay(image: ArrayLike, map: ArrayLike, cmap: CmapLike = "jet", alpha: float = 0.5) -> np.ndarray:
@@ -137,10 +137,10 @@ def overlay(image: ArrayLike, map: ArrayLike, cmap: CmapLike = "jet", alpha: flo
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
-    img = _as_rgb_float(image)
+    img = as_rgb_float(image)
     m = _as_map(map)
     if m.shape != img.shape[:2]:
-        m = _resize_bilinear(m, img.shape[:2])
+        m = resize_bilinear(m, img.shape[:2])
     heat = colorize(m, cmap).astype(np.float64)
     out = (1.0 - alpha) * img + alpha * heat
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
