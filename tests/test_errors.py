@@ -82,7 +82,7 @@ def test_real_errors_have_their_kind(tmp_path):
 ALLOWED_BUILTIN = {
     ("__init__.py", "AttributeError"),  # module __getattr__
     ("methods/base.py", "NotImplementedError"),  # a Method without compute()
-    ("api.py", "RuntimeError"),  # a method returned no / wrong maps: a bug in the method
+    ("engine.py", "RuntimeError"),  # a method returned no / wrong maps: a bug in the method
     ("methods/guided.py", "RuntimeError"),  # the same
     ("viz/composite.py", "IndexError"),
     ("datasets/shapes.py", "RuntimeError"),

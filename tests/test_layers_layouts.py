@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import camlens
-from camlens.api import _compute
+from camlens.engine import run_pass
 from camlens.backends.torch import Layout, guess_layer, layout_problem, looks_channels_last, probe_layers
 from camlens.methods import Method, MethodOutput, available_methods
 
@@ -236,7 +236,7 @@ def test_maps_with_wrong_batch_are_an_error():
     net = ReusedRelu().eval()
     bad = Bad(name="bad", description="", cost="", needs_grads=False)
     with pytest.raises(RuntimeError, match=r"batch of 2"):
-        _compute(net, _x(2), 0, [("c2", net.c2)], bad, {}, None, None, layout=Layout(net))
+        run_pass(net, _x(2), 0, [("c2", net.c2)], bad, {}, None, None, layout=Layout(net))
 
 
 def test_segmentation_head_is_never_guessed():

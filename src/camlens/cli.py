@@ -1,4 +1,5 @@
-"""The ``camlens`` command line: ``explain``, ``localize``, ``report``, ``demo``, ``methods``, ``models``."""
+"""The ``camlens`` command line: ``explain``, ``localize``, ``report``, ``evaluate``, ``demo``, ``methods``,
+``metrics``, ``models``."""
 
 from __future__ import annotations
 
@@ -862,9 +863,27 @@ def methods() -> None:
     """List the available methods, what they do and what they cost."""
     import camlens
 
-    table = Table("method", "what it does", "cost per call")
+    table = Table()
+    table.add_column("method", no_wrap=True)
+    for col in ("what it does", "cost per call"):
+        table.add_column(col)
     for name, m in sorted(camlens.available_methods().items()):
         table.add_row(name, m.description, m.cost)
+    Console().print(table)
+
+
+@command()
+def metrics() -> None:
+    """List the available metrics: direction, kind, what they need beyond the model and maps."""
+    import camlens
+
+    table = Table()
+    table.add_column("metric", no_wrap=True)
+    for col in ("", "kind", "needs", "what it measures"):
+        table.add_column(col)
+    for name, m in sorted(camlens.metrics.available_metrics().items()):
+        needs = ", ".join(r.replace("|", " or ") for r in m.requires) or "-"
+        table.add_row(name, m.arrow, m.category, needs, m.description)
     Console().print(table)
 
 

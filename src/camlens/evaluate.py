@@ -9,7 +9,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .api import _outside_inference_mode, _unwrap, explain
+from .api import explain
+from .engine import outside_inference_mode, prepare
 from .backends.torch import Runner, model_device, model_state
 from .explanation import Explanation
 from .metrics import EvalContext, Metric, get_metric, mean_sem
@@ -73,7 +74,7 @@ def _probability(tg: ResolvedTarget, heads: Mapping, output: Any) -> Tensor:
     return tg.score(heads, output).float()
 
 
-@_outside_inference_mode
+@outside_inference_mode
 def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
              metrics: Sequence[str] = DEFAULT_METRICS, *, targets: Any = None, masks: Any = None, boxes: Any = None,
              batch_size: int = 64, options: Optional[dict[str, dict[str, Any]]] = None,
@@ -97,7 +98,7 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
     Runs with ``torch.inference_mode`` off (as :func:`camlens.explain`), so it can be called inside it.
     The model is left as it came (modes, ``requires_grad``, hooks, ``.grad``).
     """
-    net, x, _, categories, _ = _unwrap(model, inputs, None, None)
+    net, x, _, categories, _ = prepare(model, inputs, None, None)
     x = x.to(model_device(net))
     explain_fn: Optional[Callable[..., Tensor]] = None
     with model_state(net, eval_mode=eval_mode):

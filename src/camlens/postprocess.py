@@ -65,7 +65,7 @@ def _extreme_rows(n_in: int, n_out: int) -> tuple[int, ...]:
     return tuple(sorted(keep))
 
 
-def _float(t: Tensor) -> Tensor:
+def as_float(t: Tensor) -> Tensor:
     """float32, except that float64 stays float64 (differentiable maps checked in float64)."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
@@ -81,7 +81,7 @@ def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Ten
     if mode != "bilinear":
         kw = {"align_corners": False} if mode == "bicubic" else {}
         return F.interpolate(maps.float(), size=tuple(size), mode=mode, **kw)
-    m = _float(maps)
+    m = as_float(maps)
     ry = _bilinear_matrix(m.shape[-2], int(size[0]), m.device).to(m.dtype)
     rx = _bilinear_matrix(m.shape[-1], int(size[1]), m.device).to(m.dtype)
     return torch.matmul(ry, torch.matmul(m, rx.T))
@@ -103,7 +103,7 @@ def upsample_normalize(maps: Tensor, size: tuple[int, int], *, warn: bool = True
         return normalize(maps, warn=warn)
     if maps[..., :1, :1].numel() * int(size[0]) * int(size[1]) < FUSED_MIN_PIXELS:
         return normalize(upsample(maps, size), warn=warn)  # small outputs: the fixed cost below dominates
-    m = _float(maps)
+    m = as_float(maps)
     h, w = m.shape[-2:]
     ry = _bilinear_matrix(h, int(size[0]), m.device).to(m.dtype)
     rx = _bilinear_matrix(w, int(size[1]), m.device).to(m.dtype)

@@ -25,11 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from .backends.torch import guess_layer, resolve_layers
+from .engine import aug_smoothed, finish, noise_smoothed, run_pass
 from .errors import ConfigError
 from .explanation import Explanation
 from .methods import Method, MethodOutput
 from .postprocess import upsample
-from .targets import Categories, ResolvedTarget, resolve_targets, split_outputs, target_probabilities
+from .targets import (Categories, ResolvedTarget, combine_targets, resolve_targets, split_outputs,
+                      target_probabilities)
 
 __all__ = ["tile_size", "tile_boxes", "tile_weights", "weight_sum", "TileCanvas", "check_tiling", "explain_tiled"]
 
@@ -194,7 +196,8 @@ class _HeadMean:
 def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: Method, opts: dict,
                   categories: Categories, top_k: Optional[int], fuse: str, relu: bool, upsample_maps: bool,
                   combine: str, aug_smooth: bool, noise_smooth: int, display: Any, tile: TileSpec, overlap: int,
-                  tile_batch: int, layout: Any = None, head_keys: Any = None) -> Explanation:
+                  tile_batch: int, layout: Any = None, head_keys: Any = None, noise_sigma: float = 0.15,
+                  seed: int = 0) -> Explanation:
     """:func:`camlens.explain` tile by tile; called by it when ``tile`` is given (model state held by the caller).
 
     1. Targets: explicit specs are resolved against the output of one tile (head names, class
@@ -218,17 +221,22 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
     ``layout`` (:class:`camlens.backends.torch.Layout`, optional) sets the precision and memory
     layout of every forward, as in the untiled engine.
     """
-    from .api import _compute, _finish  # api imports this module lazily
 
     th0, tw0 = check_tiling(tile, overlap, tile_batch)
     if not upsample_maps:
         raise ConfigError("upsample=False is not available with tile=: tiled maps are always at the input "
                          "resolution; drop upsample=False, or tile=None for layer-resolution maps")
-    unsupported = [n for n, on in (("combine", combine != "separate"), ("aug_smooth", bool(aug_smooth)),
-                                   ("noise_smooth", bool(noise_smooth))) if on]
-    if unsupported:
-        raise ConfigError(f"{', '.join(unsupported)} not supported with tile= yet; use tile=None for them, "
-                         "or explain without them")
+    if aug_smooth:  # a wrapper around the tiled explanation: each augmented image is tiled too
+        kw = dict(layer=layer, meth=meth, opts=opts, categories=categories, top_k=None, fuse=fuse, relu=relu,
+                  upsample_maps=True, combine="separate", aug_smooth=False, noise_smooth=noise_smooth,
+                  display=display, tile=tile, overlap=overlap, tile_batch=tile_batch, layout=layout,
+                  noise_sigma=noise_sigma, seed=seed)
+        base = explain_tiled(net, x, targets, **{**kw, "top_k": top_k, "combine": combine, "head_keys": head_keys})
+        rows = base.targets  # resolved (and combined) once, on the plain image
+        # as untiled: the augmented views are not noise-smoothed (only the plain pass is)
+        base.maps = aug_smoothed(net, x, None, [], meth, opts, base.maps, tuple(x.shape[-2:]), relu, fuse,
+                                 maps_of=lambda xa: explain_tiled(net, xa, rows, **{**kw, "noise_smooth": 0}).maps)
+        return base
     B, _, H, W = x.shape
     th, tw = tile_size(H, W, (th0, tw0))
     boxes = tile_boxes(H, W, (th, tw), overlap)
@@ -254,9 +262,18 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
         with torch.no_grad():
             one = split_outputs(forward(_slice(x, [(0, *boxes[0])], th, tw)))
         heads0 = {k: v.expand(B, *v.shape[1:]) if v.ndim else v for k, v in one.items()}  # shapes, to resolve
-    rows: list[list[ResolvedTarget]] = resolve_targets(targets, heads0, None, top_k=top_k, categories=categories,
-                                                       head_keys=head_keys)
+    if combine == "confidence" and not (targets is None or top_k is not None):  # weights from the mean heads
+        pre = _HeadMean(B, len(boxes))
+        with torch.no_grad():
+            for chunk in chunks:
+                pre.add(split_outputs(forward(_slice(x, chunk, th, tw))), chunk)
+        heads0 = pre.result()
+    components: list[list[ResolvedTarget]] = resolve_targets(targets, heads0, None, top_k=top_k,
+                                                             categories=categories, head_keys=head_keys)
+    rows = combine_targets(components, heads0, combine)
     T = len(rows[0])
+    gen = torch.Generator(device=x.device).manual_seed(seed) if noise_smooth else None
+    spans = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(B, 1, 1, 1) if noise_smooth else None
 
     # 2. maps; canvases are made on first use (a layer method may return input-space saliency only)
     dev = x.device
@@ -272,9 +289,12 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
     score_sum = torch.zeros(B, T, device=dev)
     heads = _HeadMean(B, len(boxes))
     for chunk in chunks:
-        p = _compute(net, _slice(x, chunk, th, tw), [rows[b] for b, _, _ in chunk], layers, meth, opts, None, None,
-                     **extra)
+        tiles = _slice(x, chunk, th, tw)
+        p = run_pass(net, tiles, [rows[b] for b, _, _ in chunk], layers, meth, opts, None, None, **extra)
         res = p.result
+        if noise_smooth:  # SmoothGrad per tile: noise scaled by the whole image's range, one generator
+            res = noise_smoothed(net, tiles, p, layers, meth, opts, noise_smooth, noise_sigma, seed, layout,
+                                 span=spans[[b for b, _, _ in chunk]], gen=gen)  # type: ignore[index]
         heads.add(p.heads, chunk)
         score_sum.index_add_(0, torch.tensor([b for b, _, _ in chunk], device=dev), p.scores.float().to(dev))
         with torch.no_grad():
@@ -297,10 +317,11 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
 
     raws = {n: c.result() for n, c in canvases.items()}
     saliency = None if raws or sal is None else sal.result()
-    maps = _finish(MethodOutput(raws=raws or None, saliency=saliency, clip=clip), (H, W), relu, fuse)
+    maps = finish(MethodOutput(raws=raws or None, saliency=saliency, clip=clip), (H, W), relu, fuse)
     first = next(iter(raws.values())) if raws else saliency
     mean_heads = heads.result()
     return Explanation(maps=maps, raw=first, raws=raws, scores=score_sum / len(boxes),
                        probs=target_probabilities(rows, mean_heads), targets=rows, inputs=x.detach(), layers=names,
                        method=meth.name, display=display, heads=mean_heads,
-                       pixel=pix.result() if pix is not None else None, components=None, options=dict(opts))
+                       pixel=pix.result() if pix is not None else None,
+                       components=components if combine != "separate" else None, options=dict(opts))

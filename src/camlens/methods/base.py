@@ -18,12 +18,13 @@ from typing import Any, Callable, Optional
 
 from torch import Tensor
 
-from ..errors import ConfigError, ConfigTypeError, LayerError
+from ..errors import ConfigTypeError, LayerError
+from ..registry import Registry
 
 __all__ = ["Method", "GradientMethod", "ActivationMethod", "MethodContext", "MethodOutput", "register", "get_method",
            "available_methods"]
 
-_REGISTRY: dict[str, "Method"] = {}
+_REGISTRY: "Registry[Method]" = Registry("method", "camlens.methods")
 
 
 @dataclass
@@ -162,25 +163,17 @@ class ActivationMethod(Method):
 
 
 def register(method: Method) -> Method:
-    """Add a method to the registry (name must be new)."""
-    if method.name in _REGISTRY:
-        raise ConfigError(f"method {method.name!r} is already registered")
-    _REGISTRY[method.name] = method
-    return method
-
-
-def _key(name: str) -> str:
-    return name.lower().replace("_", "").replace("-", "")
+    """Add a method to the registry (name must be new). Third-party packages may call it from a
+    module named by an entry point of the group ``camlens.methods`` (see :mod:`camlens.registry`)."""
+    return _REGISTRY.register(method)
 
 
 def get_method(name: str) -> Method:
-    """Look a method up by name (case, ``-`` and ``_`` ignored); an unknown name lists the available ones."""
-    for n, m in _REGISTRY.items():
-        if _key(n) == _key(name):
-            return m
-    raise ConfigError(f"unknown method {name!r}; available: {sorted(_REGISTRY)}")
+    """Look a method up by name (case, ``-`` and ``_`` ignored); an unknown name lists close and
+    available ones."""
+    return _REGISTRY.get_item(name)
 
 
 def available_methods() -> dict[str, Method]:
-    """All registered methods by name."""
-    return dict(_REGISTRY)
+    """All registered methods by name (entry-point plug-ins included)."""
+    return _REGISTRY.available()

@@ -16,12 +16,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..registry import Registry
 
 __all__ = ["Metric", "MetricResult", "EvalContext", "register_metric", "get_metric", "available_metrics", "auc",
            "order_pixels", "mean_sem"]
 
-_METRICS: dict[str, "Metric"] = {}
+_METRICS: "Registry[Metric]" = Registry("metric", "camlens.metrics")
 
 
 @dataclass
@@ -100,21 +100,19 @@ class Metric:
 
 
 def register_metric(metric: Metric) -> Metric:
-    if metric.name in _METRICS:
-        raise ConfigError(f"metric {metric.name!r} is already registered")
-    _METRICS[metric.name] = metric
-    return metric
+    """Add a metric to the registry (name must be new); plug-ins: entry-point group ``camlens.metrics``."""
+    return _METRICS.register(metric)
 
 
 def get_metric(name: str) -> Metric:
-    key = name.lower().replace("-", "_")
-    if key not in _METRICS:
-        raise ConfigError(f"unknown metric {name!r}; available: {sorted(_METRICS)}")
-    return _METRICS[key]
+    """Look a metric up by name (case, ``-`` and ``_`` ignored, as methods); an unknown name lists
+    close and available ones."""
+    return _METRICS.get_item(name)
 
 
 def available_metrics() -> dict[str, Metric]:
-    return dict(_METRICS)
+    """All registered metrics by name (entry-point plug-ins included)."""
+    return _METRICS.available()
 
 
 def auc(curve: Tensor) -> Tensor:

@@ -1,0 +1,88 @@
+"""One registry type for methods and metrics: one lookup rule, duplicate names refused, close-name
+hints, third-party plug-ins through entry points, and the `camlens methods` / `camlens metrics` lists."""
+
+import importlib.metadata
+import sys
+import textwrap
+import warnings
+
+import pytest
+from typer.testing import CliRunner
+
+import camlens
+from camlens import registry
+from camlens.errors import ConfigError
+from camlens.methods import base as methods_base
+from camlens.metrics import base as metrics_base
+
+
+def test_one_lookup_rule_for_methods_and_metrics():
+    assert camlens.methods.get_method("Grad-CAM_PP").name == "gradcampp"
+    assert camlens.metrics.get_metric("ROAD-MoRF").name == "road_morf"
+    assert camlens.metrics.get_metric("roadmorf").name == "road_morf"
+    with pytest.raises(ConfigError, match=r"unknown metric 'delet'; did you mean 'deletion'"):
+        camlens.metrics.get_metric("delet")
+    with pytest.raises(ConfigError, match=r"unknown method 'gradcan'; did you mean 'gradcam'"):
+        camlens.methods.get_method("gradcan")
+    assert type(methods_base._REGISTRY) is type(metrics_base._METRICS) is registry.Registry
+
+
+def test_a_name_that_exists_by_the_lookup_rule_is_refused():
+    gradcam = camlens.methods.get_method("gradcam")
+    import dataclasses
+
+    with pytest.raises(ConfigError, match="method 'Grad_CAM' is already registered .as 'gradcam'"):
+        camlens.methods.register(dataclasses.replace(gradcam, name="Grad_CAM"))
+    assert "Grad_CAM" not in camlens.available_methods()
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    (tmp_path / "camlens_test_plugin.py").write_text(textwrap.dedent('''
+        import camlens
+        from camlens.methods.base import GradientMethod
+
+        def doubled(acts, grads):
+            return 2 * (grads.mean((-2, -1))[..., None, None] * acts[:, None]).sum(2)
+
+        TWICE = GradientMethod(name="twice_gradcam", description="2 x Grad-CAM (a test plug-in)", cost="as gradcam",
+                               fn=doubled)
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eps = [importlib.metadata.EntryPoint("twice", "camlens_test_plugin:TWICE", "camlens.methods"),
+           importlib.metadata.EntryPoint("broken", "camlens_no_such_module", "camlens.methods")]
+    monkeypatch.setattr(registry, "_entry_points", lambda group: eps if group == "camlens.methods" else [])
+    monkeypatch.setattr(methods_base._REGISTRY, "_plugins_loaded", False)
+    yield
+    methods_base._REGISTRY.pop("twice_gradcam", None)
+    sys.modules.pop("camlens_test_plugin", None)
+
+
+def test_entry_point_plugins_register_and_a_broken_one_only_warns(plugin):
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meth = camlens.methods.get_method("twice-gradcam")
+    assert meth.name == "twice_gradcam"
+    assert any("'broken'" in str(w.message) and "failed to load" in str(w.message) for w in caught)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = camlens.explain(net, x, targets=[1], layer="1", method="twice_gradcam", relu=False)
+    b = camlens.explain(net, x, targets=[1], layer="1", method="gradcam", relu=False)
+    torch.testing.assert_close(a.raw, 2 * b.raw)
+    torch.testing.assert_close(a.maps, b.maps)  # min-max removes the factor 2
+    assert "twice_gradcam" in camlens.available_methods()
+
+
+def test_cli_lists_methods_and_metrics():
+    from camlens.cli import app
+
+    res = CliRunner().invoke(app, ["metrics"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    for name, m in camlens.metrics.available_metrics().items():
+        assert name in res.output
+    assert "masks or boxes" in res.output and "↓" in res.output and "↑" in res.output
+    res = CliRunner().invoke(app, ["methods"], terminal_width=200)
+    assert res.exit_code == 0 and all(n in res.output for n in camlens.available_methods())
