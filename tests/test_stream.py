@@ -149,3 +149,21 @@ def test_the_cli_explains_through_stream(shapes_model, pictures, tmp_path, monke
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert [e["image"] for e in summary["images"]] == [str(tmp_path / f"s{i}.png") for i in range(3)]
     assert [e["image"] for e in summary["errors"]] == [str(tmp_path / "bad.png")]
+
+
+@pytest.mark.parametrize("command, out", [("report", "r.html"), ("localize", "loc")])
+def test_report_and_localize_run_through_stream(shapes_model, pictures, tmp_path, monkeypatch, command, out):
+    from typer.testing import CliRunner
+
+    from camlens.cli import app
+
+    for i in range(2):
+        Image.fromarray(pictures[i]).save(tmp_path / f"s{i}.png")
+    (tmp_path / "bad.png").write_text("nope")
+    used = []
+    real = camlens.stream
+    monkeypatch.setattr(camlens, "stream", lambda *a, **k: used.append(k.get("on_error")) or real(*a, **k))
+    res = CliRunner().invoke(app, [command, str(tmp_path / "s0.png"), str(tmp_path / "bad.png"), str(tmp_path / "s1.png"),
+                                   "--model", "shapes-2head", "--out", str(tmp_path / out)])
+    assert used == ["yield"] and res.exit_code == 1, res.output  # the bad file reported, the others done
+    assert (tmp_path / out).exists()

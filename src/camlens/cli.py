@@ -120,21 +120,9 @@ def explain(
             entry = _compare_methods(m, img, path, kw, opts, out, stems.take(path), cmap, alpha, crop, errors)
             if entry is not None:
                 results.append({"image": str(path), **entry})
-    read: collections.deque = collections.deque()  # the decoded photos, in order, until their result comes
-
-    def photos():
-        for path, img in _readable_images(images, "explaining", errors, max_pixels):
-            read.append(img)
-            yield path, img
-
-    for res in ([] if all_methods else camlens.stream(m, photos(), keyed=True, batch_size=1, on_error="yield",
-                                                       method=method, **kw, **opts)):
-        path, img = res.source, read.popleft()
-        stem = stems.take(path)
-        if isinstance(res, camlens.Failure):
-            _failed_image(errors, path, res.error, m, crop)
-            continue
-        exp = res
+    for path, img, exp in ([] if all_methods else _explained(m, images, "explaining", errors, max_pixels, crop,
+                                                             stems, method=method, **kw, **opts)):
+        stem = stems.last
         try:
             entry = write_explanation(exp, out, stem, cmap=cmap, alpha=alpha, categories=m.categories,
                                       originals=_originals(m, img, exp), note=note,
@@ -259,6 +247,31 @@ def _hint(m, crop: bool) -> str:
     if not crop:
         return f" (hint: the model may need {size}x{size} inputs: try --crop)"
     return f" (the model's input is {size}x{size})"
+
+
+def _explained(m, images: List[Path], verb: str, errors: list, max_pixels: Optional[int], crop: bool,
+               stems: Optional["_Stems"] = None, **kw):
+    """The CLI's one loop: read the files (a progress bar; unreadable ones reported) and explain them
+    through :func:`camlens.stream`; yields ``(path, decoded image, single-image Explanation)``. An
+    image that cannot be explained is reported (:func:`_failed_image`) and skipped; ``stems`` (if
+    given) takes each input's output name in order, failures included."""
+    import camlens
+
+    read: collections.deque = collections.deque()  # the decoded photos, in order, until their result comes
+
+    def photos():
+        for path, img in _readable_images(images, verb, errors, max_pixels):
+            read.append(img)
+            yield path, img
+
+    for res in camlens.stream(m, photos(), keyed=True, batch_size=1, on_error="yield", **kw):
+        path, img = res.source, read.popleft()
+        if stems is not None:
+            stems.take(path)
+        if isinstance(res, camlens.Failure):
+            _failed_image(errors, path, res.error, m, crop)
+            continue
+        yield path, img, res
 
 
 def _failed_image(errors: list, path: Path, err: BaseException, m, crop: bool) -> None:
@@ -423,6 +436,7 @@ class _Stems:
 
     def __init__(self) -> None:
         self.used: list = []
+        self.last: str = ""  # the stem the latest take() returned
 
     def _clash(self, cand: str) -> bool:
         import re
@@ -444,6 +458,7 @@ class _Stems:
             k += 1
             cand = f"{base}-{k}"
         self.used.append(cand.lower())
+        self.last = cand
         return cand
 
 
@@ -577,11 +592,8 @@ def localize(
 
     out.mkdir(parents=True, exist_ok=True)
     results, errors, stems = [], [], _Stems()
-    for path, img in _readable_images(images, "localising", errors, max_pixels):
-        stem = stems.take(path)
-        exp = _explain_image(m, img, path, errors, crop, **kw)
-        if exp is None:
-            continue
+    for path, img, exp in _explained(m, images, "localising", errors, max_pixels, crop, stems, **kw):
+        stem = stems.last
         try:
             display = exp.display if exp.display is not None else m.to_display(exp.inputs)
             boxes = boxes_from_maps(exp.maps, threshold, largest=not union)[0].cpu()
@@ -665,11 +677,9 @@ def report(
     kw = dict(targets=_cli_targets(target), top_k=None if target else (top_k or 3),
               layer=list(layer) if layer else None, method=method)
     exps, paths, errors = [], [], []
-    for path, img in _readable_images(images, "explaining", errors, max_pixels):
-        exp = _explain_image(m, img, path, errors, crop, **kw)
-        if exp is not None:
-            exps.append(exp)
-            paths.append(path)
+    for path, _, exp in _explained(m, images, "explaining", errors, max_pixels, crop, **kw):
+        exps.append(exp)
+        paths.append(path)
     if not exps:
         _fatal("no image could be explained; nothing to report", code=1)
     names = [p.name for p in paths]
