@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
+
+from torch import nn
 
 from .backends.torch import LayerSpec, Layout, guess_layer, model_state, resolve_layers
 from .engine import (aug_smoothed, check_model_tensors, finish, finish_maps, match_dtype, noise_smoothed,
@@ -33,7 +36,24 @@ def _check_differentiable(meth: Method, tile: Any, aug_smooth: bool, noise_smoot
                           "drop them for the training loss (they matter for pictures, not for gradients)")
 
 
+def _inference_tensor_errors(fn: Any) -> Any:
+    """A model whose weights are inference tensors fails deep inside autograd ("Inference tensors
+    cannot be saved for backward"); only then are its tensors checked, for a message that names the
+    tensor and the fix (no per-call cost)."""
+    @functools.wraps(fn)
+    def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(model, *args, **kwargs)
+        except RuntimeError as err:
+            net = model if isinstance(model, nn.Module) else getattr(model, "model", None)
+            if "nference tensor" in str(err) and isinstance(net, nn.Module):
+                check_model_tensors(net)  # raises ModelRuntimeError naming the tensor
+            raise
+    return wrapper
+
+
 @outside_inference_mode
+@_inference_tensor_errors
 def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerSpec, Sequence[LayerSpec], None] = None,
             method: str = "gradcam", top_k: Optional[int] = None, categories: Categories = None, heads: Any = None,
             fuse: Literal["mean", "max"] = "mean", relu: bool = True, upsample: bool = True,
@@ -124,7 +144,6 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
     hooks.
     """
     net, x, layer, categories, display = prepare(model, inputs, layer, categories)
-    check_model_tensors(net)
     meth = get_method(method)
     opts = meth.resolve_options(options)
     if differentiable:

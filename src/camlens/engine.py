@@ -63,9 +63,8 @@ def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
             display = display[None]
     if inputs.ndim != 4:
         raise InputError(f"inputs must have shape (B, C, H, W), got {tuple(inputs.shape)}")
-    finite = torch.isfinite(inputs.flatten(1)).all(1)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().flatten().tolist()
+    if not bool(torch.isfinite(inputs).all()):  # one reduction; which images only when some are not
+        bad = (~torch.isfinite(inputs.flatten(1)).all(1)).nonzero().flatten().tolist()
         raise InputError(f"inputs contain NaN/Inf in image(s) {bad}: their maps and scores would be NaN; fix or "
                          "drop those images (e.g. torch.nan_to_num) before explaining")
     return model, inputs, layer, categories, display

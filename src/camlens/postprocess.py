@@ -147,12 +147,14 @@ def _min_max(t: Tensor, lo: Tensor, hi: Tensor, warn: bool) -> tuple[Tensor, Ten
     flat".
     """
     t32 = t if t.dtype in (torch.float32, torch.float64) else t.float()
-    lo, hi = lo.to(t32.dtype), hi.to(t32.dtype)
+    if lo.dtype != t32.dtype:
+        lo, hi = lo.to(t32.dtype), hi.to(t32.dtype)
     mag = torch.maximum(hi.abs(), lo.abs())
-    eps = torch.finfo(t32.dtype).eps
-    scale = torch.where(mag > 0, mag, torch.ones_like(mag))  # work in units of the map's magnitude
-    span = hi / scale - lo / scale  # in [0, 2]: no overflow for huge maps, no underflow for tiny ones
-    const = (span <= CONSTANT_ULPS * eps) | ~torch.isfinite(span) | (mag == 0)
+    scale = torch.where(mag > 0, mag, 1.0)  # work in units of the map's magnitude
+    lo_s = lo / scale
+    span = hi / scale - lo_s  # in [0, 2]: no overflow for huge maps, no underflow for tiny ones
+    # constant: a span within rounding, and also NaN spans (inf / NaN values); an all-zero map has span 0
+    const = ~(span > CONSTANT_ULPS * torch.finfo(t32.dtype).eps)
     if warn:
         n = int(const.sum())
         if n:
@@ -164,8 +166,7 @@ def _min_max(t: Tensor, lo: Tensor, hi: Tensor, warn: bool) -> tuple[Tensor, Ten
                 parts.append(f"{n - zero} are numerically flat (max - min within float rounding of their values)")
             warnings.warn(f"{n} of {const.numel()} maps are constant: " + "; ".join(parts)
                           + "; they are returned as all-zero maps", RuntimeWarning, stacklevel=4)
-    safe = torch.where(const, torch.ones_like(span), span)
-    out = torch.where(const, torch.zeros_like(t32), (t32 / scale - lo / scale) / safe)
+    out = torch.where(const, 0.0, (t32 / scale - lo_s) / torch.where(const, 1.0, span))
     return out.to(t.dtype) if t.dtype != t32.dtype else out, const
 
 
