@@ -24,7 +24,7 @@ def test_backend_table_names_exist():
 
 
 def test_cited_module_functions_exist():
-    cited = {c for c in re.findall(r"\b(api|engine|tiling|stream|cli|evaluate|postprocess)\.(\w+)", DOC) if c[1] != "py"}
+    cited = {c for c in re.findall(r"\b(api|engine|tiling|stream|cli|evaluate|postprocess|registry)\.(\w+)", DOC) if c[1] != "py"}
     assert len(cited) >= 8
     missing = [f"{m}.{f}" for m, f in sorted(cited) if not hasattr(importlib.import_module(f"camlens.{m}"), f)]
     assert not missing, missing

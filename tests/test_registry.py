@@ -86,3 +86,44 @@ def test_cli_lists_methods_and_metrics():
     assert "masks or boxes" in res.output and "↓" in res.output and "↑" in res.output
     res = CliRunner().invoke(app, ["methods"], terminal_width=200)
     assert res.exit_code == 0 and all(n in res.output for n in camlens.available_methods())
+
+
+@pytest.mark.parametrize("method, opts, kind, msg", [
+    ("scorecam", {"batch_size": 0}, ConfigError, "scorecam batch_size must be a positive int, got 0"),
+    ("scorecam", {"max_channels": 2.5}, ConfigError, r"max_channels must be a positive int or None \(all channels\)"),
+    ("ablationcam", {"ratio": 1.5}, ConfigError, r"ablationcam ratio must be a number in \(0, 1\], got 1.5"),
+    ("ablationcam", {"ablation_value": "x"}, ConfigError, "ablation_value must be a number or None"),
+    ("occlusion", {"patch": (4, 0)}, TypeError, r"occlusion patch must be a positive int or a pair \(h, w\)"),
+    ("occlusion", {"baseline": "mean"}, ConfigError, "a number, a tensor or 'blur'"),
+    ("occlusion", {"blur_sigma": -1}, ConfigError, "blur_sigma must be a number > 0"),
+    ("guided_backprop", {"clip": 0}, ConfigError, r"clip must be a number in \(0, 1\], got 0 \(a quantile"),
+    ("guided_gradcam", {"interpolate": "cubic"}, ConfigError, "interpolate must be one of 'nearest', 'bilinear'"),
+    ("center", {"sigma": float("nan")}, ConfigError, "center sigma must be a number > 0"),
+    ("random", {"random_seed": True}, ConfigError, "random_seed must be an int"),
+])
+def test_typed_method_options_are_checked_before_any_work(method, opts, kind, msg):
+    import torch
+
+    class Boom(torch.nn.Module):  # the model must not run: options are checked first
+        def forward(self, x):
+            raise AssertionError("the model ran")
+
+    with pytest.raises(kind, match=msg):
+        camlens.explain(Boom(), torch.zeros(1, 3, 8, 8), targets=[0], method=method, **opts)
+
+
+def test_option_defaults_and_metric_options():
+    import torch
+
+    assert camlens.methods.get_method("scorecam").defaults == {"batch_size": 32, "max_channels": None}
+    assert camlens.methods.get_method("occlusion").defaults["patch"] == 16
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 3)).eval()
+    x, maps = torch.rand(1, 3, 8, 8), torch.rand(1, 1, 8, 8)
+    with pytest.raises(TypeError, match="metric 'deletion' has no option.*'stpe'.*step"):
+        camlens.evaluate(net, x, maps, ["deletion"], targets=[0], options={"deletion": {"stpe": 2}})
+    with pytest.raises(ConfigError, match="unknown metric 'insertoin'; did you mean 'insertion'"):
+        camlens.evaluate(net, x, maps, ["deletion"], targets=[0], options={"insertoin": {"step": 2}})
+    s = camlens.evaluate(net, x, maps, ["deletion"], targets=[0], options={"deletion": {"step": 16},
+                                                                         "insertion": {"step": 2}})
+    assert s.curves["deletion"].shape[-1] == 64 // 16 + 1  # its own option used; insertion's unused

@@ -10,12 +10,13 @@ import torch
 from torch import Tensor
 
 from .api import explain
-from .engine import outside_inference_mode, prepare
 from .backends.torch import Runner, model_device, model_state
+from .engine import outside_inference_mode, prepare
+from .errors import ConfigError, ConfigTypeError, InputError, TargetError
 from .explanation import Explanation
 from .metrics import EvalContext, Metric, get_metric, mean_sem
+from .registry import check_options
 from .targets import ResolvedTarget, resolve_targets, split_outputs
-from .errors import ConfigError, InputError, TargetError
 
 __all__ = ["evaluate", "Scores", "DEFAULT_METRICS"]
 
@@ -139,7 +140,7 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
                           scores=lambda xs, b: score_runner.scores(xs, b, batch_size),
                           masks=_per_target(masks, B, T, "masks", tuple(x.shape[-2:])),
                           boxes=_per_target(boxes, B, T, "boxes", (4,)), batch_size=batch_size,
-                          explain=explain_fn, options=dict(options or {}))
+                          explain=explain_fn, options=_checked_options(options, metrics))
         result = Scores(values={})
         for name in metrics:
             metric = get_metric(name)
@@ -152,6 +153,22 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
             if r.extra:
                 result.extra[metric.name] = r.extra
     return result
+
+
+def _checked_options(options: Optional[Mapping[str, Mapping[str, Any]]], metrics: Sequence[str]) -> dict:
+    """``{metric: {key: value}}`` with each metric and key known and each value checked against the
+    metric's Option spec (the same rule as method options). Options of a known metric that is not
+    among ``metrics`` are checked too, then unused (one options dict can serve several calls)."""
+    out: dict = {}
+    for name, given in dict(options or {}).items():
+        metric = get_metric(name)  # an unknown metric name is an error
+        unknown = set(given) - set(metric.defaults)
+        if unknown:
+            raise ConfigTypeError(f"metric {metric.name!r} has no option(s) {sorted(unknown)}; its options: "
+                                  f"{', '.join(sorted(metric.defaults)) or 'none'}")
+        check_options(metric.name, metric.defaults, given)
+        out[metric.name] = dict(given)
+    return out
 
 
 def _check_requires(metric: Metric, ctx: EvalContext) -> None:

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import difflib
 import importlib.metadata
+import math
 import warnings
-from typing import Any, Generic, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Optional, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigTypeError
 
-__all__ = ["Registry", "normalise_name"]
+__all__ = ["Registry", "normalise_name", "Option", "check_options", "defaults", "positive_int", "positive_number",
+           "number", "fraction", "one_of", "optional", "int_or_pair"]
 
 T = TypeVar("T")
 
@@ -96,3 +100,89 @@ def _entry_points(group: str) -> list:
         return list(importlib.metadata.entry_points(group=group))
     except TypeError:  # Python 3.9: entry_points() takes no arguments
         return list(importlib.metadata.entry_points().get(group, []))
+
+
+# ------------------------------------------------------------------------------------------------
+# typed options: one spec (name, type, default, check) for every method and metric option
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method's or metric's option: ``default``, what values it takes (``check(value)`` returns
+    ``None`` when fine, else what was expected, e.g. ``"a positive int"``), and one line of ``doc``.
+
+    Checked once when the option is given (:func:`check_options`); the error names the owner, the
+    option, what it takes and what was given."""
+
+    default: Any
+    check: Optional[Callable[[Any], Optional[str]]] = None
+    doc: str = ""
+    type_error: bool = False  # a wrong value is a ConfigTypeError (a TypeError) rather than a ConfigError
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def positive_int(v: Any) -> Optional[str]:
+    return None if _is_int(v) and v > 0 else "a positive int"
+
+
+def positive_number(v: Any) -> Optional[str]:
+    return None if _is_number(v) and v > 0 else "a number > 0"
+
+
+def number(v: Any) -> Optional[str]:
+    return None if _is_number(v) else "a number"
+
+
+def fraction(low_open: bool = True) -> Callable[[Any], Optional[str]]:
+    """A number in (0, 1] (``low_open``) or [0, 1]."""
+    def check(v: Any) -> Optional[str]:
+        ok = _is_number(v) and (0 < v <= 1 if low_open else 0 <= v <= 1)
+        return None if ok else ("a number in (0, 1]" if low_open else "a number in [0, 1]")
+    return check
+
+
+def one_of(*choices: Any) -> Callable[[Any], Optional[str]]:
+    def check(v: Any) -> Optional[str]:
+        return None if v in choices else f"one of {', '.join(map(repr, choices))}"
+    return check
+
+
+def optional(inner: Callable[[Any], Optional[str]], what: str = "None") -> Callable[[Any], Optional[str]]:
+    """``None`` or what ``inner`` accepts."""
+    def check(v: Any) -> Optional[str]:
+        if v is None:
+            return None
+        why = inner(v)
+        return None if why is None else f"{why} or None ({what})"
+    return check
+
+
+def int_or_pair(v: Any) -> Optional[str]:
+    """A positive int or an ``(h, w)`` pair of them."""
+    vals = (v, v) if _is_int(v) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    ok = len(vals) == 2 and all(_is_int(a) and a > 0 for a in vals)
+    return None if ok else "a positive int or a pair (h, w) of them"
+
+
+def defaults(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``name -> default`` of a mapping of :class:`Option` s (plain values are their own defaults)."""
+    return {k: v.default if isinstance(v, Option) else v for k, v in options.items()}
+
+
+def check_options(owner: str, options: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """Check each given value against its :class:`Option`; a ConfigError (ConfigTypeError for a value
+    of the wrong type) names ``owner`` (e.g. "scorecam"), the option, what it takes and the value."""
+    for key, value in given.items():
+        spec = options.get(key)
+        if isinstance(spec, Option) and spec.check is not None:
+            why = spec.check(value)
+            if why is not None:
+                kind = ConfigTypeError if spec.type_error else ConfigError
+                raise kind(f"{owner} {key} must be {why}, got {value!r}" + (f" ({spec.doc})" if spec.doc else ""))

@@ -42,8 +42,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..registry import Option, fraction, number, optional, positive_int
 from .base import Method, MethodContext, MethodOutput, register
-from ..errors import ConfigError
 
 __all__ = ["AblationCam", "ABLATIONCAM", "ablation_value", "channels_to_ablate", "ablationcam_image"]
 
@@ -113,14 +113,6 @@ def ablationcam_image(ctx: MethodContext, name: str, b: int, batch_size: int = 3
     return torch.einsum("tc,chw->thw", weights.to(acts.dtype), acts)
 
 
-def _validate(batch_size: object, ratio: object, value: object) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"ablationcam batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ConfigError(f"ablationcam ratio must be a number in (0, 1] (share of channels to ablate), got {ratio!r}")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ConfigError(f"ablationcam ablation_value must be a number or None (pytorch-grad-cam's rule), "
-                         f"got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -129,7 +121,6 @@ class AblationCam(Method):
 
     def compute(self, ctx: MethodContext) -> MethodOutput:
         o = ctx.options
-        _validate(o["batch_size"], o["ratio"], o["ablation_value"])
         raws = {}
         for name in ctx.layers:
             a = ctx.spatial_acts(name, "Ablation-CAM")
@@ -144,5 +135,7 @@ ABLATIONCAM = register(AblationCam(
     cost="1 forward + C forwards from the layer on per image and layer, batched; all targets share them "
          "(ratio<1: fewer)",
     needs_grads=False,
-    options={"batch_size": 32, "ratio": 1.0, "ablation_value": None},
+    options={"batch_size": Option(32, positive_int, "ablated copies per forward"),
+             "ratio": Option(1.0, fraction(), "share of channels to ablate"),
+             "ablation_value": Option(None, optional(number, "pytorch-grad-cam's rule"), "what ablated channels are set to")},
 ))

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from torch import Tensor
 
 from ..errors import ConfigTypeError, LayerError
-from ..registry import Registry
+from ..registry import Registry, check_options, defaults
 
 __all__ = ["Method", "GradientMethod", "ActivationMethod", "MethodContext", "MethodOutput", "register", "get_method",
            "available_methods"]
@@ -107,7 +107,8 @@ class Method:
         needs_layer: the method works on a layer (False for input-space methods).
         differentiable: its maths is plain differentiable tensor code on the activations and
             gradients, so ``explain(..., differentiable=True)`` can return maps with a graph.
-        options: option name -> default, accepted as keyword arguments by ``camlens.explain``.
+        options: option name -> :class:`camlens.registry.Option` (default, check, doc) or a plain
+            default; accepted as keyword arguments by ``camlens.explain``.
     """
 
     name: str
@@ -121,13 +122,21 @@ class Method:
     def compute(self, ctx: MethodContext) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError(f"method {self.name!r} has no compute()")
 
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Option name -> default (``options`` values are :class:`camlens.registry.Option` specs or
+        plain defaults)."""
+        return defaults(self.options)
+
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
-        """Defaults updated with ``given``; an unknown option lists the valid ones."""
+        """Defaults updated with ``given``, each given value checked against its Option spec; an
+        unknown option lists the valid ones."""
         unknown = set(given) - set(self.options)
         if unknown:
             valid = ", ".join(sorted(self.options)) or "none"
             raise ConfigTypeError(f"method {self.name!r} has no option(s) {sorted(unknown)}; its options: {valid}")
-        return {**self.options, **given}
+        check_options(self.name, self.options, given)
+        return {**self.defaults, **given}
 
 
 @dataclass(frozen=True)

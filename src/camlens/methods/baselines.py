@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..registry import Option, positive_number
 from .base import Method, MethodContext, MethodOutput, register
 from ..errors import ConfigError
 
@@ -104,7 +105,9 @@ class CenterPrior(Method):
 
 RANDOM = register(RandomCAM(
     name="random", description="Baseline: random channel weights on the layer's activations (smooth chance map)",
-    cost="1 forward, no backward", needs_grads=False, options={"random_seed": 0}))
+    cost="1 forward, no backward", needs_grads=False,
+    options={"random_seed": Option(0, lambda v: None if isinstance(v, int) and not isinstance(v, bool) else "an int")}))
 CENTER = register(CenterPrior(
     name="center", description="Baseline: a centred Gaussian (centre prior), independent of the model",
-    cost="1 forward (for the targets), no backward", needs_grads=False, needs_layer=False, options={"sigma": 0.25}))
+    cost="1 forward (for the targets), no backward", needs_grads=False, needs_layer=False,
+    options={"sigma": Option(0.25, positive_number, "std as a fraction of the image size")}))

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..registry import Option, fraction, one_of
 from .base import Method, MethodContext, MethodOutput, register
 from .gradcam import gradcam
 from ..errors import ConfigError
@@ -111,7 +112,7 @@ GUIDED_BACKPROP = register(GuidedBackprop(
     cost="1 forward + 1 batched backward to the input for all targets",
     needs_grads=False,
     needs_layer=False,
-    options={"clip": 0.995},
+    options={"clip": Option(0.995, fraction(), "a quantile: maps are capped there before min-max")},
 ))
 
 GUIDED_GRADCAM = register(GuidedGradCam(
@@ -120,5 +121,6 @@ GUIDED_GRADCAM = register(GuidedGradCam(
     cost="2 forwards + 2 batched backwards (layer gradients, guided input gradients) for all targets",
     needs_grads=True,
     needs_layer=True,
-    options={"interpolate": "nearest", "clip": 0.995},
+    options={"interpolate": Option("nearest", one_of(*_INTERPOLATE), "how Grad-CAM is upsampled"),
+             "clip": Option(0.995, fraction(), "a quantile: maps are capped there before min-max")},
 ))

@@ -33,6 +33,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from ..registry import Option, int_or_pair, optional, positive_int, positive_number
 from .base import Method, MethodContext, MethodOutput, register
 from ..errors import ConfigError, ConfigTypeError
 
@@ -50,6 +51,12 @@ def _pair(v: Any, name: str) -> tuple[int, int]:
     if not ok or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in vals):
         raise ConfigTypeError(f"occlusion option {name!r} must be a positive int or a pair (h, w) of them, got {v!r}")
     return vals  # type: ignore[return-value]
+
+
+def _baseline_check(v: Any) -> Optional[str]:
+    ok = v == "blur" if isinstance(v, str) else isinstance(v, Tensor) or (isinstance(v, (int, float))
+                                                                         and not isinstance(v, bool))
+    return None if ok else "a number, a tensor or 'blur'"
 
 
 def window_starts(size: int, patch: int, stride: int) -> list[int]:
@@ -149,5 +156,9 @@ OCCLUSION = register(Occlusion(
     cost="(ceil((H-k)/s)+1) * (ceil((W-k)/s)+1) forwards per image, batched; no backward; all targets at once",
     needs_grads=False,
     needs_layer=False,
-    options={"patch": 16, "stride": None, "baseline": 0.0, "blur_sigma": 5.0, "batch_size": 32},
+    options={"patch": Option(16, int_or_pair, "window side(s) in pixels", type_error=True),
+             "stride": Option(None, optional(int_or_pair, "half the patch"), "window step(s)", type_error=True),
+             "baseline": Option(0.0, _baseline_check, "what hidden pixels are replaced by"),
+             "blur_sigma": Option(5.0, positive_number, "Gaussian std in pixels for baseline='blur'"),
+             "batch_size": Option(32, positive_int, "occluded inputs per forward")},
 ))

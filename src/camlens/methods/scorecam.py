@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..registry import Option, optional, positive_int
 from .base import Method, MethodContext, MethodOutput, register
-from ..errors import ConfigError
 
 __all__ = ["ScoreCam", "SCORECAM", "channel_masks", "scorecam_image"]
 
@@ -57,14 +57,6 @@ def channel_masks(acts: Tensor, size: tuple[int, int]) -> Tensor:
     lo = flat.amin(1)[:, None, None]
     hi = flat.amax(1)[:, None, None]
     return (up - lo) / (hi - lo + MASK_EPS)
-
-
-def _validate(batch_size: object, max_channels: object) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"scorecam batch_size must be a positive int, got {batch_size!r}")
-    if max_channels is not None and (isinstance(max_channels, bool) or not isinstance(max_channels, int)
-                                     or max_channels < 1):
-        raise ConfigError(f"scorecam max_channels must be a positive int or None (all channels), got {max_channels!r}")
 
 
 def scorecam_image(ctx: MethodContext, acts: Tensor, b: int, batch_size: int = 64,
@@ -124,7 +116,6 @@ class ScoreCam(Method):
 
     def compute(self, ctx: MethodContext) -> MethodOutput:
         bs, max_ch = ctx.options["batch_size"], ctx.options["max_channels"]
-        _validate(bs, max_ch)
         raws = {}
         for name in ctx.layers:
             a = ctx.spatial_acts(name, "Score-CAM")
@@ -138,5 +129,7 @@ SCORECAM = register(ScoreCam(
     cost="1 forward + C masked forwards per image and layer, batched; all targets share them "
          "(max_channels=N: N forwards)",
     needs_grads=False,
-    options={"batch_size": 32, "max_channels": None},
+    options={"batch_size": Option(32, positive_int, "masked inputs per forward"),
+             "max_channels": Option(None, optional(positive_int, "all channels"),
+                                    "score only the N channels of highest activation variance")},
 ))

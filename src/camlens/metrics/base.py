@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..registry import Registry
+from ..registry import defaults as option_defaults
 
 __all__ = ["Metric", "MetricResult", "EvalContext", "register_metric", "get_metric", "available_metrics", "auc",
            "order_pixels", "mean_sem"]
@@ -58,7 +59,8 @@ class EvalContext:
 
     def opt(self, metric: "Metric", key: str) -> Any:
         """Option ``key`` of ``metric``: the user's value, else the metric's default."""
-        return self.options.get(metric.name, {}).get(key, metric.defaults[key])
+        given = self.options.get(metric.name, {})
+        return given[key] if key in given else option_defaults(metric.defaults)[key]
 
 
 @dataclass
@@ -81,7 +83,7 @@ class Metric:
         description: one line, with the paper.
         requires: what beyond model + maps it needs: subset of ``{"masks", "boxes", "explain"}``
             (``"masks|boxes"`` means either).
-        defaults: option name -> default.
+        defaults: option name -> :class:`camlens.registry.Option` (default, check, doc) or a plain default.
     """
 
     name: str
