@@ -127,3 +127,24 @@ def test_option_defaults_and_metric_options():
     s = camlens.evaluate(net, x, maps, ["deletion"], targets=[0], options={"deletion": {"step": 16},
                                                                          "insertion": {"step": 2}})
     assert s.curves["deletion"].shape[-1] == 64 // 16 + 1  # its own option used; insertion's unused
+
+
+@pytest.mark.parametrize("metric, opts, msg", [
+    ("deletion", {"step": 0}, "deletion step must be a number > 0, got 0"),
+    ("deletion", {"blur_kernel": 4}, "blur_kernel must be a positive odd int, got 4"),
+    ("deletion", {"substrate": "noise"}, "substrate must be a number, 'blur', 'mean' or a tensor"),
+    ("road", {"solver": "lu"}, "road solver must be one of 'auto', 'cg', 'spsolve'"),
+    ("pointing_game", {"tolerance": -1}, "tolerance must be a number of pixels >= 0"),
+    ("mprt", {"max_steps": 0}, "max_steps must be a positive int or None"),
+])
+def test_typed_metric_options_are_checked_before_any_work(metric, opts, msg):
+    import torch
+
+    class Boom(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("the model ran")
+
+    maps = torch.rand(1, 1, 8, 8)
+    with pytest.raises(ConfigError, match=msg):
+        camlens.evaluate(Boom(), torch.zeros(1, 3, 8, 8), maps, [metric], targets=[0], options={metric: opts},
+                         masks=torch.ones(1, 8, 8, dtype=torch.bool))

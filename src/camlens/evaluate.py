@@ -100,6 +100,7 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
     The model is left as it came (modes, ``requires_grad``, hooks, ``.grad``).
     """
     net, x, _, categories, _ = prepare(model, inputs, None, None)
+    checked = _checked_options(options, metrics)  # before the model runs
     x = x.to(model_device(net))
     explain_fn: Optional[Callable[..., Tensor]] = None
     with model_state(net, eval_mode=eval_mode):
@@ -140,7 +141,7 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
                           scores=lambda xs, b: score_runner.scores(xs, b, batch_size),
                           masks=_per_target(masks, B, T, "masks", tuple(x.shape[-2:])),
                           boxes=_per_target(boxes, B, T, "boxes", (4,)), batch_size=batch_size,
-                          explain=explain_fn, options=_checked_options(options, metrics))
+                          explain=explain_fn, options=checked)
         result = Scores(values={})
         for name in metrics:
             metric = get_metric(name)

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..postprocess import normalize
+from ..registry import Option, number, positive_int, positive_number
 from .base import EvalContext, Metric, MetricResult, auc, order_pixels, register_metric
 from ..errors import ConfigError, ConfigTypeError
 
@@ -233,28 +234,42 @@ class Sparseness(Metric):
         return MetricResult(values=gini(ctx.maps.flatten(-2)))
 
 
-_CAUSAL_OPTS: dict[str, Any] = {"step": 224, "blur_kernel": 11, "blur_sigma": 5.0}
+_NORMALISE = Option(True, lambda v: None if isinstance(v, bool) else "True or False", "min-max the map first")
+
+
+def _odd_positive(v: Any) -> Optional[str]:
+    return None if positive_int(v) is None and v % 2 == 1 else "a positive odd int"
+
+
+def _substrate_check(v: Any) -> Optional[str]:
+    ok = v in ("blur", "mean") if isinstance(v, str) else isinstance(v, Tensor) or number(v) is None
+    return None if ok else "a number, 'blur', 'mean' or a tensor"
+
+
+_CAUSAL_OPTS: dict[str, Any] = {"step": Option(224, positive_number, "pixels removed / revealed per step"),
+                                "blur_kernel": Option(11, _odd_positive, "Gaussian kernel for 'blur'"),
+                                "blur_sigma": Option(5.0, positive_number, "Gaussian std for 'blur'")}
 
 register_metric(CausalMetric(
     name="deletion", higher_is_better=False, category="faithfulness",
     description="Deletion AUC: probability as the most salient pixels are removed (Petsiuk et al., RISE, 2018)",
-    defaults={**_CAUSAL_OPTS, "substrate": 0.0}, mode="deletion"))
+    defaults={**_CAUSAL_OPTS, "substrate": Option(0.0, _substrate_check, "what removed pixels become")}, mode="deletion"))
 register_metric(CausalMetric(
     name="insertion", higher_is_better=True, category="faithfulness",
     description="Insertion AUC: probability as the most salient pixels are revealed on a blurred image (RISE, 2018)",
-    defaults={**_CAUSAL_OPTS, "substrate": "blur"}, mode="insertion"))
+    defaults={**_CAUSAL_OPTS, "substrate": Option("blur", _substrate_check, "the start image")}, mode="insertion"))
 register_metric(ConfidenceChange(
     name="average_drop", higher_is_better=False, category="faithfulness",
     description="Average Drop %: max(0, Y - O) / Y on image x map (Chattopadhay et al., Grad-CAM++, 2018)",
-    defaults={"normalise": True}, kind="drop"))
+    defaults={"normalise": _NORMALISE}, kind="drop"))
 register_metric(ConfidenceChange(
     name="increase_in_confidence", higher_is_better=True, category="faithfulness",
     description="Increase in Confidence: 1[O > Y] on image x map (Chattopadhay et al., Grad-CAM++, 2018)",
-    defaults={"normalise": True}, kind="increase"))
+    defaults={"normalise": _NORMALISE}, kind="increase"))
 register_metric(ConfidenceChange(
     name="average_gain", higher_is_better=True, category="faithfulness",
     description="Average Gain %: max(0, O - Y) / (1 - Y) on image x map (Zhang et al., Opti-CAM, 2023)",
-    defaults={"normalise": True}, kind="gain"))
+    defaults={"normalise": _NORMALISE}, kind="gain"))
 register_metric(Sparseness(
     name="sparseness", higher_is_better=True, category="complexity",
     description="Sparseness: Gini index of the map (Chalasani et al., 2020)"))

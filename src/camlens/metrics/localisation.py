@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..registry import Option, number
 from .base import EvalContext, Metric, MetricResult, order_pixels, register_metric
 from ..errors import ConfigError
 
@@ -114,7 +115,8 @@ _REQ = ("masks|boxes",)
 register_metric(PointingGame(
     name="pointing_game", higher_is_better=True, category="localisation",
     description="Pointing game: the map's maximum within `tolerance` px of the mask (Zhang et al., 2016)",
-    requires=_REQ, defaults={"tolerance": 15}))
+    requires=_REQ, defaults={"tolerance": Option(15, lambda v: None if number(v) is None and v >= 0
+                                                     else "a number of pixels >= 0", "distance to the mask")}))
 register_metric(RelevanceMass(
     name="relevance_mass", higher_is_better=True, category="localisation",
     description="Relevance mass accuracy: share of the map's mass inside the mask (Arras et al., 2022)",

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..registry import Option, number, one_of, positive_number
 from .base import EvalContext, Metric, MetricResult, order_pixels, register_metric
 from ..errors import ConfigError, InputError
 
@@ -288,7 +289,10 @@ class ROAD(Metric):
                             extra={"percentages": pcts, "base": base, "morf": morf, "lerf": lerf})
 
 
-_DEFAULTS = {"percentages": PERCENTAGES, "noise": 0.01, "seed": 0, "tie_noise": 1e-6, "solver": "auto", "cg_tol": 1e-6}
+_DEFAULTS = {"percentages": PERCENTAGES, "noise": Option(0.01, lambda v: None if number(v) is None and v >= 0 else "a number >= 0",
+                                                         "std of the imputation noise"),
+             "seed": 0, "tie_noise": 1e-6, "solver": Option("auto", one_of("auto", "cg", "spsolve"), "linear solver"),
+             "cg_tol": Option(1e-6, positive_number, "conjugate-gradient tolerance")}
 
 ROAD_MORF = register_metric(ROAD(
     name="road_morf", higher_is_better=False, category="faithfulness",

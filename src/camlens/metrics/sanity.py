@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..registry import Option, optional, positive_int
 from .base import EvalContext, Metric, MetricResult, register_metric
 from ..errors import ConfigError
 
@@ -188,4 +189,6 @@ MPRT_METRIC = register_metric(MPRT(
     name="mprt", higher_is_better=False, category="randomisation",
     description="Model parameter randomisation (Adebayo et al. 2018): Spearman correlation of the maps with "
                 "those of the model re-initialised top-down, after the last step",
-    requires=("explain",), defaults={"max_steps": 12, "seed": 0}))
+    requires=("explain",), defaults={"max_steps": Option(12, optional(positive_int, "every layer"), "randomisation steps"),
+                                     "seed": Option(0, lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                    else "an int >= 0", "of the random weights")}))
