@@ -132,16 +132,14 @@ def imagenet_categories() -> Optional[List[str]]:
 
 
 def guess_default_layer(model: nn.Module, size: int = 224) -> str:
-    """Name of the last module (in forward-completion order) whose output is 4-D with H*W > 1.
+    """The default CAM layer of ``model`` for a ``(1, 3, size, size)`` input: the one rule of
+    :func:`camlens.backends.torch.probe_layers` (the one ``explain(layer=None)`` uses), e.g.
+    torchvision ResNets -> ``"layer4"``, VGG -> ``"features"``, timm EfficientNet -> ``"bn2"``.
 
-    Adaptive pooling modules are ignored (their fixed output grid does not follow the image).
-    E.g. torchvision ResNets -> ``"layer4"``, VGG -> ``"features"``, timm EfficientNet -> ``"bn2"``.
-
-    Runs one dummy forward of a (1, 3, size, size) tensor under ``torch.no_grad`` in eval
-    mode; hooks are removed and the training mode restored afterwards.
+    Runs one dummy forward of zeros without graph in eval mode; hooks and modes are restored.
 
     Raises:
-        ValueError: no module produces a spatial (N, C, H, W) output with H*W > 1.
+        LayerError: no layer qualifies (e.g. a ViT: token outputs), with the reason.
     """
     p = _probe(model, size)
     if p.layer is None:
