@@ -120,9 +120,8 @@ def explain(
             entry = _compare_methods(m, img, path, kw, opts, out, stems.take(path), cmap, alpha, crop, errors)
             if entry is not None:
                 results.append({"image": str(path), **entry})
-    for path, img, exp in ([] if all_methods else _explained(m, images, "explaining", errors, max_pixels, crop,
-                                                             stems, method=method, **kw, **opts)):
-        stem = stems.last
+    for path, img, exp, stem in ([] if all_methods else _explained(m, images, "explaining", errors, max_pixels,
+                                                                   crop, stems, method=method, **kw, **opts)):
         try:
             entry = write_explanation(exp, out, stem, cmap=cmap, alpha=alpha, categories=m.categories,
                                       originals=_originals(m, img, exp), note=note,
@@ -252,9 +251,9 @@ def _hint(m, crop: bool) -> str:
 def _explained(m, images: List[Path], verb: str, errors: list, max_pixels: Optional[int], crop: bool,
                stems: Optional["_Stems"] = None, **kw):
     """The CLI's one loop: read the files (a progress bar; unreadable ones reported) and explain them
-    through :func:`camlens.stream`; yields ``(path, decoded image, single-image Explanation)``. An
-    image that cannot be explained is reported (:func:`_failed_image`) and skipped; ``stems`` (if
-    given) takes each input's output name in order, failures included."""
+    through :func:`camlens.stream`; yields ``(path, decoded image, single-image Explanation, stem)``.
+    An image that cannot be explained is reported (:func:`_failed_image`) and skipped; ``stems`` (if
+    given) names each input's outputs in order, failures included (else the stem is ``None``)."""
     import camlens
 
     read: collections.deque = collections.deque()  # the decoded photos, in order, until their result comes
@@ -266,12 +265,11 @@ def _explained(m, images: List[Path], verb: str, errors: list, max_pixels: Optio
 
     for res in camlens.stream(m, photos(), keyed=True, batch_size=1, on_error="yield", **kw):
         path, img = res.source, read.popleft()
-        if stems is not None:
-            stems.take(path)
+        stem = stems.take(path) if stems is not None else None
         if isinstance(res, camlens.Failure):
             _failed_image(errors, path, res.error, m, crop)
             continue
-        yield path, img, res
+        yield path, img, res, stem
 
 
 def _failed_image(errors: list, path: Path, err: BaseException, m, crop: bool) -> None:
@@ -297,18 +295,10 @@ def _explain_image(m, img, path: Path, errors: list, crop: bool, **kw):
     camlens error (unknown layer, bad target or option) is the same for every image: it propagates
     to :func:`command` (one line, exit 2)."""
     import camlens
-    from camlens.errors import CamlensError
 
     try:
         return camlens.explain(m, img, **kw)
-    except CamlensError as err:
-        from camlens.errors import InputError, NonFiniteScoresError
-
-        if not isinstance(err, (InputError, NonFiniteScoresError)):
-            raise
-        _failed_image(errors, path, err, m, crop)
-        return None
-    except Exception as err:  # noqa: BLE001 - classified by _failed_image
+    except Exception as err:  # noqa: BLE001 - classified by _failed_image (it re-raises the others)
         _failed_image(errors, path, err, m, crop)
         return None
 
@@ -436,7 +426,6 @@ class _Stems:
 
     def __init__(self) -> None:
         self.used: list = []
-        self.last: str = ""  # the stem the latest take() returned
 
     def _clash(self, cand: str) -> bool:
         import re
@@ -458,7 +447,6 @@ class _Stems:
             k += 1
             cand = f"{base}-{k}"
         self.used.append(cand.lower())
-        self.last = cand
         return cand
 
 
@@ -592,8 +580,7 @@ def localize(
 
     out.mkdir(parents=True, exist_ok=True)
     results, errors, stems = [], [], _Stems()
-    for path, img, exp in _explained(m, images, "localising", errors, max_pixels, crop, stems, **kw):
-        stem = stems.last
+    for path, img, exp, stem in _explained(m, images, "localising", errors, max_pixels, crop, stems, **kw):
         try:
             display = exp.display if exp.display is not None else m.to_display(exp.inputs)
             boxes = boxes_from_maps(exp.maps, threshold, largest=not union)[0].cpu()
@@ -677,7 +664,7 @@ def report(
     kw = dict(targets=_cli_targets(target), top_k=None if target else (top_k or 3),
               layer=list(layer) if layer else None, method=method)
     exps, paths, errors = [], [], []
-    for path, _, exp in _explained(m, images, "explaining", errors, max_pixels, crop, **kw):
+    for path, _, exp, _ in _explained(m, images, "explaining", errors, max_pixels, crop, **kw):
         exps.append(exp)
         paths.append(path)
     if not exps:

@@ -12,7 +12,7 @@ from torch import Tensor
 from .api import explain
 from .backends.torch import Runner, model_device, model_state
 from .engine import outside_inference_mode, prepare
-from .errors import ConfigError, ConfigTypeError, InputError, TargetError
+from .errors import ConfigError, InputError, TargetError
 from .explanation import Explanation
 from .metrics import EvalContext, Metric, get_metric, mean_sem
 from .registry import check_options
@@ -163,11 +163,7 @@ def _checked_options(options: Optional[Mapping[str, Mapping[str, Any]]], metrics
     out: dict = {}
     for name, given in dict(options or {}).items():
         metric = get_metric(name)  # an unknown metric name is an error
-        unknown = set(given) - set(metric.defaults)
-        if unknown:
-            raise ConfigTypeError(f"metric {metric.name!r} has no option(s) {sorted(unknown)}; its options: "
-                                  f"{', '.join(sorted(metric.defaults)) or 'none'}")
-        check_options(metric.name, metric.defaults, given)
+        check_options("metric", metric.name, metric.defaults, given)
         out[metric.name] = dict(given)
     return out
 

@@ -101,7 +101,7 @@ def upsample_normalize(maps: Tensor, size: tuple[int, int], *, warn: bool = True
     """
     if tuple(maps.shape[-2:]) == tuple(size):
         return normalize(maps, warn=warn)
-    if maps[..., :1, :1].numel() * int(size[0]) * int(size[1]) < FUSED_MIN_PIXELS:
+    if maps.numel() // (maps.shape[-2] * maps.shape[-1]) * int(size[0]) * int(size[1]) < FUSED_MIN_PIXELS:
         return normalize(upsample(maps, size), warn=warn)  # small outputs: the fixed cost below dominates
     m = as_float(maps)
     h, w = m.shape[-2:]

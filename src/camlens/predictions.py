@@ -46,7 +46,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def _as_numpy(t: Any) -> np.ndarray:
+def to_numpy(t: Any) -> np.ndarray:
+    """``t`` as a numpy array; torch tensors go through ``.detach().float().cpu()`` (no torch import here)."""
     if hasattr(t, "detach") and hasattr(t, "cpu"):
         return t.detach().float().cpu().numpy()
     return np.asarray(t)
@@ -66,12 +67,12 @@ def head_predictions(heads: Mapping[Any, Any], b: int, categories: Any = None, k
         shape = tuple(t.shape) if hasattr(t, "shape") else np.shape(t)
         entry: dict[str, Any] = {"head": key}
         if len(shape) == 2 and shape[1] >= 2:
-            p = softmax(_as_numpy(t[b]))  # only image b's row leaves the device
+            p = softmax(to_numpy(t[b]))  # only image b's row leaves the device
             names = head_categories(categories, key, heads)
             entry["top"] = [{"cls": int(i), "name": class_name(names, int(i)), "prob": float(p[i])}
                             for i in np.argsort(-p, kind="stable")[:k]]
         elif len(shape) == 1 or (len(shape) == 2 and shape[1] == 1):
-            entry["value"] = float(_as_numpy(t[b]).reshape(-1)[0])
+            entry["value"] = float(to_numpy(t[b]).reshape(-1)[0])
         else:
             entry["shape"] = list(shape[1:])
         out.append(entry)

@@ -140,12 +140,8 @@ def number(v: Any) -> Optional[str]:
     return None if _is_number(v) else "a number"
 
 
-def fraction(low_open: bool = True) -> Callable[[Any], Optional[str]]:
-    """A number in (0, 1] (``low_open``) or [0, 1]."""
-    def check(v: Any) -> Optional[str]:
-        ok = _is_number(v) and (0 < v <= 1 if low_open else 0 <= v <= 1)
-        return None if ok else ("a number in (0, 1]" if low_open else "a number in [0, 1]")
-    return check
+def fraction(v: Any) -> Optional[str]:
+    return None if _is_number(v) and 0 < v <= 1 else "a number in (0, 1]"
 
 
 def one_of(*choices: Any) -> Callable[[Any], Optional[str]]:
@@ -176,9 +172,15 @@ def defaults(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.default if isinstance(v, Option) else v for k, v in options.items()}
 
 
-def check_options(owner: str, options: Mapping[str, Any], given: Mapping[str, Any]) -> None:
-    """Check each given value against its :class:`Option`; a ConfigError (ConfigTypeError for a value
-    of the wrong type) names ``owner`` (e.g. "scorecam"), the option, what it takes and the value."""
+def check_options(kind: str, owner: str, options: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """The one rule for method and metric options: every given key must be one of ``options`` (a
+    ConfigTypeError listing them), and each value must pass its :class:`Option` check (a ConfigError,
+    or ConfigTypeError for ``type_error`` options, naming ``owner``, the option, what it takes and
+    the value). ``kind``: "method" or "metric"."""
+    unknown = set(given) - set(options)
+    if unknown:
+        raise ConfigTypeError(f"{kind} {owner!r} has no option(s) {sorted(unknown)}; its options: "
+                              f"{', '.join(sorted(options)) or 'none'}")
     for key, value in given.items():
         spec = options.get(key)
         if isinstance(spec, Option) and spec.check is not None:

@@ -74,8 +74,8 @@ def stream(model: Any, inputs: Iterable[Any], targets: Any = None, *, batch_size
             errors of that input (unreadable file, NaN pixels, the model's own error on it); errors
             that would hit every input (unknown layer, target, option) are raised either way. When a
             batch fails, its inputs are retried one at a time, so one bad input costs only itself.
-        progress: called as ``progress(done, total, source)`` after each input (``total`` is
-            ``len(inputs)`` when it has one, else ``None``).
+        progress: called as ``progress(done, total, source)`` after each input's last result
+            (``done`` counts inputs; ``total`` is ``len(inputs)`` when it has one, else ``None``).
         max_pixels: refuse image files larger than this (see :func:`camlens.io.load_image`).
         **explain_kwargs: everything else :func:`camlens.explain` takes (``method``, ``layer``,
             ``top_k``, method options ...).
@@ -111,8 +111,9 @@ def stream(model: Any, inputs: Iterable[Any], targets: Any = None, *, batch_size
                     raise
                 yield i, source, err
 
-    def run(group: list) -> Iterator[Union[Explanation, Failure]]:
-        """Explain the group's inputs in one call; yield its entries in order (failures in place)."""
+    def run(group: list) -> Iterator[tuple[Union[Explanation, Failure], Any]]:
+        """Explain the group's inputs in one call; yield ``(result, source)`` in order (failures in
+        place), with ``source`` set on the last result of each input (``None`` on the others)."""
         import torch
 
         real = [g for g in group if not isinstance(g[2], BaseException)]
@@ -132,23 +133,25 @@ def stream(model: Any, inputs: Iterable[Any], targets: Any = None, *, batch_size
         b = 0
         for index, source, got in group:
             if isinstance(got, BaseException):
-                yield Failure(index, source, got)
+                yield Failure(index, source, got), source
                 continue
             xi, disp = got
-            for j in range(xi.shape[0]):
+            n = xi.shape[0]
+            for j in range(n):
                 one = exp.image(b)  # type: ignore[union-attr]
                 one.display = disp[j:j + 1] if disp is not None else one.display
-                one.source = source if xi.shape[0] == 1 else (source, j)
+                one.source = source if n == 1 else (source, j)
                 b += 1
-                yield one
+                yield one, source if j == n - 1 else None
 
-    def emit(group_results: Iterator[Union[Explanation, Failure]]) -> Iterator[Union[Explanation, Failure]]:
+    def emit(group_results: Iterator[tuple[Union[Explanation, Failure], Any]]) -> Iterator[Union[Explanation, Failure]]:
         nonlocal done
-        for r in group_results:
-            done += 1
+        for r, finished in group_results:  # progress counts inputs (a batch input yields several results)
             yield r
-            if progress is not None:
-                progress(done, total, r.source)
+            if finished is not None:
+                done += 1
+                if progress is not None:
+                    progress(done, total, finished)
 
     def shape(entry: tuple) -> Optional[tuple]:
         return None if isinstance(entry[2], BaseException) else tuple(entry[2][0].shape[1:])
@@ -165,7 +168,7 @@ def stream(model: Any, inputs: Iterable[Any], targets: Any = None, *, batch_size
     yield from emit(_flush(run, pending))
 
 
-def _flush(run: Callable, pending: list) -> Iterator[Union[Explanation, Failure]]:
+def _flush(run: Callable, pending: list) -> Iterator[tuple[Union[Explanation, Failure], Any]]:
     """Run the pending group (if any) and empty it."""
     if not pending:
         return

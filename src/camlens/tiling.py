@@ -252,7 +252,7 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
     extra = {"layout": layout} if layout is not None else {}
 
     # 1. targets
-    if targets is None or top_k is not None:
+    if targets is None or top_k is not None or combine == "confidence":  # classes / weights from the mean heads
         pre = _HeadMean(B, len(boxes))
         with torch.no_grad():
             for chunk in chunks:
@@ -262,12 +262,6 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
         with torch.no_grad():
             one = split_outputs(forward(_slice(x, [(0, *boxes[0])], th, tw)))
         heads0 = {k: v.expand(B, *v.shape[1:]) if v.ndim else v for k, v in one.items()}  # shapes, to resolve
-    if combine == "confidence" and not (targets is None or top_k is not None):  # weights from the mean heads
-        pre = _HeadMean(B, len(boxes))
-        with torch.no_grad():
-            for chunk in chunks:
-                pre.add(split_outputs(forward(_slice(x, chunk, th, tw))), chunk)
-        heads0 = pre.result()
     components: list[list[ResolvedTarget]] = resolve_targets(targets, heads0, None, top_k=top_k,
                                                              categories=categories, head_keys=head_keys)
     rows = combine_targets(components, heads0, combine)

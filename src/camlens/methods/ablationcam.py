@@ -136,6 +136,6 @@ ABLATIONCAM = register(AblationCam(
          "(ratio<1: fewer)",
     needs_grads=False,
     options={"batch_size": Option(32, positive_int, "ablated copies per forward"),
-             "ratio": Option(1.0, fraction(), "share of channels to ablate"),
+             "ratio": Option(1.0, fraction, "share of channels to ablate"),
              "ablation_value": Option(None, optional(number, "pytorch-grad-cam's rule"), "what ablated channels are set to")},
 ))

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from torch import Tensor
 
-from ..errors import ConfigTypeError, LayerError
+from ..errors import LayerError
 from ..registry import Registry, check_options, defaults
 
 __all__ = ["Method", "GradientMethod", "ActivationMethod", "MethodContext", "MethodOutput", "register", "get_method",
@@ -131,11 +131,7 @@ class Method:
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults updated with ``given``, each given value checked against its Option spec; an
         unknown option lists the valid ones."""
-        unknown = set(given) - set(self.options)
-        if unknown:
-            valid = ", ".join(sorted(self.options)) or "none"
-            raise ConfigTypeError(f"method {self.name!r} has no option(s) {sorted(unknown)}; its options: {valid}")
-        check_options(self.name, self.options, given)
+        check_options("method", self.name, self.options, given)
         return {**self.defaults, **given}
 
 

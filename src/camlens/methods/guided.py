@@ -112,7 +112,7 @@ GUIDED_BACKPROP = register(GuidedBackprop(
     cost="1 forward + 1 batched backward to the input for all targets",
     needs_grads=False,
     needs_layer=False,
-    options={"clip": Option(0.995, fraction(), "a quantile: maps are capped there before min-max")},
+    options={"clip": Option(0.995, fraction, "a quantile: maps are capped there before min-max")},
 ))
 
 GUIDED_GRADCAM = register(GuidedGradCam(
@@ -122,5 +122,5 @@ GUIDED_GRADCAM = register(GuidedGradCam(
     needs_grads=True,
     needs_layer=True,
     options={"interpolate": Option("nearest", one_of(*_INTERPOLATE), "how Grad-CAM is upsampled"),
-             "clip": Option(0.995, fraction(), "a quantile: maps are capped there before min-max")},
+             "clip": Option(0.995, fraction, "a quantile: maps are capped there before min-max")},
 ))

@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.colors import Colormap
 
 from ..errors import ConfigError, ConfigTypeError, InputError
+from ..predictions import to_numpy
 
 # Anything numpy can take, or a torch.Tensor (duck-typed through ``.detach``).
 ArrayLike = Any
@@ -21,13 +22,6 @@ CmapLike = Union[str, Colormap]
 __all__ = ["colorize", "overlay"]
 
 _SUGGESTED_CMAPS = ("jet", "viridis", "inferno", "magma", "plasma", "turbo", "gray", "hot")
-
-
-def to_numpy(x: ArrayLike) -> np.ndarray:
-    """Return ``x`` as a numpy array; torch tensors go through ``.detach().float().cpu()``."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        return x.detach().float().cpu().numpy()
-    return np.asarray(x)
 
 
 def get_cmap(cmap: CmapLike) -> Colormap:
