@@ -60,6 +60,47 @@ def test_upsample_normalize_constant_maps_are_zero_with_warning(fused, monkeypat
     assert any("2 of 3 maps are constant" in str(w.message) for w in caught)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_few_maps_plain_path_equals_general_path(dtype):
+    """Up to SMALL_MAP_COUNT plain maps are min-maxed as ``(t - lo) / (hi - lo)``: the same maps as
+    the general scale-free path (to float rounding) at magnitudes 1e-30 ... 1e20, extremes exactly 0
+    and 1; constant, non-finite and extreme-magnitude maps are left to the general path."""
+    torch.manual_seed(2)
+    scales = torch.tensor([1.0, 1e-11, 1e-30, 1e20, 3.0, 1e-3], dtype=torch.float64).view(1, 6, 1, 1)
+    m = ((torch.rand(2, 6, 7, 9, dtype=torch.float64) - 0.25) * scales).to(dtype)
+    flat = m.flatten(-2)
+    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
+    got = P._min_max_few(flat, lo, hi, True)
+    assert got is not None and not got[1].any()
+    old_count, P.SMALL_MAP_COUNT = P.SMALL_MAP_COUNT, 0
+    try:
+        ref, ref_const = P._min_max(flat, lo, hi, True)
+    finally:
+        P.SMALL_MAP_COUNT = old_count
+    assert got[0].dtype == dtype and not ref_const.any()
+    assert (got[0] - ref).abs().max() <= 8 * torch.finfo(dtype).eps
+    assert (got[0].amax(-1) == 1).all() and (got[0].amin(-1) == 0).all()
+    for bad in (0.0, 5.0, float("inf"), float("nan")):  # all-zero, constant, non-finite
+        c = flat.clone()
+        c[1, 2] = bad
+        assert P._min_max_few(c, c.amin(-1, keepdim=True), c.amax(-1, keepdim=True), False) is None
+    tiny = flat * 1e-300 if dtype == torch.float64 else flat * 1e-36  # spans near underflow
+    assert P._min_max_few(tiny, tiny.amin(-1, keepdim=True), tiny.amax(-1, keepdim=True), False) is None
+    half = flat.half().clamp(-100, 100)
+    assert P._min_max_few(half, half.amin(-1, keepdim=True), half.amax(-1, keepdim=True), False) is None
+
+
+def test_constant_and_graph_maps_take_the_general_path():
+    m = torch.rand(1, 3, 5, 5)
+    m[0, 1, 0, 0] = float("inf")
+    m[0, 2] = 0.0
+    with pytest.warns(RuntimeWarning, match="2 of 3 maps are constant: 1 have no positive evidence"):
+        out = P.normalize(m)
+    assert out[0, 0].max() == 1 and (out[0, 1:] == 0).all()
+    g = torch.rand(1, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: P.normalize(t), (g,))  # min and max stay in the graph
+
+
 @pytest.fixture(scope="module")
 def resnet18():
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -21,7 +22,7 @@ from .backends.torch import (Layout, Runner, autocast, capture, check_calls, che
 from .errors import ConfigTypeError, InputError, InputTypeError, ModelRuntimeError, NonFiniteScoresError, TargetError
 from .methods import Method, MethodContext, MethodOutput
 from .methods.cam import CAM
-from .postprocess import as_float, clip_quantile, normalize, process
+from .postprocess import as_float, clip_quantile, normalize, process, to_float32
 from .targets import Categories, ResolvedTarget, combine_targets, resolve_targets, split_outputs
 
 __all__ = ["prepare", "outside_inference_mode", "check_model_tensors", "match_dtype", "check_scores",
@@ -63,7 +64,8 @@ def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
             display = display[None]
     if inputs.ndim != 4:
         raise InputError(f"inputs must have shape (B, C, H, W), got {tuple(inputs.shape)}")
-    if not bool(torch.isfinite(inputs).all()):  # one reduction; which images only when some are not
+    # NaN/Inf make the sum non-finite (one cheap reduction); only then (or on overflow) the full test
+    if not math.isfinite(float(inputs.sum())) and not bool(torch.isfinite(inputs).all()):
         bad = (~torch.isfinite(inputs.flatten(1)).all(1)).nonzero().flatten().tolist()
         raise InputError(f"inputs contain NaN/Inf in image(s) {bad}: their maps and scores would be NaN; fix or "
                          "drop those images (e.g. torch.nan_to_num) before explaining")
@@ -96,10 +98,12 @@ def match_dtype(net: nn.Module, x: Tensor, precision: str) -> Tensor:
     """Inputs on the model's device, in the dtype of its floating-point parameters (e.g. float64
     images for a float32 model, float32 for a ``.half()`` one). Under fp16/bf16 autocast the
     input is left to autocast (float64 becomes float32)."""
-    dev = model_device(net)
-    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
+    first = next(net.parameters(), None)
+    dev = first.device if first is not None else model_device(net)
+    dtype = first.dtype if first is not None and first.is_floating_point() else \
+        next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
     if dtype is None or x.dtype == dtype:
-        return x.to(dev)
+        return x if x.device == dev else x.to(dev)
     if precision == "fp32":
         return x.to(dev, dtype)
     return x.to(dev, torch.float32) if x.dtype == torch.float64 else x.to(dev)
@@ -107,6 +111,8 @@ def match_dtype(net: nn.Module, x: Tensor, precision: str) -> Tensor:
 
 def check_scores(scores: Tensor, rows: list[list[ResolvedTarget]]) -> None:
     """The model's scores for finite inputs must be finite: name the images and targets that are not."""
+    if scores.numel() <= 256 and all(map(math.isfinite, scores.detach().view(-1).tolist())):
+        return  # a few scores: one copy to the host (on a GPU the same one sync as .any())
     bad = ~torch.isfinite(scores.detach())
     if bool(bad.any()):
         where = bad.nonzero().tolist()
@@ -128,11 +134,14 @@ def class_scores(rows: list[list[ResolvedTarget]], heads: dict) -> Optional[Tens
             if h is None or tg.cls is None or h.ndim != 2 or h.shape[0] != B or not 0 <= tg.cls < h.shape[1]:
                 return None
             idx.setdefault(tg.head, [[-1] * len(row) for _ in range(B)])[b][t] = tg.cls
+    if len(idx) == 1:  # one head: every index is valid, one gather
+        k, cls = next(iter(idx.items()))
+        return heads[k].gather(1, torch.tensor(cls, device=heads[k].device))
     out = None
     for k, cls in idx.items():
         c = torch.tensor(cls, device=heads[k].device)
         s = heads[k].gather(1, c.clamp_min(0))
-        out = s if len(idx) == 1 else torch.where(c >= 0, s, 0 if out is None else out)
+        out = torch.where(c >= 0, s, 0 if out is None else out)
     return out
 
 
@@ -197,17 +206,17 @@ def run_pass(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method
         check_scores(scores, rows)
         grads = None
         if meth.needs_grads:
-            cast = as_float if differentiable else Tensor.float
+            cast = as_float if differentiable else to_float32
             grads = dict(zip(names, (cast(g) for g in layer_gradients(scores, acts, names, [t.label for t in rows[0]],
                                                                       create_graph=differentiable))))
-    scores = as_float(scores) if differentiable else scores.detach().float()
+    scores = as_float(scores) if differentiable else to_float32(scores.detach())
 
     def score_image(out: Any, b: int) -> Tensor:  # scores (N, T) of image b's targets on N outputs
         hs = split_outputs(out)
         return torch.stack([tg.score(hs, out) for tg in rows[b]], dim=1)
 
     ctx = MethodContext(inputs=x.detach(), layers=names, modules=dict(layers),
-                        acts={n: as_float(a) if differentiable else a.detach().float() for n, a in zip(names, acts)},
+                        acts={n: as_float(a) if differentiable else to_float32(a.detach()) for n, a in zip(names, acts)},
                         grads=grads, scores=scores,
                         targets=rows, runner=Runner(net, score_image, layout),
                         score_all=lambda out: target_scores(rows, split_outputs(out), out), options=opts,
@@ -223,10 +232,13 @@ def run_pass(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method
     return Pass(result, scores, rows, heads, components)
 
 
-@torch.no_grad()
 def finish(result: MethodOutput, size: Optional[tuple[int, int]], relu: bool, fuse: str) -> Tensor:
-    """Method output -> maps ``(B, T, H, W)`` in [0, 1]."""
-    return finish_maps(result, size, relu, fuse)
+    """Method output -> maps ``(B, T, H, W)`` in [0, 1], without a graph."""
+    parts = [*(result.raws or {}).values(), result.saliency]
+    if not any(t is not None and t.requires_grad for t in parts):  # nothing to record: skip the grad-mode switch
+        return finish_maps(result, size, relu, fuse)
+    with torch.no_grad():
+        return finish_maps(result, size, relu, fuse)
 
 
 def finish_maps(result: MethodOutput, size: Optional[tuple[int, int]], relu: bool, fuse: str) -> Tensor:

@@ -52,6 +52,13 @@ def _bilinear_matrix(n_in: int, n_out: int, device: torch.device) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
+def _resize_pair(h: int, w: int, H: int, W: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(Ry (H, h), Rx^T (w, W))`` in ``dtype``: a bilinear resize is ``Ry @ m @ Rx^T`` (shared,
+    read-only tensors)."""
+    return _bilinear_matrix(h, H, device).to(dtype), _bilinear_matrix(w, W, device).to(dtype).T.contiguous()
+
+
+@functools.lru_cache(maxsize=64)
 def _extreme_rows(n_in: int, n_out: int) -> tuple[int, ...]:
     """Output indices where a bilinear resize can reach its min or max along one axis.
 
@@ -70,6 +77,11 @@ def as_float(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def to_float32(t: Tensor) -> Tensor:
+    """``t.float()`` without a dispatch when ``t`` is float32 already."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
     """Resize ``(B, T, h, w)`` maps to ``(B, T, *size)``; bilinear with ``align_corners=False``.
 
@@ -82,9 +94,8 @@ def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Ten
         kw = {"align_corners": False} if mode == "bicubic" else {}
         return F.interpolate(maps.float(), size=tuple(size), mode=mode, **kw)
     m = as_float(maps)
-    ry = _bilinear_matrix(m.shape[-2], int(size[0]), m.device).to(m.dtype)
-    rx = _bilinear_matrix(m.shape[-1], int(size[1]), m.device).to(m.dtype)
-    return torch.matmul(ry, torch.matmul(m, rx.T))
+    ry, rxt = _resize_pair(m.shape[-2], m.shape[-1], int(size[0]), int(size[1]), m.device, m.dtype)
+    return ry @ (m @ rxt)
 
 
 FUSED_MIN_PIXELS = 1 << 17  # below ~2.6 maps of 224², upsampling then min-maxing is faster (measured on CPU)
@@ -130,13 +141,14 @@ def normalize(maps: Tensor, *, warn: bool = True) -> Tensor:
     how many maps were constant and why. Tiny but valid maps (values ~1e-15) are kept.
     """
     flat = maps.flatten(-2)
-    out, _ = _min_max(flat, flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True), warn)
+    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)  # (faster than aminmax on CPU)
+    out, _ = _min_max(flat, lo, hi, warn, mask=False)
     return out.view_as(maps)
 
 
-def _min_max(t: Tensor, lo: Tensor, hi: Tensor, warn: bool) -> tuple[Tensor, Tensor]:
+def _min_max(t: Tensor, lo: Tensor, hi: Tensor, warn: bool, mask: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """``(t - lo) / (hi - lo)`` with a per-map (broadcast) ``lo``/``hi``. Returns the scaled ``t``
-    and the constant mask (shape of ``lo``).
+    and the constant mask (shape of ``lo``; ``None`` with ``mask=False``).
 
     A map is constant only relative to the precision of its own dtype and magnitude:
     ``hi - lo <= CONSTANT_ULPS * eps(dtype) * max(|hi|, |lo|)`` (an all-zero map included). The
@@ -146,6 +158,10 @@ def _min_max(t: Tensor, lo: Tensor, hi: Tensor, warn: bool) -> tuple[Tensor, Ten
     warning that tells apart "all <= 0 (no positive evidence, e.g. after ReLU)" from "numerically
     flat".
     """
+    if lo.numel() <= SMALL_MAP_COUNT and not (t.requires_grad or lo.requires_grad or hi.requires_grad):
+        small = _min_max_few(t, lo, hi, warn, mask)
+        if small is not None:
+            return small
     t32 = t if t.dtype in (torch.float32, torch.float64) else t.float()
     if lo.dtype != t32.dtype:
         lo, hi = lo.to(t32.dtype), hi.to(t32.dtype)
@@ -158,16 +174,52 @@ def _min_max(t: Tensor, lo: Tensor, hi: Tensor, warn: bool) -> tuple[Tensor, Ten
     if warn:
         n = int(const.sum())
         if n:
-            zero = int((const & (hi <= 0)).sum())
-            parts = []
-            if zero:
-                parts.append(f"{zero} have no positive evidence (all values <= 0)")
-            if n - zero:
-                parts.append(f"{n - zero} are numerically flat (max - min within float rounding of their values)")
-            warnings.warn(f"{n} of {const.numel()} maps are constant: " + "; ".join(parts)
-                          + "; they are returned as all-zero maps", RuntimeWarning, stacklevel=4)
+            _warn_constant(n, int((const & (hi <= 0)).sum()), const.numel())
     out = torch.where(const, 0.0, (t32 / scale - lo_s) / torch.where(const, 1.0, span))
     return out.to(t.dtype) if t.dtype != t32.dtype else out, const
+
+
+SMALL_MAP_COUNT = 64  # up to this many maps, lo/hi are read on the host and plain maps take 3 ops, not 16
+
+
+@functools.lru_cache(maxsize=8)
+def _plain_range(dtype: torch.dtype) -> tuple[float, float, float]:
+    """``(tol, smallest, largest)``: the constant-map threshold, and the magnitudes between which
+    ``(t - lo) / (hi - lo)`` neither underflows nor overflows in ``dtype``."""
+    fi = torch.finfo(dtype)
+    tol = CONSTANT_ULPS * fi.eps
+    return tol, fi.tiny / tol * 4, fi.max / 4
+
+
+def _min_max_few(t: Tensor, lo: Tensor, hi: Tensor, warn: bool,
+                 mask: bool = True) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    """:func:`_min_max` for a few plain float32/float64 maps: ``(t - lo) / (hi - lo)`` directly.
+
+    ``lo``/``hi`` are read on the host (one copy each); when every map is clearly non-constant
+    (span above twice the threshold) and of a magnitude where the span cannot underflow nor the
+    difference overflow, that is the general path's scale-free map, and the maximum maps to
+    exactly 1. ``None`` otherwise: constant, non-finite or extreme maps take the general path
+    (which warns).
+    """
+    if t.dtype not in (torch.float32, torch.float64) or lo.dtype != t.dtype or hi.dtype != t.dtype:
+        return None
+    tol, small, large = _plain_range(t.dtype)
+    for lv, hv in zip(lo.reshape(-1).tolist(), hi.reshape(-1).tolist()):
+        mag = max(abs(lv), abs(hv))
+        if not (small <= mag <= large and hv - lv > 2 * tol * mag):  # NaN fails too
+            return None
+    out = (t - lo) / (hi - lo)
+    return out, (torch.zeros(lo.shape, dtype=torch.bool, device=t.device) if mask else None)
+
+
+def _warn_constant(n: int, zero: int, total: int) -> None:
+    parts = []
+    if zero:
+        parts.append(f"{zero} have no positive evidence (all values <= 0)")
+    if n - zero:
+        parts.append(f"{n - zero} are numerically flat (max - min within float rounding of their values)")
+    warnings.warn(f"{n} of {total} maps are constant: " + "; ".join(parts)
+                  + "; they are returned as all-zero maps", RuntimeWarning, stacklevel=5)
 
 
 def clip_quantile(maps: Tensor, q: float) -> Tensor:

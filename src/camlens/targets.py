@@ -433,9 +433,18 @@ def _top_k(heads: Mapping[HeadKey, Tensor], k: int, categories: Categories,
 def target_probabilities(targets: list[list[ResolvedTarget]], heads: Mapping[HeadKey, Tensor]) -> Optional[Tensor]:
     """Softmax probability of each target's class on its head, shape ``(B, T)`` (NaN where undefined)."""
     batch, T = len(targets), len(targets[0])
+    used = {tg.head for row in targets for tg in row if tg.fn is None and tg.cls is not None}
+    if len(used) == 1 and all(tg.fn is None and tg.cls is not None for row in targets for tg in row):
+        h = heads.get(next(iter(used)))  # the common case: classes of one head, one gather
+        if h is not None and h.ndim == 2 and h.shape[0] == batch and h.shape[1] > 1 \
+                and all(0 <= tg.cls < h.shape[1] for row in targets for tg in row):
+            idx = torch.tensor([[tg.cls for tg in row] for row in targets], device=h.device)
+            h = h.detach()
+            return (h if h.dtype == torch.float32 else h.float()).softmax(1).gather(1, idx)
     dev = next(iter(heads.values())).device
     probs = torch.full((batch, T), float("nan"), device=dev)
-    soft = {k: v.detach().float().softmax(1) for k, v in heads.items() if v.ndim == 2 and v.shape[1] > 1}
+    soft = {k: v.detach().float().softmax(1) for k, v in heads.items()
+            if k in used and v.ndim == 2 and v.shape[1] > 1}
     where: dict[HeadKey, tuple[list[int], list[int], list[int]]] = {}  # head -> (b, t, cls) lists
     for b, row in enumerate(targets):
         for t, tg in enumerate(row):

@@ -214,8 +214,9 @@ def model_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
     the call is a forward of the caller's training step, and restoring buffers in place would
     invalidate the graph that saved them). Hooks are the caller's to remove (see :func:`capture`).
     """
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    mods = list(model.modules())
+    modes = [(m, m.training) for m in mods]
+    flags = [(p, p.requires_grad) for p in _unique_parameters(mods)]
     saved = None
     if restore_buffers and not eval_mode and any(t for _, t in modes):
         with torch.no_grad():
@@ -243,6 +244,18 @@ def model_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
                         m._buffers[n] = b  # the same tensor object, also if the module rebound the name
                     else:
                         m._buffers[n] = copy
+
+
+def _unique_parameters(mods: Sequence[nn.Module]) -> list[nn.Parameter]:
+    """``model.parameters()`` from its module list (shared parameters once), without a second walk."""
+    seen: set[int] = set()
+    out = []
+    for m in mods:
+        for p in m._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
 @dataclass
@@ -405,27 +418,29 @@ def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str]
         raise LayerRuntimeError("the explained scores do not depend on any captured layer through autograd "
                            "(the model detaches its output, runs under no_grad, or leaves torch)")
     B, T = scores.shape
-    eye = torch.eye(T, dtype=scores.dtype, device=scores.device)
-    eye = eye[:, None, :].expand(T, B, T)
+    if T > 1:
+        eye = torch.eye(T, dtype=scores.dtype, device=scores.device)[:, None, :].expand(T, B, T)
+    batched = T > 1  # vmap's grads come (T, B, ...)
     try:
         # retain_graph when batched: if vmap fails half-way, the per-target fallback needs the graph
-        grads = torch.autograd.grad(scores, list(acts), grad_outputs=eye if T > 1 else eye[0],
+        grads = torch.autograd.grad(scores, list(acts), grad_outputs=eye if T > 1 else torch.ones_like(scores),
                                     is_grads_batched=T > 1, allow_unused=True,
                                     retain_graph=T > 1 or create_graph, create_graph=create_graph)
-        if T == 1:
-            grads = [None if g is None else g.unsqueeze(0) for g in grads]
+        if T == 1:  # (B, ...) -> (B, 1, ...)
+            grads = [None if g is None else g.unsqueeze(1) for g in grads]
     except RuntimeError as err:  # an op without a vmap rule: fall back to a loop over targets
         if T == 1 or not _is_vmap_error(err):
             raise
+        batched = False
         per_t = [torch.autograd.grad(scores[:, t].sum(), list(acts), retain_graph=t < T - 1 or create_graph,
                                      allow_unused=True, create_graph=create_graph) for t in range(T)]
-        grads = [None if per_t[0][i] is None else torch.stack([g[i] for g in per_t]) for i in range(len(acts))]
+        grads = [None if per_t[0][i] is None else torch.stack([g[i] for g in per_t], dim=1) for i in range(len(acts))]
     out = []
     for g, name in zip(grads, names):
         if g is None:
             raise LayerRuntimeError(f"the target scores {list(labels)} do not depend on layer {name!r}: no gradient "
                                "path from this layer to the explained output (is it on another branch?)")
-        out.append(g.transpose(0, 1))  # (T, B, ...) -> (B, T, ...)
+        out.append(g.transpose(0, 1) if batched else g)  # -> (B, T, ...)
     return out
 
 

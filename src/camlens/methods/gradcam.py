@@ -17,7 +17,7 @@ from .base import GradientMethod, register
 def gradcam(acts: Tensor, grads: Tensor) -> Tensor:
     """acts ``(B, C, h, w)``, grads ``(B, T, C, h, w)`` -> raw maps ``(B, T, h, w)``."""
     weights = grads.mean(dim=(-2, -1))  # (B, T, C)
-    return torch.einsum("btc,bchw->bthw", weights, acts)
+    return torch.matmul(weights, acts.flatten(2)).unflatten(-1, acts.shape[-2:])  # (B, T, C) @ (B, C, hw)
 
 
 GRADCAM = register(GradientMethod(
