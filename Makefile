@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints-dev.txt torch torchvision
-	$(PY) -m pip install --quiet -c constraints-dev.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints-dev.txt -e ".[torch,dev]"
 	touch $@
 
 demo: install

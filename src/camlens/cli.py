@@ -24,14 +24,27 @@ def command(*args, **kwargs):
     """``app.command`` that turns a :class:`camlens.errors.CamlensError` reaching the command (an error
     camlens raises on purpose: unknown layer, bad target or option, device) into one line and exit
     code 2. This is the one place the CLI catches them; per-file problems (an unreadable image, the
-    model's own error on one image) are reported where they happen and the run goes on."""
+    model's own error on one image) are reported where they happen and the run goes on.
+
+    A package of a camlens extra that is not installed (PyTorch without ``camlens[torch]``) is a
+    :class:`camlens.errors.MissingDependencyError` naming the extra, reported the same way. Only the
+    commands import camlens' torch-backed modules, so ``camlens --help`` needs no PyTorch."""
     def deco(fn):
+        name = (args[0] if args else kwargs.get("name")) or fn.__name__.replace("_", "-")
+
         @functools.wraps(fn)
         def run(*a, **k):
+            from camlens import _missing_dependency
             from camlens.errors import CamlensError
 
             try:
-                return fn(*a, **k)
+                try:
+                    return fn(*a, **k)
+                except ImportError as err:  # torch missing, found by the command or by a camlens.NAME
+                    missing = _missing_dependency(err, f"camlens {name}")
+                    if missing is None:
+                        raise
+                    raise missing from err
             except CamlensError as err:
                 _fatal(_first_line(err))
         return app.command(*args, **kwargs)(run)

@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends.torch import (Layout, Runner, autocast, capture, check_calls, check_layer_outputs, layer_gradients,
-                             model_device)
+from .backends.base import Backend, get_backend
+from .backends.torch import Layout, autocast, model_device
 from .errors import ConfigTypeError, InputError, InputTypeError, ModelRuntimeError, NonFiniteScoresError, TargetError
 from .methods import Method, MethodContext, MethodOutput
-from .methods.cam import CAM
 from .postprocess import as_float, clip_quantile, normalize, process, to_float32
 from .targets import Categories, ResolvedTarget, combine_targets, resolve_targets, split_outputs
 
@@ -65,7 +64,7 @@ def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
     if inputs.ndim != 4:
         raise InputError(f"inputs must have shape (B, C, H, W), got {tuple(inputs.shape)}")
     # NaN/Inf make the sum non-finite (one cheap reduction); only then (or on overflow) the full test
-    if not math.isfinite(float(inputs.sum())) and not bool(torch.isfinite(inputs).all()):
+    if not math.isfinite(float(inputs.detach().sum())) and not bool(torch.isfinite(inputs).all()):
         bad = (~torch.isfinite(inputs.flatten(1)).all(1)).nonzero().flatten().tolist()
         raise InputError(f"inputs contain NaN/Inf in image(s) {bad}: their maps and scores would be NaN; fix or "
                          "drop those images (e.g. torch.nan_to_num) before explaining")
@@ -183,20 +182,25 @@ class Pass:
 
 def run_pass(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method, opts: dict,
              categories: Categories, top_k: Optional[int], combine: str = "separate",
-             layout: Optional[Layout] = None, head_keys: Any = None, differentiable: bool = False) -> Pass:
+             layout: Optional[Layout] = None, head_keys: Any = None, differentiable: bool = False,
+             backend: Optional[Backend] = None) -> Pass:
     """One forward with the layers hooked, the batched backward if needed, then the method's math.
 
-    ``layout`` carries the precision and memory layout of every forward (default: fp32, auto);
-    ``head_keys`` is ``explain(heads=...)``. ``differentiable``: the forward records its graph
-    from the input, gradients keep theirs (``create_graph``) and nothing is detached.
+    Everything framework-specific goes through ``backend`` (default: the model's, from
+    :func:`camlens.backends.base.get_backend`); the method gets what it declares
+    (``needs_grads``, ``needs_linear_head``). ``layout`` carries the precision and memory layout of
+    every forward (default: fp32, auto); ``head_keys`` is ``explain(heads=...)``.
+    ``differentiable``: the forward records its graph from the input, gradients keep theirs
+    (``create_graph``) and nothing is detached.
     """
+    bk = backend if backend is not None else get_backend(net)
     names = [n for n, _ in layers]
-    layout = layout if layout is not None else Layout(net)
-    with capture(net, layers, grad=meth.needs_grads, linear=meth is CAM, full_graph=differentiable) as cap:
+    layout = layout if layout is not None else bk.layout(net, None, "fp32")
+    with bk.capture(net, layers, grad=meth.needs_grads, linear=meth.needs_linear_head,
+                    full_graph=differentiable) as cap:
         with contextlib.nullcontext() if differentiable else torch.no_grad():
             output = layout.run(x)
-        check_calls(cap, layers)
-        check_layer_outputs(cap, layers, net, x)  # one clear error for any method: (B, C, h, w) of this batch
+        bk.check_capture(cap, layers, net, x)  # one clear error for any method: (B, C, h, w) of this batch
         heads = split_outputs(output)
         components = resolve_targets(targets, heads, output, top_k=top_k, categories=categories, head_keys=head_keys)
         rows = combine_targets(components, heads, combine)
@@ -207,20 +211,24 @@ def run_pass(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method
         grads = None
         if meth.needs_grads:
             cast = as_float if differentiable else to_float32
-            grads = dict(zip(names, (cast(g) for g in layer_gradients(scores, acts, names, [t.label for t in rows[0]],
-                                                                      create_graph=differentiable))))
+            grads = dict(zip(names, (cast(g) for g in bk.target_gradients(
+                scores, acts, names, [t.label for t in rows[0]], create_graph=differentiable))))
     scores = as_float(scores) if differentiable else to_float32(scores.detach())
 
     def score_image(out: Any, b: int) -> Tensor:  # scores (N, T) of image b's targets on N outputs
         hs = split_outputs(out)
         return torch.stack([tg.score(hs, out) for tg in rows[b]], dim=1)
 
-    ctx = MethodContext(inputs=x.detach(), layers=names, modules=dict(layers),
-                        acts={n: as_float(a) if differentiable else to_float32(a.detach()) for n, a in zip(names, acts)},
-                        grads=grads, scores=scores,
-                        targets=rows, runner=Runner(net, score_image, layout),
+    acts_f = {n: as_float(a) if differentiable else to_float32(a.detach()) for n, a in zip(names, acts)}
+
+    def linear_head(layer: str, head: Any) -> Tensor:  # the dense layer's weight (K, C) for GAP(layer) -> head
+        return bk.linear_head(cap, heads[head], acts_f[layer], layer, net, str(head))
+
+    ctx = MethodContext(inputs=x.detach(), layers=names, modules=dict(layers), acts=acts_f, grads=grads, scores=scores,
+                        targets=rows, runner=bk.runner(net, score_image, layout),
                         score_all=lambda out: target_scores(rows, split_outputs(out), out), options=opts,
-                        extra={"linear_io": cap.linear_io, "heads": heads, "model": net})
+                        xp=bk.xp, ops=bk.ops, heads=heads,
+                        linear_head=linear_head if meth.needs_linear_head else None)
     with torch.enable_grad() if differentiable else torch.no_grad():
         result = meth.compute(ctx)
     if not result.raws and result.saliency is None:

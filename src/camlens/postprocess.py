@@ -8,15 +8,19 @@ normalise → resize → normalise, and captum's ``LayerAttribution.interpolate`
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .backends.torch.ops import TorchOps, _bilinear_matrix, _source_index
 from .errors import ConfigError
+
+OPS = TorchOps()  # (until post-processing takes its ops from the maps' backend)
 
 __all__ = ["relu", "upsample", "upsample_normalize", "normalize", "clip_quantile", "fuse", "process"]
 
@@ -27,35 +31,6 @@ CONSTANT_ULPS = 8
 def relu(maps: Tensor) -> Tensor:
     """Keep positive evidence only: ``max(maps, 0)``."""
     return maps.clamp_min(0)
-
-
-def _source_index(n_in: int, n_out: int) -> Tensor:
-    """Fractional source position of each output, ``max((d + 0.5) * n_in / n_out - 0.5, 0)`` (float64)."""
-    return ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
-
-
-@functools.lru_cache(maxsize=64)
-def _bilinear_matrix(n_in: int, n_out: int, device: torch.device) -> Tensor:
-    """``R`` ``(n_out, n_in)`` with ``R @ v`` = 1-D bilinear resize of ``v``, ``align_corners=False``.
-
-    PyTorch's source index: ``s = max((d + 0.5) * n_in / n_out - 0.5, 0)``, ``i0 = floor(s)``,
-    ``i1 = min(i0 + 1, n_in - 1)``, ``out[d] = (1 - l) v[i0] + l v[i1]`` with ``l = s - i0``.
-    """
-    s = _source_index(n_in, n_out)
-    i0 = s.floor().long().clamp_max(n_in - 1)
-    i1 = (i0 + 1).clamp_max(n_in - 1)
-    lam = s - i0
-    r = torch.zeros(n_out, n_in, dtype=torch.float64)
-    r.index_put_((torch.arange(n_out), i0), 1 - lam, accumulate=True)
-    r.index_put_((torch.arange(n_out), i1), lam, accumulate=True)
-    return r.float().to(device)
-
-
-@functools.lru_cache(maxsize=64)
-def _resize_pair(h: int, w: int, H: int, W: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(Ry (H, h), Rx^T (w, W))`` in ``dtype``: a bilinear resize is ``Ry @ m @ Rx^T`` (shared,
-    read-only tensors)."""
-    return _bilinear_matrix(h, H, device).to(dtype), _bilinear_matrix(w, W, device).to(dtype).T.contiguous()
 
 
 @functools.lru_cache(maxsize=64)
@@ -88,14 +63,7 @@ def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Ten
     Bilinear resizing is separable: ``Ry @ m @ Rx^T`` with the two small resize matrices — the
     same numbers as ``F.interpolate`` (to ~5e-7) and faster for many maps (one batched matmul).
     """
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    if mode != "bilinear":
-        kw = {"align_corners": False} if mode == "bicubic" else {}
-        return F.interpolate(maps.float(), size=tuple(size), mode=mode, **kw)
-    m = as_float(maps)
-    ry, rxt = _resize_pair(m.shape[-2], m.shape[-1], int(size[0]), int(size[1]), m.device, m.dtype)
-    return ry @ (m @ rxt)
+    return OPS.resize(maps, size, mode)
 
 
 FUSED_MIN_PIXELS = 1 << 17  # below ~2.6 maps of 224², upsampling then min-maxing is faster (measured on CPU)
@@ -219,7 +187,18 @@ def _warn_constant(n: int, zero: int, total: int) -> None:
     if n - zero:
         parts.append(f"{n - zero} are numerically flat (max - min within float rounding of their values)")
     warnings.warn(f"{n} of {total} maps are constant: " + "; ".join(parts)
-                  + "; they are returned as all-zero maps", RuntimeWarning, stacklevel=5)
+                  + "; they are returned as all-zero maps", RuntimeWarning, stacklevel=_caller_level())
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside camlens (the user's call)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def clip_quantile(maps: Tensor, q: float) -> Tensor:

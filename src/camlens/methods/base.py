@@ -1,13 +1,15 @@
-"""The method registry: a CAM method is a small piece of tensor math on what the engine captures.
+"""The method registry: a CAM method is a small piece of array maths on what the engine captures.
 
-The engine (``camlens.api`` + ``camlens.backends``) runs one forward with the method's layers
-hooked, computes the gradients of all T target scores when the method needs them, and hands the
-method a :class:`MethodContext`. The method returns a :class:`MethodOutput`; post-processing
-(ReLU, upsampling, normalisation, layer fusion) is done by :mod:`camlens.postprocess`.
+The engine (:mod:`camlens.engine`, through the model's backend, :mod:`camlens.backends`) runs one
+forward with the method's layers hooked, computes the gradients of all T target scores when the
+method declares ``needs_grads``, finds the linear head when it declares ``needs_linear_head``, and
+hands the method a :class:`MethodContext`. The method returns a :class:`MethodOutput`;
+post-processing (ReLU, upsampling, normalisation, layer fusion) is done by :mod:`camlens.postprocess`.
 
 Adding a gradient method is one function ``(acts (B, C, h, w), grads (B, T, C, h, w)) -> (B, T, h, w)``
-wrapped in :class:`GradientMethod` and :func:`register`-ed; methods that need more passes call
-``ctx.runner`` (perturbed inputs, replaced layer outputs, input gradients).
+of array-API maths (``xp = camlens.backends.base.namespace(acts)``: ``array_api_compat.torch`` for
+PyTorch tensors), wrapped in :class:`GradientMethod` and :func:`register`-ed; methods that need more passes call ``ctx.runner`` (perturbed inputs, replaced
+layer outputs, input gradients).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from torch import Tensor
-
+from ..backends.base import layout_problem
 from ..errors import LayerError
+
+Tensor = Any  # an array of the model's backend (a torch.Tensor for PyTorch models)
 from ..registry import Registry, check_options, defaults
 
 __all__ = ["Method", "GradientMethod", "ActivationMethod", "MethodContext", "MethodOutput", "register", "get_method",
@@ -34,17 +37,22 @@ class MethodContext:
     Attributes:
         inputs: ``(B, C, H, W)`` the model input.
         layers: the layer names, in the order given.
-        modules: layer name -> module (for methods that replace a layer's output via the runner).
-        acts: layer name -> activations ``(B, C, h, w)``, detached.
+        modules: layer name -> layer object (for ``runner.scores_with_layer``).
+        acts: layer name -> activations ``(B, C, h, w)`` (detached unless differentiable).
         grads: layer name -> gradients ``(B, T, C, h, w)`` of the target scores (``None`` when the
-            method declares ``needs_grads=False``).
+            method does not declare ``needs_grads``).
         scores: ``(B, T)`` the target scores of the unperturbed input.
         targets: B lists of T resolved targets.
-        runner: extra passes (:class:`camlens.backends.torch.Runner`): ``scores(x, b)``,
-            ``scores_with_layer(module, acts, x_b, b)``, ``input_gradients(x, fn, guided)``.
+        runner: extra passes (the backend's runner): ``scores(x, b)``,
+            ``scores_with_layer(layer, acts, x_b, b)``, ``input_gradients(x, fn, guided)``.
         score_all: ``output -> (B, T)`` scores of every image's targets on a batch of B outputs.
         options: the method's options, defaults filled in.
-        extra: engine facts a few methods need (``linear_io`` and ``heads`` for CAM).
+        xp: the array-API namespace of the arrays (``array_api_compat.torch`` for PyTorch).
+        ops: the backend's :class:`camlens.backends.base.Ops` (resize, top-k, quantile, noise).
+        heads: the model's outputs by key (:func:`camlens.targets.split_outputs`).
+        linear_head: for methods that declare ``needs_linear_head``: ``(layer, head key) ->`` the
+            weight ``(K, C)`` of the dense layer mapping ``GAP(layer)`` to that head (an error
+            saying why when there is none).
     """
 
     inputs: Tensor
@@ -57,16 +65,17 @@ class MethodContext:
     runner: Any
     score_all: Callable[[Any], Tensor]
     options: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    xp: Any = None
+    ops: Any = None
+    heads: Mapping[Any, Tensor] = field(default_factory=dict)
+    linear_head: Optional[Callable[[str, Any], Tensor]] = None
 
     def spatial_acts(self, name: str, who: str) -> Tensor:
         """Layer ``name``'s activations ``(B, C, h, w)``; a clear error for any other shape.
 
-        The same check as the engine's (:func:`camlens.backends.torch.layout_problem`): vectors,
+        The same check as the engine's (:func:`camlens.backends.base.layout_problem`): vectors,
         tokens, channels-last maps and a leading dimension other than the batch are refused.
         """
-        from ..backends.torch import layout_problem
-
         a = self.acts[name]
         B, H, W = (int(self.inputs.shape[i]) for i in (0, -2, -1))
         why = layout_problem(a.shape, B, (H, W))
@@ -105,6 +114,8 @@ class Method:
         cost: forwards / backwards per call, in words.
         needs_grads: the engine computes gradients of the targets at the layers.
         needs_layer: the method works on a layer (False for input-space methods).
+        needs_linear_head: the engine records the dense layers' inputs and outputs in the forward so
+            that ``ctx.linear_head`` can find the GAP + dense head (CAM).
         differentiable: its maths is plain differentiable tensor code on the activations and
             gradients, so ``explain(..., differentiable=True)`` can return maps with a graph.
         options: option name -> :class:`camlens.registry.Option` (default, check, doc) or a plain
@@ -118,6 +129,7 @@ class Method:
     needs_layer: bool = True
     options: Mapping[str, Any] = field(default_factory=dict)
     differentiable: bool = False
+    needs_linear_head: bool = False
 
     def compute(self, ctx: MethodContext) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError(f"method {self.name!r} has no compute()")

@@ -8,16 +8,22 @@ channels, ``raw[b, t] = sum_c w[b, t, c] * A[b, c]``; ReLU, upsampling and norma
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from .base import GradientMethod, register
+from ..backends.base import namespace
+from .base import GradientMethod, Tensor, register
 
 
 def gradcam(acts: Tensor, grads: Tensor) -> Tensor:
     """acts ``(B, C, h, w)``, grads ``(B, T, C, h, w)`` -> raw maps ``(B, T, h, w)``."""
-    weights = grads.mean(dim=(-2, -1))  # (B, T, C)
-    return torch.matmul(weights, acts.flatten(2)).unflatten(-1, acts.shape[-2:])  # (B, T, C) @ (B, C, hw)
+    xp = namespace(acts, grads)
+    weights = xp.mean(grads, axis=(-2, -1))  # (B, T, C)
+    return weighted_sum(xp, weights, acts)
+
+
+def weighted_sum(xp: object, weights: Tensor, acts: Tensor) -> Tensor:
+    """``sum_c weights[b, t, c] * A[b, c]``: weights ``(B, T, C)``, acts ``(B, C, h, w)`` -> ``(B, T, h, w)``,
+    as one batched matrix product ``(B, T, C) @ (B, C, h*w)``."""
+    B, C, h, w = acts.shape
+    return xp.reshape(weights @ xp.reshape(acts, (B, C, h * w)), (B, weights.shape[1], h, w))
 
 
 GRADCAM = register(GradientMethod(

@@ -7,17 +7,11 @@ gradients ``G = dS/dA`` ``(B, T, C, h, w)`` of the T target scores; the result i
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
-from .base import ActivationMethod, GradientMethod, register
+from ..backends.base import namespace
+from .base import ActivationMethod, GradientMethod, Tensor, register
+from .gradcam import weighted_sum
 
 _ONE_PASS = "1 forward + 1 batched backward for all targets"
-
-
-def _weighted(weights: Tensor, acts: Tensor) -> Tensor:
-    """``sum_c weights[b, t, c] * A[b, c]``: weights ``(B, T, C)`` -> ``(B, T, h, w)``."""
-    return torch.einsum("btc,bchw->bthw", weights, acts)
 
 
 def gradcam_pp(acts: Tensor, grads: Tensor, eps: float = 1e-6) -> Tensor:
@@ -27,29 +21,32 @@ def gradcam_pp(acts: Tensor, grads: Tensor, eps: float = 1e-6) -> Tensor:
     ``alpha = G^2 / (2 G^2 + sum_ij(A) * G^3 + eps)`` (0 where ``G == 0``) and
     ``w_c = sum_ij alpha * ReLU(G)``; the map is ``sum_c w_c A_c``. Same as pytorch-grad-cam.
     """
-    g2 = grads.pow(2)
-    sum_a = acts.sum(dim=(-2, -1))[:, None, :, None, None]  # (B, 1, C, 1, 1)
+    xp = namespace(acts, grads)
+    g2 = grads * grads
+    sum_a = xp.sum(acts, axis=(-2, -1))[:, None, :, None, None]  # (B, 1, C, 1, 1)
     alpha = g2 / (2 * g2 + sum_a * g2 * grads + eps)
-    alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
-    weights = (alpha * grads.clamp_min(0)).sum(dim=(-2, -1))
-    return _weighted(weights, acts)
+    alpha = xp.where(grads != 0, alpha, xp.zeros_like(alpha))
+    weights = xp.sum(alpha * xp.clip(grads, min=0), axis=(-2, -1))
+    return weighted_sum(xp, weights, acts)
 
 
 def xgradcam(acts: Tensor, grads: Tensor, eps: float = 1e-7) -> Tensor:
     """XGrad-CAM (Fu et al. 2020): ``w_c = sum_ij(G * A) / (sum_ij A + eps)``, map ``sum_c w_c A_c``."""
-    num = (grads * acts[:, None]).sum(dim=(-2, -1))
-    den = acts.sum(dim=(-2, -1))[:, None] + eps
-    return _weighted(num / den, acts)
+    xp = namespace(acts, grads)
+    num = xp.sum(grads * acts[:, None], axis=(-2, -1))
+    den = xp.sum(acts, axis=(-2, -1))[:, None] + eps
+    return weighted_sum(xp, num / den, acts)
 
 
 def hirescam(acts: Tensor, grads: Tensor) -> Tensor:
     """HiResCAM (Draelos & Carin 2020): element-wise ``sum_c G_c * A_c`` (no spatial averaging)."""
-    return (grads * acts[:, None]).sum(dim=2)
+    return namespace(acts, grads).sum(grads * acts[:, None], axis=2)
 
 
 def layercam(acts: Tensor, grads: Tensor) -> Tensor:
     """LayerCAM (Jiang et al. 2021): ``sum_c ReLU(G_c) * A_c``; meant for inner layers too."""
-    return (grads.clamp_min(0) * acts[:, None]).sum(dim=2)
+    xp = namespace(acts, grads)
+    return xp.sum(xp.clip(grads, min=0) * acts[:, None], axis=2)
 
 
 def first_component(x: Tensor) -> Tensor:
@@ -61,18 +58,19 @@ def first_component(x: Tensor) -> Tensor:
     projection correlates positively with the channel sum ``sum_c x_c`` — the component points
     towards "more activation", so the map does not flip between runs, devices or libraries.
     """
+    xp = namespace(x)
     n, c, h, w = x.shape
-    X = x.reshape(n, c, h * w).transpose(1, 2).float()  # (N, hw, C)
-    X = torch.nan_to_num(X)
-    Xc = X - X.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(Xc, full_matrices=False)
-    proj = Xc @ vh[:, 0, :, None]  # (N, hw, 1)
-    proj = proj[..., 0]
-    ref = X.sum(dim=2)
-    ref = ref - ref.mean(dim=1, keepdim=True)
-    sign = torch.sign((proj * ref).sum(dim=1, keepdim=True))
-    proj = proj * torch.where(sign == 0, torch.ones_like(sign), sign)
-    return proj.reshape(n, h, w).to(x.dtype)
+    X = xp.permute_dims(xp.reshape(xp.astype(x, xp.float32, copy=False), (n, c, h * w)), (0, 2, 1))  # (N, hw, C)
+    big = xp.finfo(xp.float32).max  # NaN -> 0, +-inf -> the largest float (as torch.nan_to_num)
+    X = xp.where(xp.isnan(X), xp.zeros_like(X), xp.clip(X, min=-big, max=big))
+    Xc = X - xp.mean(X, axis=1, keepdims=True)
+    vh = xp.linalg.svd(Xc, full_matrices=False)[2]
+    proj = (Xc @ vh[:, 0, :, None])[..., 0]  # (N, hw)
+    ref = xp.sum(X, axis=2)
+    ref = ref - xp.mean(ref, axis=1, keepdims=True)
+    sign = xp.sign(xp.sum(proj * ref, axis=1, keepdims=True))
+    proj = proj * xp.where(sign == 0, xp.ones_like(sign), sign)
+    return xp.astype(xp.reshape(proj, (n, h, w)), x.dtype, copy=False)
 
 
 def eigencam(acts: Tensor, n_targets: int) -> Tensor:
@@ -80,14 +78,17 @@ def eigencam(acts: Tensor, n_targets: int) -> Tensor:
 
     Class-agnostic: every target of an image gets the same map ``(B, T, h, w)``.
     """
-    return first_component(acts)[:, None].expand(-1, n_targets, -1, -1)
+    xp = namespace(acts)
+    B, _, h, w = acts.shape
+    return xp.broadcast_to(first_component(acts)[:, None], (B, n_targets, h, w))
 
 
 def eigengradcam(acts: Tensor, grads: Tensor) -> Tensor:
     """Eigen-Grad-CAM: the first principal component of ``G * A``, per target."""
-    B, T = grads.shape[:2]
-    prod = (grads * acts[:, None]).flatten(0, 1)  # (B*T, C, h, w)
-    return first_component(prod).reshape(B, T, *acts.shape[-2:])
+    xp = namespace(acts, grads)
+    B, T, C, h, w = grads.shape
+    prod = xp.reshape(grads * acts[:, None], (B * T, C, h, w))
+    return xp.reshape(first_component(prod), (B, T, h, w))
 
 
 GRADCAM_PP = register(GradientMethod(

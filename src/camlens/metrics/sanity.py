@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..backends.torch.backend import reinitialise
 from ..registry import Option, optional, positive_int
 from .base import EvalContext, Metric, MetricResult, register_metric
 from ..errors import ConfigError
@@ -139,20 +140,6 @@ def randomisation_steps(units_top_first: list[tuple[str, nn.Module]],
     chunks = np.array_split(np.arange(len(groups)), max_steps)
     return [(groups[c[0]][0] if len(c) == 1 else f"{groups[c[0]][0]} … {groups[c[-1]][0]}",
              [m for i in c for m in groups[i][1]]) for c in chunks if len(c)]
-
-
-@torch.no_grad()
-def reinitialise(module: nn.Module, seed: int) -> None:
-    """Re-initialise ``module``'s own parameters in place (see module doc), seeded, global RNG untouched."""
-    devices = [p.device for p in module.parameters(recurse=False) if p.device.type == "cuda"]
-    with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})):
-        torch.manual_seed(seed)
-        if callable(getattr(module, "reset_parameters", None)):
-            module.reset_parameters()
-            return
-        for p in module.parameters(recurse=False):
-            s = float(p.float().std()) if p.numel() > 1 else 0.0
-            p.normal_(0.0, s if s > 0 else 0.02)
 
 
 def _explain(ctx: EvalContext, model: nn.Module) -> Tensor:

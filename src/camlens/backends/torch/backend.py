@@ -1,0 +1,115 @@
+"""The torch implementation of :class:`camlens.backends.base.Backend`."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import array_api_compat.torch as xp
+import torch
+from torch import Tensor, nn
+
+from ...errors import LayerError, ModelError
+from .capture import capture, check_calls, check_layer_outputs
+from .gradients import layer_gradients
+from .layout import Layout
+from .ops import TorchOps
+from .probing import guess_layer
+from .runner import Runner
+from .state import model_state, resolve_layers
+
+__all__ = ["TorchBackend", "BACKEND", "reinitialise"]
+
+
+class TorchBackend:
+    """PyTorch ``nn.Module`` models; arrays are tensors on the model's device."""
+
+    name = "torch"
+    xp = xp
+    ops = TorchOps()
+
+    def owns(self, model: Any) -> bool:
+        return isinstance(model, nn.Module)
+
+    def session(self, model: nn.Module, *, eval_mode: bool = True, freeze: bool = True,
+                restore_buffers: bool = True) -> contextlib.AbstractContextManager:
+        return model_state(model, eval_mode=eval_mode, freeze=freeze, restore_buffers=restore_buffers)
+
+    def resolve_layers(self, model: nn.Module, spec: Any) -> list[tuple[str, nn.Module]]:
+        return resolve_layers(model, spec)
+
+    def default_layer(self, model: nn.Module, x: Tensor) -> str:
+        return guess_layer(model, x)
+
+    def layout(self, model: nn.Module, channels_last: Optional[bool], precision: str) -> Layout:
+        return Layout(model, channels_last, precision)
+
+    def capture(self, model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, grad: bool, linear: bool,
+                full_graph: bool) -> contextlib.AbstractContextManager:
+        return capture(model, layers, grad=grad, linear=linear, full_graph=full_graph)
+
+    def check_capture(self, cap: Any, layers: Sequence[tuple[str, nn.Module]], model: nn.Module, x: Tensor) -> None:
+        check_calls(cap, layers)
+        check_layer_outputs(cap, layers, model, x)
+
+    def target_gradients(self, scores: Tensor, acts: Sequence[Tensor], names: Sequence[str], labels: Sequence[str], *,
+                         create_graph: bool = False) -> list[Tensor]:
+        return layer_gradients(scores, acts, names, labels, create_graph=create_graph)
+
+    def runner(self, model: nn.Module, score_image: Callable[[Any, int], Tensor], layout: Layout) -> Runner:
+        return Runner(model, score_image, layout)
+
+    def linear_head(self, cap: Any, head: Tensor, acts: Tensor, layer: str, model: nn.Module, head_name: str) -> Tensor:
+        """The weight ``(K, C)`` of the ``nn.Linear`` whose output is ``head`` and whose input is the
+        global average pool of ``acts`` ``(B, C, h, w)`` (within fp16/bf16 rounding)."""
+        linear_io = cap.linear_io
+        pooled = acts.detach().float().mean(dim=(2, 3))
+        producers = [n for n, (_, o) in linear_io.items() if o is head or (o.shape == head.shape and torch.equal(o, head))]
+        if not producers:
+            raise ModelError(f"CAM needs output {head_name!r} to come straight from an nn.Linear layer; none of the "
+                             f"model's Linear layers ({list(linear_io) or 'none'}) produced it. Use method='gradcam', "
+                             "which works on any architecture.")
+        name = producers[-1]
+        inp = linear_io[name][0]
+        tol = max(1e-4, 8 * torch.finfo(inp.dtype).eps)  # fp16/bf16 forwards round the pooled features
+        inp = inp.float()
+        if inp.shape != pooled.shape or not torch.allclose(inp, pooled, rtol=tol,
+                                                           atol=tol / 10 * (1 + pooled.abs().max().item())):
+            raise ModelError(f"CAM needs the input of Linear {name!r} to be the global average pool of layer {layer!r}: "
+                             f"its input has shape {tuple(inp.shape)}, while GAP({layer}) has shape {tuple(pooled.shape)}"
+                             + ("" if inp.shape != pooled.shape else " but different values (other layers in between)")
+                             + ". Pick the layer right before the global pooling, or use method='gradcam'.")
+        return model.get_submodule(name).weight.detach()
+
+    def randomized_copy(self, model: nn.Module, layers: Sequence[str], seed: int) -> nn.Module:
+        """A deep copy with each named module's own parameters re-initialised (:func:`reinitialise`,
+        seed ``seed + i`` for the i-th); the model itself is never modified."""
+        net = copy.deepcopy(model)
+        for i, name in enumerate(layers):
+            try:
+                mod = net.get_submodule(name)
+            except AttributeError as err:
+                raise LayerError(f"no layer named {name!r} to randomise") from err
+            reinitialise(mod, seed + i)
+        return net
+
+
+@torch.no_grad()
+def reinitialise(module: nn.Module, seed: int) -> None:
+    """Re-initialise ``module``'s own parameters in place, seeded, the global RNG untouched:
+    ``module.reset_parameters()`` where it exists (the layer's default initialisation), otherwise
+    each parameter drawn from ``N(0, std(p)^2)`` (0.02 for a constant one)."""
+    devices = [p.device for p in module.parameters(recurse=False) if p.device.type == "cuda"]
+    with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})):
+        torch.manual_seed(seed)
+        if callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
+            return
+        for p in module.parameters(recurse=False):
+            s = float(p.float().std()) if p.numel() > 1 else 0.0
+            p.normal_(0.0, s if s > 0 else 0.02)
+
+
+BACKEND = TorchBackend()

@@ -1,0 +1,62 @@
+"""Gradients of many target scores w.r.t. captured layer outputs in one batched backward."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ...errors import LayerRuntimeError
+
+def _is_vmap_error(err: BaseException) -> bool:
+    """An error from vmap's batching of the backward (an op without a batching rule)."""
+    msg = str(err).lower()
+    return "vmap" in msg or "batch" in msg
+
+
+def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str], labels: Sequence[str], *,
+                    create_graph: bool = False) -> list[Tensor]:
+    """Gradients of each target score w.r.t. each activation, in one batched backward.
+
+    Args:
+        scores: ``(B, T)`` scores; image ``b`` depends only on input ``b`` (eval mode).
+        acts: activations ``(B, C, h, w)`` (any shape with leading B).
+        names, labels: layer names and target labels, for error messages.
+        create_graph: keep the backward's graph, so the gradients (and maps made of them) are
+            differentiable themselves (``explain(differentiable=True)``).
+
+    Returns:
+        per activation, gradients ``(B, T, *act.shape[1:])``.
+
+    Uses ``grad_outputs = e_t`` (one-hot over T, broadcast over B) batched with vmap; since
+    images are independent, summing over B in the vector-Jacobian product is exact.
+    """
+    if not scores.requires_grad:
+        raise LayerRuntimeError("the explained scores do not depend on any captured layer through autograd "
+                           "(the model detaches its output, runs under no_grad, or leaves torch)")
+    B, T = scores.shape
+    if T > 1:
+        eye = torch.eye(T, dtype=scores.dtype, device=scores.device)[:, None, :].expand(T, B, T)
+    batched = T > 1  # vmap's grads come (T, B, ...)
+    try:
+        # retain_graph when batched: if vmap fails half-way, the per-target fallback needs the graph
+        grads = torch.autograd.grad(scores, list(acts), grad_outputs=eye if T > 1 else torch.ones_like(scores),
+                                    is_grads_batched=T > 1, allow_unused=True,
+                                    retain_graph=T > 1 or create_graph, create_graph=create_graph)
+        if T == 1:  # (B, ...) -> (B, 1, ...)
+            grads = [None if g is None else g.unsqueeze(1) for g in grads]
+    except RuntimeError as err:  # an op without a vmap rule: fall back to a loop over targets
+        if T == 1 or not _is_vmap_error(err):
+            raise
+        batched = False
+        per_t = [torch.autograd.grad(scores[:, t].sum(), list(acts), retain_graph=t < T - 1 or create_graph,
+                                     allow_unused=True, create_graph=create_graph) for t in range(T)]
+        grads = [None if per_t[0][i] is None else torch.stack([g[i] for g in per_t], dim=1) for i in range(len(acts))]
+    out = []
+    for g, name in zip(grads, names):
+        if g is None:
+            raise LayerRuntimeError(f"the target scores {list(labels)} do not depend on layer {name!r}: no gradient "
+                               "path from this layer to the explained output (is it on another branch?)")
+        out.append(g.transpose(0, 1) if batched else g)  # -> (B, T, ...)
+    return out

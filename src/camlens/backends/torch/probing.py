@@ -1,0 +1,258 @@
+"""The probe forward that finds the default CAM layer (and names layers that would work)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ...errors import LayerError
+from ..base import layout_problem, looks_channels_last
+from .state import first_tensor, model_state
+
+_PROBE_BATCH = 2  # the probe runs 2 images, so that a leading dimension that is not the batch shows
+_STEM_TOKENS = 6  # at least this many token / channels-last modules after the last (B, C, h, w) layer, and more
+# of them than (B, C, h, w) modules before it: that layer is the patch-embedding stem of a token-based network
+
+
+@dataclass
+class LayerRecord:
+    """What the probe saw of one module: its first output's shape, calls, and why it is no candidate.
+
+    Attributes:
+        name, kind: dotted name and class name.
+        calls: times it ran in the forward; shape: its (first) tensor output's shape, or ``None``.
+        order: completion index of its first call (execution order).
+        reason: why it cannot be the default CAM layer; ``None``: a candidate.
+        fragment: a candidate inside a block whose output has no grid left (h*w = 1): used only
+            when no other candidate exists.
+    """
+
+    name: str
+    kind: str
+    calls: int
+    shape: Optional[tuple[int, ...]]
+    order: int
+    reason: Optional[str] = None
+    fragment: bool = False
+
+    def describe(self) -> str:
+        shape = "no tensor" if self.shape is None else str(tuple(self.shape))
+        return f"{self.name} ({self.kind}) {shape}" + (f": {self.reason}" if self.reason else "")
+
+
+@dataclass
+class LayerProbe:
+    """One probe forward: the output, per-module records, the chosen layer or why there is none.
+
+    ``batch`` is the probe's batch size (shapes in ``records`` have it as leading dimension).
+    """
+
+    output: Any
+    batch: int
+    size: tuple[int, int]
+    records: list[LayerRecord]
+    layer: Optional[str] = None
+    error: Optional[str] = None
+
+    def candidates(self, n: int = 5) -> list[str]:
+        """The ``n`` deepest candidate layer names, deepest first (the chosen layer first), without
+        pieces of a listed block with its shape (``layer4``, ``layer3``, not ``layer4``, ``layer4.1``)."""
+        good = [r for r in reversed(self.records) if r.reason is None]
+        good.sort(key=lambda r: r.fragment)  # stable: whole blocks before fragments
+        out: list[LayerRecord] = []
+        for r in good:
+            if len(out) < n and not any(r.name.startswith(o.name + ".") and r.shape == o.shape for o in out):
+                out.append(r)
+        return [r.name for r in out]
+
+    def near_misses(self, n: int = 6) -> list[LayerRecord]:
+        """The deepest modules with a batch-leading 3-D/4-D output, for error messages."""
+        out = [r for r in reversed(self.records) if r.shape is not None and len(r.shape) in (3, 4)
+               and not r.kind.startswith("Adaptive")]
+        return out[:n]
+
+
+def _strict_ancestors(name: str) -> Iterator[str]:
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        yield ".".join(parts[:i])
+
+
+def _tensor_leaves(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        vals: Any = out.values()
+    elif isinstance(out, (tuple, list)):
+        vals = out
+    elif hasattr(out, "__dataclass_fields__"):
+        vals = [getattr(out, f) for f in out.__dataclass_fields__]
+    else:
+        return []
+    return [t for v in vals for t in _tensor_leaves(v)]
+
+
+def _is_attention(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.MultiheadAttention) or "attention" in type(mod).__name__.lower()
+
+
+def probe_layers(model: nn.Module, x: Tensor) -> LayerProbe:
+    """One forward without graph, in eval mode, of 2 images (``x[:2]``, or ``x[0]`` twice if B = 1).
+
+    Two images, so that an output whose leading dimension is not the batch shows (one image can
+    give 150 proposals, two give 300); a model that only takes batch 1 is probed at batch 1.
+
+    Picks the default CAM layer: the deepest module (execution order) that
+
+    * runs once (a reused module's output is ambiguous; the block around it is used instead),
+    * keeps the batch axis (not per-proposal / per-window outputs of detection or Swin internals),
+    * outputs a ``(B, C, h, w)`` map with h*w > 1 (not tokens, vectors or channels-last maps;
+      adaptive pooling is skipped: its fixed grid does not follow the image),
+    * is not inside an attention block (e.g. timm ViT's ``attn.k_norm`` ``(B, heads, N, d)``),
+    * is not the output head of a dense-prediction model (an output ``(B, K, H, W)``): a
+      convolution to K channels and the K-channel modules right after it, with all of a head
+      module (e.g. a segmentation ``classifier``) unless it holds the whole network,
+
+    preferring a whole block over a piece of a block whose own output has no grid left (resnet50
+    on a 32x32 input: ``layer3``, not ``layer4.0.bn1``). When the last such layer is followed by
+    many token or channels-last modules (more than the maps before it) it is a patch-embedding
+    stem (ViT, Mixer, Swin): no layer is chosen, and ``error`` says why. Model state and hooks are
+    restored.
+    """
+    xs = x[:_PROBE_BATCH] if x.shape[0] >= _PROBE_BATCH else torch.cat([x[:1]] * _PROBE_BATCH)
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    named = dict(model.named_modules())
+    records: dict[str, LayerRecord] = {}
+
+    def hook(name: str) -> Callable:
+        def f(m: nn.Module, i: Any, o: Any) -> None:
+            r = records.get(name)
+            if r is not None:
+                r.calls += 1
+                return
+            t = first_tensor(o)
+            records[name] = LayerRecord(name, type(m).__name__, 1, None if t is None else tuple(t.shape),
+                                        len(records))
+        return f
+
+    def run(xb: Tensor) -> Any:
+        records.clear()
+        handles = [mod.register_forward_hook(hook(name)) for name, mod in named.items() if name]
+        try:
+            with torch.no_grad(), model_state(model):
+                return model(xb)
+        finally:
+            for h in handles:
+                h.remove()
+
+    try:
+        out, B = run(xs), _PROBE_BATCH
+    except Exception:  # a model that only takes batch 1 (if batch 1 fails too, that error is raised)
+        out, B = run(x[:1]), 1
+    recs = sorted(records.values(), key=lambda r: r.order)
+    p = LayerProbe(out, B, size, recs)
+    _choose(p, named)
+    return p
+
+
+def _choose(p: LayerProbe, named: dict[str, nn.Module]) -> None:
+    B, size = p.batch, p.size
+    by_name = {r.name: r for r in p.records}
+    spatial: list[LayerRecord] = []  # (B, C, h, w) with h*w > 1, run once or not
+    for r in p.records:
+        mod = named[r.name]
+        if isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or "adaptive" in r.kind.lower():
+            r.reason = "adaptive pooling (its grid does not follow the image)"
+        elif r.shape is None:
+            r.reason = "no tensor output"
+        elif (why := layout_problem(r.shape, B, size)) is not None:
+            r.reason = why
+        elif r.shape[2] * r.shape[3] <= 1:
+            r.reason = "no spatial grid (h*w = 1)"
+        else:
+            att = next((a for a in _strict_ancestors(r.name) if _is_attention(named[a])), None)
+            if att is not None:
+                r.reason = f"inside attention block {att!r} ({type(named[att]).__name__})"
+            elif r.calls > 1:
+                r.reason = f"called {r.calls} times in one forward"
+            spatial.append(r)
+    # output head of a dense-prediction model: from a projection conv to K output channels on
+    dense_k = {int(t.shape[1]) for t in _tensor_leaves(p.output)
+               if t.ndim == 4 and t.shape[0] == B and t.shape[2] * t.shape[3] > 1}
+    heads: list[LayerRecord] = []
+    if dense_k:
+        chain = False
+        for r in spatial:
+            mod = named[r.name]
+            if r.shape[1] not in dense_k:
+                chain = False
+                continue
+            if isinstance(mod, nn.modules.conv._ConvNd) and mod.in_channels != mod.out_channels:
+                chain = True
+            if chain:
+                heads.append(r)
+        for r in heads:
+            r.reason = r.reason or f"output head (its {r.shape[1]} channels are the output's classes)"
+        head_names = {r.name for r in heads}
+        for h in heads:  # a head module: all of it is head, unless it holds the whole network
+            inside = [r for r in spatial if r.name.startswith(h.name + ".")]
+            outside = [r for r in spatial if r.reason is None and not r.name.startswith(h.name + ".")
+                       and r.name not in head_names]
+            if outside:
+                for r in inside:
+                    r.reason = r.reason or f"inside the output head {h.name!r}"
+    good = [r for r in spatial if r.reason is None]
+    for r in good:  # a piece of a block whose output has no grid left (e.g. layer4.0.bn1 when layer4 is 1x1)
+        r.fragment = any(a in by_name and by_name[a].shape is not None and len(by_name[a].shape) == 4
+                         and by_name[a].shape[0] == B and by_name[a].shape[2] * by_name[a].shape[3] <= 1
+                         for a in _strict_ancestors(r.name))
+    whole = [r for r in good if not r.fragment]
+    pick = (whole or good or [None])[-1]
+    misses = "; ".join(r.describe() for r in p.near_misses())
+    if pick is None:
+        p.error = (f"no module of the model outputs a (B, C, h, w) feature map that camlens can use for a "
+                   f"{size[0]}x{size[1]} input -- it needs a layer that runs once, "
+                   "keeps the batch axis, has h*w > 1 and is not the output head or inside an attention block. "
+                   f"Deepest modules (shapes at a probe batch of {B}): {misses or 'none'}. Pass layer= explicitly "
+                   "(token and channels-last transformer layouts are not supported yet)")
+        return
+    after = [r for r in p.records if r.order > pick.order and not r.name.startswith(pick.name + ".")
+             and r.shape is not None and r.shape[0] == B
+             and ((len(r.shape) == 3 and r.shape[1] > 1) or looks_channels_last(r.shape, size))]
+    maps_before = sum(1 for r in spatial if r.order <= pick.order)
+    if len(after) >= _STEM_TOKENS and len(after) > maps_before:  # mostly tokens after it (not a CNN + small RNN)
+        p.error = (f"it is token-based: after its patch-embedding stem {pick.name!r} ({pick.kind}, "
+                   f"{tuple(pick.shape)}), {len(after)} modules output tokens (B, N, C) or channels-last "
+                   f"(B, h, w, C) maps (the last: {after[-1].name} {tuple(after[-1].shape)}), which camlens cannot "
+                   "read yet (transformer layouts are not supported yet), and a CAM of the stem says nothing "
+                   f"about the network. Pass layer= explicitly (layer={pick.name!r} runs but explains only the "
+                   "stem), or use an input-space method: method='occlusion' or 'guided_backprop'")
+        return
+    p.layer = pick.name
+
+
+def probe(model: nn.Module, x: Tensor) -> tuple[Optional[str], Any]:
+    """``(default CAM layer or None, output)`` from :func:`probe_layers` (the output is for 2 images)."""
+    p = probe_layers(model, x)
+    return p.layer, p.output
+
+
+def guess_layer(model: nn.Module, x: Tensor) -> str:
+    """The default CAM layer (see :func:`probe_layers`); a clear error listing candidates if none.
+
+    torchvision ResNets give ``layer4``, VGG ``features``, timm EfficientNets ``bn2``.
+    """
+    p = probe_layers(model, x)
+    if p.layer is None:
+        raise LayerError(f"cannot pick a CAM layer of {type(model).__name__}: {p.error}")
+    return p.layer
+
+
+# ----------------------------------------------------------------------------------------------
+# extra passes for perturbation and input-gradient methods
+
+ScoreFn = Callable[[Any, int], Tensor]  # (model output for N inputs, image index b) -> (N, T)
