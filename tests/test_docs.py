@@ -5,22 +5,34 @@ import importlib
 import re
 from pathlib import Path
 
-import camlens.backends.torch as backend
+from camlens.backends import base
+from camlens.backends.numpy import NumpyOps
+from camlens.backends.torch.backend import TorchBackend
+from camlens.backends.torch.ops import TorchOps
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
 
 
-def test_backend_table_names_exist():
-    table = DOC.split("## The backend contract")[1].split("##")[0]
-    names = set()
-    for row in table.splitlines()[4:]:
-        cell = row.split("|")[2] if row.count("|") >= 4 else ""
-        names |= {n.split("(")[0].split(".")[0] for n in re.findall(r"`([A-Za-z_][\w.]*)", cell)}
-    assert {"model_state", "capture", "layer_gradients", "Runner", "Layout", "GuidedReLU"} <= names
-    missing = sorted(n for n in names if not hasattr(backend, n))
-    assert not missing, f"docs/architecture.md names backend functions that do not exist: {missing}"
-    for meth in re.findall(r"`Runner\.(\w+)", table):
-        assert hasattr(backend.Runner, meth), meth
+def test_backend_table_names_exist_in_the_protocol_and_the_torch_backend():
+    names: set[str] = set()
+    table = DOC.split("| need | Backend method |")[1].split("\n\n")[0]
+    for row in table.splitlines()[2:]:
+        names |= {n.split("(")[0] for n in re.findall(r"`([A-Za-z_]\w*)\(", row.split("|")[2])}
+    assert {"session", "capture", "target_gradients", "runner", "layout", "linear_head", "randomized_copy"} <= names
+    proto = {n for n in dir(base.Backend) if not n.startswith("_")}
+    assert names <= proto, f"docs/architecture.md names Backend methods the protocol lacks: {sorted(names - proto)}"
+    assert proto - {"name", "xp", "ops"} <= names, f"Backend methods missing from the doc's table: {sorted(proto - names)}"
+    missing = sorted(n for n in proto if not hasattr(TorchBackend, n))
+    assert not missing, f"TorchBackend lacks {missing}"
+
+
+def test_ops_table_names_exist_in_every_ops():
+    table = DOC.split("| Ops | for |")[1].split("\n\n")[0]
+    names = {n for row in table.splitlines()[2:] for n in re.findall(r"`(\w+)`", row.split("|")[1])}
+    proto = {n for n in dir(base.Ops) if not n.startswith("_")}
+    assert names == proto, f"the doc's Ops table and the Ops protocol differ: {sorted(names ^ proto)}"
+    for impl in (TorchOps, NumpyOps):
+        assert not [n for n in proto if not hasattr(impl, n)], impl
 
 
 def test_cited_module_functions_exist():

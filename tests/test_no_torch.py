@@ -36,6 +36,9 @@ class _NoFrameworks:
 sys.meta_path.insert(0, _NoFrameworks())
 """
 
+# an expression, in the subprocess, for the framework modules it has imported
+LOADED = f"sorted(m for m in sys.modules if m.split('.')[0] in {BLOCKED!r})"
+
 # `camlens ARGS` as the console script runs it (pyproject: camlens = "camlens.cli:app")
 CLI = "import sys\nfrom camlens.cli import app\napp(sys.argv[1:], prog_name='camlens')\n"
 
@@ -71,20 +74,35 @@ def test_import_camlens_without_torch():
     assert json.loads(out.strip().splitlines()[-1]) == []
 
 
-def test_a_torch_feature_without_torch_names_the_extra():
+def test_the_framework_free_api_resolves_without_torch_and_models_names_the_extra():
+    """Everything but the model loaders is framework-free (issue 11): it resolves without torch and
+    imports no framework; ``camlens.models`` (which loads torch models) names the extra; a model no
+    backend takes is a clear ConfigTypeError (also a TypeError) listing the backends."""
     out = _ok(_python(
+        "import json, sys\n"
+        "import numpy as np\n"
         "import camlens\n"
-        "from camlens.errors import MissingDependencyError\n"
-        "for name in ('explain', 'stream', 'evaluate', 'load', 'methods', 'models', 'Target'):\n"
-        "    try:\n"
-        "        getattr(camlens, name)\n"
-        "    except MissingDependencyError as err:\n"
-        "        assert isinstance(err, ImportError)\n"
-        "        print(name, '->', err)\n"
-        "    else:\n"
-        "        raise AssertionError(f'camlens.{name} resolved without torch')\n"))
-    lines = out.strip().splitlines()
-    assert len(lines) == 7 and all("camlens[torch]" in line for line in lines), out
+        "from camlens.errors import ConfigTypeError, MissingDependencyError\n"
+        "ok = [n for n in camlens.__all__ if n != 'models' and getattr(camlens, n) is not None]\n"
+        "try:\n"
+        "    camlens.models\n"
+        "except MissingDependencyError as err:\n"
+        "    assert isinstance(err, ImportError)\n"
+        "    models = str(err)\n"
+        "try:\n"
+        "    camlens.explain(object(), np.zeros((1, 3, 8, 8), np.float32))\n"
+        "except ConfigTypeError as err:\n"
+        "    assert isinstance(err, TypeError)\n"
+        "    bad = str(err)\n"
+        "methods = sorted(camlens.available_methods())\n"
+        "print(json.dumps({'ok': ok, 'models': models, 'bad': bad, 'methods': methods, 'frameworks': "
+        + LOADED + "}))\n"))
+    got = json.loads(out.strip().splitlines()[-1])
+    assert set(got["ok"]) == set(__import__("camlens").__all__) - {"models"}
+    assert "camlens[torch]" in got["models"]
+    assert "no camlens backend takes it" in got["bad"] and "torch" in got["bad"]
+    assert {"gradcam", "cam", "scorecam", "occlusion"} <= set(got["methods"])
+    assert got["frameworks"] == []
 
 
 def test_cli_help_without_torch():
@@ -96,10 +114,8 @@ def test_cli_help_without_torch():
         "names = sorted(typer.main.get_command(app).commands)\n"
         "runs = {name: CliRunner().invoke(app, ([name] if name else []) + ['--help'], prog_name='camlens')\n"
         "        for name in [''] + names}\n"
-        "print(json.dumps({'commands': names,\n"
-        "                  'runs': {k: [r.exit_code, r.output, repr(r.exception)] for k, r in runs.items()},\n"
-        "                  'frameworks': sorted(m for m in sys.modules\n"
-        "                                       if m.split('.')[0] in " + repr(BLOCKED) + ")}))\n"))
+        "print(json.dumps({'commands': names, 'frameworks': " + LOADED + ",\n"
+        "                  'runs': {k: [r.exit_code, r.output, repr(r.exception)] for k, r in runs.items()}}))\n"))
     got = json.loads(out.strip().splitlines()[-1])
     assert {"explain", "evaluate", "localize", "report", "demo", "methods", "metrics", "models"} <= set(got["commands"])
     for name, (code, output, exc) in got["runs"].items():
@@ -115,7 +131,14 @@ def test_cli_console_script_help_without_torch():
         assert "Usage: camlens" in out, out
 
 
-@pytest.mark.parametrize("args", [["explain", "some.png"], ["methods"], ["models"], ["metrics"],
+@pytest.mark.parametrize("args", [["methods"], ["metrics"]])
+def test_listing_commands_work_without_torch(args, tmp_path):
+    res = _python(CLI, *args, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert ("gradcam" if args == ["methods"] else "deletion") in res.stdout
+
+
+@pytest.mark.parametrize("args", [["explain", "some.png"], ["models"],
                                   ["evaluate", "--shapes", "2"], ["localize", "some.png"], ["report", "some.png"],
                                   ["demo", "--out", "demo_out"]])
 def test_cli_command_without_torch_names_the_extra(args, tmp_path):

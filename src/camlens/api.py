@@ -35,17 +35,20 @@ def _check_differentiable(meth: Method, tile: Any, aug_smooth: bool, noise_smoot
 
 
 def _inference_tensor_errors(fn: Any) -> Any:
-    """A model whose weights are inference tensors fails deep inside autograd ("Inference tensors
-    cannot be saved for backward"); only then are its tensors checked, for a message that names the
-    tensor and the fix (no per-call cost)."""
+    """Framework failures whose cause can be named get a message that names it, e.g. a model
+    whose weights are torch inference tensors fails deep inside autograd ("Inference tensors cannot
+    be saved for backward"); only then is the model examined (no per-call cost)."""
     @functools.wraps(fn)
     def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(model, *args, **kwargs)
         except RuntimeError as err:
-            net = model if hasattr(model, "named_parameters") else getattr(model, "model", None)  # an nn.Module
-            if "nference tensor" in str(err) and hasattr(net, "named_parameters"):
-                check_model_tensors(net)  # raises ModelRuntimeError naming the tensor
+            net = getattr(model, "model", model) if hasattr(model, "preprocess") else model
+            try:
+                get_backend(net)
+            except Exception:  # not a model camlens knows: the original error stands
+                raise err from None
+            check_model_tensors(net, err)  # raises a clearer error when the backend can name the cause
             raise
     return wrapper
 

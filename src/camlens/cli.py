@@ -104,7 +104,7 @@ def explain(
     --method all runs every method on the same targets and writes NAME_methods.png side by side.
     """
     import camlens
-    from camlens.backends.torch import PRECISIONS
+    from camlens.backends.base import PRECISION_NAMES
     from camlens.report import write_explanation
     from camlens.targets import COMBINE_MODES
 
@@ -119,7 +119,7 @@ def explain(
     _check_view(cmap, alpha)
     _check_common(device=device, top_k=top_k, max_pixels=max_pixels)
     _check_choice("--combine", combine, COMBINE_MODES)
-    _check_choice("--precision", precision, PRECISIONS)
+    _check_choice("--precision", precision, PRECISION_NAMES)
     if noise_smooth < 0 or max_overlays < 0:
         raise typer.BadParameter("--noise-smooth and --max-overlays must be >= 0")
     kw = dict(targets=targets, top_k=top_k, layer=list(layer) if layer else None,
@@ -245,11 +245,9 @@ def _is_model_error(err: BaseException) -> bool:
 
 
 def _is_oom(err: BaseException) -> bool:
-    import torch
+    from camlens.backends.base import is_out_of_memory  # MemoryError, or a loaded backend's (torch.OutOfMemoryError)
 
-    oom = getattr(torch, "OutOfMemoryError", None)
-    return isinstance(err, MemoryError) or (oom is not None and isinstance(err, oom)) or \
-        "out of memory" in str(err).lower()
+    return isinstance(err, MemoryError) or is_out_of_memory(err) or "out of memory" in str(err).lower()
 
 
 def _hint(m, crop: bool) -> str:
@@ -842,9 +840,10 @@ def _evaluate_options(items: List[str], methods: List[str], metrics: List[str]) 
 
 def torch_stack_masks(data, b: int):
     """(1, 2, H, W) bool masks of image b's two objects, in head order (shape, colour)."""
-    import torch
+    from camlens.backends.base import namespace
 
-    return torch.stack([data.masks["shape"][b], data.masks["colour"][b]])[None]
+    pair = [data.masks["shape"][b], data.masks["colour"][b]]
+    return namespace(*pair).stack(pair)[None, ...]
 
 
 @command()

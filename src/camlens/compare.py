@@ -9,6 +9,9 @@ For each pair ``(i, j)`` of an image's targets, with final maps ``m_i, m_j`` in 
   where target i's head pushes a region that target j's suppresses, negative for the reverse;
 * ``iou``      = IoU of the two top-``top`` fractions of pixels (default the top 20 %);
 * ``pearson``  = Pearson correlation of the two maps over pixels.
+
+Framework-free (array-API maths): the maps of any backend, torch tensors or NumPy arrays alike;
+the results are arrays of the same kind, on the same device.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any, Optional
 
-import torch
-from torch import Tensor
-
+from .backends.base import namespace, ops_for, to_float32
 from .explanation import Explanation
 from .postprocess import upsample
 from .errors import ConfigError
+
+Tensor = Any  # an array: a torch tensor, a NumPy array, ...
 
 __all__ = ["Agreement", "agreement", "agreement_summary", "top_fraction_mask", "pearson"]
 
@@ -40,6 +43,8 @@ class Agreement:
         iou: ``(B, P)``; pearson: ``(B, P)``.
         overlap: ``(B, P, H, W)``; only: ``(B, P, 2, H, W)``.
         conflict: ``(B, P, H, W)`` signed, in [-1, 1]; ``None`` when the method has no raw layer maps.
+
+    Arrays of the explanation's kind (torch tensors on its device, NumPy arrays, ...).
     """
 
     pairs: list[tuple[int, int]]
@@ -57,30 +62,56 @@ class Agreement:
             row = {"targets": [li, lj], "index": [i, j], "iou": round(float(self.iou[b, p]), 4),
                    "pearson": round(float(self.pearson[b, p]), 4)}
             if self.conflict is not None:
-                row["conflict_mass"] = round(float(self.conflict[b, p].abs().mean()), 4)
+                xp = namespace(self.conflict)
+                row["conflict_mass"] = round(float(xp.mean(xp.abs(self.conflict[b, p]))), 4)
             rows.append(row)
         return rows
+
+
+def _flat(x: Tensor, xp: Any) -> Tensor:
+    """``(..., H, W) -> (..., H * W)`` (a view where the layout allows it)."""
+    return xp.reshape(x, (*x.shape[:-2], x.shape[-2] * x.shape[-1]))
 
 
 def top_fraction_mask(maps: Tensor, top: float) -> Tensor:
     """Boolean masks ``(..., H, W)`` of each map's top ``top`` fraction of pixels (ties broken by order)."""
     if not 0.0 < top <= 1.0:
         raise ConfigError(f"top is a fraction in (0, 1], got {top}")
-    flat = maps.flatten(-2)
+    xp = namespace(maps)
+    flat = _flat(maps, xp)
     k = max(1, round(top * flat.shape[-1]))
-    idx = flat.topk(k, dim=-1).indices
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True)
-    return mask.view_as(maps)
+    return xp.reshape(ops_for(maps).top_mask(flat, k), maps.shape)
 
 
 def pearson(a: Tensor, b: Tensor) -> Tensor:
     """Pearson correlation over the last two dims; 0 where a map is constant."""
-    a = a.flatten(-2).double()
-    b = b.flatten(-2).double()
-    a = a - a.mean(-1, keepdim=True)
-    b = b - b.mean(-1, keepdim=True)
-    den = (a.norm(dim=-1) * b.norm(dim=-1))
-    return torch.where(den > 0, (a * b).sum(-1) / den.clamp_min(1e-300), torch.zeros_like(den)).float()
+    xp = namespace(a, b)
+    a = xp.astype(_flat(a, xp), xp.float64, copy=False)
+    b = xp.astype(_flat(b, xp), xp.float64, copy=False)
+    a = a - xp.mean(a, axis=-1, keepdims=True)
+    b = b - xp.mean(b, axis=-1, keepdims=True)
+    den = xp.linalg.vector_norm(a, axis=-1) * xp.linalg.vector_norm(b, axis=-1)
+    r = xp.where(den > 0, xp.sum(a * b, axis=-1) / xp.clip(den, min=1e-300), xp.zeros_like(den))
+    return xp.astype(r, xp.float32)
+
+
+def _iou(ti: Tensor, tj: Tensor, xp: Any) -> Tensor:
+    """IoU of bool masks ``(..., H, W)`` -> ``(...)`` float32 (0 for two empty masks)."""
+    inter = xp.astype(xp.sum(_flat(ti & tj, xp), axis=-1), xp.float32)
+    union = xp.astype(xp.sum(_flat(ti | tj, xp), axis=-1), xp.float32)
+    return inter / xp.clip(union, min=1.0)
+
+
+def _conflict(ri: Tensor, rj: Tensor, xp: Any) -> Tensor:
+    """``min(r_i⁺, r_j⁻) - min(r_j⁺, r_i⁻)`` of unit-peak raw maps."""
+    return (xp.minimum(xp.clip(ri, min=0), xp.clip(-rj, min=0))
+            - xp.minimum(xp.clip(rj, min=0), xp.clip(-ri, min=0)))
+
+
+def _indices(pairs: list[tuple[int, int]], like: Tensor) -> tuple[Tensor, Tensor]:
+    """The first and second target index of each pair, as integer arrays of ``like``'s kind and device."""
+    ops = ops_for(like)
+    return ops.asarray([i for i, _ in pairs], like=like), ops.asarray([j for _, j in pairs], like=like)
 
 
 def agreement(exp: Explanation, top: float = 0.2) -> Agreement:
@@ -94,31 +125,26 @@ def agreement(exp: Explanation, top: float = 0.2) -> Agreement:
     if T < 2:
         raise ConfigError("agreement needs at least two targets per image (try top_k=2 or several heads)")
     pairs = list(combinations(range(T), 2))
-    ii = torch.tensor([i for i, _ in pairs], device=exp.maps.device)
-    jj = torch.tensor([j for _, j in pairs], device=exp.maps.device)
-    mi, mj = exp.maps[:, ii], exp.maps[:, jj]  # (B, P, H, W)
-    ti, tj = top_fraction_mask(mi, top), top_fraction_mask(mj, top)
-    inter = (ti & tj).flatten(-2).sum(-1).float()
-    union = (ti | tj).flatten(-2).sum(-1).float()
-    iou = inter / union.clamp_min(1)
+    xp = namespace(exp.maps)
+    ii, jj = _indices(pairs, exp.maps)
+    mi, mj = xp.take(exp.maps, ii, axis=1), xp.take(exp.maps, jj, axis=1)  # (B, P, H, W)
+    iou = _iou(top_fraction_mask(mi, top), top_fraction_mask(mj, top), xp)
     conflict = None
     if exp.raws:
-        raws = [upsample(r.float(), (H, W)) for r in exp.raws.values()]
-        r = torch.stack(raws).mean(0)  # (B, T, H, W), layers averaged
-        r = _unit_peak(r)
-        ri, rj = r[:, ii], r[:, jj]
-        conflict = (torch.minimum(ri.clamp_min(0), (-rj).clamp_min(0))
-                    - torch.minimum(rj.clamp_min(0), (-ri).clamp_min(0)))
+        raws = [upsample(to_float32(r), (H, W)) for r in exp.raws.values()]
+        r = _unit_peak(xp.mean(xp.stack(raws), axis=0))  # (B, T, H, W), layers averaged
+        conflict = _conflict(xp.take(r, ii, axis=1), xp.take(r, jj, axis=1), xp)
     return Agreement(pairs=pairs, labels=[(exp.targets[0][i].label, exp.targets[0][j].label) for i, j in pairs],
-                     iou=iou, pearson=pearson(mi, mj), overlap=torch.minimum(mi, mj),
-                     only=torch.stack([mi * (1 - mj), mj * (1 - mi)], dim=2), conflict=conflict)
+                     iou=iou, pearson=pearson(mi, mj), overlap=xp.minimum(mi, mj),
+                     only=xp.stack([mi * (1 - mj), mj * (1 - mi)], axis=2), conflict=conflict)
 
 
 def _unit_peak(r: Tensor) -> Tensor:
     """``r / max|r|`` per map (last two axes), scale-free: a map of raw values around 1e-15 is scaled
     like one around 1 (no absolute floor); an all-zero map stays zero."""
-    peak = r.flatten(-2).abs().amax(-1)[..., None, None]
-    return torch.where(peak > 0, r / torch.where(peak > 0, peak, torch.ones_like(peak)), torch.zeros_like(r))
+    xp = namespace(r)
+    peak = xp.max(xp.abs(_flat(r, xp)), axis=-1)[..., None, None]
+    return xp.where(peak > 0, r / xp.where(peak > 0, peak, xp.ones_like(peak)), xp.zeros_like(r))
 
 
 def agreement_summary(exp: Explanation, top: float = 0.2, *, max_targets: Optional[int] = MAX_AGREEMENT_TARGETS,
@@ -143,30 +169,26 @@ def agreement_summary(exp: Explanation, top: float = 0.2, *, max_targets: Option
     if n < 2:
         return out
     pairs = list(combinations(range(n), 2))
-    maps = exp.maps[:, :n].float()
+    maps = to_float32(exp.maps[:, :n])
+    xp, ops = namespace(maps), ops_for(maps)
     tops = top_fraction_mask(maps, top)  # (B, n, H, W) bool
     r = None
     if exp.raws:
         r = None
         for raw in exp.raws.values():  # layers averaged, one at a time
-            u = upsample(raw[:, :n].float(), (H, W))
+            u = upsample(to_float32(raw[:, :n]), (H, W))
             r = u if r is None else r + u
         r = r / len(exp.raws)
         r = _unit_peak(r)
     for start in range(0, len(pairs), chunk):
         part = pairs[start:start + chunk]
-        ii = torch.tensor([i for i, _ in part], device=maps.device)
-        jj = torch.tensor([j for _, j in part], device=maps.device)
-        ti, tj = tops[:, ii], tops[:, jj]
-        inter = (ti & tj).flatten(-2).sum(-1).float()
-        union = (ti | tj).flatten(-2).sum(-1).float()
-        iou = (inter / union.clamp_min(1)).cpu()
-        pr = pearson(maps[:, ii], maps[:, jj]).cpu()
+        ii, jj = _indices(part, maps)
+        iou = ops.to_numpy(_iou(xp.take(tops, ii, axis=1), xp.take(tops, jj, axis=1), xp))
+        pr = ops.to_numpy(pearson(xp.take(maps, ii, axis=1), xp.take(maps, jj, axis=1)))
         cm = None
         if r is not None:
-            ri, rj = r[:, ii], r[:, jj]
-            cm = (torch.minimum(ri.clamp_min(0), (-rj).clamp_min(0))
-                  - torch.minimum(rj.clamp_min(0), (-ri).clamp_min(0))).abs().flatten(-2).mean(-1).cpu()
+            c = _conflict(xp.take(r, ii, axis=1), xp.take(r, jj, axis=1), xp)
+            cm = ops.to_numpy(xp.mean(_flat(xp.abs(c), xp), axis=-1))
         for p, (i, j) in enumerate(part):
             for b in range(B):
                 row = {"targets": [exp.targets[b][i].label, exp.targets[b][j].label], "index": [i, j],

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
 
+from .backends.base import namespace, ops_for, to_float32
 from .errors import MissingDependencyError
 
 __all__ = ["DEMO_IMAGES", "run_demo"]
@@ -68,7 +68,8 @@ def run_shapes_demo(out_dir: Path, *, n: int = 4, seed: int = 123, device: Optio
     exp = camlens.explain(m, x)  # targets=None: the top class of every head
     display = m.to_display(x)
     exp.display = display
-    masks = torch.stack([torch.stack([data.masks[str(tg.head)][b] for tg in exp.targets[b]]) for b in range(n)])
+    xp = namespace(data.masks["shape"])
+    masks = xp.stack([xp.stack([data.masks[str(tg.head)][b] for tg in exp.targets[b]]) for b in range(n)])
     hits, _ = pointing_game(exp.maps, masks, tolerance=0)  # (n, T): the map's maximum on the object
     rows = []
     for b in range(n):
@@ -79,8 +80,10 @@ def run_shapes_demo(out_dir: Path, *, n: int = 4, seed: int = 123, device: Optio
         rows.append(row)
     labels = [f"{tg.label} p={float(exp.probs[0, t]):.2f}" for t, tg in enumerate(exp.targets[0])]
     big = np.kron(display[0], np.ones((4, 4, 1), dtype=np.uint8))  # 64 px -> 256 px for the picture
-    maps = torch.nn.functional.interpolate(exp.maps[:1].float(), scale_factor=4, mode="bilinear")[0]
-    save_png(out_dir / "shapes_composite.png", composite_figure(big, maps.cpu().numpy(), labels,
+    first = to_float32(exp.maps[:1])
+    ops = ops_for(first)
+    maps = ops.resize(first, (4 * first.shape[-2], 4 * first.shape[-1]))[0]  # bilinear, half-pixel centres
+    save_png(out_dir / "shapes_composite.png", composite_figure(big, ops.to_numpy(maps), labels,
                                                                  title="shapes-2head: one hue per head"))
     write_report([exp], out_dir / "shapes_report.html", names=["shapes"],
                  categories=m.categories, title="camlens · shapes-2head · Grad-CAM per head")

@@ -13,108 +13,105 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
-from .backends.base import Backend, get_backend
-from .backends.torch import Layout, autocast, model_device
-from .errors import ConfigTypeError, InputError, InputTypeError, ModelRuntimeError, NonFiniteScoresError, TargetError
+from .backends.base import Backend, get_backend, namespace, ops_for
+from .errors import InputError, NonFiniteScoresError, TargetError
 from .methods import Method, MethodContext, MethodOutput
 from .postprocess import as_float, clip_quantile, normalize, process, to_float32
-from .targets import Categories, ResolvedTarget, combine_targets, resolve_targets, split_outputs
+from .targets import Categories, ResolvedTarget, combine_targets, is_array, resolve_targets, split_outputs
+
+Tensor = Any  # an array of the model's backend
 
 __all__ = ["prepare", "outside_inference_mode", "check_model_tensors", "match_dtype", "check_scores",
            "target_scores", "Pass", "run_pass", "finish", "finish_maps", "noise_smoothed", "aug_smoothed"]
 
 
+def _is_loaded(model: Any) -> bool:
+    """A :class:`camlens.models.LoadedModel`-like wrapper (a model plus its preprocessing)."""
+    return hasattr(model, "model") and hasattr(model, "preprocess") and not hasattr(model, "named_modules")
+
+
+def _is_numpy(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "numpy"
+
+
 def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
     """Accept a :class:`camlens.models.LoadedModel`: preprocess images, default layer and class names.
 
-    Also checks the input tensor: floating point (a uint8 tensor given with a LoadedModel is
-    preprocessed as images), finite, not an inference tensor (cloned), shape ``(B, C, H, W)``.
+    Also checks the input array (through the model's backend): floating point (a uint8 tensor given
+    with a LoadedModel is preprocessed as images), finite, not an inference tensor (copied), shape
+    ``(B, C, H, W)``. Returns ``(model, inputs, layer, categories, display)``.
     """
     display = None
-    if hasattr(model, "model") and hasattr(model, "preprocess") and not isinstance(model, nn.Module):
-        if isinstance(inputs, Tensor) and inputs.dtype == torch.uint8 and inputs.ndim in (3, 4) \
-                and inputs.shape[-3] == 3:  # uint8 (B, 3, H, W) images: preprocess them like arrays
-            inputs = list(inputs.reshape(-1, *inputs.shape[-3:]).permute(0, 2, 3, 1).cpu().numpy())
-        if not isinstance(inputs, Tensor):
+    if _is_loaded(model):
+        inputs = get_backend(model.model).images_in(inputs)
+        if not is_array(inputs) or _is_numpy(inputs):  # paths, PIL / NumPy images, lists: preprocessed
             inputs = model.preprocess(inputs)
             display = model.to_display(inputs) if hasattr(model, "to_display") else None
         layer = layer if layer is not None else getattr(model, "default_layer", None)
         categories = categories if categories is not None else getattr(model, "categories", None)
         model = model.model
-    if not isinstance(model, nn.Module):
-        raise ConfigTypeError(f"model must be an nn.Module or a camlens LoadedModel, got {type(model).__name__}")
-    if not isinstance(inputs, Tensor):
-        raise InputTypeError(f"inputs must be a tensor (B, 3, H, W) for a plain nn.Module, got {type(inputs).__name__}; "
-                        "preprocess images first, or pass a camlens.models.load(...) object as the model")
-    if not inputs.is_floating_point():
-        kind = "a uint8 image tensor" if inputs.dtype == torch.uint8 else f"a {inputs.dtype} tensor"
-        raise InputTypeError(f"inputs is {kind}, but models take float inputs: convert to float and normalise as the "
-                        "model expects (e.g. x.float() / 255, then the model's mean/std), or pass a "
-                        "camlens.models.load(...) object as the model, which preprocesses uint8 images")
-    if inputs.is_inference():  # made under torch.inference_mode(): a normal copy can record gradients
-        inputs = inputs.clone()
+    inputs = get_backend(model).check_inputs(inputs)
     if inputs.ndim == 3:
-        inputs = inputs.unsqueeze(0)
+        inputs = inputs[None]
         if display is not None and display.ndim == 3:
             display = display[None]
     if inputs.ndim != 4:
         raise InputError(f"inputs must have shape (B, C, H, W), got {tuple(inputs.shape)}")
     # NaN/Inf make the sum non-finite (one cheap reduction); only then (or on overflow) the full test
-    if not math.isfinite(float(inputs.detach().sum())) and not bool(torch.isfinite(inputs).all()):
-        bad = (~torch.isfinite(inputs.flatten(1)).all(1)).nonzero().flatten().tolist()
-        raise InputError(f"inputs contain NaN/Inf in image(s) {bad}: their maps and scores would be NaN; fix or "
-                         "drop those images (e.g. torch.nan_to_num) before explaining")
+    xp, ops = namespace(inputs), ops_for(inputs)
+    if not math.isfinite(float(xp.sum(ops.detach(inputs)))):
+        finite = xp.all(xp.reshape(xp.isfinite(inputs), (inputs.shape[0], -1)), axis=1)
+        bad = [b for b, ok in enumerate(ops.to_list(finite)) if not ok]
+        if bad:
+            raise InputError(f"inputs contain NaN/Inf in image(s) {bad}: their maps and scores would be NaN; fix or "
+                             "drop those images (e.g. torch.nan_to_num) before explaining")
     return model, inputs, layer, categories, display
 
 
+def _model_of(args: tuple, kwargs: dict) -> Any:
+    model = args[0] if args else kwargs.get("model")
+    return model.model if _is_loaded(model) else model
+
+
 def outside_inference_mode(fn: Any) -> Any:
-    """Run ``fn`` with inference mode off: under ``torch.inference_mode()`` no graph can be recorded,
-    so gradient methods would fail (inference tensors among the inputs are cloned by :func:`prepare`)."""
+    """Run ``fn`` (whose first argument is the model) in the framework modes a call needs: for
+    torch, inference mode off — under ``torch.inference_mode()`` no graph can be recorded, so
+    gradient methods would fail (inference tensors among the inputs are copied by :func:`prepare`)."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_inference_mode_enabled():
+        try:
+            bk = get_backend(_model_of(args, kwargs))
+        except Exception:  # not a model camlens knows: fn itself raises the clear error
             return fn(*args, **kwargs)
-        with torch.inference_mode(False):
+        with bk.call_context():
             return fn(*args, **kwargs)
     return wrapper
 
 
-def check_model_tensors(net: nn.Module) -> None:
-    """A model whose weights were made under ``torch.inference_mode()`` cannot be differentiated."""
-    for name, t in [*net.named_parameters(), *net.named_buffers()]:
-        if t.is_inference():
-            raise ModelRuntimeError(f"the model's tensor {name!r} is an inference tensor (the model was created or loaded "
-                               "under torch.inference_mode()), so no gradients can flow through it; create / load the "
-                               "model outside inference mode, or clone its state: "
-                               "model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})")
+def check_model_tensors(net: Any, err: Optional[BaseException] = None) -> None:
+    """Name the cause of a framework failure when it can be named (torch: a model whose weights
+    are inference tensors cannot be differentiated); otherwise return."""
+    get_backend(net).explain_failure(err if err is not None else RuntimeError("inference tensor"), net)
 
 
-def match_dtype(net: nn.Module, x: Tensor, precision: str) -> Tensor:
-    """Inputs on the model's device, in the dtype of its floating-point parameters (e.g. float64
+def match_dtype(net: Any, x: Tensor, precision: str) -> Tensor:
+    """Inputs on the model's device, in the dtype of its floating-point weights (e.g. float64
     images for a float32 model, float32 for a ``.half()`` one). Under fp16/bf16 autocast the
     input is left to autocast (float64 becomes float32)."""
-    first = next(net.parameters(), None)
-    dev = first.device if first is not None else model_device(net)
-    dtype = first.dtype if first is not None and first.is_floating_point() else \
-        next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
-    if dtype is None or x.dtype == dtype:
-        return x if x.device == dev else x.to(dev)
-    if precision == "fp32":
-        return x.to(dev, dtype)
-    return x.to(dev, torch.float32) if x.dtype == torch.float64 else x.to(dev)
+    return get_backend(net).to_model_input(net, x, precision)
 
 
 def check_scores(scores: Tensor, rows: list[list[ResolvedTarget]]) -> None:
     """The model's scores for finite inputs must be finite: name the images and targets that are not."""
-    if scores.numel() <= 256 and all(map(math.isfinite, scores.detach().view(-1).tolist())):
+    ops = ops_for(scores)
+    if math.prod(scores.shape) <= 256 and all(map(math.isfinite, ops.to_list(scores))):
         return  # a few scores: one copy to the host (on a GPU the same one sync as .any())
-    bad = ~torch.isfinite(scores.detach())
-    if bool(bad.any()):
-        where = bad.nonzero().tolist()
+    xp = namespace(scores)
+    bad = ~xp.isfinite(ops.detach(scores))
+    if bool(xp.any(bad)):
+        T = scores.shape[1]
+        where = [(i // T, i % T) for i, v in enumerate(ops.to_list(bad)) if v]
         items = ", ".join(f"image {b} target {rows[b][t].label!r}" for b, t in where[:8])
         more = f" and {len(where) - 8} more" if len(where) > 8 else ""
         raise NonFiniteScoresError(f"the model returned NaN/Inf scores for finite inputs: {items}{more}; the model "
@@ -133,14 +130,16 @@ def class_scores(rows: list[list[ResolvedTarget]], heads: dict) -> Optional[Tens
             if h is None or tg.cls is None or h.ndim != 2 or h.shape[0] != B or not 0 <= tg.cls < h.shape[1]:
                 return None
             idx.setdefault(tg.head, [[-1] * len(row) for _ in range(B)])[b][t] = tg.cls
+    first = heads[next(iter(idx))]
+    xp, ops = namespace(first), ops_for(first)
     if len(idx) == 1:  # one head: every index is valid, one gather
         k, cls = next(iter(idx.items()))
-        return heads[k].gather(1, torch.tensor(cls, device=heads[k].device))
+        return xp.take_along_axis(heads[k], ops.asarray(cls, like=heads[k]), axis=1)
     out = None
     for k, cls in idx.items():
-        c = torch.tensor(cls, device=heads[k].device)
-        s = heads[k].gather(1, c.clamp_min(0))
-        out = torch.where(c >= 0, s, 0 if out is None else out)
+        c = ops.asarray(cls, like=heads[k])
+        s = xp.take_along_axis(heads[k], xp.clip(c, min=0), axis=1)
+        out = xp.where(c >= 0, s, xp.zeros_like(s) if out is None else out)
     return out
 
 
@@ -162,11 +161,11 @@ def target_scores(rows: list[list[ResolvedTarget]], heads: dict, output: Any) ->
                 if c not in cache:
                     cache[c] = c.score(heads, output)
                 parts.append(cache[c][b])
-            s = torch.stack(parts)
+            s = namespace(*parts).stack(parts)
         if s.shape[0] != B:
             raise TargetError(f"target {col[0].label!r} gave {s.shape[0]} scores for a batch of {B}")
         cols.append(s)
-    return torch.stack(cols, dim=1)
+    return namespace(*cols).stack(cols, axis=1)
 
 
 @dataclass
@@ -180,9 +179,9 @@ class Pass:
     components: list[list[ResolvedTarget]]
 
 
-def run_pass(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method, opts: dict,
+def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts: dict,
              categories: Categories, top_k: Optional[int], combine: str = "separate",
-             layout: Optional[Layout] = None, head_keys: Any = None, differentiable: bool = False,
+             layout: Optional[Any] = None, head_keys: Any = None, differentiable: bool = False,
              backend: Optional[Backend] = None) -> Pass:
     """One forward with the layers hooked, the batched backward if needed, then the method's math.
 
@@ -198,14 +197,14 @@ def run_pass(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method
     layout = layout if layout is not None else bk.layout(net, None, "fp32")
     with bk.capture(net, layers, grad=meth.needs_grads, linear=meth.needs_linear_head,
                     full_graph=differentiable) as cap:
-        with contextlib.nullcontext() if differentiable else torch.no_grad():
+        with contextlib.nullcontext() if differentiable else bk.graph(False):
             output = layout.run(x)
         bk.check_capture(cap, layers, net, x)  # one clear error for any method: (B, C, h, w) of this batch
         heads = split_outputs(output)
         components = resolve_targets(targets, heads, output, top_k=top_k, categories=categories, head_keys=head_keys)
         rows = combine_targets(components, heads, combine)
         acts = [cap.activations[n] for n in names]
-        with torch.enable_grad(), autocast(x.device, layout.precision):  # score fns must record a graph
+        with bk.graph(True), layout.autocast(x):  # score fns must record a graph
             scores = target_scores(rows, heads, output)
         check_scores(scores, rows)
         grads = None
@@ -213,23 +212,24 @@ def run_pass(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method
             cast = as_float if differentiable else to_float32
             grads = dict(zip(names, (cast(g) for g in bk.target_gradients(
                 scores, acts, names, [t.label for t in rows[0]], create_graph=differentiable))))
-    scores = as_float(scores) if differentiable else to_float32(scores.detach())
+    scores = as_float(scores) if differentiable else to_float32(bk.ops.detach(scores))
 
     def score_image(out: Any, b: int) -> Tensor:  # scores (N, T) of image b's targets on N outputs
         hs = split_outputs(out)
-        return torch.stack([tg.score(hs, out) for tg in rows[b]], dim=1)
+        cols = [tg.score(hs, out) for tg in rows[b]]
+        return namespace(*cols).stack(cols, axis=1)
 
-    acts_f = {n: as_float(a) if differentiable else to_float32(a.detach()) for n, a in zip(names, acts)}
+    acts_f = {n: as_float(a) if differentiable else to_float32(bk.ops.detach(a)) for n, a in zip(names, acts)}
 
     def linear_head(layer: str, head: Any) -> Tensor:  # the dense layer's weight (K, C) for GAP(layer) -> head
         return bk.linear_head(cap, heads[head], acts_f[layer], layer, net, str(head))
 
-    ctx = MethodContext(inputs=x.detach(), layers=names, modules=dict(layers), acts=acts_f, grads=grads, scores=scores,
+    ctx = MethodContext(inputs=bk.ops.detach(x), layers=names, modules=dict(layers), acts=acts_f, grads=grads, scores=scores,
                         targets=rows, runner=bk.runner(net, score_image, layout),
                         score_all=lambda out: target_scores(rows, split_outputs(out), out), options=opts,
                         xp=bk.xp, ops=bk.ops, heads=heads,
                         linear_head=linear_head if meth.needs_linear_head else None)
-    with torch.enable_grad() if differentiable else torch.no_grad():
+    with bk.graph(differentiable):
         result = meth.compute(ctx)
     if not result.raws and result.saliency is None:
         raise RuntimeError(f"method {meth.name!r} returned no maps")
@@ -242,24 +242,26 @@ def run_pass(net: nn.Module, x: Tensor, targets: Any, layers: list, meth: Method
 
 def finish(result: MethodOutput, size: Optional[tuple[int, int]], relu: bool, fuse: str) -> Tensor:
     """Method output -> maps ``(B, T, H, W)`` in [0, 1], without a graph."""
-    parts = [*(result.raws or {}).values(), result.saliency]
-    if not any(t is not None and t.requires_grad for t in parts):  # nothing to record: skip the grad-mode switch
+    parts = [t for t in (*(result.raws or {}).values(), result.saliency) if t is not None]
+    ops = ops_for(parts[0])
+    if not any(ops.has_graph(t) for t in parts):  # nothing to record: skip the grad-mode switch
         return finish_maps(result, size, relu, fuse)
-    with torch.no_grad():
-        return finish_maps(result, size, relu, fuse)
+    return finish_maps(result.__class__(raws={k: ops.detach(v) for k, v in result.raws.items()} if result.raws else None,
+                                        saliency=None if result.saliency is None else ops.detach(result.saliency),
+                                        pixel=result.pixel, clip=result.clip), size, relu, fuse)
 
 
 def finish_maps(result: MethodOutput, size: Optional[tuple[int, int]], relu: bool, fuse: str) -> Tensor:
     """:func:`finish` in the caller's grad mode (differentiable maps keep their graph)."""
     if result.raws:
         return process(list(result.raws.values()), size, use_relu=relu, fuse_how=fuse)  # type: ignore[arg-type]
-    sal = result.saliency.float()  # type: ignore[union-attr]
-    return normalize(clip_quantile(sal.clamp_min(0) if relu else sal, result.clip))
+    sal = to_float32(result.saliency)
+    return normalize(clip_quantile(namespace(sal).clip(sal, min=0) if relu else sal, result.clip))
 
 
-def noise_smoothed(net: nn.Module, x: Tensor, p: Pass, layers: list, meth: Method, opts: dict, n: int,
-                    sigma: float, seed: int, layout: Optional[Layout] = None, span: Optional[Tensor] = None,
-                    gen: Optional[torch.Generator] = None) -> MethodOutput:
+def noise_smoothed(net: Any, x: Tensor, p: Pass, layers: list, meth: Method, opts: dict, n: int,
+                    sigma: float, seed: int, layout: Optional[Any] = None, span: Optional[Tensor] = None,
+                    gen: Optional[Any] = None) -> MethodOutput:
     """SmoothGrad-style: the method's raw output averaged over ``n`` noisy copies of each image.
 
     Noise ``N(0, (sigma * (max x_b - min x_b))^2)`` per image; the n*B copies run as one batch
@@ -267,15 +269,17 @@ def noise_smoothed(net: nn.Module, x: Tensor, p: Pass, layers: list, meth: Metho
     each tile its whole image's ``span`` ``(B, 1, 1, 1)`` and one generator ``gen`` for all tiles.
     """
     B = x.shape[0]
-    gen = gen if gen is not None else torch.Generator(device=x.device).manual_seed(seed)
+    xp, ops = namespace(x), ops_for(x)
+    gen = gen if gen is not None else ops.generator(seed, x)
     if span is None:
-        span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(B, 1, 1, 1)
-    noisy = x.repeat(n, 1, 1, 1)  # copy i of image b at index i * B + b
-    noisy = noisy + torch.randn(noisy.shape, generator=gen, device=x.device, dtype=x.dtype) * (sigma * span).repeat(n, 1, 1, 1)
+        flat = xp.reshape(x, (B, -1))
+        span = xp.reshape(xp.max(flat, axis=1) - xp.min(flat, axis=1), (B, 1, 1, 1))
+    noisy = xp.tile(x, (n, 1, 1, 1))  # copy i of image b at index i * B + b
+    noisy = noisy + ops.random(noisy.shape, gen, x, normal=True) * xp.tile(sigma * span, (n, 1, 1, 1))
     q = run_pass(net, noisy, p.rows * n, layers, meth, opts, None, None, layout=layout).result
 
     def avg(t: Optional[Tensor]) -> Optional[Tensor]:
-        return None if t is None else t.reshape(n, B, *t.shape[1:]).mean(0)
+        return None if t is None else xp.mean(xp.reshape(t, (n, B, *t.shape[1:])), axis=0)
 
     return MethodOutput(raws={k: avg(v) for k, v in q.raws.items()} if q.raws else None,  # type: ignore[misc]
                         saliency=avg(q.saliency), pixel=avg(q.pixel), clip=q.clip)
@@ -284,8 +288,8 @@ def noise_smoothed(net: nn.Module, x: Tensor, p: Pass, layers: list, meth: Metho
 AUG_SCALES = (1.0, 1.1, 0.9)
 
 
-def aug_smoothed(net: nn.Module, x: Tensor, p: Pass, layers: list, meth: Method, opts: dict, maps: Tensor,
-                  size: Optional[tuple[int, int]], relu: bool, fuse: str, layout: Optional[Layout] = None,
+def aug_smoothed(net: Any, x: Tensor, p: Pass, layers: list, meth: Method, opts: dict, maps: Tensor,
+                  size: Optional[tuple[int, int]], relu: bool, fuse: str, layout: Optional[Any] = None,
                   maps_of: Optional[Any] = None) -> Tensor:
     """Test-time augmentation: maps of horizontally flipped and rescaled (x1.1, x0.9) inputs, each
     mapped back in place (resized back, flipped back), averaged with the plain maps and min-maxed.
@@ -293,22 +297,23 @@ def aug_smoothed(net: nn.Module, x: Tensor, p: Pass, layers: list, meth: Method,
     ``maps_of(xa) -> (B, T, h, w)`` computes the maps of an augmented batch (default: one pass and
     :func:`finish`; tiling passes its own tiled explanation, so the two compose)."""
     H, W = maps.shape[-2:]
-    total = maps.clone()
+    xp, ops = namespace(x), ops_for(x)
+    total = xp.asarray(maps, copy=True)
     count = 1
     for flip in (False, True):
         for scale in AUG_SCALES:
             if not flip and scale == 1.0:
                 continue
-            xa = torch.flip(x, dims=(-1,)) if flip else x
+            xa = xp.flip(x, axis=-1) if flip else x
             if scale != 1.0:
                 hw = (max(8, round(x.shape[-2] * scale)), max(8, round(x.shape[-1] * scale)))
-                xa = F.interpolate(xa, size=hw, mode="bilinear", align_corners=False)
+                xa = ops.resize(xa, hw)
             if maps_of is not None:
                 m = maps_of(xa)
             else:
                 q = run_pass(net, xa, p.rows, layers, meth, opts, None, None, layout=layout).result
                 m = finish(q, tuple(xa.shape[-2:]) if size is not None else None, relu, fuse)
-            m = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False) if m.shape[-2:] != (H, W) else m
-            total += torch.flip(m, dims=(-1,)) if flip else m
+            m = ops.resize(m, (H, W)) if tuple(m.shape[-2:]) != (H, W) else m
+            total = total + (xp.flip(m, axis=-1) if flip else m)
             count += 1
     return normalize(total / count, warn=False)

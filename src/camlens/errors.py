@@ -21,7 +21,7 @@ caught the built-in types before keeps working.
 from __future__ import annotations
 
 __all__ = [
-    "CamlensError", "ConfigError", "ConfigTypeError", "MissingFileError",
+    "CamlensError", "ConfigError", "ConfigTypeError", "ConfigKeyError", "MissingFileError",
     "ModelError", "ModelTypeError", "ModelRuntimeError", "NonFiniteScoresError",
     "LayerError", "LayerNotFoundError", "LayerTypeError", "LayerRuntimeError",
     "TargetError", "TargetTypeError", "TargetIndexError", "TargetKeyError",
@@ -39,6 +39,13 @@ class ConfigError(CamlensError, ValueError):
 
 class ConfigTypeError(ConfigError, TypeError):
     """An option or argument has a type camlens cannot use."""
+
+
+class ConfigKeyError(ConfigError, KeyError):
+    """A name (a dtype, a backend, ...) the framework or camlens does not know."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class MissingFileError(ConfigError, FileNotFoundError):

@@ -6,12 +6,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
-import torch
-from torch import Tensor
-
 from .api import explain
-from .backends.torch import Runner, model_device, model_state
-from .engine import outside_inference_mode, prepare
+from .backends.base import get_backend, namespace, ops_for, to_float32
+from .engine import match_dtype, outside_inference_mode, prepare
 from .errors import ConfigError, InputError, TargetError
 from .explanation import Explanation
 from .metrics import EvalContext, Metric, get_metric, mean_sem
@@ -19,6 +16,8 @@ from .registry import check_options
 from .targets import ResolvedTarget, resolve_targets, split_outputs
 
 __all__ = ["evaluate", "Scores", "DEFAULT_METRICS"]
+
+Tensor = Any  # an array of the model's backend
 
 DEFAULT_METRICS = ("deletion", "insertion", "average_drop")
 
@@ -54,13 +53,13 @@ class Scores(Mapping):
         return rows
 
 
-def _per_target(t: Optional[Tensor], B: int, T: int, what: str, tail: tuple[int, ...]) -> Optional[Tensor]:
-    """Broadcast ``(B, *tail)`` or ``(B, T, *tail)`` ground truth to ``(B, T, *tail)``."""
+def _per_target(t: Optional[Tensor], B: int, T: int, what: str, tail: tuple[int, ...], like: Any) -> Optional[Tensor]:
+    """Broadcast ``(B, *tail)`` or ``(B, T, *tail)`` ground truth to ``(B, T, *tail)`` (arrays like ``like``)."""
     if t is None:
         return None
-    t = torch.as_tensor(t)
+    t = ops_for(like).asarray(t, like=like)
     if t.ndim == 1 + len(tail):
-        t = t[:, None].expand(B, T, *t.shape[1:])
+        t = namespace(t).broadcast_to(t[:, None], (B, T, *t.shape[1:]))
     if t.shape[:2] != (B, T) or (tail and tuple(t.shape[2:]) != tail and tail != (-1,)):
         raise InputError(f"{what} must have shape (B, {', '.join(map(str, tail))}) or (B, T, ...) with B={B}, "
                          f"T={T}; got {tuple(t.shape)}")
@@ -71,8 +70,8 @@ def _probability(tg: ResolvedTarget, heads: Mapping, output: Any) -> Tensor:
     """Softmax probability of ``tg``'s class on its head (raw score for other targets), ``(N,)``."""
     h = heads[tg.head]
     if tg.fn is None and tg.cls is not None and h.ndim == 2 and h.shape[1] > 1:
-        return h.float().softmax(1)[:, tg.cls]
-    return tg.score(heads, output).float()
+        return ops_for(h).softmax(to_float32(h), axis=1)[:, tg.cls]
+    return to_float32(tg.score(heads, output))
 
 
 @outside_inference_mode
@@ -101,9 +100,11 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
     """
     net, x, _, categories, _ = prepare(model, inputs, None, None)
     checked = _checked_options(options, metrics)  # before the model runs
-    x = x.to(model_device(net))
+    bk = get_backend(net)
+    x = match_dtype(net, x, "fp32")
+    xp, ops = namespace(x), ops_for(x)
     explain_fn: Optional[Callable[..., Tensor]] = None
-    with model_state(net, eval_mode=eval_mode):
+    with bk.session(net, eval_mode=eval_mode):
         if isinstance(explanation, Explanation):
             maps, rows = explanation.maps, explanation.targets
             exp = explanation
@@ -114,10 +115,10 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
 
             explain_fn = reexplain
         else:
-            maps = torch.as_tensor(explanation)
+            maps = ops.asarray(explanation, like=x)
             if targets is None:
                 raise ConfigError("a plain map tensor needs targets= (what each of its T maps explains)")
-            with torch.no_grad():
+            with bk.graph(False):
                 out = net(x)
             rows = resolve_targets(targets, split_outputs(out), out, categories=categories, head_keys=heads)
         if maps.ndim != 4 or maps.shape[0] != x.shape[0] or maps.shape[-2:] != x.shape[-2:]:
@@ -129,18 +130,19 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
 
         def prob_fn(out: Any, b: int) -> Tensor:
             hs = split_outputs(out)
-            return torch.stack([_probability(tg, hs, out) for tg in rows[b]], dim=1)
+            return xp.stack([_probability(tg, hs, out) for tg in rows[b]], axis=1)
 
         def score_fn(out: Any, b: int) -> Tensor:
             hs = split_outputs(out)
-            return torch.stack([tg.score(hs, out) for tg in rows[b]], dim=1)
+            return xp.stack([tg.score(hs, out) for tg in rows[b]], axis=1)
 
-        prob_runner, score_runner = Runner(net, prob_fn), Runner(net, score_fn)
-        ctx = EvalContext(model=net, inputs=x, maps=maps.to(x.device).float(), targets=rows,
+        layout = bk.layout(net, None, "fp32")
+        prob_runner, score_runner = bk.runner(net, prob_fn, layout), bk.runner(net, score_fn, layout)
+        ctx = EvalContext(model=net, inputs=x, maps=to_float32(ops.asarray(maps, like=x)), targets=rows, backend=bk,
                           probs=lambda xs, b: prob_runner.scores(xs, b, batch_size),
                           scores=lambda xs, b: score_runner.scores(xs, b, batch_size),
-                          masks=_per_target(masks, B, T, "masks", tuple(x.shape[-2:])),
-                          boxes=_per_target(boxes, B, T, "boxes", (4,)), batch_size=batch_size,
+                          masks=_per_target(masks, B, T, "masks", tuple(x.shape[-2:]), x),
+                          boxes=_per_target(boxes, B, T, "boxes", (4,), x), batch_size=batch_size,
                           explain=explain_fn, options=checked)
         result = Scores(values={})
         for name in metrics:

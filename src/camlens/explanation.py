@@ -22,6 +22,10 @@ float8 as float32, complex32 as complex64) and cast back on load, bit for bit.
 
 Score functions cannot be saved: such a target loads as a :class:`LoadedTarget` with ``fn=None``
 and ``has_fn=True``; its ``head``, ``cls``, ``label`` and ``head_only`` are kept.
+
+Framework-free: the arrays are any backend's (torch tensors, NumPy arrays); what a file entry needs
+from the framework it came from (its host values, dtype and device names, and the way back) is the
+backend's :meth:`~camlens.backends.base.Ops.to_file` / :meth:`~camlens.backends.base.Ops.from_file`.
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from .errors import InputError, InputFileNotFoundError, InputTypeError, TargetError
-from .targets import ResolvedTarget
+from .backends.base import available_backends, ops_for, ops_named, to_float32
+from .errors import ConfigError, InputError, InputFileNotFoundError, InputTypeError, TargetError
+from .targets import ResolvedTarget, is_array
+
+Tensor = Any  # an array: a torch tensor, a NumPy array, ...
 
 __all__ = ["Explanation", "load", "LoadedTarget", "FORMAT", "FORMAT_VERSION"]
 
@@ -125,10 +130,10 @@ class Explanation:
     def numpy(self) -> dict[str, Any]:
         """NumPy copies: ``maps``, ``raw``, ``scores``, ``probs`` (float32) and ``labels``."""
         return {
-            "maps": self.maps.detach().float().cpu().numpy(),
-            "raw": self.raw.detach().float().cpu().numpy(),
-            "scores": self.scores.detach().float().cpu().numpy(),
-            "probs": self.probs.detach().float().cpu().numpy(),
+            "maps": _host_float32(self.maps),
+            "raw": _host_float32(self.raw),
+            "scores": _host_float32(self.scores),
+            "probs": _host_float32(self.probs),
             "labels": self.labels,
         }
 
@@ -177,6 +182,13 @@ class LoadedTarget(ResolvedTarget):
                            "(functions cannot be); explain the model again with the function to recompute it")
 
 
+def _host_float32(x: Any) -> np.ndarray:
+    """``x`` as a float32 NumPy array, detached (cast on its device first, then one copy to the host;
+    a CPU float32 array is not copied)."""
+    ops = ops_for(x)
+    return ops.to_numpy(to_float32(ops.detach(x)))
+
+
 # ----------------------------------------------------------------------------------------------
 # saving
 
@@ -195,21 +207,13 @@ def _tensor_array(name: str, t: Any, specs: dict[str, dict]) -> np.ndarray:
             raise InputTypeError(f"cannot save {name!r}: it is an object array (dtype {t.dtype}); only numeric arrays "
                             "can be saved")
         return t
-    if not isinstance(t, Tensor):
+    if not is_array(t):
         raise InputTypeError(f"cannot save {name!r}: expected a tensor, got {type(t).__name__}")
-    c = t.detach().cpu().resolve_conj().resolve_neg()
-    if c.layout != torch.strided:
-        c = c.to_dense()
-    if c.dtype == torch.bfloat16 or (c.is_floating_point() and c.element_size() == 1):
-        a = c.float().numpy()  # bf16 / float8 -> float32 is exact
-    elif c.dtype == torch.complex32:
-        a = c.to(torch.complex64).numpy()
-    else:
-        try:
-            a = c.numpy()
-        except TypeError as e:
-            raise InputTypeError(f"cannot save {name!r}: NumPy has no dtype for {t.dtype}") from e
-    specs[name] = {"dtype": str(t.dtype), "device": str(t.device), "shape": list(t.shape), "stored_as": str(a.dtype)}
+    try:
+        a, dtype, device = ops_for(t).to_file(t)  # host values (bf16 / float8 widened), dtype / device names
+    except TypeError as e:
+        raise InputTypeError(f"cannot save {name!r}: {e}") from e
+    specs[name] = {"dtype": dtype, "device": device, "shape": list(t.shape), "stored_as": str(a.dtype)}
     return a
 
 
@@ -297,32 +301,22 @@ class _FileError(InputError):
     """A file :func:`load` refuses, with a message naming it."""
 
 
-def _torch_dtype(name: str) -> Optional[torch.dtype]:
-    """``"torch.float16"`` -> ``torch.float16``; ``None`` for a name this PyTorch does not know."""
-    if not name.startswith("torch."):
-        return None
-    d = getattr(torch, name[len("torch."):], None)
-    return d if isinstance(d, torch.dtype) else None
-
-
-def _restore(name: str, a: np.ndarray, spec: dict, device: torch.device, where: str) -> Any:
-    """An array of the file back as saved: a tensor of its original dtype on ``device`` (or the NumPy array)."""
+def _restore(name: str, a: np.ndarray, spec: dict, device: Any, where: str) -> Any:
+    """An array of the file back as saved: an array of its framework and original dtype on ``device``
+    (:meth:`Ops.from_file` of the framework its dtype name starts with, see
+    :func:`camlens.backends.base.ops_named`), or the NumPy array."""
     if list(a.shape) != list(spec.get("shape", a.shape)):
         raise _FileError(f"{where}: entry {name!r} has shape {list(a.shape)}, but the metadata says {spec['shape']}; "
                          "the file is damaged")
     dtype = str(spec.get("dtype", ""))
     if dtype.startswith("numpy."):
         return a
-    want = _torch_dtype(dtype)
-    if want is None:
-        raise _FileError(f"{where}: entry {name!r} has dtype {dtype!r}, unknown to this PyTorch {torch.__version__}")
-    if want == torch.bfloat16 and a.dtype == np.float32:
-        bits = np.ascontiguousarray(a).view(np.uint32)
-        if not (bits & 0xFFFF).any():  # float32 widened from bf16: its top 16 bits are the bf16, bit for bit
-            t = torch.from_numpy((bits >> 16).astype(np.uint16).view(np.int16)).view(torch.bfloat16)
-            return t.to(device)
-    t = torch.from_numpy(np.array(a, copy=True))
-    return t.to(device=device, dtype=want)
+    framework = dtype.split(".")[0]  # "torch.float32" -> "torch"; any other name: the default backend's (torch) to judge
+    ops = ops_named(framework if framework in available_backends() else None)
+    try:
+        return ops.from_file(a, dtype, device)
+    except LookupError as e:  # a dtype name that framework does not know
+        raise _FileError(f"{where}: entry {name!r} has dtype {dtype!r}, {e.args[0] if e.args else e}") from None
 
 
 def _decode_rows(rows: Optional[list], where: str) -> Optional[list[list[ResolvedTarget]]]:
@@ -341,15 +335,15 @@ def _decode_rows(rows: Optional[list], where: str) -> Optional[list[list[Resolve
         raise _FileError(f"{where}: its targets metadata is malformed ({e!r}); the file is damaged") from e
 
 
-def load(path: Union[str, os.PathLike], device: Union[str, torch.device, None] = None) -> "Explanation":
+def load(path: Union[str, os.PathLike], device: Any = None) -> "Explanation":
     """Read an explanation written by :meth:`Explanation.save` (NOT :func:`camlens.models.load`,
     which loads a model).
 
     Args:
         path: the ``.npz`` file. As in :meth:`Explanation.save`, ``".npz"`` is appended to a name
             that does not end with it, unless a file of exactly that name exists.
-        device: where the tensors go; default CPU (the devices they were saved from are in the
-            file's metadata).
+        device: where the tensors go (a device name or the framework's device object); default
+            CPU (the devices they were saved from are in the file's metadata).
 
     Returns:
         An :class:`Explanation` whose tensors equal the saved ones bit for bit, in their saved
@@ -358,6 +352,11 @@ def load(path: Union[str, os.PathLike], device: Union[str, torch.device, None] =
         a uint8 NumPy ``(B, H, W, 3)``; ``heads`` keyed as saved. A target that had a score
         function is a :class:`LoadedTarget` with ``fn=None``, ``has_fn=True``. ``options`` values
         JSON could not hold are their ``repr`` strings.
+
+        Tensors are arrays of the framework they were saved from (torch tensors for
+        :func:`camlens.explain`'s explanations), NumPy arrays for NumPy ones. Without that framework
+        installed, its entries load as NumPy arrays of the same values (a dtype NumPy lacks as the one
+        it was stored as, e.g. bfloat16 as float32), and ``device`` must be left unset.
 
     Raises:
         FileNotFoundError: no such file.
@@ -375,7 +374,6 @@ def load(path: Union[str, os.PathLike], device: Union[str, torch.device, None] =
     if not zipfile.is_zipfile(p):
         raise _FileError(f"{where} is not a camlens explanation: not an .npz (zip) file (it starts with {head!r}); "
                          "save one with exp.save(path)")
-    dev = torch.device("cpu") if device is None else torch.device(device)
     try:
         with np.load(p, allow_pickle=False) as z:
             names = list(z.files)
@@ -405,10 +403,10 @@ def load(path: Union[str, os.PathLike], device: Union[str, torch.device, None] =
             missing = [k for k in specs if k not in names]
             if missing:
                 raise _FileError(f"{where}: entries {missing} named in its metadata are missing; the file is damaged")
-            data = {k: _restore(k, z[k], specs[k], dev, where) for k in specs}
+            data = {k: _restore(k, z[k], specs[k], device, where) for k in specs}
     except zipfile.BadZipFile as e:
         raise _FileError(f"{where} is not a readable .npz file ({e}); the file is damaged") from e
-    except _FileError:
+    except (_FileError, ConfigError):  # (ConfigError: a device NumPy arrays cannot be placed on)
         raise
     except (KeyError, TypeError, AttributeError) as e:  # metadata of the wrong shape
         raise _FileError(f"{where}: its metadata is malformed ({e!r}); the file is damaged") from e

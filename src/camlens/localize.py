@@ -15,8 +15,10 @@ Conventions used throughout:
 * Coordinates are those of the map, i.e. of the model input (the resized image), not of the
   original file.
 
-Components are 8-connected (diagonal neighbours join). Everything takes tensors and returns
-tensors on the maps' device; labelling and GrabCut run on CPU copies.
+Components are 8-connected (diagonal neighbours join). Everything takes arrays of any backend
+(torch tensors, NumPy arrays; framework-free array-API maths) and returns arrays of the same kind on
+the maps' device; plain nested lists are read as the default backend's arrays (torch tensors when
+torch is installed, :func:`camlens.backends.base.default_array`). Labelling and GrabCut run on CPU copies.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import numpy as np
-import torch
 from scipy import ndimage
-from torch import Tensor
 
+from .backends.base import default_array, namespace, ops_for, to_float32
 from .errors import ConfigError, InputError
+from .targets import is_array
+
+Tensor = Any  # an array: a torch tensor, a NumPy array, ...
 
 __all__ = ["boxes_from_maps", "boxes_all_components", "masks_from_maps", "foreground_masks", "box_iou", "mask_iou",
            "draw_boxes", "cutout"]
@@ -36,9 +40,43 @@ __all__ = ["boxes_from_maps", "boxes_all_components", "masks_from_maps", "foregr
 _EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity for ndimage.label
 
 
+def _as_arrays(*xs: Any) -> list[Tensor]:
+    """``xs`` as arrays of one library: that of the first framework (non-NumPy) array among them, else
+    NumPy when one is a NumPy array, else the default backend's (:func:`default_array`); the others are
+    converted to it (on its device), as ``torch.as_tensor`` did."""
+    def numpy_or_plain(x: Any) -> bool:
+        return not is_array(x) or type(x).__module__.split(".")[0] == "numpy"
+
+    like = next((x for x in xs if not numpy_or_plain(x)), None)
+    if like is not None:
+        ops = ops_for(like)
+        return [ops.asarray(np.asarray(x), like=like) if numpy_or_plain(x) else x for x in xs]
+    if any(is_array(x) for x in xs):
+        return [np.asarray(x) for x in xs]
+    return [default_array(x) for x in xs]
+
+
+def _host(x: Any) -> Any:
+    """A NumPy array (or the object itself) for values that go to the host: arrays copied off their device."""
+    return ops_for(x).to_numpy(x) if is_array(x) else x
+
+
+def _flat(x: Tensor, xp: Any) -> Tensor:
+    """``(..., H, W) -> (..., H * W)``."""
+    return xp.reshape(x, (*x.shape[:-2], x.shape[-2] * x.shape[-1]))
+
+
+def _finite(maps: Tensor) -> Tensor:
+    """float32 maps with NaN read as 0 and +-inf as the largest / lowest float32 (``nan_to_num``)."""
+    maps = to_float32(maps)
+    xp = namespace(maps)
+    info = xp.finfo(maps.dtype)
+    return xp.clip(xp.where(xp.isnan(maps), xp.zeros_like(maps), maps), min=float(info.min), max=float(info.max))
+
+
 def _check_maps(maps: Tensor) -> Tensor:
-    if not isinstance(maps, Tensor):
-        maps = torch.as_tensor(np.asarray(maps))
+    if not is_array(maps):
+        maps = _as_arrays(maps)[0]
     if maps.ndim != 4:
         raise InputError(f"maps must be (B, T, H, W), got shape {tuple(maps.shape)}")
     return maps
@@ -58,28 +96,31 @@ def foreground_masks(maps: Tensor, threshold: float) -> Tensor:
         maps: ``(B, T, H, W)`` float maps (NaN is read as 0).
         threshold: fraction of each map's maximum, in [0, 1].
     """
-    maps = _check_maps(maps).float().nan_to_num(0.0)
+    maps = _finite(_check_maps(maps))
     threshold = _check_fraction("threshold", threshold)
-    peak = maps.flatten(-2).amax(-1)[..., None, None]  # (B, T, 1, 1)
-    ok = torch.isfinite(peak) & (peak > 0)
+    xp = namespace(maps)
+    peak = xp.max(_flat(maps, xp), axis=-1)[..., None, None]  # (B, T, 1, 1)
+    ok = xp.isfinite(peak) & (peak > 0)
     return (maps >= threshold * peak) & ok
 
 
 def _bbox(mask: Tensor) -> Tensor:
     """Box ``(..., 4)`` around the True pixels of bool ``(..., H, W)``; all-False gives the whole image."""
     H, W = mask.shape[-2:]
-    rows, cols = mask.any(-1), mask.any(-2)  # (..., H), (..., W)
+    xp, ops = namespace(mask), ops_for(mask)
+    rows, cols = xp.any(mask, axis=-1), xp.any(mask, axis=-2)  # (..., H), (..., W)
 
     def span(hit: Tensor, n: int) -> tuple[Tensor, Tensor]:
-        idx = torch.arange(n, device=hit.device)
-        lo = torch.where(hit, idx, n).amin(-1)
-        hi = torch.where(hit, idx + 1, 0).amax(-1)
-        empty = ~hit.any(-1)
-        return torch.where(empty, 0, lo), torch.where(empty, n, hi)
+        idx = ops.asarray(np.arange(n, dtype=np.int64), like=hit)
+        zero, full = ops.asarray(np.int64(0), like=hit), ops.asarray(np.int64(n), like=hit)  # 0-d
+        lo = xp.min(xp.where(hit, idx, full), axis=-1)
+        hi = xp.max(xp.where(hit, idx + 1, zero), axis=-1)
+        empty = ~xp.any(hit, axis=-1)
+        return xp.where(empty, zero, lo), xp.where(empty, full, hi)
 
     y0, y1 = span(rows, H)
     x0, x1 = span(cols, W)
-    return torch.stack([x0, y0, x1, y1], dim=-1).long()
+    return xp.astype(xp.stack([x0, y0, x1, y1], axis=-1), xp.int64, copy=False)
 
 
 def _largest_component(fg: np.ndarray) -> np.ndarray:
@@ -109,21 +150,22 @@ def boxes_from_maps(maps: Tensor, threshold: float = 0.2, *, largest: bool = Tru
     """
     fg = foreground_masks(maps, threshold)
     if largest:
-        flat = fg.cpu().numpy().reshape(-1, *fg.shape[-2:])
+        flat = ops_for(fg).to_numpy(fg).reshape(-1, *fg.shape[-2:])
         kept = np.stack([_largest_component(m) for m in flat]) if len(flat) else flat
-        fg = torch.from_numpy(kept).reshape(fg.shape).to(fg.device)
+        fg = ops_for(fg).asarray(kept.reshape(tuple(fg.shape)), like=fg)
     return _bbox(fg)
 
 
 def boxes_all_components(maps: Tensor, threshold: float = 0.2, *, min_area: int = 1) -> list[list[Tensor]]:
-    """Every 8-connected component's box, per map: ``B`` lists of ``T`` tensors ``(N_bt, 4)`` long.
+    """Every 8-connected component's box, per map: ``B`` lists of ``T`` arrays ``(N_bt, 4)`` int64.
 
     Boxes are ``(x0, y0, x1, y1)`` inclusive-exclusive, sorted by component area (pixel count),
     largest first; components smaller than ``min_area`` pixels are dropped. A degenerate map
     gives an empty ``(0, 4)`` tensor (no fallback box here: there are no components).
     """
     fg = foreground_masks(maps, threshold)
-    arr = fg.cpu().numpy()
+    ops = ops_for(fg)
+    arr = ops.to_numpy(fg)
     out: list[list[Tensor]] = []
     for b in range(arr.shape[0]):
         row = []
@@ -135,14 +177,14 @@ def boxes_all_components(maps: Tensor, threshold: float = 0.2, *, min_area: int 
                 if sl is not None and sizes[i] >= min_area:
                     found.append((int(sizes[i]), (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)))
             found.sort(key=lambda s: -s[0])  # stable: equal areas keep raster order
-            row.append(torch.tensor([box for _, box in found], dtype=torch.long, device=fg.device).reshape(-1, 4))
+            row.append(ops.asarray(np.asarray([box for _, box in found], dtype=np.int64).reshape(-1, 4), like=fg))
         out.append(row)
     return out
 
 
 def _as_images(images: Any, B: int, H: int, W: int) -> np.ndarray:
     """``(B, H, W, 3)`` uint8 numpy from a tensor / array; checks the shape against the maps."""
-    arr = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    arr = np.asarray(_host(images))
     if arr.ndim == 3:
         arr = arr[None]
     if arr.shape != (B, H, W, 3):
@@ -218,14 +260,15 @@ def masks_from_maps(maps: Tensor, threshold: float = 0.5, *, refine: Optional[st
         raise ConfigError("refine='grabcut' needs images (B, H, W, 3) uint8 at the maps' resolution")
     B, T, H, W = maps.shape
     imgs = _as_images(images, B, H, W)
-    arr = maps.detach().float().nan_to_num(0.0).cpu().numpy()
-    out = masks.cpu().numpy().copy()
+    ops = ops_for(maps)
+    arr = ops.to_numpy(_finite(ops.detach(maps)))
+    out = np.array(ops.to_numpy(masks), copy=True)
     for b in range(B):
         for t in range(T):
             refined = _grabcut(imgs[b], arr[b, t], threshold, low, high, iterations)
             if refined is not None:
                 out[b, t] = refined
-    return torch.from_numpy(out).to(maps.device)
+    return ops.asarray(out, like=maps)
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -234,16 +277,17 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     Area is ``(x1 - x0) * (y1 - y0)``; boxes that only touch do not overlap. Two empty boxes
     (union 0) have IoU 0.
     """
-    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
-    iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp_min(0)
-    ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp_min(0)
+    a, b = (to_float32(x) for x in _as_arrays(a, b))
+    xp = namespace(a, b)
+    iw = xp.clip(xp.minimum(a[..., 2], b[..., 2]) - xp.maximum(a[..., 0], b[..., 0]), min=0)
+    ih = xp.clip(xp.minimum(a[..., 3], b[..., 3]) - xp.maximum(a[..., 1], b[..., 1]), min=0)
     inter = iw * ih
 
     def area(x: Tensor) -> Tensor:
-        return (x[..., 2] - x[..., 0]).clamp_min(0) * (x[..., 3] - x[..., 1]).clamp_min(0)
+        return xp.clip(x[..., 2] - x[..., 0], min=0) * xp.clip(x[..., 3] - x[..., 1], min=0)
 
     union = area(a) + area(b) - inter
-    return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(union))
+    return xp.where(union > 0, inter / xp.clip(union, min=1e-12), xp.zeros_like(union))
 
 
 def mask_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -251,10 +295,12 @@ def mask_iou(a: Tensor, b: Tensor) -> Tensor:
 
     Two empty masks (union 0) have IoU 0.
     """
-    a, b = torch.as_tensor(a).bool(), torch.as_tensor(b).bool()
-    inter = (a & b).flatten(-2).sum(-1).float()
-    union = (a | b).flatten(-2).sum(-1).float()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(union))
+    a, b = _as_arrays(a, b)
+    xp = namespace(a, b)
+    a, b = xp.astype(a, xp.bool, copy=False), xp.astype(b, xp.bool, copy=False)
+    inter = xp.astype(xp.sum(_flat(a & b, xp), axis=-1), xp.float32)
+    union = xp.astype(xp.sum(_flat(a | b, xp), axis=-1), xp.float32)
+    return xp.where(union > 0, inter / xp.clip(union, min=1.0), xp.zeros_like(union))
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,10 +326,10 @@ def draw_boxes(image: Any, boxes: Any, labels: Optional[list[str]] = None,
 
     from .viz import PALETTE
 
-    arr = np.asarray(image.detach().cpu().numpy() if isinstance(image, Tensor) else image)
+    arr = np.asarray(_host(image))
     if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise InputError(f"image must be (H, W, 3) uint8, got {arr.shape} {arr.dtype}")
-    bx = np.asarray(boxes.detach().cpu().numpy() if isinstance(boxes, Tensor) else boxes, dtype=np.int64).reshape(-1, 4)
+    bx = np.asarray(_host(boxes), dtype=np.int64).reshape(-1, 4)
     pil = Image.fromarray(np.ascontiguousarray(arr))
     draw = ImageDraw.Draw(pil)
     font = ImageFont.load_default()
@@ -321,8 +367,8 @@ def _label_spot(placed: list, x0: int, y0: int, tw: int, th: int, W: int, H: int
 
 def cutout(image: Any, mask: Any) -> np.ndarray:
     """The foreground of ``image`` (H, W, 3) uint8 as RGBA ``(H, W, 4)`` uint8, alpha = mask * 255."""
-    arr = np.asarray(image.detach().cpu().numpy() if isinstance(image, Tensor) else image)
-    m = np.asarray(mask.detach().cpu().numpy() if isinstance(mask, Tensor) else mask).astype(bool)
+    arr = np.asarray(_host(image))
+    m = np.asarray(_host(mask)).astype(bool)
     if arr.shape[:2] != m.shape or arr.ndim != 3 or arr.shape[-1] != 3:
         raise InputError(f"image (H, W, 3) and mask (H, W) must match, got {arr.shape} and {m.shape}")
     return np.concatenate([arr.astype(np.uint8), (m * 255).astype(np.uint8)[..., None]], axis=-1)

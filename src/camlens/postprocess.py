@@ -1,28 +1,32 @@
-"""Post-processing of raw maps, on tensors on the model's device: ReLU, upsample, normalise, fuse.
+"""Post-processing of raw maps, on the arrays' own device: ReLU, upsample, normalise, fuse.
 
 The pipeline for one layer is ``normalize(upsample(relu(raw)))``. Min-max normalisation is affine
 and bilinear upsampling is a convex combination, so this equals pytorch-grad-cam's
 normalise → resize → normalise, and captum's ``LayerAttribution.interpolate`` + min-max.
+
+Framework-free: array-API maths (:func:`camlens.backends.base.namespace`) plus the arrays' backend
+:class:`~camlens.backends.base.Ops` (:func:`camlens.backends.base.ops_for`) — torch tensors and
+NumPy arrays alike.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-import torch
-from torch import Tensor
+import array_api_compat
 
-from .backends.torch.ops import TorchOps, _bilinear_matrix, _source_index
+from .backends.base import extreme_rows, namespace, ops_for, to_float32
 from .errors import ConfigError
 
-OPS = TorchOps()  # (until post-processing takes its ops from the maps' backend)
+Tensor = Any  # an array: a torch tensor, a NumPy array, ...
 
-__all__ = ["relu", "upsample", "upsample_normalize", "normalize", "clip_quantile", "fuse", "process"]
+__all__ = ["to_float32", "relu", "upsample", "upsample_normalize", "normalize", "clip_quantile", "fuse", "process"]
 
 # a map is constant when its span is within this many float epsilons of its magnitude
 CONSTANT_ULPS = 8
@@ -30,31 +34,13 @@ CONSTANT_ULPS = 8
 
 def relu(maps: Tensor) -> Tensor:
     """Keep positive evidence only: ``max(maps, 0)``."""
-    return maps.clamp_min(0)
-
-
-@functools.lru_cache(maxsize=64)
-def _extreme_rows(n_in: int, n_out: int) -> tuple[int, ...]:
-    """Output indices where a bilinear resize can reach its min or max along one axis.
-
-    Outputs that share the source cell ``i0`` are ``(1 - l) v[i0] + l v[i1]`` with ``l`` rising
-    with ``d``: monotone in ``d``, so within a cell the extremes are its first and last output.
-    """
-    i0 = _source_index(n_in, n_out).floor().long().tolist()
-    keep = {0, n_out - 1}
-    keep.update(d for d in range(1, n_out) if i0[d] != i0[d - 1])
-    keep.update(d - 1 for d in range(1, n_out) if i0[d] != i0[d - 1])
-    return tuple(sorted(keep))
+    return namespace(maps).clip(maps, min=0)
 
 
 def as_float(t: Tensor) -> Tensor:
     """float32, except that float64 stays float64 (differentiable maps checked in float64)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def to_float32(t: Tensor) -> Tensor:
-    """``t.float()`` without a dispatch when ``t`` is float32 already."""
-    return t if t.dtype == torch.float32 else t.float()
+    xp = namespace(t)
+    return t if t.dtype in (xp.float32, xp.float64) else xp.astype(t, xp.float32)
 
 
 def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
@@ -63,7 +49,7 @@ def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Ten
     Bilinear resizing is separable: ``Ry @ m @ Rx^T`` with the two small resize matrices — the
     same numbers as ``F.interpolate`` (to ~5e-7) and faster for many maps (one batched matmul).
     """
-    return OPS.resize(maps, size, mode)
+    return ops_for(maps).resize(maps, size, mode)
 
 
 FUSED_MIN_PIXELS = 1 << 17  # below ~2.6 maps of 224², upsampling then min-maxing is faster (measured on CPU)
@@ -80,25 +66,33 @@ def upsample_normalize(maps: Tensor, size: tuple[int, int], *, warn: bool = True
     """
     if tuple(maps.shape[-2:]) == tuple(size):
         return normalize(maps, warn=warn)
-    if maps.numel() // (maps.shape[-2] * maps.shape[-1]) * int(size[0]) * int(size[1]) < FUSED_MIN_PIXELS:
+    lead = maps.shape[:-2]
+    n_maps = math.prod(int(d) for d in lead)
+    if n_maps * int(size[0]) * int(size[1]) < FUSED_MIN_PIXELS:
         return normalize(upsample(maps, size), warn=warn)  # small outputs: the fixed cost below dominates
+    xp, ops = namespace(maps), ops_for(maps)
     m = as_float(maps)
-    h, w = m.shape[-2:]
-    ry = _bilinear_matrix(h, int(size[0]), m.device).to(m.dtype)
-    rx = _bilinear_matrix(w, int(size[1]), m.device).to(m.dtype)
-    ys = torch.tensor(_extreme_rows(h, int(size[0])), device=m.device)
-    xs = torch.tensor(_extreme_rows(w, int(size[1])), device=m.device)
-    corners = torch.matmul(ry[ys], torch.matmul(m, rx[xs].T)).flatten(-2)
-    scaled, const = _min_max(m, corners.amin(-1)[..., None, None], corners.amax(-1)[..., None, None], warn)
-    out = torch.matmul(ry, torch.matmul(scaled, rx.T)).clamp_(0.0, 1.0)
+    h, w = int(m.shape[-2]), int(m.shape[-1])
+    H, W = int(size[0]), int(size[1])
+    ry, rxt = ops.resize_matrices(h, w, H, W, m)
+    ys = ops.asarray(extreme_rows(h, H), like=m)
+    xs = ops.asarray(extreme_rows(w, W), like=m)
+    corners = xp.take(ry, ys, axis=0) @ (m @ xp.take(rxt, xs, axis=1))
+    corners = xp.reshape(corners, (*lead, -1))
+    scaled, const = _min_max(m, xp.min(corners, axis=-1)[..., None, None], xp.max(corners, axis=-1)[..., None, None],
+                             warn)
+    out = ops.clip_(ry @ (scaled @ rxt), 0.0, 1.0)
     # pin the extremes to exactly 0 and 1 where they are attained (rounding may leave 1 - 6e-8)
-    nx = xs.numel()
-    flat = out.view(-1, out.shape[-2] * out.shape[-1])
-    live = ~const.reshape(-1)
-    for idx, value in ((corners.argmax(-1), 1.0), (corners.argmin(-1), 0.0)):
-        pos = (ys[idx // nx] * out.shape[-1] + xs[idx % nx]).reshape(-1, 1)
-        flat.scatter_(1, pos, torch.where(live, value, 0.0).to(out.dtype).reshape(-1, 1))
-    return out
+    nx = int(xs.shape[0])
+    flat = xp.reshape(out, (n_maps, H * W))
+    live = xp.reshape(~const, (-1,))
+    flat_corners = xp.reshape(corners, (n_maps, -1))
+    rows = xp.arange(n_maps, device=array_api_compat.device(flat))
+    for idx, value in ((xp.argmax(flat_corners, axis=-1), 1.0), (xp.argmin(flat_corners, axis=-1), 0.0)):
+        pos = xp.take(ys, idx // nx) * W + xp.take(xs, idx % nx)
+        flat = ops.set_at(flat, (rows, pos), xp.where(live, xp.asarray(value, dtype=out.dtype),
+                                                      xp.asarray(0.0, dtype=out.dtype)))
+    return xp.reshape(flat, out.shape)
 
 
 def normalize(maps: Tensor, *, warn: bool = True) -> Tensor:
@@ -108,10 +102,11 @@ def normalize(maps: Tensor, *, warn: bool = True) -> Tensor:
     after ReLU; see :func:`_min_max`) becomes all zero — never NaN or inf — with a warning saying
     how many maps were constant and why. Tiny but valid maps (values ~1e-15) are kept.
     """
-    flat = maps.flatten(-2)
-    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)  # (faster than aminmax on CPU)
+    xp = namespace(maps)
+    flat = xp.reshape(maps, (*maps.shape[:-2], -1))
+    lo, hi = xp.min(flat, axis=-1, keepdims=True), xp.max(flat, axis=-1, keepdims=True)
     out, _ = _min_max(flat, lo, hi, warn, mask=False)
-    return out.view_as(maps)
+    return xp.reshape(out, maps.shape)
 
 
 def _min_max(t: Tensor, lo: Tensor, hi: Tensor, warn: bool, mask: bool = True) -> tuple[Tensor, Optional[Tensor]]:
@@ -126,37 +121,41 @@ def _min_max(t: Tensor, lo: Tensor, hi: Tensor, warn: bool, mask: bool = True) -
     warning that tells apart "all <= 0 (no positive evidence, e.g. after ReLU)" from "numerically
     flat".
     """
-    if lo.numel() <= SMALL_MAP_COUNT and not (t.requires_grad or lo.requires_grad or hi.requires_grad):
+    xp, ops = namespace(t), ops_for(t)
+    if math.prod(lo.shape) <= SMALL_MAP_COUNT and not (ops.has_graph(t) or ops.has_graph(lo) or ops.has_graph(hi)):
         small = _min_max_few(t, lo, hi, warn, mask)
         if small is not None:
             return small
-    t32 = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    t32 = as_float(t)
     if lo.dtype != t32.dtype:
-        lo, hi = lo.to(t32.dtype), hi.to(t32.dtype)
-    mag = torch.maximum(hi.abs(), lo.abs())
-    scale = torch.where(mag > 0, mag, 1.0)  # work in units of the map's magnitude
+        lo, hi = xp.astype(lo, t32.dtype), xp.astype(hi, t32.dtype)
+    one = xp.asarray(1.0, dtype=t32.dtype)
+    zero = xp.asarray(0.0, dtype=t32.dtype)
+    mag = xp.maximum(xp.abs(hi), xp.abs(lo))
+    scale = xp.where(mag > 0, mag, one)  # work in units of the map's magnitude
     lo_s = lo / scale
     span = hi / scale - lo_s  # in [0, 2]: no overflow for huge maps, no underflow for tiny ones
     # constant: a span within rounding, and also NaN spans (inf / NaN values); an all-zero map has span 0
-    const = ~(span > CONSTANT_ULPS * torch.finfo(t32.dtype).eps)
+    const = ~(span > CONSTANT_ULPS * xp.finfo(t32.dtype).eps)
     if warn:
-        n = int(const.sum())
+        n = int(xp.sum(xp.astype(const, xp.int64)))
         if n:
-            _warn_constant(n, int((const & (hi <= 0)).sum()), const.numel())
-    out = torch.where(const, 0.0, (t32 / scale - lo_s) / torch.where(const, 1.0, span))
-    return out.to(t.dtype) if t.dtype != t32.dtype else out, const
+            _warn_constant(n, int(xp.sum(xp.astype(const & (hi <= 0), xp.int64))), math.prod(const.shape))
+    out = xp.where(const, zero, (t32 / scale - lo_s) / xp.where(const, one, span))
+    return xp.astype(out, t.dtype) if t.dtype != t32.dtype else out, const
 
 
 SMALL_MAP_COUNT = 64  # up to this many maps, lo/hi are read on the host and plain maps take 3 ops, not 16
 
 
 @functools.lru_cache(maxsize=8)
-def _plain_range(dtype: torch.dtype) -> tuple[float, float, float]:
+def _plain_range(xp: Any, dtype: Any) -> tuple[float, float, float]:
     """``(tol, smallest, largest)``: the constant-map threshold, and the magnitudes between which
     ``(t - lo) / (hi - lo)`` neither underflows nor overflows in ``dtype``."""
-    fi = torch.finfo(dtype)
+    fi = xp.finfo(dtype)
+    fi_tiny = float(getattr(fi, "smallest_normal", None) or fi.tiny)
     tol = CONSTANT_ULPS * fi.eps
-    return tol, fi.tiny / tol * 4, fi.max / 4
+    return tol, fi_tiny / tol * 4, float(fi.max) / 4
 
 
 def _min_max_few(t: Tensor, lo: Tensor, hi: Tensor, warn: bool,
@@ -169,15 +168,16 @@ def _min_max_few(t: Tensor, lo: Tensor, hi: Tensor, warn: bool,
     exactly 1. ``None`` otherwise: constant, non-finite or extreme maps take the general path
     (which warns).
     """
-    if t.dtype not in (torch.float32, torch.float64) or lo.dtype != t.dtype or hi.dtype != t.dtype:
+    xp, ops = namespace(t), ops_for(t)
+    if t.dtype not in (xp.float32, xp.float64) or lo.dtype != t.dtype or hi.dtype != t.dtype:
         return None
-    tol, small, large = _plain_range(t.dtype)
-    for lv, hv in zip(lo.reshape(-1).tolist(), hi.reshape(-1).tolist()):
+    tol, small, large = _plain_range(xp, t.dtype)
+    for lv, hv in zip(ops.to_list(lo), ops.to_list(hi)):
         mag = max(abs(lv), abs(hv))
         if not (small <= mag <= large and hv - lv > 2 * tol * mag):  # NaN fails too
             return None
     out = (t - lo) / (hi - lo)
-    return out, (torch.zeros(lo.shape, dtype=torch.bool, device=t.device) if mask else None)
+    return out, (xp.zeros_like(lo, dtype=xp.bool) if mask else None)
 
 
 def _warn_constant(n: int, zero: int, total: int) -> None:
@@ -211,17 +211,21 @@ def clip_quantile(maps: Tensor, q: float) -> Tensor:
         raise ConfigError(f"clip is a quantile in (0, 1], got {q}")
     if q == 1.0:
         return maps
-    cap = torch.quantile(maps.flatten(-2).float(), q, dim=-1)[..., None, None].to(maps.dtype)
-    return torch.minimum(maps, cap)
+    xp = namespace(maps)
+    flat = to_float32(xp.reshape(maps, (*maps.shape[:-2], -1)))
+    cap = xp.astype(ops_for(maps).quantile(flat, q, axis=-1)[..., None, None], maps.dtype)
+    return xp.minimum(maps, cap)
 
 
 def fuse(maps: Sequence[Tensor], how: Literal["mean", "max"] = "mean") -> Tensor:
     """Combine per-layer maps of equal shape ``(B, T, H, W)`` by their mean or max."""
-    stack = torch.stack(list(maps))
+    maps = list(maps)
+    xp = namespace(*maps)
+    stack = xp.stack(maps)
     if how == "mean":
-        return stack.mean(0)
+        return xp.mean(stack, axis=0)
     if how == "max":
-        return stack.amax(0)
+        return xp.max(stack, axis=0)
     raise ConfigError(f"fuse must be 'mean' or 'max', got {how!r}")
 
 

@@ -11,8 +11,10 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+import array_api_compat  # (imports no array library itself)
 import numpy as np
 
+from .backends.base import namespace, ops_for, to_float32
 from .compare import agreement
 from .explanation import Explanation
 from .predictions import head_predictions
@@ -145,8 +147,6 @@ def write_method_grid(exps: dict[str, Explanation], out_dir: Path, stem: str, *,
                       alpha: float = 0.5) -> str:
     """One grid for the first image of several explanations of the same targets: a row per target,
     a column per method. Returns the file name (in ``out_dir``)."""
-    import torch
-
     from .viz import grid, save_png
 
     first = next(iter(exps.values()))
@@ -161,14 +161,16 @@ def write_method_grid(exps: dict[str, Explanation], out_dir: Path, stem: str, *,
         cols = min(len(names), 5)
         rows = -(-len(names) // cols)
         flat = [e.maps[0, 0] for e in exps.values()]
-        flat += [torch.zeros_like(flat[0])] * (rows * cols - len(flat))
-        maps = torch.stack(flat).reshape(rows, cols, *flat[0].shape)
+        xp = namespace(*flat)
+        flat += [xp.zeros_like(flat[0])] * (rows * cols - len(flat))
+        maps = xp.reshape(xp.stack(flat), (rows, cols, *flat[0].shape))
         label = first.targets[0][0].label
         titles = [[f"{names[r * cols + c]} · {label}" if r * cols + c < len(names) else None for c in range(cols)]
                   for r in range(rows)]
     else:  # a row per target, a column per method
         rows = T
-        maps = torch.stack([e.maps[0] for e in exps.values()], dim=1)  # (T, M, H, W)
+        firsts = [e.maps[0] for e in exps.values()]
+        maps = namespace(*firsts).stack(firsts, axis=1)  # (T, M, H, W)
         titles = [[f"{name}\n{first.targets[0][t].label}" for name in names] for t in range(T)]
     fig = grid([display[0]] * rows, maps, titles, cmap=cmap, alpha=alpha, cell_size=2.6)
     name = f"{stem}_methods.png"
@@ -191,26 +193,35 @@ class _Row:
 def _mean_curve(parts: list, points: int = 101) -> "Any":
     """Mean of curves ``(N_i, S_i)`` whose lengths may differ (images of different sizes take a
     different number of deletion steps): each curve is resampled linearly onto ``points`` equally
-    spaced fractions of its x range [0, 1] first. Curves of one common length are averaged as they are."""
-    import torch
-
-    parts = [p.float().reshape(-1, p.shape[-1]) for p in parts if p.numel()]
+    spaced fractions of its x range [0, 1] first. Curves of one common length are averaged as they are.
+    Float32 arrays of the curves' kind (an empty NumPy array when there is none)."""
+    parts = [_float32_rows(p) for p in parts if math.prod(p.shape)]
     if not parts:
-        return torch.empty(0)
+        return np.empty(0, dtype=np.float32)
+    xp = namespace(*parts)
     if len({p.shape[-1] for p in parts}) == 1:
-        return torch.cat(parts).mean(0)
-    grid = torch.linspace(0, 1, points)
+        return xp.mean(xp.concat(parts), axis=0)
+    grid = xp.linspace(0, 1, points, dtype=xp.float32, device=_device(parts[0]))
     out = []
     for p in parts:
         S = p.shape[-1]
         if S == 1:
-            out.append(p.expand(-1, points))
+            out.append(xp.broadcast_to(p, (p.shape[0], points)))
             continue
         pos = grid * (S - 1)
-        lo = pos.floor().long().clamp_max(S - 2)
-        w = pos - lo
-        out.append(p[:, lo] * (1 - w) + p[:, lo + 1] * w)
-    return torch.cat(out).mean(0)
+        lo = xp.clip(xp.astype(xp.floor(pos), xp.int64), max=S - 2)
+        w = pos - xp.astype(lo, pos.dtype)
+        out.append(xp.take(p, lo, axis=1) * (1 - w) + xp.take(p, lo + 1, axis=1) * w)
+    return xp.mean(xp.concat(out), axis=0)
+
+
+def _float32_rows(p: Any) -> Any:
+    """A curve array ``(..., S)`` as float32 ``(N, S)``."""
+    return namespace(p).reshape(to_float32(p), (-1, p.shape[-1]))
+
+
+def _device(x: Any) -> Any:
+    return array_api_compat.device(x)
 
 
 def write_evaluation(values: dict, curves: dict, metrics: dict, out_dir: Path) -> dict[str, dict[str, str]]:
@@ -219,7 +230,6 @@ def write_evaluation(values: dict, curves: dict, metrics: dict, out_dir: Path) -
     ``"mean ± s.e."`` per method and metric."""
     import csv
 
-    import torch
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -232,7 +242,7 @@ def write_evaluation(values: dict, curves: dict, metrics: dict, out_dir: Path) -
     for meth, per_metric in values.items():
         cells[meth] = {}
         for met, parts in per_metric.items():
-            mean, sem, n = mean_sem(torch.cat([p.flatten() for p in parts]) if parts else torch.empty(0))
+            mean, sem, n = mean_sem(_concat_flat(parts) if parts else np.empty(0, dtype=np.float32))
             cells[meth][met] = f"{mean:.4f} ± {sem:.4f}"
             records.append({"method": meth, "metric": met, "direction": "higher" if metrics[met].higher_is_better
                             else "lower", "mean": mean, "sem": sem, "n": n})
@@ -249,10 +259,19 @@ def write_evaluation(values: dict, curves: dict, metrics: dict, out_dir: Path) -
         for meth, per in curves.items():
             if met in per:
                 c = _mean_curve(per[met])
-                ax.plot(torch.linspace(0, 1, c.numel()).numpy(), c.numpy(), label=f"{meth}")
+                xp, ops = namespace(c), ops_for(c)
+                n = math.prod(c.shape)
+                ax.plot(ops.to_numpy(xp.linspace(0, 1, n, dtype=xp.float32, device=_device(c))), ops.to_numpy(c),
+                        label=f"{meth}")
         ax.set_title(f"{met} ({metrics[met].arrow} AUC)")
         ax.set_xlabel("fraction of pixels " + ("removed" if met == "deletion" else "revealed"))
         ax.set_ylabel("target probability")
         ax.legend()
     fig.savefig(out_dir / "curves.png")
     return cells
+
+
+def _concat_flat(parts: list) -> Any:
+    """The values of arrays of any shapes, flattened and concatenated (one array)."""
+    xp = namespace(*parts)
+    return xp.concat([xp.reshape(p, (-1,)) for p in parts])

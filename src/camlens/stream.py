@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
-from torch import Tensor
 
+from .backends.base import namespace, ops_for
 from .errors import CamlensError, ConfigError, InputError, NonFiniteScoresError
 from .explanation import Explanation
+from .targets import is_array
 
 __all__ = ["stream", "Failure"]
 
@@ -114,13 +115,11 @@ def stream(model: Any, inputs: Iterable[Any], targets: Any = None, *, batch_size
     def run(group: list) -> Iterator[tuple[Union[Explanation, Failure], Any]]:
         """Explain the group's inputs in one call; yield ``(result, source)`` in order (failures in
         place), with ``source`` set on the last result of each input (``None`` on the others)."""
-        import torch
-
         real = [g for g in group if not isinstance(g[2], BaseException)]
         exp = None
         if real:
             try:
-                exp = api.explain(model, torch.cat([g[2][0] for g in real]), targets, **explain_kwargs)
+                exp = api.explain(model, _concat([g[2][0] for g in real]), targets, **explain_kwargs)
             except Exception as err:  # noqa: BLE001 - classified by _per_input_error
                 if on_error == "raise" or not _per_input_error(err):
                     raise
@@ -177,15 +176,27 @@ def _flush(run: Callable, pending: list) -> Iterator[tuple[Union[Explanation, Fa
     yield from run(group)
 
 
+def _concat(xs: list) -> Any:
+    """The inputs of one group as one batch (``concat`` along axis 0: always a fresh array)."""
+    return namespace(*xs).concat(xs, axis=0)
+
+
+def _is_tensor(obj: Any) -> bool:
+    """A framework array (a torch tensor, ...): an input the model takes as it is. NumPy arrays are
+    images (for a loaded model's preprocessing)."""
+    return is_array(obj) and type(obj).__module__.split(".")[0] != "numpy"
+
+
 def _prepare(model: Any, obj: Any, loaded: bool, max_pixels: Optional[int], load_image: Callable) -> tuple:
     """One input -> ``(x (N, C, H, W) float tensor, display (N, H, W, 3) uint8 or None)``."""
-    if isinstance(obj, Tensor):
+    if _is_tensor(obj):
         if obj.ndim == 3:
-            obj = obj[None]
+            obj = obj[None, ...]
         if obj.ndim != 4:
             raise InputError(f"a tensor input must be (C, H, W) or (B, C, H, W), got shape {tuple(obj.shape)}")
-        if loaded and not obj.is_floating_point():  # uint8 (B, 3, H, W) images: preprocess them
-            arrays = list(obj.permute(0, 2, 3, 1).cpu().numpy())
+        xp = namespace(obj)
+        if loaded and not xp.isdtype(obj.dtype, "real floating"):  # uint8 (B, 3, H, W) images: preprocess them
+            arrays = list(ops_for(obj).to_numpy(xp.permute_dims(obj, (0, 2, 3, 1))))
             x = model.preprocess(arrays)
             return x, model.to_display(x)
         return obj, None

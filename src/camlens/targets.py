@@ -23,15 +23,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+import array_api_compat
 import numpy as np
-import torch
-from torch import Tensor
 
+from .backends.base import namespace, ops_for, to_float32
 from .errors import ModelError, ModelTypeError, TargetError, TargetIndexError, TargetKeyError, TargetTypeError
 from .predictions import class_name, head_categories
 
 HeadKey = Union[int, str]
+Tensor = Any  # an array of the model's framework (a torch.Tensor for PyTorch models)
 ScoreFn = Callable[[Any], Tensor]
+
+
+def is_array(x: Any) -> bool:
+    """An array of any array-API library (a torch tensor, a NumPy array, ...). Containers and
+    objects whose attribute lookup raises (dict-like outputs) are not."""
+    if isinstance(x, (Mapping, list, tuple, str, int, float)) or x is None:
+        return False
+    try:
+        return array_api_compat.is_array_api_obj(x)
+    except Exception:  # e.g. a __getattr__ that raises KeyError
+        return False
 Categories = Union[Sequence[str], Mapping[HeadKey, Sequence[str]], None]
 
 __all__ = [
@@ -87,8 +99,8 @@ class ResolvedTarget:
             s = self.fn(heads[self.head] if self.head_only else output)
         else:
             s = head_score(heads[self.head], self.cls)
-        if not isinstance(s, Tensor) or s.ndim != 1:
-            shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+        if not is_array(s) or s.ndim != 1:
+            shape = tuple(s.shape) if is_array(s) else type(s).__name__
             raise TargetError(f"target {self.label!r}: a score function must return shape (B,), got {shape}")
         return s
 
@@ -104,11 +116,16 @@ def head_score(head: Tensor, cls: Optional[int]) -> Tensor:
         return head
     if cls is None:
         if head.shape[1] == 1:
-            return head.flatten(1).sum(1)
+            xp = namespace(head)
+            return xp.sum(xp.reshape(head, (head.shape[0], -1)), axis=1)
         raise TargetError(f"a class is needed for a head of shape {tuple(head.shape)}")
     if not 0 <= cls < head.shape[1]:
         raise TargetIndexError(f"class {cls} out of range for a head with {head.shape[1]} classes")
-    return head[:, cls].reshape(head.shape[0], -1).sum(1)
+    col = head[:, cls]
+    if col.ndim == 1:
+        return col
+    xp = namespace(head)
+    return xp.sum(xp.reshape(col, (head.shape[0], -1)), axis=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +139,7 @@ def split_outputs(output: Any) -> dict[HeadKey, Tensor]:
     dataclass or ``ModelOutput`` ``{name: t}`` in field order (``None`` fields skipped). Nested
     containers are not flattened; a non-tensor leaf is an error naming its type.
     """
-    if isinstance(output, Tensor):
+    if is_array(output):
         return {0: output}
     if isinstance(output, tuple) and hasattr(output, "_fields"):  # namedtuple
         items = list(zip(output._fields, output))
@@ -137,7 +154,7 @@ def split_outputs(output: Any) -> dict[HeadKey, Tensor]:
                         "tuple, list, dict, namedtuple or dataclass of tensors")
     heads = {k: v for k, v in items if v is not None}
     for k, v in heads.items():
-        if not isinstance(v, Tensor):
+        if not is_array(v):
             raise ModelTypeError(f"model output {k!r} is a {type(v).__name__}, not a tensor")
     if not heads:
         raise ModelError("the model returned no tensor outputs")
@@ -261,7 +278,7 @@ FEATURE_NAMES = frozenset({"feat", "feats", "feature", "features", "emb", "embed
 
 def is_class_shaped(t: Tensor, batch: int) -> bool:
     """A ``(B, K)`` floating-point tensor with ``K >= 2``: the shape of class logits."""
-    return t.ndim == 2 and t.shape[0] == batch and t.shape[1] >= 2 and t.is_floating_point()
+    return t.ndim == 2 and t.shape[0] == batch and t.shape[1] >= 2 and namespace(t).isdtype(t.dtype, "real floating")
 
 
 def _feature_name(key: HeadKey) -> bool:
@@ -316,12 +333,12 @@ def _no_class_heads(heads: Mapping[HeadKey, Tensor]) -> ValueError:
 
 
 def _is_arraylike(t: Any) -> bool:
-    return isinstance(t, (Tensor, np.ndarray, np.generic))
+    return is_array(t) or isinstance(t, np.generic)
 
 
 def _int_array(t: Any) -> np.ndarray:
     """A tensor / NumPy array / NumPy scalar of class indices as an int64 array (integer dtypes only)."""
-    a = t.detach().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
+    a = ops_for(t).to_numpy(t) if is_array(t) else np.asarray(t)
     if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
         raise TargetTypeError(f"a targets tensor/array must hold integer class indices, got dtype {a.dtype}")
     return a.astype(np.int64)
@@ -424,7 +441,8 @@ def _top_k(heads: Mapping[HeadKey, Tensor], k: int, categories: Categories,
     for key in keys:
         t = heads[key]
         kk = min(k, t.shape[1])
-        idx = t.detach().topk(kk, dim=1).indices.cpu().tolist()
+        ops = ops_for(t)
+        idx = ops.to_numpy(ops.topk(ops.detach(t), kk, axis=1)[1]).tolist()
         for b in range(batch):
             rows[b].extend(_resolve(key, c, heads, categories) for c in idx[b])
     return rows
@@ -438,22 +456,26 @@ def target_probabilities(targets: list[list[ResolvedTarget]], heads: Mapping[Hea
         h = heads.get(next(iter(used)))  # the common case: classes of one head, one gather
         if h is not None and h.ndim == 2 and h.shape[0] == batch and h.shape[1] > 1 \
                 and all(0 <= tg.cls < h.shape[1] for row in targets for tg in row):
-            idx = torch.tensor([[tg.cls for tg in row] for row in targets], device=h.device)
-            h = h.detach()
-            return (h if h.dtype == torch.float32 else h.float()).softmax(1).gather(1, idx)
-    dev = next(iter(heads.values())).device
-    probs = torch.full((batch, T), float("nan"), device=dev)
-    soft = {k: v.detach().float().softmax(1) for k, v in heads.items()
-            if k in used and v.ndim == 2 and v.shape[1] > 1}
-    where: dict[HeadKey, tuple[list[int], list[int], list[int]]] = {}  # head -> (b, t, cls) lists
-    for b, row in enumerate(targets):
-        for t, tg in enumerate(row):
-            if tg.fn is None and tg.cls is not None and tg.head in soft:
-                for lst, v in zip(where.setdefault(tg.head, ([], [], [])), (b, t, tg.cls)):
-                    lst.append(v)
-    for k, (bs, ts, cs) in where.items():  # one gather per head (T may be 1000)
-        bi, ci = torch.tensor(bs, device=dev), torch.tensor(cs, device=dev)
-        probs[bi, torch.tensor(ts, device=dev)] = soft[k][bi, ci]
+            xp, ops = namespace(h), ops_for(h)
+            idx = ops.asarray([[tg.cls for tg in row] for row in targets], like=h)
+            return xp.take_along_axis(ops.softmax(to_float32(ops.detach(h)), axis=1), idx, axis=1)
+    first = next(iter(heads.values()))
+    xp, ops = namespace(first), ops_for(first)
+    probs = None
+    for k in used:  # one gather per head (T may be 1000); each (b, t) keeps its own head's value
+        v = heads.get(k)
+        if v is None or v.ndim != 2 or v.shape[0] != batch or v.shape[1] < 2:
+            continue
+        own = [[tg.fn is None and tg.head == k and tg.cls is not None and 0 <= tg.cls < v.shape[1] for tg in row]
+               for row in targets]
+        cls = ops.asarray([[tg.cls if o else 0 for tg, o in zip(row, orow)] for row, orow in zip(targets, own)],
+                          like=v)
+        got = xp.take_along_axis(ops.softmax(to_float32(ops.detach(v)), axis=1), cls, axis=1)
+        if probs is None:
+            probs = xp.full((batch, T), float("nan"), dtype=got.dtype, device=array_api_compat.device(got))
+        probs = xp.where(ops.asarray(own, like=v), got, probs)
+    if probs is None:
+        probs = xp.full((batch, T), float("nan"), dtype=xp.float32, device=array_api_compat.device(first))
     return probs
 
 

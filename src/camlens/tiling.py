@@ -21,10 +21,10 @@ import math
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
-import torch
-from torch import Tensor, nn
+import array_api_compat
+import numpy as np
 
-from .backends.torch import guess_layer, resolve_layers
+from .backends.base import get_backend, namespace, ops_for, to_float32
 from .engine import aug_smoothed, finish, noise_smoothed, run_pass
 from .errors import ConfigError
 from .explanation import Explanation
@@ -36,6 +36,7 @@ from .targets import (Categories, ResolvedTarget, combine_targets, resolve_targe
 __all__ = ["tile_size", "tile_boxes", "tile_weights", "weight_sum", "TileCanvas", "check_tiling", "explain_tiled"]
 
 TileSpec = Union[int, Sequence[int]]
+Tensor = Any  # an array of the model's backend
 
 
 def check_tiling(tile: TileSpec, overlap: int, tile_batch: int) -> tuple[int, int]:
@@ -98,19 +99,19 @@ def tile_boxes(H: int, W: int, tile: TileSpec, overlap: int) -> list[tuple[int, 
 def _ramp(n: int, overlap: int, ramp_start: bool, ramp_end: bool) -> Tensor:
     """1-D weights ``(n,)``: ``r(d) = min(1, (d + 1) / (overlap + 1))`` with ``d`` the distance in pixels
     to each border that ramps (the minimum over both ends), 1 where no border ramps."""
-    r = torch.ones(n)
+    r = np.ones(n, dtype=np.float32)
     if overlap <= 0:
         return r
-    d = torch.arange(n, dtype=torch.float32)
+    d = np.arange(n, dtype=np.float32)
     if ramp_start:
-        r = torch.minimum(r, (d + 1) / (overlap + 1))
+        r = np.minimum(r, (d + 1) / np.float32(overlap + 1))
     if ramp_end:
-        r = torch.minimum(r, (n - d) / (overlap + 1))
+        r = np.minimum(r, (n - d) / np.float32(overlap + 1))
     return r
 
 
-def tile_weights(H: int, W: int, th: int, tw: int, y0: int, x0: int, overlap: int) -> Tensor:
-    """Feathering weights ``(th, tw)`` of the tile at ``(y0, x0)``: ``w(y, x) = r_y(y) * r_x(x)``.
+def tile_weights(H: int, W: int, th: int, tw: int, y0: int, x0: int, overlap: int) -> np.ndarray:
+    """Feathering weights ``(th, tw)`` (NumPy float32) of the tile at ``(y0, x0)``: ``w(y, x) = r_y(y) * r_x(x)``.
 
     Each 1-D ramp rises linearly from ``1 / (overlap + 1)`` at a tile border to 1 at ``overlap``
     pixels inside (see :func:`_ramp`); a border lying on the image edge does not ramp (weight 1),
@@ -123,9 +124,10 @@ def tile_weights(H: int, W: int, th: int, tw: int, y0: int, x0: int, overlap: in
     return ry[:, None] * rx[None, :]
 
 
-def weight_sum(H: int, W: int, th: int, tw: int, boxes: Sequence[tuple[int, int]], overlap: int) -> Tensor:
-    """``sum_i w_i`` over all tiles, shape ``(H, W)``; positive everywhere when the boxes cover the image."""
-    total = torch.zeros(H, W)
+def weight_sum(H: int, W: int, th: int, tw: int, boxes: Sequence[tuple[int, int]], overlap: int) -> np.ndarray:
+    """``sum_i w_i`` over all tiles, shape ``(H, W)`` (NumPy float32); positive everywhere when the
+    boxes cover the image."""
+    total = np.zeros((H, W), dtype=np.float32)
     for y0, x0 in boxes:
         total[y0:y0 + th, x0:x0 + tw] += tile_weights(H, W, th, tw, y0, x0, overlap)
     return total
@@ -135,25 +137,37 @@ class TileCanvas:
     """Weighted accumulation of per-tile maps into full-size maps.
 
     ``add(b, y0, x0, m)`` adds ``w * m`` for a tile map ``m`` of shape ``(..., th, tw)`` of image b;
-    :meth:`result` divides by the weight sum: ``(B, *lead, H, W)`` blended maps.
+    :meth:`result` divides by the weight sum: ``(B, *lead, H, W)`` blended maps, arrays of the kind
+    and device of ``like`` (default: of the first map added).
     """
 
     def __init__(self, B: int, lead: Sequence[int], H: int, W: int, th: int, tw: int,
-                 boxes: Sequence[tuple[int, int]], overlap: int, device: Union[str, torch.device] = "cpu",
-                 wsum: Optional[Tensor] = None):
-        self.H, self.W, self.th, self.tw, self.overlap = H, W, th, tw, overlap
-        self.sum = torch.zeros(B, *lead, H, W, device=device)
-        self.wsum = (wsum if wsum is not None else weight_sum(H, W, th, tw, boxes, overlap)).to(device)
-        self._w: dict[tuple[int, int], Tensor] = {}
+                 boxes: Sequence[tuple[int, int]], overlap: int, like: Any = None, wsum: Optional[Any] = None):
+        self.B, self.lead, self.H, self.W, self.th, self.tw, self.overlap = B, tuple(lead), H, W, th, tw, overlap
+        self.wsum = wsum if wsum is not None else weight_sum(H, W, th, tw, boxes, overlap)
+        self.sum: Any = None
+        self._w: dict[tuple[int, int], Any] = {}
+        if like is not None:
+            self._start(like)
+
+    def _start(self, like: Any) -> None:
+        xp, ops = namespace(like), ops_for(like)
+        self.sum = xp.zeros((self.B, *self.lead, self.H, self.W), dtype=xp.float32, device=array_api_compat.device(like))
+        if type(self.wsum) is not type(self.sum):
+            self.wsum = ops.asarray(self.wsum, like=self.sum)
 
     def weights(self, y0: int, x0: int) -> Tensor:
         """The tile's weights ``(th, tw)`` (cached per position)."""
         if (y0, x0) not in self._w:
-            self._w[(y0, x0)] = tile_weights(self.H, self.W, self.th, self.tw, y0, x0, self.overlap).to(self.sum.device)
+            w = tile_weights(self.H, self.W, self.th, self.tw, y0, x0, self.overlap)
+            self._w[(y0, x0)] = ops_for(self.sum).asarray(w, like=self.sum)
         return self._w[(y0, x0)]
 
     def add(self, b: int, y0: int, x0: int, m: Tensor) -> None:
-        self.sum[b, ..., y0:y0 + self.th, x0:x0 + self.tw] += self.weights(y0, x0) * m.float()
+        if self.sum is None:
+            self._start(m)
+        ys, xs = slice(y0, y0 + self.th), slice(x0, x0 + self.tw)
+        self.sum[b, ..., ys, xs] = self.sum[b, ..., ys, xs] + self.weights(y0, x0) * to_float32(m)
 
     def result(self) -> Tensor:
         return self.sum / self.wsum
@@ -169,7 +183,7 @@ def _chunks(B: int, boxes: Sequence[tuple[int, int]], tile_batch: int) -> list[l
 
 def _slice(x: Tensor, chunk: Sequence[Job], th: int, tw: int) -> Tensor:
     """The chunk's tiles ``(n, C, th, tw)``, copied out of ``x`` ``(B, C, H, W)``."""
-    return torch.stack([x[b, :, y0:y0 + th, x0:x0 + tw] for b, y0, x0 in chunk])
+    return namespace(x).stack([x[b, :, y0:y0 + th, x0:x0 + tw] for b, y0, x0 in chunk])
 
 
 class _HeadMean:
@@ -180,20 +194,21 @@ class _HeadMean:
         self.sums: dict[Any, Tensor] = {}
 
     def add(self, heads: dict, chunk: Sequence[Job]) -> None:
-        idx = torch.tensor([b for b, _, _ in chunk])
         for k, v in heads.items():
             if v.ndim == 0 or v.shape[0] != len(chunk):
                 continue  # not one row per tile: cannot be attributed to an image
-            v = v.detach().float()
+            xp = namespace(v)
+            v = to_float32(ops_for(v).detach(v))
             if k not in self.sums:
-                self.sums[k] = torch.zeros(self.B, *v.shape[1:], device=v.device)
-            self.sums[k].index_add_(0, idx.to(v.device), v)
+                self.sums[k] = xp.zeros((self.B, *v.shape[1:]), dtype=xp.float32, device=array_api_compat.device(v))
+            for j, (b, _, _) in enumerate(chunk):
+                self.sums[k][b] = self.sums[k][b] + v[j]
 
     def result(self) -> dict:
         return {k: v / self.n for k, v in self.sums.items()}
 
 
-def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: Method, opts: dict,
+def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method, opts: dict,
                   categories: Categories, top_k: Optional[int], fuse: str, relu: bool, upsample_maps: bool,
                   combine: str, aug_smooth: bool, noise_smooth: int, display: Any, tile: TileSpec, overlap: int,
                   tile_batch: int, layout: Any = None, head_keys: Any = None, noise_sigma: float = 0.15,
@@ -218,8 +233,8 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
 
     A tile at least as large as the image gives exactly the untiled maps for one layer; with
     several layers each layer is min-maxed after upsampling instead of before (close, not equal).
-    ``layout`` (:class:`camlens.backends.torch.Layout`, optional) sets the precision and memory
-    layout of every forward, as in the untiled engine.
+    ``layout`` (the backend's, e.g. :class:`camlens.backends.torch.Layout`; optional) sets the
+    precision and memory layout of every forward, as in the untiled engine.
     """
 
     th0, tw0 = check_tiling(tile, overlap, tile_batch)
@@ -242,45 +257,50 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
     boxes = tile_boxes(H, W, (th, tw), overlap)
     chunks = _chunks(B, boxes, tile_batch)
 
+    bk = get_backend(net)
+    xp, ops = namespace(x), ops_for(x)
     if meth.needs_layer:
-        spec = layer if layer is not None else guess_layer(net, x[:1, :, :th, :tw])  # never the full image
-        layers = resolve_layers(net, spec)
+        spec = layer if layer is not None else bk.default_layer(net, x[:1, :, :th, :tw])  # never the full image
+        layers = bk.resolve_layers(net, spec)
     else:
         layers = []
     names = [n for n, _ in layers]
-    forward = layout.run if layout is not None else net
-    extra = {"layout": layout} if layout is not None else {}
+    layout = layout if layout is not None else bk.layout(net, None, "fp32")
+    forward = layout.run
+    extra = {"layout": layout, "backend": bk}
 
     # 1. targets
     if targets is None or top_k is not None or combine == "confidence":  # classes / weights from the mean heads
         pre = _HeadMean(B, len(boxes))
-        with torch.no_grad():
+        with bk.graph(False):
             for chunk in chunks:
                 pre.add(split_outputs(forward(_slice(x, chunk, th, tw))), chunk)
         heads0 = pre.result()
     else:
-        with torch.no_grad():
+        with bk.graph(False):
             one = split_outputs(forward(_slice(x, [(0, *boxes[0])], th, tw)))
-        heads0 = {k: v.expand(B, *v.shape[1:]) if v.ndim else v for k, v in one.items()}  # shapes, to resolve
+        heads0 = {k: namespace(v).broadcast_to(v, (B, *v.shape[1:])) if v.ndim else v
+                  for k, v in one.items()}  # shapes, to resolve
     components: list[list[ResolvedTarget]] = resolve_targets(targets, heads0, None, top_k=top_k,
                                                              categories=categories, head_keys=head_keys)
     rows = combine_targets(components, heads0, combine)
     T = len(rows[0])
-    gen = torch.Generator(device=x.device).manual_seed(seed) if noise_smooth else None
-    spans = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(B, 1, 1, 1) if noise_smooth else None
+    gen = ops.generator(seed, x) if noise_smooth else None
+    flat = xp.reshape(x, (B, -1))
+    spans = xp.reshape(xp.max(flat, axis=1) - xp.min(flat, axis=1), (B, 1, 1, 1)) if noise_smooth else None
 
     # 2. maps; canvases are made on first use (a layer method may return input-space saliency only)
-    dev = x.device
-    wsum = weight_sum(H, W, th, tw, boxes, overlap).to(dev)
+    like = to_float32(x[:0])
+    wsum = ops.asarray(weight_sum(H, W, th, tw, boxes, overlap), like=like)
 
     def canvas(lead: tuple[int, ...]) -> TileCanvas:
-        return TileCanvas(B, lead, H, W, th, tw, boxes, overlap, dev, wsum)
+        return TileCanvas(B, lead, H, W, th, tw, boxes, overlap, like, wsum)
 
     canvases: dict[str, TileCanvas] = {}
     sal: Optional[TileCanvas] = None
     pix: Optional[TileCanvas] = None
     clip = 1.0
-    score_sum = torch.zeros(B, T, device=dev)
+    score_sum = xp.zeros((B, T), dtype=xp.float32, device=array_api_compat.device(x))
     heads = _HeadMean(B, len(boxes))
     for chunk in chunks:
         tiles = _slice(x, chunk, th, tw)
@@ -288,13 +308,15 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
         res = p.result
         if noise_smooth:  # SmoothGrad per tile: noise scaled by the whole image's range, one generator
             res = noise_smoothed(net, tiles, p, layers, meth, opts, noise_smooth, noise_sigma, seed, layout,
-                                 span=spans[[b for b, _, _ in chunk]], gen=gen)  # type: ignore[index]
+                                 span=xp.stack([spans[b] for b, _, _ in chunk]), gen=gen)  # type: ignore[index]
         heads.add(p.heads, chunk)
-        score_sum.index_add_(0, torch.tensor([b for b, _, _ in chunk], device=dev), p.scores.float().to(dev))
-        with torch.no_grad():
+        tile_scores = to_float32(p.scores)
+        for j, (b, _, _) in enumerate(chunk):
+            score_sum[b] = score_sum[b] + tile_scores[j]
+        with bk.graph(False):
             for n in names if res.raws else []:
-                m = res.raws[n].clamp_min(0) if relu else res.raws[n]  # type: ignore[index]
-                m = upsample(m.float(), (th, tw))
+                m = xp.clip(res.raws[n], min=0) if relu else res.raws[n]  # type: ignore[index]
+                m = upsample(to_float32(m), (th, tw))
                 c = canvases.setdefault(n, canvas((T,)))
                 for j, (b, y0, x0) in enumerate(chunk):
                     c.add(b, y0, x0, m[j])
@@ -315,7 +337,7 @@ def explain_tiled(net: nn.Module, x: Tensor, targets: Any, *, layer: Any, meth: 
     first = next(iter(raws.values())) if raws else saliency
     mean_heads = heads.result()
     return Explanation(maps=maps, raw=first, raws=raws, scores=score_sum / len(boxes),
-                       probs=target_probabilities(rows, mean_heads), targets=rows, inputs=x.detach(), layers=names,
+                       probs=target_probabilities(rows, mean_heads), targets=rows, inputs=ops.detach(x), layers=names,
                        method=meth.name, display=display, heads=mean_heads,
                        pixel=pix.result() if pix is not None else None,
                        components=components if combine != "separate" else None, options=dict(opts))

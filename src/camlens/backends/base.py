@@ -24,21 +24,43 @@ every backend.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import array_api_compat  # (imports no array library itself)
+import numpy as np
 
 from ..errors import ConfigTypeError, MissingDependencyError
 
-__all__ = ["Backend", "Ops", "namespace", "get_backend", "register_backend", "available_backends", "layout_problem",
+__all__ = ["PRECISION_NAMES", "Backend", "Ops", "namespace", "ops_for", "to_float32", "bilinear_matrix", "extreme_rows", "get_backend", "register_backend", "available_backends", "layout_problem",
            "looks_channels_last", "grid_fits"]
 
 
 def namespace(*arrays: Any) -> Any:
     """The array-API namespace of ``arrays`` (``array_api_compat.torch`` for torch tensors, the
-    NumPy one for NumPy arrays, ...): what methods and metrics compute with."""
+    NumPy one for NumPy arrays, ...): what methods and metrics compute with. Cached per array
+    type (the per-call cost is one dict lookup)."""
+    kind = type(arrays[0])
+    if all(type(a) is kind for a in arrays):
+        found = _NS_BY_TYPE.get(kind)
+        if found is None:
+            found = _NS_BY_TYPE[kind] = array_api_compat.array_namespace(*arrays)
+        return found
     return array_api_compat.array_namespace(*arrays)
+
+
+_NS_BY_TYPE: dict[type, Any] = {}
+
+#: The precisions a call can run the model's forwards in (``explain(precision=...)``); every backend
+#: takes these names (the torch one maps them to ``torch.autocast`` dtypes).
+PRECISION_NAMES = ("fp32", "fp16", "bf16")
+
+
+def to_float32(x: Any) -> Any:
+    """``x`` as float32 (no copy, no dispatch when it is float32 already)."""
+    xp = namespace(x)
+    return x if x.dtype == xp.float32 else xp.astype(x, xp.float32)
 
 
 @runtime_checkable
@@ -48,20 +70,93 @@ class Ops(Protocol):
     def resize(self, maps: Any, size: tuple[int, int], mode: str = "bilinear") -> Any:
         """``(..., h, w) -> (..., H, W)``; bilinear with ``align_corners=False`` (half-pixel centres)."""
 
+    def resize_matrices(self, h: int, w: int, H: int, W: int, like: Any) -> tuple[Any, Any]:
+        """``(Ry (H, h), Rx^T (w, W))`` in ``like``'s dtype and device (read-only, cached): a bilinear
+        resize of ``(..., h, w)`` maps is ``Ry @ m @ Rx^T`` (rows of :func:`bilinear_matrix`)."""
+
+    def has_graph(self, x: Any) -> bool:
+        """Does ``x`` record an autograd graph (so maths on it must stay differentiable)?"""
+
+    def clip_(self, x: Any, lo: float, hi: float) -> Any:
+        """``clip(x, lo, hi)`` in place where the framework allows it (a fresh array is a page-faulting
+        allocation for full-size maps); returns the result."""
+
+    def softmax(self, x: Any, axis: int = -1) -> Any:
+        """``exp(x) / sum(exp(x))`` along ``axis`` (the framework's stable kernel)."""
+
+    def detach(self, x: Any) -> Any:
+        """``x`` without its autograd graph (the same values, no copy where possible)."""
+
+    def to_list(self, x: Any) -> list:
+        """The values of ``x`` as a flat Python list (one copy to the host)."""
+
     def topk(self, x: Any, k: int, axis: int = -1) -> tuple[Any, Any]:
         """The ``k`` largest values along ``axis`` and their indices, largest first."""
 
     def quantile(self, x: Any, q: float, axis: int = -1) -> Any:
         """The ``q`` quantile along ``axis`` (linear interpolation), the axis removed."""
 
-    def normal(self, shape: Sequence[int], seed: int, like: Any) -> Any:
-        """Standard normal noise of ``shape``, reproducible from ``seed``, on ``like``'s device and dtype."""
-
     def to_numpy(self, x: Any) -> Any:
         """A NumPy copy (or view) of ``x``, detached from any graph."""
 
     def asarray(self, x: Any, like: Any) -> Any:
         """``x`` (NumPy or nested lists) as an array of ``like``'s backend, device and dtype kind."""
+
+    # --- for metrics/
+    def device_type(self, x: Any) -> str:
+        """The kind of device holding ``x``: ``"cpu"``, ``"cuda"``, ``"mps"``, ... (solver and dtype choices)."""
+
+    def generator(self, seed: Optional[int], like: Any = None) -> Any:
+        """A random stream on ``like``'s device (the CPU when ``like`` is ``None``) seeded with ``seed``;
+        ``seed=None``: the framework's global stream on that device. Successive :meth:`random` calls
+        on one stream continue it."""
+
+    def random(self, shape: Sequence[int], generator: Any, like: Any, normal: bool = False) -> Any:
+        """Float32 draws of ``shape`` from ``generator`` on the generator's device, uniform on [0, 1)
+        (``normal=True``: standard normal), returned on ``like``'s device and dtype (so one seed gives
+        the same numbers whatever ``like`` is)."""
+
+    def separable_filter(self, x: Any, k_w: Any, k_h: Any, padding: str) -> Any:
+        """Each ``(H, W)`` plane of ``x`` ``(..., H, W)`` correlated with the 1-D kernel ``k_w`` ``(kw,)``
+        along W, then with ``k_h`` ``(kh,)`` along H (odd lengths, ``x``'s float dtype), after padding
+        each side by ``kw // 2`` / ``kh // 2`` (``padding``: ``"reflect"`` or ``"replicate"``); same shape."""
+
+    def box_mean(self, x: Any, radius: int) -> Any:
+        """Mean of each ``(2 r + 1)^2`` window of the ``(H, W)`` planes of ``x`` ``(..., H, W)`` over its
+        in-image pixels only (out-of-image ones are not counted), centred on every pixel; same shape."""
+
+    # --- for methods/
+    def resize_corners(self, maps: Any, size: tuple[int, int]) -> Any:
+        """``(..., h, w) -> (..., H, W)`` bilinear with ``align_corners=True`` (corner pixels aligned:
+        source ``d * (h - 1) / (H - 1)``, as ``nn.UpsamplingBilinear2d``; Score-CAM's masks), in
+        ``maps``' float dtype; bit-exact with the framework's own kernel, so a constant map stays
+        exactly constant wherever the framework's does."""
+
+    def set_at(self, x: Any, index: tuple, values: Any) -> Any:
+        """``x[index] = values`` for an ``index`` tuple of integer arrays and/or slices (NumPy's
+        advanced indexing, the arrays broadcast together), which the standard's ``__setitem__`` lacks;
+        in place where the framework allows it (pass a fresh array, e.g. a copy), the updated array
+        returned (e.g. Ablation-CAM's copies: ``set_at(copies, (arange(k), channels), v)``)."""
+
+    # --- for fronts/
+    def top_mask(self, x: Any, k: int) -> Any:
+        """Boolean mask of ``x``'s shape, True at the ``k`` largest entries along the last axis: the
+        ones :meth:`topk` picks (ties broken as it breaks them), in one scatter (top-fraction masks)."""
+
+    def to_file(self, x: Any) -> tuple[np.ndarray, str, str]:
+        """``(values, dtype, device)`` to save ``x`` in a file: a host NumPy array holding ``x``'s values bit
+        for bit (detached, dense; a dtype NumPy lacks widened losslessly, e.g. bfloat16 / float8 to
+        float32, complex32 to complex64), the framework's dtype name (``"torch.bfloat16"``: framework
+        name, a dot, the dtype) and device name (``"cuda:0"``). A ``TypeError`` when NumPy cannot hold
+        the dtype at all."""
+
+    def from_file(self, values: np.ndarray, dtype: str, device: Any = None) -> Any:
+        """The array :meth:`to_file` saved: ``values`` cast back to the dtype named ``dtype`` (bit for
+        bit) on ``device`` (``None``: the CPU). A ``LookupError`` (message: why, e.g. ``"unknown to this
+        PyTorch 2.4"``) when this framework has no dtype of that name."""
+
+    def is_out_of_memory(self, err: BaseException) -> bool:
+        """Is ``err`` this framework's out-of-memory error (device or host)?"""
 
 
 @runtime_checkable
@@ -80,6 +175,27 @@ class Backend(Protocol):
 
     def owns(self, model: Any) -> bool:
         """Is ``model`` one of this framework's models?"""
+
+    def images_in(self, inputs: Any) -> Any:
+        """For a loaded model: framework image arrays (uint8 ``(B, 3, H, W)``) as a list of ``(H, W, 3)``
+        NumPy images its preprocessing takes; anything else unchanged."""
+
+    def check_inputs(self, inputs: Any) -> Any:
+        """The input array of a plain model: the framework's float array (a clear error otherwise);
+        arrays that cannot record a graph (torch inference tensors) are copied."""
+
+    def to_model_input(self, model: Any, x: Any, precision: str) -> Any:
+        """``x`` on the model's device in the dtype of its weights (``precision`` may leave it to autocast)."""
+
+    def call_context(self) -> contextlib.AbstractContextManager:
+        """The framework modes a call needs around everything it does (torch: inference mode off)."""
+
+    def explain_failure(self, err: BaseException, model: Any) -> None:
+        """Raise a clear error for a framework failure whose cause can be named (e.g. a model whose
+        weights cannot be differentiated); return to let ``err`` propagate."""
+
+    def graph(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Record an autograd graph in the block (``True``) or not (``False``)."""
 
     def session(self, model: Any, *, eval_mode: bool = True, freeze: bool = True,
                 restore_buffers: bool = True) -> contextlib.AbstractContextManager:
@@ -118,6 +234,17 @@ class Backend(Protocol):
 
     def randomized_copy(self, model: Any, layers: Sequence[str], seed: int) -> Any:
         """A copy of ``model`` with the parameters of ``layers`` (dotted names) re-drawn (MPRT)."""
+
+    # --- for metrics/
+    def layer_order(self, model: Any, x: Any) -> list[str]:
+        """Dotted names of the layers that own parameters (not counting their sub-layers') and run on
+        ``x``, in order of their first call (input side first); ``""`` is the model itself. One
+        forward, no gradients; the model is left as it was."""
+
+    def reinitialise_layers(self, model: Any, layers: Sequence[str], seed: int) -> None:
+        """Re-draw the own parameters of ``layers`` (dotted names) of ``model`` IN PLACE, the i-th with
+        seed ``seed + i``, as :meth:`randomized_copy` does on its copy; only for a model the caller owns
+        (one from :meth:`randomized_copy`). The global random state is left as it was."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,8 +297,75 @@ def get_backend(model: Any) -> Backend:
                 _BY_TYPE[type(model)] = backend
                 return backend
     known = ", ".join(f"{n} ({'/'.join(r)})" for n, (r, _) in _BACKENDS.items())
-    raise ConfigTypeError(f"no camlens backend takes a model of type {type(model).__module__}.{type(model).__name__}; "
-                          f"backends: {known}. Pass a torch.nn.Module or a camlens.models.load(...) object")
+    raise ConfigTypeError(f"model must be an nn.Module or a camlens LoadedModel (camlens.models.load(...)), got "
+                          f"{type(model).__module__}.{type(model).__name__}: no camlens backend takes it (backends: "
+                          f"{known})")
+
+
+_OPS_BY_TYPE: dict[type, Ops] = {}
+
+
+def ops_for(x: Any) -> Ops:
+    """The :class:`Ops` for arrays like ``x``: the owning backend's for framework arrays (a torch
+    tensor: :class:`camlens.backends.torch.ops.TorchOps`), :class:`camlens.backends.numpy.NumpyOps`
+    for NumPy arrays."""
+    found = _OPS_BY_TYPE.get(type(x))
+    if found is not None:
+        return found
+    root = type(x).__module__.split(".")[0]
+    if root == "numpy":
+        from .numpy import NumpyOps
+
+        found = NumpyOps()
+    else:
+        name = next((n for n, (roots, _) in _BACKENDS.items() if root in roots), None)
+        if name is None:
+            raise ConfigTypeError(f"no camlens backend handles arrays of type {type(x).__module__}.{type(x).__name__}; "
+                                  "pass torch tensors or NumPy arrays")
+        found = _load(name).ops
+    _OPS_BY_TYPE[type(x)] = found
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# the resize convention every backend shares (NumPy, float64)
+
+def _source_index(n_in: int, n_out: int) -> np.ndarray:
+    """Fractional source position of each output, ``max((d + 0.5) * n_in / n_out - 0.5, 0)``."""
+    return np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+
+
+@functools.lru_cache(maxsize=128)
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``R`` ``(n_out, n_in)`` float64 with ``R @ v`` = 1-D bilinear resize of ``v``, ``align_corners=False``
+    (read-only).
+
+    PyTorch's source index: ``s = max((d + 0.5) * n_in / n_out - 0.5, 0)``, ``i0 = floor(s)``,
+    ``i1 = min(i0 + 1, n_in - 1)``, ``out[d] = (1 - l) v[i0] + l v[i1]`` with ``l = s - i0``.
+    """
+    s = _source_index(n_in, n_out)
+    i0 = np.minimum(np.floor(s).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    lam = s - i0
+    r = np.zeros((n_out, n_in), dtype=np.float64)
+    np.add.at(r, (np.arange(n_out), i0), 1 - lam)
+    np.add.at(r, (np.arange(n_out), i1), lam)
+    r.flags.writeable = False
+    return r
+
+
+@functools.lru_cache(maxsize=128)
+def extreme_rows(n_in: int, n_out: int) -> tuple[int, ...]:
+    """Output indices where a bilinear resize can reach its min or max along one axis.
+
+    Outputs that share the source cell ``i0`` are ``(1 - l) v[i0] + l v[i1]`` with ``l`` rising
+    with ``d``: monotone in ``d``, so within a cell the extremes are its first and last output.
+    """
+    i0 = np.floor(_source_index(n_in, n_out)).astype(np.int64).tolist()
+    keep = {0, n_out - 1}
+    keep.update(d for d in range(1, n_out) if i0[d] != i0[d - 1])
+    keep.update(d - 1 for d in range(1, n_out) if i0[d] != i0[d - 1])
+    return tuple(sorted(keep))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,4 +410,60 @@ def layout_problem(shape: Sequence[int], batch: int, size: tuple[int, int]) -> O
         return ("it looks channels-last (B, h, w, C) (e.g. Swin stages; not supported yet), and reading it as "
                 "(B, C, h, w) would give a wrong map")
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# --- for fronts/: arrays made with no array at hand, and framework errors
+
+__all__ += ["ops_named", "default_array", "is_out_of_memory"]
+
+_OPS_BY_NAME: dict[Optional[str], Ops] = {}
+
+
+def ops_named(name: Optional[str] = None) -> Ops:
+    """The :class:`Ops` of the backend called ``name`` (``"torch"``, ...; ``"numpy"``: NumPy's), ``None``:
+    the default backend (the first registered: torch); NumPy's when that framework is not installed
+    or no backend has that name.
+
+    For fronts that must make framework arrays with no array to take the kind from (so
+    :func:`ops_for` has nothing to dispatch on): :func:`camlens.load` rebuilds each file entry with
+    the Ops of the framework its dtype name says it came from (``"torch.float32"`` -> ``"torch"``,
+    :meth:`Ops.from_file`), and :mod:`camlens.localize` turns plain nested lists into the default
+    kind. So both return torch tensors when torch is installed, as when they imported torch
+    themselves, without importing it before it is needed; and without torch a saved explanation
+    still loads, as NumPy arrays of the same values. Cached per name."""
+    found = _OPS_BY_NAME.get(name)
+    if found is None:
+        key = next(iter(_BACKENDS), None) if name is None else name
+        found = None
+        if key is not None and key != "numpy" and key in _BACKENDS:
+            try:
+                found = _load(key).ops
+            except MissingDependencyError:  # the framework is not installed
+                found = None
+        if found is None:
+            from .numpy import NumpyOps
+
+            found = NumpyOps()
+        _OPS_BY_NAME[name] = found
+    return found
+
+
+def default_array(x: Any) -> Any:
+    """``x`` (nested lists, a NumPy array) as an array of the default backend on the CPU, in the dtype
+    NumPy reads it as (``torch.as_tensor(np.asarray(x))`` with torch installed; the NumPy array
+    without): :meth:`Ops.from_file` of :func:`ops_named` with the dtype's name under the
+    framework's prefix, as the file format names it (``"torch.float32"``)."""
+    a = np.asarray(x)
+    key = next(iter(_BACKENDS), "numpy")
+    return ops_named().from_file(a, f"{key}.{a.dtype}", None)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Is ``err`` an out-of-memory error: ``MemoryError``, or that of a backend loaded so far
+    (:meth:`Ops.is_out_of_memory`; an error cannot come from a framework no camlens backend has
+    loaded)? No framework is imported."""
+    from .numpy import NumpyOps
+
+    return NumpyOps().is_out_of_memory(err) or any(b.ops.is_out_of_memory(err) for b in list(_LOADED.values()))
 

@@ -39,11 +39,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-from torch import Tensor
+import array_api_compat
 
+from ..backends.base import namespace, ops_for
 from ..registry import Option, fraction, number, optional, positive_int
-from .base import Method, MethodContext, MethodOutput, register
+from .base import Method, MethodContext, MethodOutput, Tensor, register
 
 __all__ = ["AblationCam", "ABLATIONCAM", "ablation_value", "channels_to_ablate", "ablationcam_image"]
 
@@ -53,8 +53,9 @@ SVD_THRESHOLD = 0.01  # pytorch-grad-cam's threshold on the normalised |first pr
 
 def ablation_value(acts: Tensor) -> Tensor:
     """pytorch-grad-cam's value for an ablated channel of acts ``(C, h, w)``: 0 if ``min == 0``, else ``min - 1e7``."""
-    lo = acts.amin()
-    return torch.where(lo == 0, torch.zeros_like(lo), lo - ABLATION_OFFSET)
+    xp = namespace(acts)
+    lo = xp.min(acts)
+    return xp.where(lo == 0, xp.zeros_like(lo), lo - ABLATION_OFFSET)
 
 
 def channels_to_ablate(acts: Tensor, ratio: float) -> Tensor:
@@ -64,27 +65,28 @@ def channels_to_ablate(acts: Tensor, ratio: float) -> Tensor:
     the mask ``norm(|X v_1|) > 0.01`` (X: the ``(h*w, C)`` activations centred per channel, v_1 its
     first right singular vector) and keep the ``int(C * ratio)`` highest and lowest.
     """
+    xp = namespace(acts)
+    dev = array_api_compat.device(acts)
     C = acts.shape[0]
-    keep = torch.zeros(C, dtype=torch.bool, device=acts.device)
     if ratio >= 1.0:
-        return keep | True
+        return xp.ones(C, dtype=xp.bool, device=dev)
     k = int(C * ratio)
     if k == 0:
-        return keep
-    X = acts.float().flatten(1).T  # (h*w, C)
-    X = X - X.mean(0)
-    vh = torch.linalg.svd(X, full_matrices=False).Vh
-    proj = (X @ vh[0]).abs()
-    proj = proj - proj.min()
-    fg = (proj / proj.max()) > SVD_THRESHOLD  # (h*w,)
-    nrm = acts.float().flatten(1).abs()
-    nrm = nrm - nrm.amin(1, keepdim=True)
-    nrm = nrm / nrm.amax(1, keepdim=True)  # NaN for a constant channel, as in numpy
-    score = (nrm * fg).sum(1) / nrm.sum(1)
-    order = torch.argsort(score, stable=True)  # NaN last, like numpy's argsort
-    keep[order[:k]] = True
-    keep[order[-k:]] = True
-    return keep
+        return xp.zeros(C, dtype=xp.bool, device=dev)
+    A = xp.reshape(xp.astype(acts, xp.float32, copy=False), (C, -1))  # (C, h*w)
+    X = A.T  # (h*w, C)
+    X = X - xp.mean(X, axis=0)
+    vh = xp.linalg.svd(X, full_matrices=False)[2]
+    proj = xp.abs(X @ vh[0])
+    proj = proj - xp.min(proj)
+    fg = (proj / xp.max(proj)) > SVD_THRESHOLD  # (h*w,)
+    nrm = xp.abs(A)
+    nrm = nrm - xp.min(nrm, axis=1, keepdims=True)
+    nrm = nrm / xp.max(nrm, axis=1, keepdims=True)  # NaN for a constant channel, as in numpy
+    score = xp.sum(nrm * xp.astype(fg, nrm.dtype), axis=1) / xp.sum(nrm, axis=1)
+    order = xp.argsort(score, stable=True)  # NaN last, like numpy's argsort
+    picked = xp.concat([order[:k], order[-k:]])  # (2k,) the lowest and the highest ranked
+    return xp.any(xp.arange(C, device=dev)[:, None] == picked[None, :], axis=1)
 
 
 def ablationcam_image(ctx: MethodContext, name: str, b: int, batch_size: int = 32, ratio: float = 1.0,
@@ -94,25 +96,34 @@ def ablationcam_image(ctx: MethodContext, name: str, b: int, batch_size: int = 3
     Runs ``ceil(K / batch_size)`` forwards from the layer on, K = ablated channels that are not all zero.
     """
     acts = ctx.acts[name][b]  # (C, h, w)
-    C = acts.shape[0]
-    flat = acts.flatten(1)
-    v = ablation_value(acts) if value is None else torch.tensor(value, dtype=acts.dtype, device=acts.device)
-    todo = torch.nonzero(channels_to_ablate(acts, ratio) & (flat != 0).any(1)).flatten()  # one sync
-    S = ctx.scores[b].float()  # (T,)
+    xp = namespace(acts)
+    ops = ctx.ops if ctx.ops is not None else ops_for(acts)
+    dev = array_api_compat.device(acts)
+    C, h, w = acts.shape
+    flat = xp.reshape(acts, (C, h * w))
+    v = ablation_value(acts) if value is None else xp.asarray(value, dtype=acts.dtype, device=dev)
+    v = xp.astype(v, acts.dtype, copy=False)
+    todo_mask = channels_to_ablate(acts, ratio) & xp.any(flat != 0, axis=1)
+    todo = xp.nonzero(todo_mask)[0]  # one sync
+    S = xp.astype(ctx.scores[b], xp.float32, copy=False)  # (T,)
     x_b = ctx.inputs[b:b + 1]
     drops = []
-    for i in range(0, todo.numel(), batch_size):
+    for i in range(0, todo.shape[0], batch_size):
         idx = todo[i:i + batch_size]
-        copies = acts.expand(idx.numel(), *acts.shape).clone()  # (k, C, h, w), fresh: may be changed in place
-        copies[torch.arange(idx.numel(), device=acts.device), idx] = v.to(acts.dtype)
+        k = idx.shape[0]
+        copies = xp.asarray(xp.broadcast_to(acts, (k, C, h, w)), copy=True)  # fresh: may be changed in place
+        copies = ops.set_at(copies, (xp.arange(k, device=dev), idx), v)  # copy j: channel idx[j] set to v
         drops.append(S - ctx.runner.scores_with_layer(ctx.modules[name], copies, x_b, b, batch_size))  # (k, T)
-    weights = torch.zeros((S.shape[0], C), dtype=S.dtype, device=acts.device)  # (T, C)
-    if drops:
-        weights[:, todo] = torch.cat(drops).T
-    weights = weights / torch.where(S == 0, torch.ones_like(S), S)[:, None]
-    return torch.einsum("tc,chw->thw", weights.to(acts.dtype), acts)
-
-
+    T = S.shape[0]
+    if drops:  # weights[:, c] = the drops of channel c (its place in todo), 0 for channels not ablated
+        D = xp.concat(drops).T  # (T, K)
+        pos = xp.cumulative_sum(xp.astype(todo_mask, xp.int64)) - 1
+        weights = xp.where(todo_mask[None, :], xp.take(D, xp.where(todo_mask, pos, xp.zeros_like(pos)), axis=1),
+                           0.0)  # (T, C)
+    else:
+        weights = xp.zeros((T, C), dtype=S.dtype, device=dev)
+    weights = weights / xp.where(S == 0, xp.ones_like(S), S)[:, None]
+    return xp.reshape(xp.astype(weights, acts.dtype, copy=False) @ flat, (T, h, w))
 
 
 @dataclass(frozen=True)
@@ -124,8 +135,8 @@ class AblationCam(Method):
         raws = {}
         for name in ctx.layers:
             a = ctx.spatial_acts(name, "Ablation-CAM")
-            raws[name] = torch.stack([ablationcam_image(ctx, name, b, o["batch_size"], float(o["ratio"]),
-                                                        o["ablation_value"]) for b in range(a.shape[0])])
+            raws[name] = namespace(a).stack([ablationcam_image(ctx, name, b, o["batch_size"], float(o["ratio"]),
+                                                               o["ablation_value"]) for b in range(a.shape[0])])
         return MethodOutput(raws=raws)
 
 

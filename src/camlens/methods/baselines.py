@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
-import torch
-from torch import Tensor
+import array_api_compat
 
+from ..backends.base import namespace, ops_for
 from ..registry import Option, positive_number
-from .base import Method, MethodContext, MethodOutput, register
+from .base import Method, MethodContext, MethodOutput, Tensor, register
+from .gradcam import weighted_sum
 from ..errors import ConfigError
 
 __all__ = ["RandomCAM", "CenterPrior", "random_weights", "center_map", "RANDOM", "CENTER"]
@@ -48,13 +49,18 @@ def _target_key(target: Any) -> str:
     return f"cls={cls}" if cls is not None else f"label={getattr(target, 'label', target)}"
 
 
-def random_weights(targets: list, C: int, seed: int, layer: int = 0) -> Tensor:
-    """Channel weights ``(B, T, C)`` ~ U(-1, 1) for B lists of T targets.
+def random_weights(targets: list, C: int, seed: int, layer: int = 0, *, like: Tensor, ops: Any = None) -> Tensor:
+    """Channel weights ``(B, T, C)`` ~ U(-1, 1) for B lists of T targets, float32 on ``like``'s device
+    (an array of the backend whose ``ops`` draw them; default: the Ops of ``like``).
 
-    Each target's weights come from a CPU generator seeded with ``crc32(seed, layer, key)``, the
-    key being its class index: a target's map does not depend on the batch or on the other targets
-    explained with it (targets of different heads with the same class index share weights).
+    Each target's weights are ``2 u - 1``, u the ``C`` float32 uniform draws of a CPU generator
+    (``ops.generator``) seeded with ``crc32(seed, layer, key)``, the key being its class index: the
+    same numbers on every device, and a target's map does not depend on the batch or on the other
+    targets explained with it (targets of different heads with the same class index share weights).
     """
+    xp = namespace(like)
+    ops = ops_for(like) if ops is None else ops
+    like32 = xp.zeros((), dtype=xp.float32, device=array_api_compat.device(like))
     cache: dict[str, Tensor] = {}
     rows = []
     for row in targets:
@@ -62,20 +68,21 @@ def random_weights(targets: list, C: int, seed: int, layer: int = 0) -> Tensor:
         for tg in row:
             key = _target_key(tg)
             if key not in cache:
-                gen = torch.Generator().manual_seed(zlib.crc32(f"random:{int(seed)}:{layer}:{key}".encode()))
-                cache[key] = torch.rand(C, generator=gen) * 2 - 1
+                gen = ops.generator(zlib.crc32(f"random:{int(seed)}:{layer}:{key}".encode()))  # on the CPU
+                cache[key] = ops.random((C,), gen, like32) * 2 - 1
             ws.append(cache[key])
-        rows.append(torch.stack(ws))
-    return torch.stack(rows)
+        rows.append(xp.stack(ws))
+    return xp.stack(rows)
 
 
-def center_map(H: int, W: int, sigma: float, device: torch.device = torch.device("cpu")) -> Tensor:
-    """Centred Gaussian ``(H, W)``, peak 1 at the image centre, std ``sigma * H`` / ``sigma * W`` pixels."""
+def center_map(xp: Any, H: int, W: int, sigma: float, device: Optional[Any] = None) -> Tensor:
+    """Centred Gaussian ``(H, W)`` float32 of namespace ``xp`` on ``device``, peak 1 at the image centre,
+    std ``sigma * H`` / ``sigma * W`` pixels."""
     if not sigma > 0:
         raise ConfigError(f"center sigma must be > 0 (a fraction of the image size), got {sigma!r}")
-    y = torch.arange(H, device=device, dtype=torch.float32) - (H - 1) / 2
-    x = torch.arange(W, device=device, dtype=torch.float32) - (W - 1) / 2
-    return torch.exp(-(y[:, None] ** 2 / (2 * (sigma * H) ** 2) + x[None, :] ** 2 / (2 * (sigma * W) ** 2)))
+    y = xp.arange(H, device=device, dtype=xp.float32) - (H - 1) / 2
+    x = xp.arange(W, device=device, dtype=xp.float32) - (W - 1) / 2
+    return xp.exp(-(y[:, None] ** 2 / (2 * (sigma * H) ** 2) + x[None, :] ** 2 / (2 * (sigma * W) ** 2)))
 
 
 @dataclass(frozen=True)
@@ -86,9 +93,10 @@ class RandomCAM(Method):
         raws = {}
         for i, n in enumerate(ctx.layers):
             a = ctx.spatial_acts(n, "method 'random'")
-            w = random_weights(ctx.targets, a.shape[1], int(ctx.options["random_seed"]), i).to(a.device, a.dtype)
-            raw = torch.einsum("btc,bchw->bthw", w, a)
-            raws[n] = raw - raw.mean(dim=(-2, -1), keepdim=True)  # the ReLU keeps the above-average half
+            xp = namespace(a)
+            w = random_weights(ctx.targets, a.shape[1], int(ctx.options["random_seed"]), i, like=a, ops=ctx.ops)
+            raw = weighted_sum(xp, xp.astype(w, a.dtype, copy=False), a)  # (B, T, h, w)
+            raws[n] = raw - xp.mean(raw, axis=(-2, -1), keepdims=True)  # the ReLU keeps the above-average half
         return MethodOutput(raws=raws)
 
 
@@ -99,8 +107,9 @@ class CenterPrior(Method):
     def compute(self, ctx: MethodContext) -> MethodOutput:
         B, _, H, W = ctx.inputs.shape
         T = ctx.scores.shape[1]
-        g = center_map(H, W, float(ctx.options["sigma"]), ctx.inputs.device)
-        return MethodOutput(saliency=g.expand(B, T, H, W).clone())
+        xp = namespace(ctx.inputs)
+        g = center_map(xp, H, W, float(ctx.options["sigma"]), array_api_compat.device(ctx.inputs))
+        return MethodOutput(saliency=xp.asarray(xp.broadcast_to(g, (B, T, H, W)), copy=True))
 
 
 RANDOM = register(RandomCAM(

@@ -35,12 +35,11 @@ with the un-normalised Grad-CAM and ``nearest`` upsampling by default, exactly a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-import torch.nn.functional as F
-from torch import Tensor
-
+from ..backends.base import namespace, ops_for
 from ..registry import Option, fraction, one_of
-from .base import Method, MethodContext, MethodOutput, register
+from .base import Method, MethodContext, MethodOutput, Tensor, register
 from .gradcam import gradcam
 from ..errors import ConfigError
 
@@ -61,18 +60,19 @@ def guided_gradients(ctx: MethodContext) -> Tensor:
 
 def channel_saliency(pixel: Tensor) -> Tensor:
     """``(B, T, C, H, W)`` per-channel attributions -> ``(B, T, H, W)`` maps, ``max_c |pixel|``."""
-    return pixel.abs().amax(dim=2)
+    xp = namespace(pixel)
+    return xp.max(xp.abs(pixel), axis=2)
 
 
-def upsample_cam(cam: Tensor, size: tuple[int, int], mode: str = "nearest") -> Tensor:
-    """Resize maps ``(B, T, h, w)`` to ``(B, T, *size)`` with ``F.interpolate`` (``align_corners=False``
-    for bilinear, captum's ``LayerAttribution.interpolate`` convention)."""
+def upsample_cam(cam: Tensor, size: tuple[int, int], mode: str = "nearest", ops: Any = None) -> Tensor:
+    """Resize maps ``(B, T, h, w)`` to ``(B, T, *size)`` with the backend's ``Ops.resize`` (``ops``;
+    default: the Ops of ``cam``): ``nearest``, or ``bilinear`` with ``align_corners=False`` (captum's
+    ``LayerAttribution.interpolate`` convention)."""
     if mode not in _INTERPOLATE:
         raise ConfigError(f"interpolate must be one of {_INTERPOLATE}, got {mode!r}")
     if tuple(cam.shape[-2:]) == tuple(size):
         return cam
-    kw = {"align_corners": False} if mode == "bilinear" else {}
-    return F.interpolate(cam, size=size, mode=mode, **kw)
+    return (ops_for(cam) if ops is None else ops).resize(cam, tuple(size), mode)
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,12 @@ class GuidedGradCam(Method):
             raise RuntimeError("guided_gradcam needs the layer gradients (needs_grads=True)")
         name = ctx.layers[0]
         acts = ctx.spatial_acts(name, "guided_gradcam")
-        cam = gradcam(acts, ctx.grads[name]).clamp_min(0)  # (B, T, h, w)
+        xp = namespace(acts)
+        cam = xp.clip(gradcam(acts, ctx.grads[name]), min=0)  # (B, T, h, w)
         size = (int(ctx.inputs.shape[-2]), int(ctx.inputs.shape[-1]))
-        cam = upsample_cam(cam, size, ctx.options["interpolate"])  # (B, T, H, W)
+        cam = upsample_cam(cam, size, ctx.options["interpolate"], ctx.ops)  # (B, T, H, W)
         guided = guided_gradients(ctx)  # (B, T, C, H, W)
-        pixel = guided * cam.unsqueeze(2).to(guided.dtype)
+        pixel = guided * xp.astype(cam[:, :, None], guided.dtype, copy=False)
         return MethodOutput(saliency=channel_saliency(pixel), pixel=pixel,
                             clip=ctx.options["clip"])
 

@@ -30,11 +30,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-import torch
-from torch import Tensor
+import array_api_compat
 
+from ..backends.base import namespace, ops_for
 from ..registry import Option, int_or_pair, optional, positive_int, positive_number
-from .base import Method, MethodContext, MethodOutput, register
+from .base import Method, MethodContext, MethodOutput, Tensor, register
 from ..errors import ConfigError, ConfigTypeError
 
 __all__ = ["window_starts", "coverage", "occlusion_fill", "occlusion_maps", "Occlusion", "OCCLUSION"]
@@ -54,8 +54,8 @@ def _pair(v: Any, name: str) -> tuple[int, int]:
 
 
 def _baseline_check(v: Any) -> Optional[str]:
-    ok = v == "blur" if isinstance(v, str) else isinstance(v, Tensor) or (isinstance(v, (int, float))
-                                                                         and not isinstance(v, bool))
+    ok = v == "blur" if isinstance(v, str) else array_api_compat.is_array_api_obj(v) or (
+        isinstance(v, (int, float)) and not isinstance(v, bool))
     return None if ok else "a number, a tensor or 'blur'"
 
 
@@ -69,21 +69,26 @@ def window_starts(size: int, patch: int, stride: int) -> list[int]:
     return [i * stride for i in range(math.ceil((size - patch) / stride) + 1)]
 
 
-def coverage(size: int, starts: list[int], patch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Indicator ``(size, n)``: entry ``[p, w]`` is 1 when window ``w`` covers position ``p`` (cut at the border)."""
-    pos = torch.arange(size, device=device)[:, None]
-    s = torch.tensor(starts, device=device)[None, :]
-    return ((pos >= s) & (pos < s + patch)).to(dtype)
+def coverage(xp: Any, size: int, starts: list[int], patch: int, device: Any, dtype: Any) -> Tensor:
+    """Indicator ``(size, n)`` of namespace ``xp`` on ``device``, in ``dtype``: entry ``[p, w]`` is 1 when
+    window ``w`` (starting at ``starts[w]``) covers position ``p`` (cut at the border)."""
+    pos = xp.arange(size, device=device)[:, None]
+    s = xp.asarray(starts, dtype=pos.dtype, device=device)[None, :]
+    return xp.astype((pos >= s) & (pos < s + patch), dtype)
 
 
-def occlusion_fill(x: Tensor, baseline: Any, blur_sigma: float) -> Tensor:
+def occlusion_fill(x: Tensor, baseline: Any, blur_sigma: float, ops: Any = None) -> Tensor:
     """What hidden pixels are replaced by, broadcastable to ``x`` ``(B, C, H, W)``.
 
     ``baseline``: a number (in the model's input space, e.g. 0.0 = the dataset mean after
-    normalisation), a tensor broadcastable to ``(C, H, W)`` or ``(B, C, H, W)``, or ``"blur"``: the
-    image blurred with a Gaussian of std ``blur_sigma`` pixels (kernel ``2 * ceil(3 sigma) + 1``,
-    capped by the image size, reflect padding).
+    normalisation), a tensor broadcastable to ``(C, H, W)`` or ``(B, C, H, W)`` (an array of another
+    library is copied over through NumPy by ``ops.asarray``), or ``"blur"``: the image blurred with a
+    Gaussian of std ``blur_sigma`` pixels (kernel ``2 * ceil(3 sigma) + 1``, capped by the image
+    size, reflect padding; :func:`camlens.metrics.faithfulness.gaussian_blur`). ``ops``: the
+    backend's Ops (default: those of ``x``).
     """
+    xp = namespace(x)
+    dev = array_api_compat.device(x)
     if isinstance(baseline, str):
         if baseline != "blur":
             raise ConfigError(f"occlusion baseline must be a number, a tensor or 'blur', got {baseline!r}")
@@ -95,10 +100,14 @@ def occlusion_fill(x: Tensor, baseline: Any, blur_sigma: float) -> Tensor:
         kh = min(2 * math.ceil(3 * blur_sigma) + 1, 2 * H - 1)  # odd; reflect padding needs k // 2 < side
         kw = min(2 * math.ceil(3 * blur_sigma) + 1, 2 * W - 1)
         return gaussian_blur(x, (kw, kh), float(blur_sigma))
-    if isinstance(baseline, Tensor):
-        return baseline.to(device=x.device, dtype=x.dtype)
+    if array_api_compat.is_array_api_obj(baseline):
+        try:
+            namespace(baseline, x)
+        except TypeError:  # another array library
+            baseline = (ops_for(x) if ops is None else ops).asarray(baseline, like=x)
+        return xp.astype(array_api_compat.to_device(baseline, dev), x.dtype, copy=False)
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full((), float(baseline), device=x.device, dtype=x.dtype)
+        return xp.full((), float(baseline), dtype=x.dtype, device=dev)
     raise ConfigTypeError(f"occlusion baseline must be a number, a tensor or 'blur', got {type(baseline).__name__}")
 
 
@@ -106,6 +115,7 @@ def occlusion_maps(ctx: MethodContext, patch: IntPair, stride: Optional[IntPair]
                    blur_sigma: float, batch_size: int) -> Tensor:
     """Average score drop per pixel ``(B, T, H, W)`` (float32); see the module docstring."""
     x = ctx.inputs
+    xp = namespace(x)
     B, C, H, W = x.shape
     kh, kw = _pair(patch, "patch")
     sh, sw = (max(1, kh // 2), max(1, kw // 2)) if stride is None else _pair(stride, "stride")
@@ -114,30 +124,30 @@ def occlusion_maps(ctx: MethodContext, patch: IntPair, stride: Optional[IntPair]
     rows, cols = window_starts(H, kh, sh), window_starts(W, kw, sw)
     nr, nc = len(rows), len(cols)
     n = nr * nc
-    dev = x.device
-    R = coverage(H, rows, kh, dev, torch.float32)  # (H, nr)
-    K = coverage(W, cols, kw, dev, torch.float32)  # (W, nc)
-    Rb, Kb = R.t().bool(), K.t().bool()  # (nr, H), (nc, W)
-    count = R.sum(1)[:, None] * K.sum(1)[None, :]  # (H, W) windows covering each pixel, >= 1
+    dev = array_api_compat.device(x)
+    R = coverage(xp, H, rows, kh, dev, xp.float32)  # (H, nr)
+    K = coverage(xp, W, cols, kw, dev, xp.float32)  # (W, nc)
+    Rb, Kb = xp.astype(R.T, xp.bool), xp.astype(K.T, xp.bool)  # (nr, H), (nc, W)
+    count = xp.sum(R, axis=1)[:, None] * xp.sum(K, axis=1)[None, :]  # (H, W) windows covering each pixel, >= 1
 
-    fill = occlusion_fill(x, baseline, blur_sigma)
+    fill = occlusion_fill(x, baseline, blur_sigma, ctx.ops)
     if fill.ndim == 4 and fill.shape[0] == B:
         fills = [fill[b:b + 1] for b in range(B)]
     else:
         fills = [fill] * B
-    base = ctx.scores.to(dev, torch.float32)  # (B, T) unoccluded scores
+    base = xp.astype(array_api_compat.to_device(ctx.scores, dev), xp.float32, copy=False)  # (B, T) unoccluded scores
     out = []
     for b in range(B):
         xb = x[b:b + 1]
         drops = []
         for s in range(0, n, batch_size):
-            w = torch.arange(s, min(s + batch_size, n), device=dev)  # window ids, row-major
-            mask = Rb[w // nc][:, :, None] & Kb[w % nc][:, None, :]  # (n_chunk, H, W)
-            occluded = torch.where(mask[:, None], fills[b], xb)  # (n_chunk, C, H, W)
+            w = xp.arange(s, min(s + batch_size, n), device=dev)  # window ids, row-major
+            mask = xp.take(Rb, w // nc, axis=0)[:, :, None] & xp.take(Kb, w % nc, axis=0)[:, None, :]  # (n_chunk, H, W)
+            occluded = xp.where(mask[:, None], fills[b], xb)  # (n_chunk, C, H, W)
             drops.append(base[b][None, :] - ctx.runner.scores(occluded, b, batch_size))  # (n_chunk, T)
-        d = torch.cat(drops).t().reshape(-1, nr, nc)  # (T, nr, nc)
-        out.append(R @ d @ K.t() / count)  # (T, H, W)
-    return torch.stack(out)
+        d = xp.reshape(xp.concat(drops).T, (-1, nr, nc))  # (T, nr, nc)
+        out.append(R @ d @ K.T / count)  # (T, H, W)
+    return xp.stack(out)
 
 
 @dataclass(frozen=True)

@@ -32,31 +32,40 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+import array_api_compat
 
+from ..backends.base import namespace, ops_for
 from ..registry import Option, optional, positive_int
-from .base import Method, MethodContext, MethodOutput, register
+from .base import Method, MethodContext, MethodOutput, Tensor, register
 
 __all__ = ["ScoreCam", "SCORECAM", "channel_masks", "scorecam_image"]
 
 MASK_EPS = 1e-8  # pytorch-grad-cam's epsilon in the min-max of the upsampled channel maps
 
 
-def channel_masks(acts: Tensor, size: tuple[int, int]) -> Tensor:
+def channel_masks(acts: Tensor, size: tuple[int, int], ops: Any = None) -> Tensor:
     """Score-CAM masks: channel maps ``(k, h, w)`` -> ``(k, H, W)`` upsampled and min-max'd to [0, 1].
 
-    Bilinear with ``align_corners=True`` (what ``nn.UpsamplingBilinear2d`` does), then
-    ``(U - min) / (max - min + 1e-8)`` per channel; a constant channel gives an all-zero mask.
+    Bilinear with ``align_corners=True`` (what ``nn.UpsamplingBilinear2d`` does; the backend's
+    ``Ops.resize_corners``, in float32), then ``(U - min) / (max - min + 1e-8)`` per channel; a
+    constant channel gives an all-zero mask. ``ops``: the backend's Ops (default: those of ``acts``).
     """
-    up = F.interpolate(acts[None].float(), size=size, mode="bilinear", align_corners=True)[0]
-    flat = up.flatten(1)
-    lo = flat.amin(1)[:, None, None]
-    hi = flat.amax(1)[:, None, None]
+    xp = namespace(acts)
+    ops = ops_for(acts) if ops is None else ops
+    up = ops.resize_corners(xp.astype(acts, xp.float32, copy=False), size)  # (k, H, W)
+    flat = xp.reshape(up, (up.shape[0], -1))
+    lo = xp.min(flat, axis=1)[:, None, None]
+    hi = xp.max(flat, axis=1)[:, None, None]
     return (up - lo) / (hi - lo + MASK_EPS)
+
+
+def _scatter(xp: Any, C: int, idx: Tensor, values: Tensor, dev: Any) -> Tensor:
+    """Boolean ``(C,)``: True at the channels ``idx`` ``(k,)`` whose ``values`` ``(k,)`` are True (a
+    ``(C, k)`` comparison; k is at most a chunk of channels)."""
+    hit = xp.arange(C, device=dev)[:, None] == idx[None, :]
+    return xp.any(hit & values[None, :], axis=1)
 
 
 def scorecam_image(ctx: MethodContext, acts: Tensor, b: int, batch_size: int = 64,
@@ -67,47 +76,53 @@ def scorecam_image(ctx: MethodContext, acts: Tensor, b: int, batch_size: int = 6
     channels with a non-constant mask, plus one row for the all-zero input when any scored
     channel has a constant map (that row shares a chunk with the others).
     """
+    xp = namespace(acts)
+    ops = ctx.ops if ctx.ops is not None else ops_for(acts)
     x_b = ctx.inputs[b:b + 1]  # (1, 3, H, W)
     size = (int(x_b.shape[-2]), int(x_b.shape[-1]))
-    C = acts.shape[0]
-    flat = acts.flatten(1)
-    device = acts.device
+    C, h, w = acts.shape
+    flat = xp.reshape(acts, (C, h * w))
+    dev = array_api_compat.device(acts)
 
     # the channels that take part in the softmax
     if max_channels is not None and max_channels < C:
-        selected = torch.zeros(C, dtype=torch.bool, device=device)
-        selected[flat.float().var(1, unbiased=False).topk(max_channels).indices] = True
+        top = ops.topk(xp.var(xp.astype(flat, xp.float32, copy=False), axis=1), max_channels)[1]
+        selected = _scatter(xp, C, top, xp.ones(top.shape, dtype=xp.bool, device=dev), dev)
     else:
-        selected = torch.ones(C, dtype=torch.bool, device=device)
+        selected = xp.ones(C, dtype=xp.bool, device=dev)
 
     # constant low-res maps are candidates for the all-zero mask; keep only those whose
     # upsampled map is exactly constant (bilinear rounding could break constancy)
-    candidates = torch.nonzero(selected & (flat.amax(1) == flat.amin(1))).flatten()  # one sync
-    zero_mask = torch.zeros(C, dtype=torch.bool, device=device)
-    for i in range(0, candidates.numel(), batch_size):
+    candidates = xp.nonzero(selected & (xp.max(flat, axis=1) == xp.min(flat, axis=1)))[0]  # one sync
+    zero_mask = xp.zeros(C, dtype=xp.bool, device=dev)
+    for i in range(0, candidates.shape[0], batch_size):
         idx = candidates[i:i + batch_size]
-        zero_mask[idx] = channel_masks(acts[idx], size).flatten(1).amax(1) == 0
-    scored = torch.nonzero(selected & ~zero_mask).flatten()  # one sync
-    K = scored.numel()
-    need_zero = bool(zero_mask.any())
+        m = channel_masks(xp.take(acts, idx, axis=0), size, ops)
+        zero_mask = zero_mask | _scatter(xp, C, idx, xp.max(xp.reshape(m, (m.shape[0], -1)), axis=1) == 0, dev)
+    scored_mask = selected & ~zero_mask
+    scored = xp.nonzero(scored_mask)[0]  # one sync
+    K = scored.shape[0]
+    need_zero = bool(xp.any(zero_mask))
     n_rows = K + int(need_zero)  # row K (if any) is the all-zero input
 
     def chunks() -> Iterator[Tensor]:
         for i in range(0, n_rows, batch_size):
             idx = scored[i:min(i + batch_size, K)]
-            parts = [x_b * channel_masks(acts[idx], size)[:, None].to(x_b.dtype)] if idx.numel() else []
+            parts = [x_b * xp.astype(channel_masks(xp.take(acts, idx, axis=0), size, ops)[:, None], x_b.dtype,
+                                     copy=False)] if idx.shape[0] else []
             if need_zero and i + batch_size >= n_rows:
-                parts.append(torch.zeros_like(x_b))
-            yield torch.cat(parts)
+                parts.append(xp.zeros_like(x_b))
+            yield xp.concat(parts)
 
-    rows = torch.cat([ctx.runner.scores(chunk, b, batch_size) for chunk in chunks()])  # (n_rows, T)
-    T = rows.shape[1]
-    s = torch.full((C, T), float("-inf"), dtype=rows.dtype, device=device)  # -inf: weight 0
-    s[scored] = rows[:K]
-    if need_zero:
-        s[zero_mask] = rows[K]
-    weights = torch.softmax(s.T, dim=1)  # (T, C)
-    return torch.einsum("tc,chw->thw", weights.to(acts.dtype), acts)
+    rows = xp.concat([ctx.runner.scores(chunk, b, batch_size) for chunk in chunks()])  # (n_rows, T)
+    # s[c] = rows[position of c among the scored channels], rows[K] for all-zero masks, -inf (weight 0)
+    # for the channels left out
+    pos = xp.cumulative_sum(xp.astype(scored_mask, xp.int64)) - 1
+    pos = xp.where(zero_mask, xp.full_like(pos, K), xp.where(scored_mask, pos, xp.zeros_like(pos)))
+    s = xp.where(selected[:, None], xp.take(rows, pos, axis=0), float("-inf"))  # (C, T)
+    weights = ops.softmax(s.T, axis=1)  # (T, C) softmax over the channels
+    T = weights.shape[0]
+    return xp.reshape(xp.astype(weights, acts.dtype, copy=False) @ flat, (T, h, w))
 
 
 @dataclass(frozen=True)
@@ -119,7 +134,7 @@ class ScoreCam(Method):
         raws = {}
         for name in ctx.layers:
             a = ctx.spatial_acts(name, "Score-CAM")
-            raws[name] = torch.stack([scorecam_image(ctx, a[b], b, bs, max_ch) for b in range(a.shape[0])])
+            raws[name] = namespace(a).stack([scorecam_image(ctx, a[b], b, bs, max_ch) for b in range(a.shape[0])])
         return MethodOutput(raws=raws)
 
 

@@ -5,6 +5,11 @@ image and target ``(B, T)``, and optionally curves ``(B, T, S)``. Metrics that p
 ``ctx.probs(xs, b)`` / ``ctx.scores(xs, b)``: the softmax probability (or raw score) of image b's
 T targets for N perturbed copies, computed in chunks of ``ctx.batch_size`` — no metric holds all
 perturbed images of a data set in memory at once.
+
+Metrics import no framework: their maths is array-API code (``xp = namespace(arrays)``, see
+:mod:`camlens.backends.base`), what the standard lacks comes from the arrays' :class:`Ops`
+(``ops_for(x)``), and model-level work (layer order, re-initialised copies) from the model's
+backend, ``ctx.model_backend()``.
 """
 
 from __future__ import annotations
@@ -13,16 +18,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import torch
-from torch import Tensor
+import array_api_compat
+import numpy as np
 
+from ..backends.base import Backend, get_backend, namespace, ops_for
 from ..registry import Registry
 from ..registry import defaults as option_defaults
 
 __all__ = ["Metric", "MetricResult", "EvalContext", "register_metric", "get_metric", "available_metrics", "auc",
-           "order_pixels", "mean_sem"]
+           "order_pixels", "mean_sem", "as_array_like"]
 
 _METRICS: "Registry[Metric]" = Registry("metric", "camlens.metrics")
+
+Tensor = Any  # an array of the model's backend (a torch.Tensor for PyTorch models), or a NumPy array
 
 
 @dataclass
@@ -30,7 +38,7 @@ class EvalContext:
     """What a metric may use. B images, T targets per image, maps ``(B, T, H, W)`` in [0, 1].
 
     Attributes:
-        model: the ``nn.Module`` (eval mode, frozen, for the duration of the evaluation).
+        model: the model (an ``nn.Module`` for PyTorch; eval mode, frozen, for the duration of the evaluation).
         inputs: ``(B, C, H, W)`` model inputs (normalised as the model expects).
         maps: ``(B, T, H, W)`` saliency maps at input resolution, higher = more important.
         targets: B lists of T resolved targets (see :mod:`camlens.targets`).
@@ -43,6 +51,8 @@ class EvalContext:
         explain: ``(model, inputs, targets) -> maps (B, T, H, W)``: re-explains (the sanity check
             uses it on randomised models), or ``None`` when the maps did not come from camlens.
         options: per-metric options, ``{metric name: {option: value}}``.
+        backend: the model's :class:`camlens.backends.base.Backend`, or ``None``:
+            :meth:`model_backend` then finds it from the model's type.
     """
 
     model: Any
@@ -56,6 +66,11 @@ class EvalContext:
     batch_size: int = 64
     explain: Optional[Callable[..., Tensor]] = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backend: Optional[Backend] = None
+
+    def model_backend(self) -> Backend:
+        """``backend``, else the backend that owns ``model`` (:func:`camlens.backends.base.get_backend`)."""
+        return self.backend if self.backend is not None else get_backend(self.model)
 
     def opt(self, metric: "Metric", key: str) -> Any:
         """Option ``key`` of ``metric``: the user's value, else the metric's default."""
@@ -117,27 +132,49 @@ def available_metrics() -> dict[str, Metric]:
     return _METRICS.available()
 
 
+def as_array_like(v: Any, x: Tensor) -> Tensor:
+    """``v`` (an array of any backend, or nested lists) as an array of ``x``'s backend on ``x``'s device
+    (its dtype kept): moved when both are of one array library, else through NumPy
+    (``ops.to_numpy`` / ``ops.asarray``)."""
+    if not array_api_compat.is_array_api_obj(v):
+        return ops_for(x).asarray(v, like=x)
+    try:
+        namespace(v, x)
+    except TypeError:  # another array library
+        return ops_for(x).asarray(ops_for(v).to_numpy(v), like=x)
+    return array_api_compat.to_device(v, array_api_compat.device(x))
+
+
 def auc(curve: Tensor) -> Tensor:
     """Trapezoidal area under curves ``(..., n+1)`` sampled at n equal steps on [0, 1]:
     ``(sum_i s_i - s_0 / 2 - s_n / 2) / n``."""
+    xp = namespace(curve)
     n = curve.shape[-1] - 1
-    return (curve.sum(-1) - curve[..., 0] / 2 - curve[..., -1] / 2) / n
+    return (xp.sum(curve, axis=-1) - curve[..., 0] / 2 - curve[..., -1] / 2) / n
 
 
 def mean_sem(values: Tensor) -> tuple[float, float, int]:
     """Mean, standard error of the mean (``std(unbiased) / sqrt(n)``) and count ``n`` of ``values``
     (any shape), NaN values left out, in float64. The mean is NaN when ``n == 0``, the s.e. when ``n < 2``."""
-    v = torch.as_tensor(values).detach().double().flatten()
-    v = v[~v.isnan()]
-    n = v.numel()
-    mean = float(v.mean()) if n else float("nan")
-    sem = float(v.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
+    if not array_api_compat.is_array_api_obj(values):
+        values = np.asarray(values)
+    xp = namespace(values)
+    v = xp.reshape(xp.astype(values, xp.float64), (-1,))
+    v = v[~xp.isnan(v)]
+    n = int(v.shape[0])
+    mean = float(xp.mean(v)) if n else float("nan")
+    sem = float(xp.std(v, correction=1) / n ** 0.5) if n > 1 else float("nan")
     return mean, sem, n
 
 
-def order_pixels(maps: Tensor, generator: Optional[torch.Generator] = None, tie_noise: float = 0.0) -> Tensor:
-    """Pixel indices ``(B, T, H*W)`` by descending saliency (stable; optional tiny noise breaks ties)."""
-    flat = maps.flatten(-2).float()
+def order_pixels(maps: Tensor, generator: Any = None, tie_noise: float = 0.0) -> Tensor:
+    """Pixel indices ``(B, T, H*W)`` by descending saliency (stable; optional tiny noise breaks ties).
+
+    ``tie_noise``: ``tie_noise * U[0, 1)`` added to the (float32) maps first, drawn from
+    ``generator`` (``ops.generator(seed, like=maps)``; ``None``: the global stream on the maps' device).
+    """
+    xp = namespace(maps)
+    flat = xp.astype(xp.reshape(maps, (*maps.shape[:-2], maps.shape[-2] * maps.shape[-1])), xp.float32, copy=False)
     if tie_noise:
-        flat = flat + tie_noise * torch.rand(flat.shape, generator=generator, device=flat.device)
-    return flat.argsort(dim=-1, descending=True, stable=True)
+        flat = flat + tie_noise * ops_for(flat).random(flat.shape, generator, flat)
+    return xp.argsort(flat, axis=-1, descending=True, stable=True)

@@ -8,7 +8,9 @@ target without a class, where the formulas lose their probabilistic meaning).
 
 Every perturbation metric loops over the B images (``ctx.probs`` is per image, since each image has
 its own targets) and builds its perturbed inputs chunk by chunk, ``ctx.batch_size`` at a time, on the
-model's device; results are written into preallocated tensors with no host synchronisation.
+model's device; the chunks' results are joined once at the end, with no host synchronisation. The
+maths is array-API code (:func:`camlens.backends.base.namespace`); the blur's convolution is the
+backend's (``Ops.separable_filter``).
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+import array_api_compat
 
+from ..backends.base import namespace, ops_for
 from ..postprocess import normalize
 from ..registry import Option, number, positive_int, positive_number
-from .base import EvalContext, Metric, MetricResult, auc, order_pixels, register_metric
+from .base import EvalContext, Metric, MetricResult, Tensor, as_array_like, auc, order_pixels, register_metric
 from ..errors import ConfigError, ConfigTypeError
 
 __all__ = ["CausalMetric", "ConfidenceChange", "Sparseness", "gaussian_blur", "gini", "causal_curves",
@@ -49,37 +50,38 @@ def gaussian_blur(x: Tensor, kernel_size: Union[int, tuple[int, int]] = 11, sigm
     for k in (kw, kh):
         if k % 2 != 1 or k < 1:
             raise ConfigError(f"kernel_size must be a positive odd integer, got {k}")
-    B, C, H, W = x.shape
-    dtype = x.dtype if x.is_floating_point() else torch.float32
+    xp = namespace(x)
+    H, W = x.shape[-2:]
+    dtype = x.dtype if xp.isdtype(x.dtype, "real floating") else xp.float32
+    dev = array_api_compat.device(x)
 
     def kernel(k: int) -> Tensor:
         half = (k - 1) * 0.5
-        grid = torch.linspace(-half, half, k, device=x.device, dtype=torch.float32)
-        k1 = torch.exp(-0.5 * (grid / sigma) ** 2)
-        return (k1 / k1.sum()).to(dtype)
+        grid = xp.linspace(-half, half, k, dtype=xp.float32, device=dev)
+        k1 = xp.exp(-0.5 * (grid / sigma) ** 2)
+        return xp.astype(k1 / xp.sum(k1), dtype)
 
     pw, ph = kw // 2, kh // 2
     mode = "reflect" if pw < W and ph < H else "replicate"
-    y = F.pad(x.reshape(B * C, 1, H, W).to(dtype), (pw, pw, ph, ph), mode=mode)
-    y = F.conv2d(y, kernel(kw).view(1, 1, 1, -1))  # along W
-    y = F.conv2d(y, kernel(kh).view(1, 1, -1, 1))  # along H
-    return y.reshape(B, C, H, W).to(x.dtype)
+    y = ops_for(x).separable_filter(xp.astype(x, dtype, copy=False), kernel(kw), kernel(kh), mode)
+    return xp.astype(y, x.dtype, copy=False)
 
 
 def _substrate(x: Tensor, spec: Substrate, kernel: int, sigma: float) -> Tensor:
     """The reference images ``(B, C, H, W)``: a constant (in the normalised input space), ``"blur"``
     (Gaussian blur of each image), ``"mean"`` (each image's per-channel mean), or a tensor
     broadcastable to ``x``."""
-    if isinstance(spec, Tensor):
-        return torch.broadcast_to(spec.to(device=x.device, dtype=x.dtype), x.shape).clone()
+    xp = namespace(x)
     if isinstance(spec, str):
         if spec == "blur":
             return gaussian_blur(x, kernel, sigma)
         if spec == "mean":
-            return x.mean(dim=(-2, -1), keepdim=True).expand_as(x).clone()
+            return xp.asarray(xp.broadcast_to(xp.mean(x, axis=(-2, -1), keepdims=True), x.shape), copy=True)
         raise ConfigError(f"substrate must be a number, 'blur', 'mean' or a tensor; got {spec!r}")
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        return torch.full_like(x, float(spec))
+        return xp.full_like(x, float(spec))
+    if array_api_compat.is_array_api_obj(spec):
+        return xp.asarray(xp.broadcast_to(xp.astype(as_array_like(spec, x), x.dtype), x.shape), copy=True)
     raise ConfigTypeError(f"substrate must be a number, 'blur', 'mean' or a tensor; got {type(spec).__name__}")
 
 
@@ -102,26 +104,31 @@ def causal_curves(ctx: EvalContext, start: Tensor, finish: Tensor, step: int) ->
     if int(step) < 1:
         raise ConfigError(f"step must be a positive number of pixels, got {step}")
     step = int(step)
+    xp = namespace(start, finish)
     B, T, H, W = ctx.maps.shape
-    C, hw, dev = start.shape[1], H * W, start.device
+    C, hw, dev = start.shape[1], H * W, array_api_compat.device(start)
     n = math.ceil(hw / step)
-    counts = (torch.arange(n + 1, device=dev) * step).clamp_max(hw)  # pixels moved after step i
+    counts = xp.clip(xp.arange(n + 1, device=dev) * step, max=hw)  # pixels moved after step i
     order = order_pixels(ctx.maps)  # (B, T, HW), descending, stable
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(hw, device=order.device).expand_as(order))
-    curves = torch.empty(B, T, n + 1, device=dev)
+    rank = xp.argsort(order, axis=-1)  # the inverse permutation: rank[b, t, p] = place of pixel p in the order
     n_jobs = T * (n - 1)  # interior steps i = 1 .. n-1 for every target; job j -> (t, i) = (j % T, 1 + j // T)
     bs = max(1, int(ctx.batch_size))
+    rows = []
     for b in range(B):
-        ends = ctx.probs(torch.stack([start[b], finish[b]]), b)  # (2, T)
-        curves[b, :, 0], curves[b, :, n] = ends[0], ends[1]
-        s_flat, f_flat = start[b].reshape(1, C, hw), finish[b].reshape(1, C, hw)
+        ends = xp.astype(ctx.probs(xp.stack([start[b], finish[b]]), b), xp.float32, copy=False)  # (2, T)
+        s_flat, f_flat = xp.reshape(start[b], (1, C, hw)), xp.reshape(finish[b], (1, C, hw))
+        inner = []  # job order j
         for lo in range(0, n_jobs, bs):
-            j = torch.arange(lo, min(lo + bs, n_jobs), device=dev)
+            j = xp.arange(lo, min(lo + bs, n_jobs), device=dev)
             t, i = j % T, 1 + j // T
-            moved = rank[b, t] < counts[i, None]  # (N, HW)
-            xs = torch.where(moved[:, None, :], f_flat, s_flat).view(-1, C, H, W)
-            curves[b, t, i] = ctx.probs(xs, b).gather(1, t[:, None])[:, 0]
-    return curves, counts.float() / hw
+            moved = xp.take(rank[b], t, axis=0) < xp.take(counts, i)[:, None]  # (N, HW)
+            xs = xp.reshape(xp.where(moved[:, None, :], f_flat, s_flat), (-1, C, H, W))
+            inner.append(xp.take_along_axis(ctx.probs(xs, b), t[:, None], axis=1)[:, 0])
+        mid = (xp.reshape(xp.astype(xp.concat(inner), xp.float32, copy=False), (n - 1, T)).T if inner
+               else xp.zeros((T, 0), dtype=xp.float32, device=dev))  # (T, n - 1)
+        rows.append(xp.concat([ends[0][:, None], mid, ends[1][:, None]], axis=1))
+    curves = xp.stack(rows)
+    return curves, xp.astype(counts, xp.float32) / hw
 
 
 def mult_image_probs(ctx: EvalContext, normalise: bool = True) -> tuple[Tensor, Tensor]:
@@ -134,17 +141,20 @@ def mult_image_probs(ctx: EvalContext, normalise: bool = True) -> tuple[Tensor, 
     """
     maps = normalize(ctx.maps, warn=False) if normalise else ctx.maps
     B, T = maps.shape[:2]
-    x, dev = ctx.inputs, ctx.inputs.device
-    Y = torch.empty(B, T, device=dev)
-    O = torch.empty(B, T, device=dev)
+    x = ctx.inputs
+    xp, dev = namespace(x), array_api_compat.device(x)
     bs = max(1, int(ctx.batch_size))
+    Y, O = [], []
     for b in range(B):
-        Y[b] = ctx.probs(x[b:b + 1], b)[0]
+        Y.append(ctx.probs(x[b:b + 1], b)[0])
+        o = []
         for lo in range(0, T, bs):
-            t = torch.arange(lo, min(lo + bs, T), device=dev)
-            xs = x[b][None] * maps[b, t][:, None].to(x.dtype)  # (N, C, H, W)
-            O[b, t] = ctx.probs(xs, b).gather(1, t[:, None])[:, 0]
-    return Y, O
+            hi = min(lo + bs, T)
+            t = xp.arange(lo, hi, device=dev)
+            xs = x[b][None] * xp.astype(maps[b, lo:hi], x.dtype)[:, None]  # (N, C, H, W)
+            o.append(xp.take_along_axis(ctx.probs(xs, b), t[:, None], axis=1)[:, 0])
+        O.append(xp.concat(o))
+    return xp.astype(xp.stack(Y), xp.float32, copy=False), xp.astype(xp.stack(O), xp.float32, copy=False)
 
 
 def gini(values: Tensor) -> Tensor:
@@ -154,13 +164,14 @@ def gini(values: Tensor) -> Tensor:
     0 for an all-equal vector (and for an all-zero one, by convention), ``(n - 1) / n`` for a one-hot
     vector. Quantus' ``Sparseness`` adds ``1e-7`` to every entry first; here nothing is added.
     """
-    a = values.abs().double().sort(dim=-1).values
+    xp = namespace(values)
+    a = xp.sort(xp.astype(xp.abs(values), xp.float64), axis=-1)
     n = a.shape[-1]
-    i = torch.arange(1, n + 1, device=a.device, dtype=a.dtype)
-    total = a.sum(-1)
-    num = ((2 * i - n - 1) * a).sum(-1)
-    return torch.where(total > 0, num / (n * total.clamp_min(torch.finfo(a.dtype).tiny)),
-                       torch.zeros_like(total)).float()
+    i = xp.arange(1, n + 1, dtype=a.dtype, device=array_api_compat.device(a))
+    total = xp.sum(a, axis=-1)
+    num = xp.sum((2 * i - n - 1) * a, axis=-1)
+    return xp.astype(xp.where(total > 0, num / (n * xp.clip(total, min=xp.finfo(a.dtype).smallest_normal)),
+                              xp.zeros_like(total)), xp.float32)
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -213,14 +224,15 @@ class ConfidenceChange(Metric):
 
     def __call__(self, ctx: EvalContext) -> MetricResult:
         Y, O = mult_image_probs(ctx, bool(ctx.opt(self, "normalise")))
-        zero = torch.zeros_like(Y)
+        xp = namespace(Y, O)
+        zero = xp.zeros_like(Y)
         if self.kind == "drop":
-            v = torch.where(Y > 0, (Y - O).clamp_min(0) / torch.where(Y > 0, Y, 1.0) * 100, zero)
+            v = xp.where(Y > 0, xp.clip(Y - O, min=0) / xp.where(Y > 0, Y, 1.0) * 100, zero)
         elif self.kind == "increase":
-            v = (O > Y).float()
+            v = xp.astype(O > Y, xp.float32)
         else:  # gain
             room = 1 - Y
-            v = torch.where(room > 0, (O - Y).clamp_min(0) / torch.where(room > 0, room, 1.0) * 100, zero)
+            v = xp.where(room > 0, xp.clip(O - Y, min=0) / xp.where(room > 0, room, 1.0) * 100, zero)
         return MetricResult(values=v, extra={"Y": Y, "O": O})
 
 
@@ -231,7 +243,8 @@ class Sparseness(Metric):
     ``[0, (HW - 1) / HW]``; higher = a more concentrated map."""
 
     def __call__(self, ctx: EvalContext) -> MetricResult:
-        return MetricResult(values=gini(ctx.maps.flatten(-2)))
+        maps = ctx.maps
+        return MetricResult(values=gini(namespace(maps).reshape(maps, (*maps.shape[:-2], -1))))
 
 
 _NORMALISE = Option(True, lambda v: None if isinstance(v, bool) else "True or False", "min-max the map first")
@@ -242,7 +255,7 @@ def _odd_positive(v: Any) -> Optional[str]:
 
 
 def _substrate_check(v: Any) -> Optional[str]:
-    ok = v in ("blur", "mean") if isinstance(v, str) else isinstance(v, Tensor) or number(v) is None
+    ok = v in ("blur", "mean") if isinstance(v, str) else array_api_compat.is_array_api_obj(v) or number(v) is None
     return None if ok else "a number, 'blur', 'mean' or a tensor"
 
 

@@ -11,23 +11,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
+import array_api_compat
 
+from ..backends.base import namespace
 from ..registry import Option, number
-from .base import EvalContext, Metric, MetricResult, order_pixels, register_metric
+from .base import EvalContext, Metric, MetricResult, Tensor, as_array_like, order_pixels, register_metric
 from ..errors import ConfigError
 
-__all__ = ["boxes_to_masks", "ground_truth", "pointing_game", "PointingGame", "RelevanceMass", "RelevanceRank"]
+__all__ = ["boxes_to_masks", "ground_truth", "pointing_game", "relevance_mass", "relevance_rank", "PointingGame",
+           "RelevanceMass", "RelevanceRank"]
 
 
 def boxes_to_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """Boxes ``(..., 4)`` ``(x0, y0, x1, y1)`` -> bool masks ``(..., H, W)``: pixel (row r, col c) is
     inside when ``x0 <= c + 0.5 <= x1`` and ``y0 <= r + 0.5 <= y1``."""
     H, W = size
-    b = boxes.float()
-    cx = torch.arange(W, device=b.device, dtype=b.dtype) + 0.5
-    cy = torch.arange(H, device=b.device, dtype=b.dtype) + 0.5
+    xp = namespace(boxes)
+    b = xp.astype(boxes, xp.float32)
+    dev = array_api_compat.device(b)
+    cx = xp.arange(W, device=dev, dtype=b.dtype) + 0.5
+    cy = xp.arange(H, device=dev, dtype=b.dtype) + 0.5
     x0, y0, x1, y1 = (b[..., k, None] for k in range(4))
     in_x = (cx >= x0) & (cx <= x1)  # (..., W)
     in_y = (cy >= y0) & (cy <= y1)  # (..., H)
@@ -36,15 +39,22 @@ def boxes_to_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
 
 def ground_truth(ctx: EvalContext) -> Tensor:
     """Bool masks ``(B, T, H, W)`` on the maps' device: ``ctx.masks``, else ``ctx.boxes`` as masks."""
+    xp = namespace(ctx.maps)
     if ctx.masks is not None:
-        return ctx.masks.to(ctx.maps.device).bool()
+        return xp.astype(as_array_like(ctx.masks, ctx.maps), xp.bool)
     if ctx.boxes is not None:
-        return boxes_to_masks(ctx.boxes.to(ctx.maps.device), tuple(ctx.maps.shape[-2:]))
+        return boxes_to_masks(as_array_like(ctx.boxes, ctx.maps), tuple(ctx.maps.shape[-2:]))
     raise ConfigError("localisation metrics need masks= or boxes=")
 
 
+def _flat(x: Tensor) -> Tensor:
+    """``(..., H, W) -> (..., H*W)``."""
+    return namespace(x).reshape(x, (*x.shape[:-2], x.shape[-2] * x.shape[-1]))
+
+
 def _nan_if_empty(values: Tensor, mask: Tensor) -> Tensor:
-    return torch.where(mask.flatten(-2).any(-1), values, torch.full_like(values, float("nan")))
+    xp = namespace(values, mask)
+    return xp.where(xp.any(_flat(mask), axis=-1), values, xp.full_like(values, float("nan")))
 
 
 @dataclass(frozen=True)
@@ -69,15 +79,43 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: float = 15) -> tuple[T
     """The pointing game of :class:`PointingGame` on maps ``(..., H, W)`` and bool masks of the same
     shape: hits ``(...)`` (1.0 / 0.0, NaN where the mask is empty) and the points ``(..., 2)`` (row, col)."""
     H, W = maps.shape[-2:]
-    gt = masks.to(maps.device).bool()
-    idx = maps.flatten(-2).argmax(-1)  # first maximum
+    xp = namespace(maps)
+    dev = array_api_compat.device(maps)
+    gt = xp.astype(as_array_like(masks, maps), xp.bool)
+    idx = xp.argmax(_flat(maps), axis=-1)  # first maximum
     py, px = idx // W, idx % W
-    rows = torch.arange(H, device=idx.device)
-    cols = torch.arange(W, device=idx.device)
-    d2 = (rows.view(H, 1) - py[..., None, None]) ** 2 + (cols.view(1, W) - px[..., None, None]) ** 2
-    accept = (d2.double() < tolerance * tolerance) | (d2 == 0)
-    hit = (gt & accept).flatten(-2).any(-1).float()
-    return _nan_if_empty(hit, gt), torch.stack([py, px], -1)
+    rows = xp.arange(H, device=dev, dtype=idx.dtype)
+    cols = xp.arange(W, device=dev, dtype=idx.dtype)
+    d2 = (xp.reshape(rows, (H, 1)) - py[..., None, None]) ** 2 + (xp.reshape(cols, (1, W)) - px[..., None, None]) ** 2
+    accept = (xp.astype(d2, xp.float64) < tolerance * tolerance) | (d2 == 0)
+    hit = xp.astype(xp.any(_flat(gt & accept), axis=-1), xp.float32)
+    return _nan_if_empty(hit, gt), xp.stack([py, px], axis=-1)
+
+
+def relevance_mass(maps: Tensor, masks: Tensor) -> Tensor:
+    """Relevance mass accuracy of :class:`RelevanceMass` on maps ``(..., H, W)`` and bool masks of the
+    same shape: ``Σ_{p in mask} R_p / Σ_p R_p`` with ``R = max(map, 0)`` (float64 sums), ``(...)``
+    float32 in [0, 1]; 0 where the map has no positive mass, NaN where the mask is empty."""
+    xp = namespace(maps, masks)
+    r = xp.astype(_flat(xp.clip(maps, min=0)), xp.float64)
+    total = xp.sum(r, axis=-1)
+    inside = xp.sum(r * xp.astype(_flat(masks), r.dtype), axis=-1)
+    v = xp.where(total > 0, inside / xp.clip(total, min=xp.finfo(r.dtype).smallest_normal), xp.zeros_like(total))
+    return _nan_if_empty(xp.astype(v, xp.float32), masks)
+
+
+def relevance_rank(maps: Tensor, masks: Tensor) -> Tensor:
+    """Relevance rank accuracy of :class:`RelevanceRank` on maps ``(..., H, W)`` and bool masks of the
+    same shape: with K the mask's pixel count, ``|top_K(map) ∩ mask| / K`` (ties in raster order),
+    ``(...)`` float32 in [0, 1]; NaN where the mask is empty."""
+    xp = namespace(maps, masks)
+    gt = _flat(masks)  # (..., HW)
+    k = xp.count_nonzero(gt, axis=-1)  # (...)
+    order = order_pixels(maps)  # (..., HW) descending
+    top = xp.arange(gt.shape[-1], device=array_api_compat.device(gt)) < k[..., None]  # first K places of the order
+    hits = xp.count_nonzero(xp.take_along_axis(gt, order, axis=-1) & top, axis=-1)
+    v = xp.astype(hits, xp.float64) / xp.astype(xp.clip(k, min=1), xp.float64)
+    return _nan_if_empty(xp.astype(v, xp.float32), masks)
 
 
 @dataclass(frozen=True)
@@ -87,12 +125,7 @@ class RelevanceMass(Metric):
     ``R = max(map, 0)``; in [0, 1]. A map with no positive mass scores 0."""
 
     def __call__(self, ctx: EvalContext) -> MetricResult:
-        gt = ground_truth(ctx)
-        r = ctx.maps.clamp_min(0).flatten(-2).double()
-        total = r.sum(-1)
-        inside = (r * gt.flatten(-2)).sum(-1)
-        v = torch.where(total > 0, inside / total.clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(total))
-        return MetricResult(values=_nan_if_empty(v.float(), gt))
+        return MetricResult(values=relevance_mass(ctx.maps, ground_truth(ctx)))
 
 
 @dataclass(frozen=True)
@@ -102,13 +135,7 @@ class RelevanceRank(Metric):
     are ranked in raster order (stable sort), so a constant map picks the first K pixels."""
 
     def __call__(self, ctx: EvalContext) -> MetricResult:
-        gt = ground_truth(ctx).flatten(-2)  # (B, T, HW)
-        k = gt.sum(-1)  # (B, T)
-        order = order_pixels(ctx.maps)  # (B, T, HW) descending
-        top = torch.arange(gt.shape[-1], device=gt.device) < k[..., None]  # first K positions of the order
-        hits = (gt.gather(-1, order) & top).sum(-1)
-        v = hits.double() / k.clamp_min(1).double()
-        return MetricResult(values=_nan_if_empty(v.float(), gt.unflatten(-1, ctx.maps.shape[-2:])))
+        return MetricResult(values=relevance_rank(ctx.maps, ground_truth(ctx)))
 
 
 _REQ = ("masks|boxes",)

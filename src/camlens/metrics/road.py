@@ -49,15 +49,14 @@ evaluation (cached on the :class:`EvalContext`, keyed by the options).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
+import array_api_compat
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
+from ..backends.base import namespace, ops_for
 from ..registry import Option, number, one_of, positive_number
-from .base import EvalContext, Metric, MetricResult, order_pixels, register_metric
+from .base import EvalContext, Metric, MetricResult, Tensor, order_pixels, register_metric
 from ..errors import ConfigError, InputError
 
 __all__ = ["NEIGHBOURS", "imputation_system", "impute_spsolve", "impute_cg", "noisy_linear_impute", "removal_masks",
@@ -72,10 +71,12 @@ PERCENTAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def _neighbour_sum(t: Tensor) -> Tensor:
     """``sum_j w_ij t_j`` over the in-image 8-neighbours of every pixel of ``t`` ``(..., H, W)``
-    (zero padding; 8 shifted adds — faster than a 1-channel float64 ``conv2d`` on the CPU)."""
+    (zero padding; 8 shifted adds — faster than a 1-channel float64 convolution on the CPU)."""
+    xp = namespace(t)
     H, W = t.shape[-2:]
-    tp = F.pad(t, (1, 1, 1, 1))
-    out = torch.zeros_like(t)
+    tp = xp.zeros((*t.shape[:-2], H + 2, W + 2), dtype=t.dtype, device=array_api_compat.device(t))
+    tp[..., 1:H + 1, 1:W + 1] = t
+    out = xp.zeros_like(t)
     for dr, dc, w in NEIGHBOURS:
         out = out + w * tp[..., 1 + dr:1 + dr + H, 1 + dc:1 + dc + W]
     return out
@@ -117,45 +118,58 @@ def imputation_system(removed: np.ndarray) -> tuple[Any, Any, np.ndarray]:
 def impute_spsolve(img: Tensor, removed: Tensor) -> Tensor:
     """Noise-free linear imputation of one image ``(C, H, W)`` where ``removed`` ``(H, W)`` is True.
 
-    Solves ``L x_c = K v_c`` for all C channels with one sparse LU (scipy, float64, CPU); kept
-    pixels are returned unchanged. Same dtype and device as ``img``.
+    Solves ``L x_c = K v_c`` for all C channels with one sparse LU (scipy, float64, CPU; the arrays
+    cross to NumPy and back by ``ops.to_numpy`` / ``ops.asarray``); kept pixels are returned
+    unchanged. Same dtype and device as ``img``.
     """
     from scipy.sparse.linalg import spsolve
 
+    xp, ops = namespace(img), ops_for(img)
     C, H, W = img.shape
-    rem = removed.detach().cpu().numpy().astype(bool)
+    rem = ops_for(removed).to_numpy(removed).astype(bool)
     if not rem.any():
-        return img.clone()
+        return xp.asarray(img, copy=True)
     if rem.all():
         raise InputError("linear imputation needs at least one kept pixel")
     L, K, idx = imputation_system(rem)
-    v = img.detach().cpu().double().reshape(C, H * W).numpy()
+    v = np.asarray(ops.to_numpy(img), dtype=np.float64).reshape(C, H * W)
     x = spsolve(L, np.ascontiguousarray((K @ v.T)))  # (n, C), or (n,) when C == 1
     x = np.asarray(x).reshape(idx.size, C)
-    out = img.detach().cpu().double().reshape(C, H * W).clone()
-    out[:, torch.from_numpy(idx)] = torch.from_numpy(x.T.copy())
-    return out.reshape(C, H, W).to(device=img.device, dtype=img.dtype)
+    out = v.copy()
+    out[:, idx] = x.T
+    return xp.astype(ops.asarray(out.reshape(C, H, W), like=img), img.dtype)
 
 
 def impute_cg(imgs: Tensor, removed: Tensor, tol: float = 1e-6, max_iter: int = 5000) -> Tensor:
     """Noise-free linear imputation of ``N`` images ``(N, C, H, W)``, masks ``(N, H, W)``, by batched CG.
 
-    Matrix-free on the tensors' device: with ``M`` the removed mask and ``k`` the neighbour kernel
+    Matrix-free on the arrays' device: with ``M`` the removed mask and ``k`` the neighbour kernel
     (zero padding, so out-of-image neighbours drop out), ``A x = M (d x - k * (M x))`` and
     ``r = M (k * ((1 - M) v))`` with ``d = k * 1``. Jacobi-preconditioned CG per image and channel,
-    started from a normalised-convolution guess (kept pixels blurred into the holes), until
-    ``||A x - r|| <= tol ||r||`` for all of them (checked every 10 iterations; or ``max_iter``).
-    Computed in float64 (float32 on MPS). Meant for accelerators: on a CPU scipy's sparse LU
-    (:func:`impute_spsolve`) is faster (224 x 224, 9 masks: about 6 s against minutes).
+    started from a normalised-convolution guess (kept pixels blurred into the holes: the backend's
+    ``Ops.box_mean``), until ``||A x - r|| <= tol ||r||`` for all of them (checked every 10
+    iterations; or ``max_iter``). Computed in float64 (float32 on MPS). Meant for accelerators: on a
+    CPU scipy's sparse LU (:func:`impute_spsolve`) is faster (224 x 224, 9 masks: about 6 s against minutes).
     """
+    xp, ops = namespace(imgs), ops_for(imgs)
     N, C, H, W = imgs.shape
-    dtype = torch.float32 if imgs.device.type == "mps" else torch.float64  # MPS has no float64
-    v = imgs.detach().to(dtype).reshape(N * C, 1, H, W)
-    M = removed.to(device=imgs.device, dtype=dtype)[:, None].expand(N, C, H, W).reshape(N * C, 1, H, W)
-    if bool((M.flatten(1).amin(1) > 0).any()):
+    dev = array_api_compat.device(imgs)
+    dtype = xp.float32 if ops.device_type(imgs) == "mps" else xp.float64  # MPS has no float64
+    tiny = 1e-300 if dtype == xp.float64 else 1e-30
+    v = xp.reshape(xp.astype(imgs, dtype), (N * C, 1, H, W))
+    M = xp.astype(array_api_compat.to_device(removed, dev), dtype)[:, None]
+    M = xp.reshape(xp.broadcast_to(M, (N, C, H, W)), (N * C, 1, H, W))
+
+    def rows(a: Tensor) -> Tensor:  # (N C, 1, H, W) -> (N C, H W)
+        return xp.reshape(a, (N * C, H * W))
+
+    def col(a: Tensor) -> Tensor:  # (N C,) -> (N C, 1, 1, 1)
+        return xp.reshape(a, (-1, 1, 1, 1))
+
+    if bool(xp.any(xp.min(rows(M), axis=1) > 0)):
         raise InputError("linear imputation needs at least one kept pixel per image")
     conv = _neighbour_sum
-    d = conv(torch.ones(1, 1, H, W, dtype=dtype, device=imgs.device))
+    d = conv(xp.ones((1, 1, H, W), dtype=dtype, device=dev))
 
     def A(x: Tensor) -> Tensor:
         return M * (d * x - conv(M * x))
@@ -163,63 +177,64 @@ def impute_cg(imgs: Tensor, removed: Tensor, tol: float = 1e-6, max_iter: int = 
     keep = 1 - M
     r_rhs = M * conv(keep * v)
     # initial guess: normalised convolution of the kept pixels at a few scales (coarse fills big holes)
-    x = torch.zeros_like(v)
-    filled = torch.zeros_like(v)
+    x = xp.zeros_like(v)
+    filled = xp.zeros_like(v)
     for s in (1, 2, 4, 8, 16, 32):
         if s > max(H, W):
             break
-        ks = 2 * s + 1
-        num = F.avg_pool2d(keep * v, ks, stride=1, padding=s, count_include_pad=False)
-        den = F.avg_pool2d(keep, ks, stride=1, padding=s, count_include_pad=False)
+        num = ops.box_mean(keep * v, s)
+        den = ops.box_mean(keep, s)
         ok = (den > 1e-8) & (filled == 0)
-        x = torch.where(ok, num / den.clamp_min(1e-8), x)
-        filled = torch.where(ok, torch.ones_like(filled), filled)
-    mean_known = (keep * v).flatten(1).sum(1) / keep.flatten(1).sum(1)
-    x = torch.where(filled > 0, x, mean_known.view(-1, 1, 1, 1)) * M
+        x = xp.where(ok, num / xp.clip(den, min=1e-8), x)
+        filled = xp.where(ok, xp.ones_like(filled), filled)
+    mean_known = xp.sum(rows(keep * v), axis=1) / xp.sum(rows(keep), axis=1)
+    x = xp.where(filled > 0, x, col(mean_known)) * M
 
     r = r_rhs - A(x)
     z = M * r / d
-    p = z.clone()
-    rz = (r * z).flatten(1).sum(1)
-    norm_b = r_rhs.flatten(1).norm(dim=1).clamp_min(1e-30)
+    p = z
+    rz = xp.sum(rows(r * z), axis=1)
+    norm_b = xp.clip(xp.linalg.vector_norm(rows(r_rhs), axis=1), min=1e-30)
     for it in range(max_iter):
-        if it % 10 == 0 and bool((r.flatten(1).norm(dim=1) <= tol * norm_b).all()):
+        if it % 10 == 0 and bool(xp.all(xp.linalg.vector_norm(rows(r), axis=1) <= tol * norm_b)):
             break
         Ap = A(p)
-        pAp = (p * Ap).flatten(1).sum(1)
-        alpha = torch.where(pAp > 0, rz / pAp.clamp_min(1e-300 if dtype == torch.float64 else 1e-30),
-                            torch.zeros_like(rz))
-        x = x + alpha.view(-1, 1, 1, 1) * p
-        r = r - alpha.view(-1, 1, 1, 1) * Ap
+        pAp = xp.sum(rows(p * Ap), axis=1)
+        alpha = xp.where(pAp > 0, rz / xp.clip(pAp, min=tiny), xp.zeros_like(rz))
+        x = x + col(alpha) * p
+        r = r - col(alpha) * Ap
         z = M * r / d
-        rz_new = (r * z).flatten(1).sum(1)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300 if dtype == torch.float64 else 1e-30),
-                           torch.zeros_like(rz))
-        p = z + beta.view(-1, 1, 1, 1) * p
+        rz_new = xp.sum(rows(r * z), axis=1)
+        beta = xp.where(rz > 0, rz_new / xp.clip(rz, min=tiny), xp.zeros_like(rz))
+        p = z + col(beta) * p
         rz = rz_new
-    out = torch.where(M > 0, x, v)
-    return out.reshape(N, C, H, W).to(imgs.dtype)
+    out = xp.where(M > 0, x, v)
+    return xp.astype(xp.reshape(out, (N, C, H, W)), imgs.dtype)
 
 
-def noisy_linear_impute(imgs: Tensor, removed: Tensor, noise: float = 0.01, generator: Optional[torch.Generator] = None,
+def noisy_linear_impute(imgs: Tensor, removed: Tensor, noise: float = 0.01, generator: Any = None,
                         solver: str = "auto", cg_tol: float = 1e-6) -> Tensor:
     """ROAD's imputation of ``N`` images ``(N, C, H, W)``: linear fill of ``removed`` ``(N, H, W)``
-    plus ``noise * N(0, 1)`` on the removed pixels (drawn on the CPU from ``generator``, so the same
-    seed gives the same noise on every device). Kept pixels are unchanged.
+    plus ``noise * N(0, 1)`` on the removed pixels (float32 draws on the CPU from ``generator``, a
+    stream of ``ops.generator(seed)``, ``None``: the global one; so the same seed gives the same
+    noise on every device). Kept pixels are unchanged.
 
-    ``solver``: ``"spsolve"``, ``"cg"`` or ``"auto"`` (spsolve for CPU tensors, CG on accelerators).
+    ``solver``: ``"spsolve"``, ``"cg"`` or ``"auto"`` (spsolve for CPU arrays, CG on accelerators).
     """
+    xp, ops = namespace(imgs), ops_for(imgs)
     if solver == "auto":
-        solver = "spsolve" if imgs.device.type == "cpu" else "cg"
+        solver = "spsolve" if ops.device_type(imgs) == "cpu" else "cg"
     if solver == "spsolve":
-        out = torch.stack([impute_spsolve(im, m) for im, m in zip(imgs, removed)])
+        out = xp.stack([impute_spsolve(imgs[i], removed[i]) for i in range(imgs.shape[0])])
     elif solver == "cg":
         out = impute_cg(imgs, removed, tol=cg_tol)
     else:
         raise ConfigError(f"ROAD solver must be 'auto', 'cg' or 'spsolve', got {solver!r}")
     if noise:
-        eps = torch.randn(imgs.shape, generator=generator, dtype=torch.float32).to(imgs.device, imgs.dtype)
-        out = torch.where(removed[:, None].to(imgs.device), out + noise * eps, out)
+        gen = generator if generator is not None else ops.generator(None)
+        eps = ops.random(imgs.shape, gen, imgs, normal=True)
+        rem = array_api_compat.to_device(removed, array_api_compat.device(imgs))[:, None]
+        out = xp.where(rem, out + noise * eps, out)
     return out
 
 
@@ -229,13 +244,13 @@ def removal_masks(order: Tensor, shape: tuple[int, int], percentages: Sequence[f
     Mask ``i`` removes ``k_i = round(p_i * H * W)`` pixels: the first ``k_i`` of the order (MoRF,
     ``most_first``) or the last ``k_i`` (LeRF).
     """
-    n = order.numel()
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(n, device=order.device)  # rank 0 = most relevant
+    xp = namespace(order)
+    n = order.shape[0]
+    rank = xp.argsort(order)  # the inverse permutation: rank 0 = most relevant
     if not most_first:
         rank = n - 1 - rank  # rank 0 = least relevant
-    ks = torch.tensor([int(round(p * n)) for p in percentages], device=order.device)
-    return (rank[None, :] < ks[:, None]).reshape(len(percentages), *shape)
+    ks = xp.asarray([int(round(p * n)) for p in percentages], dtype=rank.dtype, device=array_api_compat.device(order))
+    return xp.reshape(rank[None, :] < ks[:, None], (len(percentages), *shape))
 
 
 def road_curves(ctx: EvalContext, metric: Metric, most_first: bool) -> tuple[Tensor, Tensor]:
@@ -254,19 +269,23 @@ def road_curves(ctx: EvalContext, metric: Metric, most_first: bool) -> tuple[Ten
     if key in cache:
         return cache[key]
     x, maps = ctx.inputs, ctx.maps
+    xp, ops = namespace(maps), ops_for(maps)
+    dev = array_api_compat.device(maps)
     B, T, H, W = maps.shape
-    tie_gen = torch.Generator(device=maps.device).manual_seed(int(opts["seed"]))
+    tie_gen = ops.generator(int(opts["seed"]), like=maps)
     order = order_pixels(maps, generator=tie_gen, tie_noise=float(opts["tie_noise"]))  # (B, T, H*W)
-    noise_gen = torch.Generator().manual_seed(int(opts["seed"]))
-    curves = torch.empty(B, T, len(pcts), device=maps.device)
-    base = torch.empty(B, T, device=maps.device)
+    noise_gen = ops_for(x).generator(int(opts["seed"]))  # on the CPU: the same noise on every device
+    P = len(pcts)
+    curves, base = [], []
     for b in range(B):
-        base[b] = ctx.probs(x[b:b + 1], b)[0].to(maps.device)
+        base.append(array_api_compat.to_device(ctx.probs(x[b:b + 1], b)[0], dev))
         for t in range(T):
             masks = removal_masks(order[b, t], (H, W), pcts, most_first)
-            xs = noisy_linear_impute(x[b:b + 1].expand(len(pcts), -1, -1, -1), masks, float(opts["noise"]),
+            xs = noisy_linear_impute(xp.broadcast_to(x[b:b + 1], (P, *x.shape[1:])), masks, float(opts["noise"]),
                                      noise_gen, opts["solver"], float(opts["cg_tol"]))
-            curves[b, t] = ctx.probs(xs, b)[:, t].to(maps.device)
+            curves.append(array_api_compat.to_device(ctx.probs(xs, b)[:, t], dev))
+    curves = xp.astype(xp.reshape(xp.stack(curves), (B, T, P)), xp.float32, copy=False)
+    base = xp.astype(xp.stack(base), xp.float32, copy=False)
     cache[key] = (curves, base)
     return curves, base
 
@@ -278,14 +297,16 @@ class ROAD(Metric):
     order: str = "morf"
 
     def __call__(self, ctx: EvalContext) -> MetricResult:
-        pcts = torch.tensor([float(p) for p in ctx.opt(self, "percentages")])
+        xp = namespace(ctx.maps)
+        pcts = xp.asarray([float(p) for p in ctx.opt(self, "percentages")], dtype=xp.float32)
         if self.order in ("morf", "lerf"):
             curves, base = road_curves(ctx, self, most_first=self.order == "morf")
-            return MetricResult(values=curves.mean(-1), curves=curves, extra={"percentages": pcts, "base": base})
+            return MetricResult(values=xp.mean(curves, axis=-1), curves=curves,
+                                extra={"percentages": pcts, "base": base})
         morf, base = road_curves(ctx, self, most_first=True)
         lerf, _ = road_curves(ctx, self, most_first=False)
         gap = (lerf - morf) / 2
-        return MetricResult(values=gap.mean(-1), curves=gap,
+        return MetricResult(values=xp.mean(gap, axis=-1), curves=gap,
                             extra={"percentages": pcts, "base": base, "morf": morf, "lerf": lerf})
 
 

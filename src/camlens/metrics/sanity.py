@@ -20,9 +20,10 @@ module-name prefix (``layer4`` at depth 1, ``layer4.1`` at depth 2) that yields 
 ``max_steps`` consecutive groups; if even the top-level blocks are too many, consecutive blocks are
 merged into ``max_steps`` chunks. The last step always leaves every parameter re-initialised.
 
-**Re-initialisation.** ``module.reset_parameters()`` where it exists (the layer's own default
-init; BatchNorm also resets its running statistics), else every own parameter is redrawn from
-``N(0, s^2)`` with ``s`` its current standard deviation (0.02 for a constant or 1-element one).
+**Re-initialisation** (by the model's backend; for PyTorch:) ``module.reset_parameters()`` where it
+exists (the layer's own default init; BatchNorm also resets its running statistics), else every own
+parameter is redrawn from ``N(0, s^2)`` with ``s`` its current standard deviation (0.02 for a
+constant or 1-element one).
 Seeded by ``seed`` (+ the step index) inside a forked RNG: the global RNG is left as it was.
 
 **Reference.** The intact copy is re-explained too, and that is the reference ``m_0``: a method
@@ -37,36 +38,40 @@ or prefixes; ``"a … b"`` for merged blocks). Cost: ``S + 1`` explanations of t
 
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
+import array_api_compat
 import numpy as np
-import torch
-from torch import Tensor, nn
 
-from ..backends.torch.backend import reinitialise
+from ..backends.base import namespace
 from ..registry import Option, optional, positive_int
-from .base import EvalContext, Metric, MetricResult, register_metric
+from .base import EvalContext, Metric, MetricResult, Tensor, as_array_like, register_metric
 from ..errors import ConfigError
 
-__all__ = ["average_ranks", "spearman", "forward_order", "randomisation_steps", "reinitialise", "MPRT", "MPRT_METRIC"]
+__all__ = ["average_ranks", "spearman", "randomisation_steps", "MPRT", "MPRT_METRIC"]
 
 
 def average_ranks(x: Tensor) -> Tensor:
-    """Ranks ``(N, P)`` of each row of ``x`` ``(N, P)``, 0-based, ties sharing their average rank."""
+    """Ranks ``(N, P)`` (float64) of each row of ``x`` ``(N, P)``, 0-based, ties sharing their average rank.
+
+    Sorted stably, the tie groups get ids that grow along each row and from row to row (row ``n``'s
+    ids start at ``n P``), so one ``searchsorted`` on all ``N P`` ids finds each group's first and
+    last place: the average rank is their mean.
+    """
+    xp = namespace(x)
     N, P = x.shape
-    s, idx = x.sort(dim=1, stable=True)
-    new = torch.ones_like(s, dtype=torch.bool)
-    new[:, 1:] = s[:, 1:] != s[:, :-1]
-    gid = (new.cumsum(1) - 1) + torch.arange(N, device=x.device)[:, None] * P  # tie group, unique per row
-    pos = torch.arange(P, device=x.device, dtype=torch.float64).expand(N, P).reshape(-1)
-    g = gid.reshape(-1)
-    first = torch.full((N * P,), float(P), dtype=torch.float64, device=x.device).scatter_reduce(0, g, pos, "amin")
-    last = torch.full((N * P,), -1.0, dtype=torch.float64, device=x.device).scatter_reduce(0, g, pos, "amax")
-    avg_sorted = ((first[g] + last[g]) / 2).reshape(N, P)
-    return torch.empty_like(avg_sorted).scatter_(1, idx, avg_sorted)
+    dev = array_api_compat.device(x)
+    idx = xp.argsort(x, axis=1, stable=True)
+    s = xp.take_along_axis(x, idx, axis=1)
+    new = xp.concat([xp.ones((N, 1), dtype=xp.bool, device=dev), s[:, 1:] != s[:, :-1]], axis=1)
+    row0 = xp.arange(N, dtype=xp.int64, device=dev)[:, None] * P  # (N, 1): first flat place of each row
+    gid = xp.reshape(xp.cumulative_sum(xp.astype(new, xp.int64), axis=1) - 1 + row0, (-1,))  # non-decreasing
+    first = xp.reshape(xp.searchsorted(gid, gid, side="left"), (N, P)) - row0
+    last = xp.reshape(xp.searchsorted(gid, gid, side="right"), (N, P)) - 1 - row0
+    avg_sorted = xp.astype(first + last, xp.float64) / 2
+    return xp.take_along_axis(avg_sorted, xp.argsort(idx, axis=1), axis=1)  # back to the pixels' places
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
@@ -75,54 +80,35 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     Pearson correlation of average ranks; 0 when exactly one of the two maps is constant, 1 when
     both are.
     """
+    xp = namespace(a, b)
     lead = a.shape[:-2]
-    ra = average_ranks(a.reshape(-1, a.shape[-2] * a.shape[-1]).double())
-    rb = average_ranks(b.reshape(-1, b.shape[-2] * b.shape[-1]).double())
-    ra = ra - ra.mean(1, keepdim=True)
-    rb = rb - rb.mean(1, keepdim=True)
-    na, nb = ra.norm(dim=1), rb.norm(dim=1)
+    ra = average_ranks(xp.astype(xp.reshape(a, (-1, a.shape[-2] * a.shape[-1])), xp.float64))
+    rb = average_ranks(xp.astype(xp.reshape(b, (-1, b.shape[-2] * b.shape[-1])), xp.float64))
+    ra = ra - xp.mean(ra, axis=1, keepdims=True)
+    rb = rb - xp.mean(rb, axis=1, keepdims=True)
+    na, nb = xp.linalg.vector_norm(ra, axis=1), xp.linalg.vector_norm(rb, axis=1)
     const_a, const_b = na == 0, nb == 0
-    rho = (ra * rb).sum(1) / (na * nb).clamp_min(1e-300)
-    rho = torch.where(const_a | const_b, torch.zeros_like(rho), rho)
-    rho = torch.where(const_a & const_b, torch.ones_like(rho), rho)
-    return rho.float().reshape(lead)
-
-
-def forward_order(model: nn.Module, x: Tensor) -> list[tuple[str, nn.Module]]:
-    """Modules that own parameters and run on ``x``, in order of their first call (input side first)."""
-    units = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
-    seen: dict[int, int] = {}
-    handles = []
-    def hook(i: int):
-        def record(mod: nn.Module, inp: object) -> None:  # must return None: a value would replace the input
-            seen.setdefault(i, len(seen))
-        return record
-
-    for i, (_, m) in enumerate(units):
-        handles.append(m.register_forward_pre_hook(hook(i)))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return [units[i] for i in sorted(seen, key=seen.__getitem__)]
+    rho = xp.sum(ra * rb, axis=1) / xp.clip(na * nb, min=1e-300)
+    rho = xp.where(const_a | const_b, xp.zeros_like(rho), rho)
+    rho = xp.where(const_a & const_b, xp.ones_like(rho), rho)
+    return xp.reshape(xp.astype(rho, xp.float32), lead)
 
 
 def _prefix(name: str, depth: int) -> str:
     return ".".join(name.split(".")[:depth]) if name else "<model>"
 
 
-def randomisation_steps(units_top_first: list[tuple[str, nn.Module]],
-                        max_steps: Optional[int]) -> list[tuple[str, list[nn.Module]]]:
-    """Group units (output side first) into at most ``max_steps`` ``(name, modules)`` steps; see module doc."""
+def randomisation_steps(units_top_first: list[tuple[str, Any]],
+                        max_steps: Optional[int]) -> list[tuple[str, list[Any]]]:
+    """Group units ``(name, unit)`` (output side first) into at most ``max_steps`` ``(name, units)``
+    steps; see module doc. A unit is anything (MPRT passes layer names)."""
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"mprt max_steps must be >= 1 or None, got {max_steps!r}")
     if max_steps is None or len(units_top_first) <= max_steps:
         return [(n or "<model>", [m]) for n, m in units_top_first]
 
-    def runs(depth: int) -> list[tuple[str, list[nn.Module]]]:
-        out: list[tuple[str, list[nn.Module]]] = []
+    def runs(depth: int) -> list[tuple[str, list[Any]]]:
+        out: list[tuple[str, list[Any]]] = []
         for n, m in units_top_first:
             p = _prefix(n, depth)
             if out and out[-1][0] == p:
@@ -142,32 +128,40 @@ def randomisation_steps(units_top_first: list[tuple[str, nn.Module]],
              [m for i in c for m in groups[i][1]]) for c in chunks if len(c)]
 
 
-def _explain(ctx: EvalContext, model: nn.Module) -> Tensor:
+def _explain(ctx: EvalContext, model: Any) -> Tensor:
     with warnings.catch_warnings():  # randomised models often give constant (all-zero) maps
         warnings.filterwarnings("ignore", message=".*maps are constant.*")
-        return ctx.explain(model, ctx.inputs, ctx.targets).to(ctx.maps.device).float()  # type: ignore[misc]
+        maps = ctx.explain(model, ctx.inputs, ctx.targets)  # type: ignore[misc]
+    xp = namespace(ctx.maps)
+    return xp.astype(as_array_like(maps, ctx.maps), xp.float32, copy=False)
 
 
 @dataclass(frozen=True)
 class MPRT(Metric):
-    """Cascading model parameter randomisation; see the module docstring."""
+    """Cascading model parameter randomisation; see the module docstring.
+
+    The framework work is the model's backend's (``ctx.model_backend()``): ``randomized_copy`` for
+    the intact copy, ``layer_order`` for the units, ``reinitialise_layers`` (in place, on that copy)
+    for each step; this class only groups names and computes correlations.
+    """
 
     def __call__(self, ctx: EvalContext) -> MetricResult:
         if ctx.explain is None:
             raise ConfigError("mprt needs to re-explain: pass a camlens Explanation, not a plain map tensor")
         seed, max_steps = int(ctx.opt(self, "seed")), ctx.opt(self, "max_steps")
-        net = copy.deepcopy(ctx.model)  # the user's model is never modified
-        units = forward_order(net, ctx.inputs[:1])
-        steps = randomisation_steps(units[::-1], max_steps)
+        bk = ctx.model_backend()
+        net = bk.randomized_copy(ctx.model, [], seed)  # an intact copy: the user's model is never modified
+        names = bk.layer_order(net, ctx.inputs[:1])  # input side first
+        steps = randomisation_steps([(n, n) for n in names[::-1]], max_steps)
         ref = _explain(ctx, net)
         rhos = []
-        for s, (_, modules) in enumerate(steps):
-            for j, m in enumerate(modules):
-                reinitialise(m, seed + 1000 * s + j)
+        for s, (_, layers) in enumerate(steps):
+            bk.reinitialise_layers(net, layers, seed + 1000 * s)  # the j-th layer of step s: seed + 1000 s + j
             rhos.append(spearman(ref, _explain(ctx, net)))
+        xp = namespace(ctx.maps)
         B, T = ctx.maps.shape[:2]
-        curves = torch.stack(rhos, dim=-1) if rhos else torch.ones(B, T, 0)
-        values = curves[..., -1] if rhos else torch.ones(B, T)
+        curves = xp.stack(rhos, axis=-1) if rhos else xp.ones((B, T, 0))
+        values = curves[..., -1] if rhos else xp.ones((B, T))
         return MetricResult(values=values, curves=curves,
                             extra={"steps": [n for n, _ in steps], "reference_correlation": spearman(ctx.maps, ref)})
 

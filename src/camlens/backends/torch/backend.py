@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ...errors import LayerError, ModelError
 from .capture import capture, check_calls, check_layer_outputs
 from .gradients import layer_gradients
+from .inputs import call_context, check_input_tensor, check_model_tensors, images_from_uint8, to_model_input
 from .layout import Layout
 from .ops import TorchOps
 from .probing import guess_layer
@@ -32,6 +33,25 @@ class TorchBackend:
 
     def owns(self, model: Any) -> bool:
         return isinstance(model, nn.Module)
+
+    def images_in(self, inputs: Any) -> Any:
+        return images_from_uint8(inputs)
+
+    def check_inputs(self, inputs: Any) -> Tensor:
+        return check_input_tensor(inputs)
+
+    def to_model_input(self, model: nn.Module, x: Tensor, precision: str) -> Tensor:
+        return to_model_input(model, x, precision)
+
+    def call_context(self) -> contextlib.AbstractContextManager:
+        return call_context()
+
+    def explain_failure(self, err: BaseException, model: nn.Module) -> None:
+        if isinstance(err, RuntimeError) and "nference tensor" in str(err):
+            check_model_tensors(model)  # raises ModelRuntimeError naming the tensor
+
+    def graph(self, enabled: bool) -> contextlib.AbstractContextManager:
+        return torch.enable_grad() if enabled else torch.no_grad()
 
     def session(self, model: nn.Module, *, eval_mode: bool = True, freeze: bool = True,
                 restore_buffers: bool = True) -> contextlib.AbstractContextManager:
@@ -87,13 +107,38 @@ class TorchBackend:
         """A deep copy with each named module's own parameters re-initialised (:func:`reinitialise`,
         seed ``seed + i`` for the i-th); the model itself is never modified."""
         net = copy.deepcopy(model)
+        self.reinitialise_layers(net, layers, seed)
+        return net
+
+    # --- for metrics/
+    def layer_order(self, model: nn.Module, x: Tensor) -> list[str]:
+        """Modules with parameters of their own (``recurse=False``) that run on ``x``, in order of
+        their first call, found by forward pre-hooks (removed afterwards) on one ``no_grad`` forward."""
+        units = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+        seen: dict[int, int] = {}
+
+        def hook(i: int) -> Callable[..., None]:
+            def record(mod: nn.Module, inp: object) -> None:  # must return None: a value would replace the input
+                seen.setdefault(i, len(seen))
+            return record
+
+        handles = [m.register_forward_pre_hook(hook(i)) for i, (_, m) in enumerate(units)]
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return [units[i][0] for i in sorted(seen, key=seen.__getitem__)]
+
+    def reinitialise_layers(self, model: nn.Module, layers: Sequence[str], seed: int) -> None:
+        """:func:`reinitialise` on each named module of ``model`` in place, seed ``seed + i`` for the i-th."""
         for i, name in enumerate(layers):
             try:
-                mod = net.get_submodule(name)
+                mod = model.get_submodule(name)
             except AttributeError as err:
                 raise LayerError(f"no layer named {name!r} to randomise") from err
             reinitialise(mod, seed + i)
-        return net
 
 
 @torch.no_grad()

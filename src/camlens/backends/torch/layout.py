@@ -11,6 +11,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ..base import PRECISION_NAMES
 from ...errors import ConfigError
 
 def model_device(model: nn.Module) -> torch.device:
@@ -22,7 +23,7 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS: dict[str, Optional[torch.dtype]] = dict(zip(PRECISION_NAMES, (None, torch.float16, torch.bfloat16)))
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -86,6 +87,10 @@ class Layout:
         if self.failed or x.ndim != 4 or x.shape[0] < 2 or not self.has_conv:
             return False
         return x.device.type == "cpu" or (x.device.type == "cuda" and self.precision != "fp32")
+
+    def autocast(self, x: Tensor) -> contextlib.AbstractContextManager:
+        """The precision's autocast for code that must run like the model (target score functions)."""
+        return autocast(x.device, self.precision)
 
     def run(self, x: Tensor, score_only: bool = False) -> Any:
         """``model(x)`` under the precision's autocast, in the chosen layout."""
