@@ -42,12 +42,20 @@ def namespace(*arrays: Any) -> Any:
     NumPy one for NumPy arrays, ...): what methods and metrics compute with. Cached per array
     type (the per-call cost is one dict lookup)."""
     kind = type(arrays[0])
-    if all(type(a) is kind for a in arrays):
-        found = _NS_BY_TYPE.get(kind)
-        if found is None:
-            found = _NS_BY_TYPE[kind] = array_api_compat.array_namespace(*arrays)
-        return found
-    return array_api_compat.array_namespace(*arrays)
+    for a in arrays:
+        if type(a) is not kind:
+            return array_api_compat.array_namespace(*arrays)
+    found = _NS_BY_TYPE.get(kind)
+    if found is None:
+        found = _NS_BY_TYPE[kind] = _backend_namespace(kind) or array_api_compat.array_namespace(*arrays)
+    return found
+
+
+def _backend_namespace(kind: type) -> Any:
+    """The ``xp`` of the backend whose framework defines ``kind`` (its own, faster namespace), or ``None``."""
+    root = kind.__module__.split(".")[0]
+    name = next((n for n, (roots, _) in _BACKENDS.items() if root in roots), None)
+    return _load(name).xp if name is not None else None
 
 
 _NS_BY_TYPE: dict[type, Any] = {}

@@ -21,11 +21,10 @@ pixel belongs to A, to B or to the background, and a CAM can be scored against t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
+from ..backends.base import default_array
 
 from ..errors import ConfigError
 
@@ -52,10 +51,10 @@ class ShapesBatch:
         SHAPE_CLASSES, COLOUR_CLASSES: class names, indexed like the labels.
     """
 
-    images: torch.Tensor
-    labels: Dict[str, torch.Tensor]
-    masks: Dict[str, torch.Tensor]
-    boxes: Dict[str, torch.Tensor]
+    images: Any
+    labels: Dict[str, Any]
+    masks: Dict[str, Any]
+    boxes: Dict[str, Any]
     SHAPE_CLASSES: List[str] = field(default_factory=lambda: list(SHAPE_CLASSES))
     COLOUR_CLASSES: List[str] = field(default_factory=lambda: list(COLOUR_CLASSES))
 
@@ -206,17 +205,18 @@ def make_shapes(n: int, seed: int = 0, size: int = 64) -> ShapesBatch:
     img += rng.standard_normal((n, 3, size, size), dtype=np.float32) * noise_sd.astype(np.float32)
     np.clip(img, 0.0, 1.0, out=img)
 
+    arr = default_array  # torch tensors when torch is installed, else the NumPy arrays themselves
     return ShapesBatch(
-        images=torch.from_numpy(img),
-        labels={"shape": torch.from_numpy(shape_lbl.astype(np.int64)),
-                "colour": torch.from_numpy(colour_lbl.astype(np.int64))},
-        masks={"shape": torch.from_numpy(mask_a), "colour": torch.from_numpy(mask_b)},
-        boxes={"shape": torch.from_numpy(_boxes(mask_a)), "colour": torch.from_numpy(_boxes(mask_b))},
+        images=arr(img),
+        labels={"shape": arr(shape_lbl.astype(np.int64)), "colour": arr(colour_lbl.astype(np.int64))},
+        masks={"shape": arr(mask_a), "colour": arr(mask_b)},
+        boxes={"shape": arr(_boxes(mask_a)), "colour": arr(_boxes(mask_b))},
     )
 
 
-class ShapesDataset(Dataset):
-    """``make_shapes(n, seed, size)`` as a map-style dataset (generated once, held in memory).
+class ShapesDataset:
+    """``make_shapes(n, seed, size)`` as a map-style dataset (generated once, held in memory): any
+    loader that takes ``len`` and ``[i]`` (``torch.utils.data.DataLoader``) takes it.
 
     ``ds[i]`` -> ``{"image": (3, H, W) float32, "labels": {"shape": long, "colour": long},
     "masks": {head: (H, W) bool}, "boxes": {head: (4,) long}}`` (collates with the default collate).

@@ -7,7 +7,6 @@ import copy
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
-import array_api_compat.torch as xp
 import torch
 from torch import Tensor, nn
 
@@ -16,6 +15,7 @@ from .capture import capture, check_calls, check_layer_outputs
 from .gradients import layer_gradients
 from .inputs import call_context, check_input_tensor, check_model_tensors, images_from_uint8, to_model_input
 from .layout import Layout
+from . import xp
 from .ops import TorchOps
 from .probing import guess_layer
 from .runner import Runner

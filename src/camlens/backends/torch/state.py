@@ -24,6 +24,9 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec
     """
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
+    fast = _by_path(model, layers)
+    if fast is not None:
+        return fast
     named = dict(model.named_modules())
     by_id = {id(m): n for n, m in named.items()}
     out: list[tuple[str, nn.Module]] = []
@@ -47,6 +50,21 @@ def resolve_layers(model: nn.Module, layers: Union[LayerSpec, Sequence[LayerSpec
     return out
 
 
+def _by_path(model: nn.Module, layers: Sequence[LayerSpec]) -> Optional[list[tuple[str, nn.Module]]]:
+    """Dotted names looked up attribute by attribute (``get_submodule``: no walk over the whole
+    model, the per-call cost of a name); ``None`` for anything else (modules, unknown names), which
+    :func:`resolve_layers` handles with its full walk and error messages."""
+    out = []
+    for spec in layers:
+        if not isinstance(spec, str) or not spec.strip():
+            return None
+        try:
+            out.append((spec.strip(), model.get_submodule(spec.strip())))
+        except AttributeError:
+            return None
+    return out or None
+
+
 @contextlib.contextmanager
 def model_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True,
                 restore_buffers: bool = True) -> Iterator[nn.Module]:
@@ -63,12 +81,13 @@ def model_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
     mods = list(model.modules())
     modes = [(m, m.training) for m in mods]
     flags = [(p, p.requires_grad) for p in _unique_parameters(mods)]
+    training = [m for m in mods if m.training]
     saved = None
-    if restore_buffers and not eval_mode and any(t for _, t in modes):
+    if restore_buffers and not eval_mode and training:
         with torch.no_grad():
-            saved = [(m, n, b, b.clone()) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+            saved = [(m, n, b, b.clone()) for m in mods for n, b in m._buffers.items() if b is not None]
     try:
-        if eval_mode and any(t for _, t in modes):  # (already in eval mode: nothing to switch)
+        if eval_mode and training:  # (already in eval mode: nothing to switch)
             model.eval()
         if freeze:
             for p, rg in flags:
@@ -76,9 +95,9 @@ def model_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
                     p.requires_grad_(False)
         yield model
     finally:
-        for m, training in modes:
-            if m.training != training:
-                m.training = training
+        for m, was in modes:
+            if m.training != was:
+                m.training = was
         for p, rg in flags:
             if p.requires_grad != rg:
                 p.requires_grad_(rg)
