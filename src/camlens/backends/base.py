@@ -133,6 +133,10 @@ class Ops(Protocol):
         """Mean of each ``(2 r + 1)^2`` window of the ``(H, W)`` planes of ``x`` ``(..., H, W)`` over its
         in-image pixels only (out-of-image ones are not counted), centred on every pixel; same shape."""
 
+    def average_ranks(self, x: Any) -> Any:
+        """Ranks ``(N, P)`` float64 of each row of ``x`` ``(N, P)``, 0-based, ties sharing their average
+        rank (``scipy.stats.rankdata(method="average") - 1`` per row; Spearman's rho)."""
+
     # --- for methods/
     def resize_corners(self, maps: Any, size: tuple[int, int]) -> Any:
         """``(..., h, w) -> (..., H, W)`` bilinear with ``align_corners=True`` (corner pixels aligned:

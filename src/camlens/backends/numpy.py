@@ -113,6 +113,11 @@ class NumpyOps:
                          np.minimum(np.arange(W) + r + 1, W) - np.maximum(np.arange(W) - r, 0))
         return (window_sum(window_sum(x, -1), -2) / count).astype(x.dtype, copy=False)
 
+    def average_ranks(self, x: np.ndarray) -> np.ndarray:
+        from scipy.stats import rankdata
+
+        return rankdata(np.asarray(x), method="average", axis=1).astype(np.float64) - 1.0
+
     # --- for methods/
     def set_at(self, x: np.ndarray, index: tuple, values: Any) -> np.ndarray:
         x[index] = values

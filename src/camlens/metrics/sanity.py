@@ -42,10 +42,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import array_api_compat
 import numpy as np
 
-from ..backends.base import namespace
+from ..backends.base import namespace, ops_for
 from ..registry import Option, optional, positive_int
 from .base import EvalContext, Metric, MetricResult, Tensor, as_array_like, register_metric
 from ..errors import ConfigError
@@ -54,24 +53,10 @@ __all__ = ["average_ranks", "spearman", "randomisation_steps", "MPRT", "MPRT_MET
 
 
 def average_ranks(x: Tensor) -> Tensor:
-    """Ranks ``(N, P)`` (float64) of each row of ``x`` ``(N, P)``, 0-based, ties sharing their average rank.
-
-    Sorted stably, the tie groups get ids that grow along each row and from row to row (row ``n``'s
-    ids start at ``n P``), so one ``searchsorted`` on all ``N P`` ids finds each group's first and
-    last place: the average rank is their mean.
-    """
-    xp = namespace(x)
-    N, P = x.shape
-    dev = array_api_compat.device(x)
-    idx = xp.argsort(x, axis=1, stable=True)
-    s = xp.take_along_axis(x, idx, axis=1)
-    new = xp.concat([xp.ones((N, 1), dtype=xp.bool, device=dev), s[:, 1:] != s[:, :-1]], axis=1)
-    row0 = xp.arange(N, dtype=xp.int64, device=dev)[:, None] * P  # (N, 1): first flat place of each row
-    gid = xp.reshape(xp.cumulative_sum(xp.astype(new, xp.int64), axis=1) - 1 + row0, (-1,))  # non-decreasing
-    first = xp.reshape(xp.searchsorted(gid, gid, side="left"), (N, P)) - row0
-    last = xp.reshape(xp.searchsorted(gid, gid, side="right"), (N, P)) - 1 - row0
-    avg_sorted = xp.astype(first + last, xp.float64) / 2
-    return xp.take_along_axis(avg_sorted, xp.argsort(idx, axis=1), axis=1)  # back to the pixels' places
+    """Ranks ``(N, P)`` (float64) of each row of ``x`` ``(N, P)``, 0-based, ties sharing their average
+    rank: the arrays' :meth:`~camlens.backends.base.Ops.average_ranks` (torch: one sort and two
+    ``scatter_reduce``; the array API has no scatter)."""
+    return ops_for(x).average_ranks(x)
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:

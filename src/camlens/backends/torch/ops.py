@@ -113,6 +113,20 @@ class TorchOps:
         y = F.avg_pool2d(x.reshape(-1, 1, H, W), 2 * r + 1, stride=1, padding=r, count_include_pad=False)
         return y.reshape(*lead, H, W)
 
+    def average_ranks(self, x: Tensor) -> Tensor:
+        """One stable sort; each tie group's first and last place by ``scatter_reduce``; scattered back."""
+        N, P = x.shape
+        s, idx = x.sort(dim=1, stable=True)
+        new = torch.ones_like(s, dtype=torch.bool)
+        new[:, 1:] = s[:, 1:] != s[:, :-1]
+        gid = (new.cumsum(1) - 1) + torch.arange(N, device=x.device)[:, None] * P  # tie group, unique per row
+        pos = torch.arange(P, device=x.device, dtype=torch.float64).expand(N, P).reshape(-1)
+        g = gid.reshape(-1)
+        first = torch.full((N * P,), float(P), dtype=torch.float64, device=x.device).scatter_reduce(0, g, pos, "amin")
+        last = torch.full((N * P,), -1.0, dtype=torch.float64, device=x.device).scatter_reduce(0, g, pos, "amax")
+        avg_sorted = ((first[g] + last[g]) / 2).reshape(N, P)
+        return torch.empty_like(avg_sorted).scatter_(1, idx, avg_sorted)
+
     # --- for methods/
     def resize_corners(self, maps: Tensor, size: tuple[int, int]) -> Tensor:
         """``F.interpolate(..., mode="bilinear", align_corners=True)`` on the maps as channels of one
