@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
 from .backends.base import get_backend
-from .engine import (aug_smoothed, check_model_tensors, finish, finish_maps, match_dtype, noise_smoothed,
+from .engine import (aug_smoothed, finish, finish_maps, match_dtype, noise_smoothed,
                      outside_inference_mode, prepare, run_pass)
 from .errors import ConfigError
 from .explanation import Explanation
@@ -34,27 +33,7 @@ def _check_differentiable(meth: Method, tile: Any, aug_smooth: bool, noise_smoot
                           "drop them for the training loss (they matter for pictures, not for gradients)")
 
 
-def _inference_tensor_errors(fn: Any) -> Any:
-    """Framework failures whose cause can be named get a message that names it, e.g. a model
-    whose weights are torch inference tensors fails deep inside autograd ("Inference tensors cannot
-    be saved for backward"); only then is the model examined (no per-call cost)."""
-    @functools.wraps(fn)
-    def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(model, *args, **kwargs)
-        except RuntimeError as err:
-            net = getattr(model, "model", model) if hasattr(model, "preprocess") else model
-            try:
-                get_backend(net)
-            except Exception:  # not a model camlens knows: the original error stands
-                raise err from None
-            check_model_tensors(net, err)  # raises a clearer error when the backend can name the cause
-            raise
-    return wrapper
-
-
 @outside_inference_mode
-@_inference_tensor_errors
 def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, Sequence[Any], None] = None,
             method: str = "gradcam", top_k: Optional[int] = None, categories: Categories = None, heads: Any = None,
             fuse: Literal["mean", "max"] = "mean", relu: bool = True, upsample: bool = True,

@@ -15,18 +15,18 @@ from typing import Any, Optional
 
 
 from .backends.base import Backend, get_backend, namespace, ops_for
-from .errors import InputError, NonFiniteScoresError, TargetError
+from .errors import CamlensError, InputError, NonFiniteScoresError, TargetError
 from .methods import Method, MethodContext, MethodOutput
 from .postprocess import as_float, clip_quantile, normalize, process, to_float32
 from .targets import Categories, ResolvedTarget, combine_targets, is_array, resolve_targets, split_outputs
 
 Tensor = Any  # an array of the model's backend
 
-__all__ = ["prepare", "outside_inference_mode", "check_model_tensors", "match_dtype", "check_scores",
+__all__ = ["is_loaded", "unwrap_model", "prepare", "outside_inference_mode", "match_dtype", "check_scores",
            "target_scores", "Pass", "run_pass", "finish", "finish_maps", "noise_smoothed", "aug_smoothed"]
 
 
-def _is_loaded(model: Any) -> bool:
+def is_loaded(model: Any) -> bool:
     """A :class:`camlens.models.LoadedModel`-like wrapper (a model plus its preprocessing)."""
     return hasattr(model, "model") and hasattr(model, "preprocess") and not hasattr(model, "named_modules")
 
@@ -43,7 +43,7 @@ def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
     ``(B, C, H, W)``. Returns ``(model, inputs, layer, categories, display)``.
     """
     display = None
-    if _is_loaded(model):
+    if is_loaded(model):
         inputs = get_backend(model.model).images_in(inputs)
         if not is_array(inputs) or _is_numpy(inputs):  # paths, PIL / NumPy images, lists: preprocessed
             inputs = model.preprocess(inputs)
@@ -69,30 +69,32 @@ def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
     return model, inputs, layer, categories, display
 
 
-def _model_of(args: tuple, kwargs: dict) -> Any:
-    model = args[0] if args else kwargs.get("model")
-    return model.model if _is_loaded(model) else model
+def unwrap_model(model: Any) -> Any:
+    """The framework model inside a loaded model (:func:`is_loaded`), or ``model`` itself."""
+    return model.model if is_loaded(model) else model
 
 
 def outside_inference_mode(fn: Any) -> Any:
-    """Run ``fn`` (whose first argument is the model) in the framework modes a call needs: for
-    torch, inference mode off — under ``torch.inference_mode()`` no graph can be recorded, so
-    gradient methods would fail (inference tensors among the inputs are copied by :func:`prepare`)."""
+    """Run ``fn`` (whose first argument is the model) in the framework modes a call needs, and name
+    the cause of a framework failure when its backend can (:meth:`Backend.explain_failure`; only on
+    the error path, no per-call cost). For torch: inference mode off — under
+    ``torch.inference_mode()`` no graph can be recorded, so gradient methods would fail (inference
+    tensors among the inputs are copied by :func:`prepare`) — and a model whose weights are
+    inference tensors ("Inference tensors cannot be saved for backward") gets a message naming the
+    tensor and the fix."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            bk = get_backend(_model_of(args, kwargs))
-        except Exception:  # not a model camlens knows: fn itself raises the clear error
+            bk = get_backend(unwrap_model(args[0] if args else kwargs.get("model")))
+        except CamlensError:  # not a model camlens knows: fn itself raises the clear error
             return fn(*args, **kwargs)
         with bk.call_context():
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except RuntimeError as err:
+                bk.explain_failure(err, unwrap_model(args[0] if args else kwargs.get("model")))
+                raise
     return wrapper
-
-
-def check_model_tensors(net: Any, err: Optional[BaseException] = None) -> None:
-    """Name the cause of a framework failure when it can be named (torch: a model whose weights
-    are inference tensors cannot be differentiated); otherwise return."""
-    get_backend(net).explain_failure(err if err is not None else RuntimeError("inference tensor"), net)
 
 
 def match_dtype(net: Any, x: Tensor, precision: str) -> Tensor:

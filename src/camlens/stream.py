@@ -24,6 +24,7 @@ import numpy as np
 
 from .backends.base import namespace, ops_for
 from .errors import CamlensError, ConfigError, InputError, NonFiniteScoresError
+from .engine import is_loaded
 from .explanation import Explanation
 from .targets import is_array
 
@@ -44,10 +45,6 @@ class Failure:
 
 
 Progress = Callable[[int, Optional[int], Any], None]
-
-
-def _is_loaded(model: Any) -> bool:
-    return hasattr(model, "model") and hasattr(model, "preprocess")
 
 
 def _per_input_error(err: BaseException) -> bool:
@@ -95,7 +92,7 @@ def stream(model: Any, inputs: Iterable[Any], targets: Any = None, *, batch_size
         raise ConfigError("stream takes the same targets for every input; per-image lists of lists would depend "
                           "on how inputs are batched: call camlens.explain per batch instead, or give a flat list")
     total = len(inputs) if hasattr(inputs, "__len__") else None  # type: ignore[arg-type]
-    loaded = _is_loaded(model)
+    loaded = is_loaded(model)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     done = 0
 

@@ -355,7 +355,20 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     PyTorch's source index: ``s = max((d + 0.5) * n_in / n_out - 0.5, 0)``, ``i0 = floor(s)``,
     ``i1 = min(i0 + 1, n_in - 1)``, ``out[d] = (1 - l) v[i0] + l v[i1]`` with ``l = s - i0``.
     """
-    s = _source_index(n_in, n_out)
+    return _interpolation_matrix(_source_index(n_in, n_out), n_in)
+
+
+@functools.lru_cache(maxsize=128)
+def corner_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """:func:`bilinear_matrix` with ``align_corners=True``: source ``s = d (n_in - 1) / (n_out - 1)``."""
+    step = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    return _interpolation_matrix(np.arange(n_out, dtype=np.float64) * step, n_in)
+
+
+def _interpolation_matrix(s: np.ndarray, n_in: int) -> np.ndarray:
+    """``R`` ``(len(s), n_in)`` (read-only): output ``d`` is ``(1 - l) v[i0] + l v[i1]`` at the fractional
+    source ``s[d]``, ``i0 = floor(s)``, ``i1 = min(i0 + 1, n_in - 1)``, ``l = s - i0``."""
+    n_out = s.shape[0]
     i0 = np.minimum(np.floor(s).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     lam = s - i0

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .base import bilinear_matrix
+from .base import bilinear_matrix, corner_matrix
 
 __all__ = ["NumpyOps"]
 
@@ -124,20 +124,11 @@ class NumpyOps:
         return x
 
     def resize_corners(self, maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """Bilinear with ``align_corners=True``: source ``d * (h - 1) / (H - 1)``, as separable matrices."""
-        def matrix(n_in: int, n_out: int) -> np.ndarray:
-            s = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
-            i0 = np.minimum(np.floor(s).astype(np.int64), n_in - 1)
-            i1 = np.minimum(i0 + 1, n_in - 1)
-            r = np.zeros((n_out, n_in))
-            np.add.at(r, (np.arange(n_out), i0), 1 - (s - i0))
-            np.add.at(r, (np.arange(n_out), i1), s - i0)
-            return r
-
+        """Bilinear with ``align_corners=True`` (:func:`camlens.backends.base.corner_matrix`), separable."""
         m = np.asarray(maps)
         dt = m.dtype if m.dtype in (np.float32, np.float64) else np.float32
-        ry = matrix(m.shape[-2], int(size[0])).astype(dt)
-        rx = matrix(m.shape[-1], int(size[1])).astype(dt)
+        ry = corner_matrix(m.shape[-2], int(size[0])).astype(dt)
+        rx = corner_matrix(m.shape[-1], int(size[1])).astype(dt)
         return ry @ m.astype(dt, copy=False) @ rx.T
 
     # --- for fronts/
