@@ -171,17 +171,30 @@ class Concat(nn.Module):
         return torch.cat(list(self.net(x).values()), dim=1)
 
 
-def _timeit(fns: dict[str, Fn], repeats: int, sync: Callable[[], None], warmup: int = 1) -> dict[str, list[float]]:
-    """Interleaved timing: each repeat runs every function once, in turn (noise hits all alike)."""
+def _timeit(fns: dict[str, Fn], repeats: int, sync: Callable[[], None], warmup: int = 1,
+            inner: int = 1) -> dict[str, list[float]]:
+    """Interleaved timing: each repeat runs every function once, in turn (noise hits all alike).
+
+    ``inner > 1``: each timed repeat is ``inner`` calls in a row and records their mean, for
+    millisecond calls whose single timings scatter with the machine's noise (the overhead case)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(warmup):
         for fn in fns.values():
-            fn()
+            for _ in range(inner):
+                fn()
     sync()
     for _ in range(repeats):
         for k, fn in fns.items():
-            times[k].append(_timed(fn, sync)[1])
+            times[k].append(_timed(_repeated(fn, inner) if inner > 1 else fn, sync)[1] / inner)
     return times
+
+
+def _repeated(fn: Fn, n: int) -> Fn:
+    def run() -> Any:
+        for _ in range(n - 1):
+            fn()
+        return fn()
+    return run
 
 
 def _timed(fn: Fn, sync: Callable[[], None]) -> tuple[Any, float]:
@@ -259,9 +272,11 @@ class Peer:
 
 def _measure(s: Setup, case: str, title: str, ours: Fn, peers: dict[str, Peer], reps: int,
              bound: Optional[tuple[str, Fn]] = None, extra: Optional[dict[str, Fn]] = None,
-             note: str = "", warmup: Optional[int] = None, ref: Optional[Tensor] = None) -> dict[str, Any]:
+             note: str = "", warmup: Optional[int] = None, ref: Optional[Tensor] = None,
+             inner: int = 1) -> dict[str, Any]:
     """Check every peer's maps against camlens' (``ref``: camlens' maps if already computed), then time
-    camlens, the agreeing peers, the bound and the ``extra`` functions interleaved. Returns the row."""
+    camlens, the agreeing peers, the bound and the ``extra`` functions interleaved (``inner`` calls per
+    timed repeat, see :func:`_timeit`). Returns the row."""
     check_t: dict[str, float] = {}  # durations of the check calls: --smoke's single timing
     if ref is None:
         ref, check_t["camlens"] = _timed(ours, s.sync)
@@ -290,7 +305,7 @@ def _measure(s: Setup, case: str, title: str, ours: Fn, peers: dict[str, Peer], 
     if s.smoke:  # one call each, no warm-up: the check's own call where there was one
         times = {k: [check_t[k] if k in check_t else _timed(fn, s.sync)[1]] for k, fn in fns.items()}
     else:
-        times = _timeit(fns, reps, s.sync, s.warmup if warmup is None else warmup)
+        times = _timeit(fns, reps, s.sync, s.warmup if warmup is None else warmup, inner)
     row["camlens"] = _stats(times["camlens"])
     med = row["camlens"]["median_s"]
     for name, entry in row["peers"].items():
@@ -468,6 +483,9 @@ def gradcam_10t_layer3(s: Setup) -> list[dict[str, Any]]:
     return _gradcam_row(s, "gradcam-10t-layer3", "layer3", 10)
 
 
+OVERHEAD_INNER = 40  # calls per timed repeat in the overhead case: ~1 ms calls scatter ±30 % one by one
+
+
 @case("tiny-cnn-overhead")
 def tiny_cnn_overhead(s: Setup) -> list[dict[str, Any]]:
     """camlens' per-call overhead: Grad-CAM of one target on a 3-conv CNN at 64², where the forward and
@@ -481,7 +499,9 @@ def tiny_cnn_overhead(s: Setup) -> list[dict[str, Any]]:
     row = _measure(s, "tiny-cnn-overhead", "tiny CNN (3 convs) 64² Grad-CAM, 1 target: per-call overhead",
                    lambda: camlens.explain(model, x, targets=[3], layer="features").maps, peers, s.reps(),
                    bound=("forward+grad", forward_grad(model, layer, x, lambda o: o[0, 3])),
-                   note="random weights; the bound is a plain forward + autograd.grad of the logit to the layer")
+                   inner=1 if s.smoke else OVERHEAD_INNER,
+                   note=f"random weights; the bound is a plain forward + autograd.grad of the logit to the layer; "
+                        f"each timing is the mean of {OVERHEAD_INNER} calls in a row")
     return [row]
 
 

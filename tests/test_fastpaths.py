@@ -257,3 +257,62 @@ def test_scorecam_same_map_with_and_without_folding(resnet18):
     finally:
         backend._fold_batchnorm = orig
     assert (fast.maps - plain.maps).abs().max() < 1e-4
+
+
+# ---- the per-call fast paths of the overhead case (benchmarks: tiny-cnn-overhead)
+
+@pytest.mark.parametrize("shape,size", [((1, 1, 16, 16), (64, 64)), ((16, 16), (40, 50)), ((1, 7, 7), (9, 9)),
+                                        ((1, 1, 1, 5, 5), (10, 10)), ((2, 3, 7, 7), (30, 31))])
+def test_resize_of_one_map_and_of_many_match_interpolate(shape, size):
+    from camlens.backends.torch.ops import TorchOps
+
+    m = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    got = TorchOps().resize(m, size)
+    ref = F.interpolate(m.reshape(-1, 1, *shape[-2:]), size=size, mode="bilinear", align_corners=False)
+    assert got.shape == (*shape[:-2], *size)
+    assert (got - ref.reshape(got.shape)).abs().max() < 2e-6 * (1 + m.abs().max())
+    flat = m.reshape(-1, *shape[-2:])  # one map alone (2-D products) = the same map in a batch of two
+    pair = TorchOps().resize(torch.stack([flat[0], flat[0]]), size)
+    assert torch.allclose(TorchOps().resize(flat[:1], size)[0], pair[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_map_min_max_on_host_scalars_is_bit_equal_to_the_tensor_formula(dtype):
+    t = torch.rand(1, 1, 4096, dtype=dtype, generator=torch.Generator().manual_seed(1)) * 3 - 1
+    lo, hi = t.amin(-1, keepdim=True), t.amax(-1, keepdim=True)
+    out, const = P._min_max_few(t, lo, hi, True)
+    assert torch.equal(out, (t - lo) / (hi - lo)) and not bool(const.any())
+    assert float(out.max()) == 1.0 and float(out.min()) == 0.0
+
+
+def test_xp_clip_is_clamp_for_float_bounds_and_the_compat_rules_otherwise():
+    from array_api_compat import torch as compat
+
+    from camlens.backends.torch import xp
+
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0])
+    for lo, hi in [(0, None), (None, 1.0), (-1, 1), (0.25, 0.25)]:
+        assert torch.equal(xp.clip(x, min=lo, max=hi), compat.clip(x, min=lo, max=hi))
+    nan = float("nan")
+    assert bool(xp.clip(x, min=nan).isnan().all())  # a NaN bound: the compat rule (all NaN), not clamp's
+    i = torch.tensor([-5, 0, 300], dtype=torch.int16)
+    assert torch.equal(xp.clip(i, min=-1, max=10**6), compat.clip(i, min=-1, max=10**6))
+    assert xp.clip(x, min=0) is not x
+
+
+def test_probabilities_are_computed_on_first_read_and_kept():
+    from camlens.explanation import Deferred
+    from camlens.targets import target_probabilities
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    exp = camlens.explain(model, x, targets=[1, 3], layer="1")
+    assert isinstance(exp.__dict__["_probs"], Deferred)  # nothing computed yet
+    want = torch.softmax(model(x), 1)[:, [1, 3]]
+    assert torch.allclose(exp.probs, want, atol=1e-6)
+    assert exp.probs is exp.probs and not isinstance(exp.__dict__["_probs"], Deferred)
+    assert torch.equal(exp.probs, target_probabilities(exp.targets, exp.heads))
+    one = camlens.explain(model, x, targets=[1, 3], layer="1").image(1)  # replace() reads it through the property
+    assert torch.allclose(one.probs, want[1:], atol=1e-6)
+    exp.probs = torch.zeros(2, 2)  # a plain field to set
+    assert float(exp.probs.abs().sum()) == 0.0

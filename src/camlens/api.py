@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
@@ -9,7 +10,7 @@ from .backends.base import get_backend
 from .engine import (aug_smoothed, finish, finish_maps, match_dtype, noise_smoothed,
                      outside_inference_mode, prepare, run_pass)
 from .errors import ConfigError
-from .explanation import Explanation
+from .explanation import Deferred, Explanation
 from .methods import Method, get_method
 from .targets import Categories, target_probabilities
 from .tiling import check_tiling, explain_tiled
@@ -162,7 +163,7 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
     detached = {k: v.detach() for k, v in p.heads.items()}
     first = next(iter(raws.values())) if raws else result.saliency
     return Explanation(maps=maps, raw=first, raws=dict(raws), scores=p.scores,
-                       probs=target_probabilities(p.rows, detached), targets=p.rows,
+                       probs=Deferred(functools.partial(target_probabilities, p.rows, detached)), targets=p.rows,
                        inputs=x if differentiable else x.detach(), heads=p.heads if differentiable else detached,
                        layers=names, method=meth.name, display=display, pixel=result.pixel,
                        components=p.components if combine != "separate" else None, options=dict(opts))

@@ -136,6 +136,8 @@ def class_scores(rows: list[list[ResolvedTarget]], heads: dict) -> Optional[Tens
     xp, ops = namespace(first), ops_for(first)
     if len(idx) == 1:  # one head: every index is valid, one gather
         k, cls = next(iter(idx.items()))
+        if len(cls[0]) == 1 and all(c == cls[0] for c in cls):  # one class for every image: a view
+            return heads[k][:, cls[0][0]:cls[0][0] + 1]
         return xp.take_along_axis(heads[k], ops.asarray(cls, like=heads[k]), axis=1)
     out = None
     for k, cls in idx.items():

@@ -48,7 +48,7 @@ from .targets import ResolvedTarget, is_array
 
 Tensor = Any  # an array: a torch tensor, a NumPy array, ...
 
-__all__ = ["Explanation", "load", "LoadedTarget", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["Explanation", "load", "LoadedTarget", "FORMAT", "FORMAT_VERSION", "Deferred"]
 
 #: The ``format`` string in every saved explanation's metadata.
 FORMAT = "camlens.explanation"
@@ -167,6 +167,37 @@ class Explanation:
         B, T, H, W = self.maps.shape
         return (f"Explanation(method={self.method!r}, layers={self.layers}, maps=(B={B}, T={T}, H={H}, W={W}), "
                 f"targets={self.labels[0] if B else []}{' ...' if B > 1 else ''})")
+
+
+class Deferred:
+    """A field value computed on its first read and kept: ``Explanation(probs=Deferred(fn))``
+    (the softmax probabilities, which many calls never read, cost nothing until read)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+
+def _deferred_field(name: str, doc: str) -> property:
+    """A property over ``__dict__[name]`` that resolves a :class:`Deferred` once; the dataclass's
+    ``__init__``, ``replace``, ``__eq__`` and ``repr`` go through it like a plain field."""
+    key = "_" + name
+
+    def get(self: Any) -> Any:
+        v = self.__dict__[key]
+        if isinstance(v, Deferred):
+            v = self.__dict__[key] = v.fn()
+        return v
+
+    def put(self: Any, value: Any) -> None:
+        self.__dict__[key] = value
+
+    return property(get, put, doc=doc)
+
+
+Explanation.probs = _deferred_field(  # type: ignore[assignment]
+    "probs", "``(B, T)`` softmax probability of each target's class on its head (NaN where undefined).")
 
 
 @dataclass(frozen=True)

@@ -172,11 +172,13 @@ def _min_max_few(t: Tensor, lo: Tensor, hi: Tensor, warn: bool,
     if t.dtype not in (xp.float32, xp.float64) or lo.dtype != t.dtype or hi.dtype != t.dtype:
         return None
     tol, small, large = _plain_range(xp, t.dtype)
-    for lv, hv in zip(ops.to_list(lo), ops.to_list(hi)):
+    los, his = ops.to_list(lo), ops.to_list(hi)
+    for lv, hv in zip(los, his):
         mag = max(abs(lv), abs(hv))
         if not (small <= mag <= large and hv - lv > 2 * tol * mag):  # NaN fails too
             return None
-    out = (t - lo) / (hi - lo)
+    # one map: host scalars (lo, hi are values of t's dtype, so hi - lo rounds as it would in t's dtype)
+    out = (t - los[0]) / (his[0] - los[0]) if len(los) == 1 else (t - lo) / (hi - lo)
     return out, (xp.zeros_like(lo, dtype=xp.bool) if mask else None)
 
 

@@ -30,7 +30,8 @@ def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str]
         per activation, gradients ``(B, T, *act.shape[1:])``.
 
     Uses ``grad_outputs = e_t`` (one-hot over T, broadcast over B) batched with vmap; since
-    images are independent, summing over B in the vector-Jacobian product is exact.
+    images are independent, summing over B in the vector-Jacobian product is exact. One score
+    (B = T = 1) takes autograd's implicit ones, as a hand-written ``autograd.grad(score, act)`` does.
     """
     if not scores.requires_grad:
         raise LayerRuntimeError("the explained scores do not depend on any captured layer through autograd "
@@ -41,7 +42,7 @@ def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str]
     batched = T > 1  # vmap's grads come (T, B, ...)
     try:
         # retain_graph when batched: if vmap fails half-way, the per-target fallback needs the graph
-        grads = torch.autograd.grad(scores, list(acts), grad_outputs=eye if T > 1 else torch.ones_like(scores),
+        grads = torch.autograd.grad(scores, list(acts), grad_outputs=eye if T > 1 else None if B == 1 else torch.ones_like(scores),
                                     is_grads_batched=T > 1, allow_unused=True,
                                     retain_graph=T > 1 or create_graph, create_graph=create_graph)
         if T == 1:  # (B, ...) -> (B, 1, ...)

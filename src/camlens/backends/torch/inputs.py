@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ...errors import InputTypeError, ModelRuntimeError
 from .layout import model_device
+from .state import first_parameter
 
 __all__ = ["images_from_uint8", "check_input_tensor", "to_model_input", "call_context", "check_model_tensors"]
 
@@ -44,7 +45,7 @@ def to_model_input(net: nn.Module, x: Tensor, precision: str) -> Tensor:
     """Inputs on the model's device, in the dtype of its floating-point parameters (e.g. float64
     images for a float32 model, float32 for a ``.half()`` one). Under fp16/bf16 autocast the
     input is left to autocast (float64 becomes float32)."""
-    first = next(net.parameters(), None)
+    first = first_parameter(net)
     dev = first.device if first is not None else model_device(net)
     dtype = first.dtype if first is not None and first.is_floating_point() else \
         next((p.dtype for p in net.parameters() if p.is_floating_point()), None)

@@ -41,6 +41,8 @@ class TorchOps:
             return F.interpolate(maps.float(), size=tuple(size), mode=mode, **kw)
         m = maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
         ry, rxt = resize_pair(m.shape[-2], m.shape[-1], int(size[0]), int(size[1]), m.device, m.dtype)
+        if m.ndim >= 2 and m.numel() == m.shape[-2] * m.shape[-1]:  # one map: two plain 2-D products
+            return (ry @ (m.reshape(m.shape[-2:]) @ rxt)).reshape(*m.shape[:-2], *ry.shape[:1], rxt.shape[1])
         return ry @ (m @ rxt)
 
     def resize_matrices(self, h: int, w: int, H: int, W: int, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,10 +58,11 @@ class TorchOps:
         return x.softmax(axis)
 
     def detach(self, x: Tensor) -> Tensor:
-        return x.detach()
+        return x.detach() if x.requires_grad else x  # no graph: the tensor itself (no op dispatched)
 
     def to_list(self, x: Tensor) -> list:
-        return x.detach().reshape(-1).tolist()
+        x = x.detach() if x.requires_grad else x
+        return (x if x.ndim == 1 else x.reshape(-1)).tolist()
 
     def topk(self, x: Tensor, k: int, axis: int = -1) -> tuple[Tensor, Tensor]:
         r = x.topk(k, dim=axis)

@@ -111,6 +111,20 @@ def model_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
                         m._buffers[n] = copy
 
 
+def first_parameter(model: nn.Module) -> Optional[nn.Parameter]:
+    """``next(model.parameters(), None)``: the first parameter in registration order, depth first,
+    found without a walk over the whole model."""
+    for p in model._parameters.values():
+        if p is not None:
+            return p
+    for child in model._modules.values():
+        if child is not None:
+            p = first_parameter(child)
+            if p is not None:
+                return p
+    return None
+
+
 def _unique_parameters(mods: Sequence[nn.Module]) -> list[nn.Parameter]:
     """``model.parameters()`` from its module list (shared parameters once), without a second walk."""
     seen: set[int] = set()
