@@ -171,7 +171,7 @@ def main() -> None:
 
         import torch  # only now that the workers are done
 
-        from camlens.tiling import tile_boxes
+        from camlens.engine.tiling import tile_boxes
 
         maps = {name: torch.load(p) for name, p in paths.items()}
     untiled = maps["camlens"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import camlens
-from camlens.targets import split_outputs
+from camlens.core.targets import split_outputs
 
 
 class Net(nn.Module):
@@ -279,7 +279,7 @@ def test_evaluate_heads_for_plain_maps():
 
 
 def test_default_rule_on_positional_outputs():
-    from camlens.targets import class_heads
+    from camlens.core.targets import class_heads
 
     x = _x()
     heads = split_outputs(Net("tuple2").eval()(x))

@@ -10,7 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import camlens
-from camlens.cli import app
+from camlens.fronts.cli import app
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -27,6 +27,15 @@ def _on_cat(peak_yx, size_hw):
     return PolyPath(CAT_OUTLINE).contains_point(((x + 0.5) * sx, (y + 0.5) * sy))
 
 
+def test_the_old_import_path_is_the_same_cli():
+    """``camlens.cli`` (the path before the fronts/ layout) is the package ``camlens.fronts.cli`` itself."""
+    import camlens.cli
+    import camlens.fronts.cli
+    from camlens.cli import app as old_app
+
+    assert old_app is app and camlens.cli is camlens.fronts.cli
+
+
 def test_outline_is_a_real_test():
     assert _on_cat((112, 168), (224, 336))  # centre of the picture: the cat's face
     assert not _on_cat((10, 330), (224, 336))  # top-right corner: background
@@ -34,7 +43,7 @@ def test_outline_is_a_real_test():
 
 @pytest.mark.slow
 def test_demo_cat_top_class_and_peak_on_cat(tmp_path):
-    from camlens.demo import run_demo
+    from camlens.fronts.demo import run_demo
 
     summary = run_demo(tmp_path)
     cat = summary["images"][0]

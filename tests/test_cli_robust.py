@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import camlens
-from camlens.cli import app
+from camlens.fronts.cli import app
 
 SMALL_MODEL = '''
 import torch
@@ -212,7 +212,7 @@ def test_same_stems_and_non_ascii_names_get_their_own_files(tmp_path, small):
 
 
 def test_safe_name_keeps_non_ascii_names_apart():
-    from camlens.report import safe_name
+    from camlens.fronts.report import safe_name
 
     assert safe_name("猫") != safe_name("犬") and safe_name("猫") == safe_name("猫")
     assert safe_name("tiger cat") == "tiger_cat" and safe_name("") == "x"
@@ -449,7 +449,7 @@ def test_method_all_reports_progress_and_real_file_names(tmp_path, small):
 
 
 def test_box_labels_do_not_cover_each_other():
-    from camlens.localize import draw_boxes
+    from camlens.analysis.localize import draw_boxes
 
     img = np.zeros((80, 80, 3), np.uint8)
     red, green = (255, 0, 0), (0, 255, 0)

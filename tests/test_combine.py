@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import camlens
-from camlens.compare import pearson, top_fraction_mask
+from camlens.analysis.compare import pearson, top_fraction_mask
 
 
 class Linear2Head(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import camlens
-from camlens.errors import ConfigError
+from camlens.core.errors import ConfigError
 
 
 class Functional(nn.Module):

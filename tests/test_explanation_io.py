@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import camlens
-from camlens.explanation import FORMAT, FORMAT_VERSION, META_KEY, LoadedTarget
-from camlens.targets import ResolvedTarget, Target
+from camlens.core.explanation import FORMAT, FORMAT_VERSION, META_KEY, LoadedTarget
+from camlens.core.targets import ResolvedTarget, Target
 
 
 class Trunk(nn.Module):

@@ -301,8 +301,8 @@ def test_xp_clip_is_clamp_for_float_bounds_and_the_compat_rules_otherwise():
 
 
 def test_probabilities_are_computed_on_first_read_and_kept():
-    from camlens.explanation import Deferred
-    from camlens.targets import target_probabilities
+    from camlens.core.explanation import Deferred
+    from camlens.core.targets import target_probabilities
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

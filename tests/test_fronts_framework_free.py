@@ -25,12 +25,13 @@ from camlens import compare, localize, report
 from camlens.backends import base
 from camlens.backends.numpy import NumpyOps
 from camlens.backends.torch.ops import TorchOps
-from camlens.explanation import Explanation
-from camlens.targets import ResolvedTarget
+from camlens.core.explanation import Explanation
+from camlens.core.targets import ResolvedTarget
 
 SRC = Path(camlens.__file__).parent
 FRAMEWORKS = {"torch", "torchvision", "timm", "tensorflow", "keras", "jax"}
-FRONTS = ["explanation.py", "compare.py", "localize.py", "report.py", "stream.py", "demo.py", "cli.py"]
+FRONTS = ["core/explanation.py", "analysis/compare.py", "analysis/localize.py", "engine/stream.py",
+          *sorted(str(p.relative_to(SRC)) for p in (SRC / "fronts").rglob("*.py"))]
 
 
 def _imported_roots(path: Path) -> set[str]:
@@ -157,7 +158,7 @@ def test_top_mask_and_out_of_memory_in_both_backends():
         np.testing.assert_array_equal(TorchOps().top_mask(torch.from_numpy(x), k).numpy(), want)
     assert TorchOps().is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert not TorchOps().is_out_of_memory(RuntimeError("x")) and NumpyOps().is_out_of_memory(MemoryError())
-    from camlens.cli import _is_oom
+    from camlens.fronts.cli import _is_oom
 
     assert _is_oom(torch.OutOfMemoryError("boom")) and _is_oom(MemoryError()) and not _is_oom(RuntimeError("x"))
 
@@ -267,7 +268,7 @@ def test_method_grid_and_evaluation_files_from_numpy(tmp_path):
 
 
 def test_cli_shape_masks_take_any_arrays():
-    from camlens.cli import torch_stack_masks
+    from camlens.fronts.cli import torch_stack_masks
 
     m = {"shape": np.zeros((2, 4, 5), bool), "colour": np.ones((2, 4, 5), bool)}
     got = torch_stack_masks(types.SimpleNamespace(masks=m), 1)
@@ -313,7 +314,7 @@ def test_fronts_work_without_torch(tmp_path):
 import json
 import numpy as np
 import camlens.explanation, camlens.compare, camlens.localize, camlens.report, camlens.stream, camlens.demo
-from camlens.errors import ConfigError
+from camlens.core.errors import ConfigError
 got = camlens.explanation.load({str(path)!r})
 ag = camlens.compare.agreement(got)
 boxes = camlens.localize.boxes_from_maps(got.maps)

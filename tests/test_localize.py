@@ -10,9 +10,9 @@ from PIL import Image
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from camlens.cli import app
+from camlens.fronts.cli import app
 from camlens.viz import PALETTE
-from camlens.localize import (box_iou, boxes_all_components, boxes_from_maps, cutout, draw_boxes, masks_from_maps,
+from camlens.analysis.localize import (box_iou, boxes_all_components, boxes_from_maps, cutout, draw_boxes, masks_from_maps,
                               mask_iou)
 
 
@@ -245,11 +245,12 @@ def test_camlens_localize_is_the_module_after_import_camlens():
         import sys, types, torch
         import camlens
         assert "camlens.localize" not in sys.modules          # lazy: SciPy only when used
+        assert "camlens.analysis.localize" not in sys.modules
         L = camlens.localize
-        assert isinstance(L, types.ModuleType) and L.__name__ == "camlens.localize"
+        assert isinstance(L, types.ModuleType) and L.__name__ == "camlens.analysis.localize"
         import camlens.localize
         import camlens.localize as L2
-        from camlens.localize import boxes_from_maps
+        from camlens.analysis.localize import boxes_from_maps
         from camlens import localize as L3
         assert L is L2 is L3 is camlens.localize and boxes_from_maps is L.boxes_from_maps
         assert "localize" in camlens.__all__

@@ -64,7 +64,7 @@ def test_each_method_per_head_equals_single_head_model(method):
 def test_methods_are_listed_with_description_and_cost():
     from typer.testing import CliRunner
 
-    from camlens.cli import app
+    from camlens.fronts.cli import app
 
     res = CliRunner().invoke(app, ["methods"])
     assert res.exit_code == 0

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from camlens.cli import app
-from camlens.report import _mean_curve
+from camlens.fronts.cli import app
+from camlens.fronts.report import _mean_curve
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -39,8 +39,8 @@ sys.meta_path.insert(0, _NoFrameworks())
 # an expression, in the subprocess, for the framework modules it has imported
 LOADED = f"sorted(m for m in sys.modules if m.split('.')[0] in {BLOCKED!r})"
 
-# `camlens ARGS` as the console script runs it (pyproject: camlens = "camlens.cli:app")
-CLI = "import sys\nfrom camlens.cli import app\napp(sys.argv[1:], prog_name='camlens')\n"
+# `camlens ARGS` as the console script runs it (pyproject: camlens = "camlens.fronts.cli:app")
+CLI = "import sys\nfrom camlens.fronts.cli import app\napp(sys.argv[1:], prog_name='camlens')\n"
 
 
 def _python(code: str, *args: str, block: bool = True, cwd: Path = ROOT,
@@ -110,7 +110,7 @@ def test_cli_help_without_torch():
         "import json, sys\n"
         "import typer\n"
         "from typer.testing import CliRunner\n"
-        "from camlens.cli import app\n"
+        "from camlens.fronts.cli import app\n"
         "names = sorted(typer.main.get_command(app).commands)\n"
         "runs = {name: CliRunner().invoke(app, ([name] if name else []) + ['--help'], prog_name='camlens')\n"
         "        for name in [''] + names}\n"

@@ -70,7 +70,7 @@ def test_every_imported_third_party_module_is_declared():
             missing.append(f"{mod} (from {sorted(owners)}; imported in {sorted(set(files))[:3]})")
     assert not missing, "imported but not declared in pyproject.toml: " + "; ".join(missing)
     # the demo extra really is optional: the demo says which extra to install
-    assert "camlens[demo]" in (ROOT / "src" / "camlens" / "demo.py").read_text()
+    assert "camlens[demo]" in (ROOT / "src" / "camlens" / "fronts" / "demo.py").read_text()
 
 
 def test_the_core_has_no_framework_and_the_torch_extra_has_them_all():

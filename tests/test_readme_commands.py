@@ -7,7 +7,7 @@ the README therefore becomes a case by itself; a README command that crashes fai
 * ``make ...`` lines are the set-up itself (they create the venv this test runs in): they are not
   run, but ``test_readme_setup_lines`` checks they are there and name Makefile targets. Any other
   line in a bash block fails ``test_readme_bash_lines_are_known`` (so nothing is silently skipped).
-* CLI cases run in-process (``typer.testing.CliRunner`` on ``camlens.cli.app``) in a fresh folder
+* CLI cases run in-process (``typer.testing.CliRunner`` on ``camlens.fronts.cli.base``) in a fresh folder
   holding real photos under the names the README uses (``PHOTOS``) and the files it refers to that
   cannot exist elsewhere (``resnet50.pth``: a seeded random resnet50 state dict; ``my_model.py``:
   ``MY_MODEL``). Globs (``photos/*.jpg``) are expanded here, as a shell would.
@@ -42,7 +42,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from camlens.cli import app
+from camlens.fronts.cli import app
 
 skimage_data = pytest.importorskip("skimage.data")
 

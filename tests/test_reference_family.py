@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import camlens
 from camlens.methods.gradcam_family import first_component
-from camlens.postprocess import normalize
+from camlens.core.postprocess import normalize
 
 TOL = 1e-4
 PGC = {"gradcampp": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "hirescam": "HiResCAM", "layercam": "LayerCAM",

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import camlens
-from camlens.postprocess import normalize
+from camlens.core.postprocess import normalize
 
 TOL = 1e-4
 TOL64 = 1e-5  # float64 models: the remaining difference is camlens' float32 maths on their outputs

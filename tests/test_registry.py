@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import camlens
 from camlens import registry
-from camlens.errors import ConfigError
+from camlens.core.errors import ConfigError
 from camlens.methods import base as methods_base
 from camlens.metrics import base as metrics_base
 
@@ -77,7 +77,7 @@ def test_entry_point_plugins_register_and_a_broken_one_only_warns(plugin):
 
 
 def test_cli_lists_methods_and_metrics():
-    from camlens.cli import app
+    from camlens.fronts.cli import app
 
     res = CliRunner().invoke(app, ["metrics"], terminal_width=200)
     assert res.exit_code == 0, res.output

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import camlens
-from camlens.postprocess import normalize
+from camlens.core.postprocess import normalize
 
 
 def _x(seed=0, b=1, size=64):

@@ -219,7 +219,7 @@ def test_gradcam_boxes_match_object_boxes(held_out, gradcam_maps) -> None:
     0.75 / 0.81 (IoU > 0.5 in 97 % / 100 %); the CAM paper's 0.2 → 0.49 / 0.55 (the maps' tails
     reach past these small objects); 0.5 → 0.80 / 0.80.
     """
-    from camlens.localize import box_iou, boxes_from_maps
+    from camlens.analysis.localize import box_iou, boxes_from_maps
 
     gt = torch.stack([held_out.boxes["shape"], held_out.boxes["colour"]], 1)
     iou = box_iou(boxes_from_maps(gradcam_maps, threshold=0.4), gt)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import camlens
-from camlens.postprocess import normalize, process
+from camlens.core.postprocess import normalize, process
 
 
 def _x(b=2, size=64):

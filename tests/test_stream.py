@@ -9,7 +9,7 @@ from PIL import Image
 import camlens
 from camlens import api
 from camlens.datasets.shapes import make_shapes
-from camlens.errors import ConfigError, InputError, LayerNotFoundError
+from camlens.core.errors import ConfigError, InputError, LayerNotFoundError
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_explanation_image_slices_every_batched_field(shapes_model):
 def test_the_cli_runs_through_stream(shapes_model, pictures, tmp_path, monkeypatch, command, out):
     from typer.testing import CliRunner
 
-    from camlens.cli import app
+    from camlens.fronts.cli import app
 
     for i in range(2):
         Image.fromarray(pictures[i]).save(tmp_path / f"s{i}.png")

@@ -9,7 +9,7 @@ from torch import nn
 import camlens
 from camlens.methods import ActivationMethod
 from camlens.methods import base as methods_base
-from camlens.tiling import TileCanvas, tile_boxes, tile_size, tile_weights, weight_sum
+from camlens.engine.tiling import TileCanvas, tile_boxes, tile_size, tile_weights, weight_sum
 
 
 def _x(b=1, size=256, seed=4):

@@ -13,12 +13,15 @@ submodule on first use (PEP 562). Without the ``torch`` extra, a name that needs
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING
 
-from . import errors
-from .errors import CamlensError, MissingDependencyError
+from .core import errors
+from .core.errors import CamlensError, MissingDependencyError
 
 if TYPE_CHECKING:
     from typing import Any, Dict, List, Optional, Tuple
@@ -27,27 +30,69 @@ __version__ = "0.1.0"
 
 # public name -> (submodule, attribute of it; None: the submodule itself), imported on first access
 _LAZY: Dict[str, Tuple[str, Optional[str]]] = {
-    "explain": ("api", "explain"),
-    "stream": ("stream", "stream"),
-    "Failure": ("stream", "Failure"),
-    "load": ("explanation", "load"),
-    "Explanation": ("explanation", "Explanation"),
-    "evaluate": ("evaluate", "evaluate"),
-    "Scores": ("evaluate", "Scores"),
-    "agreement": ("compare", "agreement"),
-    "Agreement": ("compare", "Agreement"),
-    "Target": ("targets", "Target"),
+    "explain": ("engine.api", "explain"),
+    "stream": ("engine.stream", "stream"),
+    "Failure": ("engine.stream", "Failure"),
+    "load": ("core.explanation", "load"),
+    "Explanation": ("core.explanation", "Explanation"),
+    "evaluate": ("engine.evaluate", "evaluate"),
+    "Scores": ("engine.evaluate", "Scores"),
+    "agreement": ("analysis.compare", "agreement"),
+    "Agreement": ("analysis.compare", "Agreement"),
+    "Target": ("core.targets", "Target"),
     "available_methods": ("methods", "available_methods"),
     "methods": ("methods", None),
     "metrics": ("metrics", None),
-    "postprocess": ("postprocess", None),
+    "postprocess": ("core.postprocess", None),
     "models": ("models", None),  # timm / torchvision loaders
     "viz": ("viz", None),  # matplotlib
-    "localize": ("localize", None),  # SciPy, OpenCV: boxes_from_maps, masks_from_maps, box_iou, ..., cutout
+    "localize": ("analysis.localize", None),  # SciPy, OpenCV: boxes_from_maps, masks_from_maps, box_iou, ..., cutout
 }
 
-# functions named like the submodule they live in: camlens.evaluate is the function, not the module
-_SHADOWED = frozenset(name for name, (mod, attr) in _LAZY.items() if name == mod and attr is not None)
+# Modules that moved to the layered layout (core/, engine/, analysis/, fronts/, io/) keep their old
+# import paths: ``import camlens.targets`` gives the module ``camlens.core.targets`` itself (one
+# module object under two names, so attributes, monkeypatching and isinstance agree).
+_MOVED: Dict[str, str] = {
+    "camlens.errors": "camlens.core.errors",
+    "camlens.registry": "camlens.core.registry",
+    "camlens.targets": "camlens.core.targets",
+    "camlens.explanation": "camlens.core.explanation",
+    "camlens.postprocess": "camlens.core.postprocess",
+    "camlens.predictions": "camlens.core.predictions",
+    "camlens.api": "camlens.engine.api",
+    "camlens.stream": "camlens.engine.stream",
+    "camlens.tiling": "camlens.engine.tiling",
+    "camlens.evaluate": "camlens.engine.evaluate",
+    "camlens.compare": "camlens.analysis.compare",
+    "camlens.localize": "camlens.analysis.localize",
+    "camlens.report": "camlens.fronts.report",
+    "camlens.demo": "camlens.fronts.demo",
+    "camlens.cli": "camlens.fronts.cli",
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds the old name of a moved module (:data:`_MOVED`) and returns the new module itself."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in _MOVED:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: Any) -> types.ModuleType:
+        module = importlib.import_module(_MOVED[spec.name])
+        spec.loader_state = module.__spec__  # the import system overwrites __spec__: put it back
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        if isinstance(module.__spec__.loader_state, importlib.machinery.ModuleSpec):
+            module.__spec__ = module.__spec__.loader_state
+
+
+sys.meta_path.insert(0, _MovedModules())
+
+# functions named like a module's old path: camlens.evaluate is the function, not the module
+_SHADOWED = frozenset(name for name, (mod, attr) in _LAZY.items() if f"camlens.{name}" in _MOVED and attr is not None)
 
 # top-level module of a third-party package -> the camlens extra that installs it
 _EXTRAS: Dict[str, str] = {"torch": "torch", "torchvision": "torch", "timm": "torch",
@@ -69,6 +114,8 @@ def _missing_dependency(err: ImportError, feature: str) -> Optional[MissingDepen
 
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
+        if f"{__name__}.{name}" in _MOVED:  # an old module path, e.g. camlens.targets
+            return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module 'camlens' has no attribute {name!r}")
     mod, attr = _LAZY[name]
     try:
@@ -91,12 +138,12 @@ def __dir__() -> List[str]:
 
 class _Package(types.ModuleType):
     """camlens' module type: the import system binds each loaded submodule on its package
-    (``camlens.evaluate = <module camlens.evaluate>``); for :data:`_SHADOWED` names that would
-    replace the function, so that binding is skipped (the submodule stays in ``sys.modules``)."""
+    (``import camlens.evaluate`` would set ``camlens.evaluate = <module>``); for :data:`_SHADOWED`
+    names that would replace the function, so that binding is skipped (the module stays in
+    ``sys.modules``)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if (name in _SHADOWED and isinstance(value, types.ModuleType)
-                and value.__name__ == f"{__name__}.{name}"):
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
             return
         super().__setattr__(name, value)
 

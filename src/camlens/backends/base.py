@@ -31,7 +31,7 @@ from typing import Any, Optional, Protocol, runtime_checkable
 import array_api_compat  # (imports no array library itself)
 import numpy as np
 
-from ..errors import ConfigTypeError, MissingDependencyError
+from ..core.errors import ConfigTypeError, MissingDependencyError
 
 __all__ = ["PRECISION_NAMES", "Backend", "Ops", "namespace", "ops_for", "to_float32", "bilinear_matrix", "extreme_rows", "get_backend", "register_backend", "available_backends", "layout_problem",
            "looks_channels_last", "grid_fits"]

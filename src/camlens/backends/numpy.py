@@ -149,7 +149,7 @@ class NumpyOps:
         it was widened to (bfloat16 as float32, the same values); NumPy arrays have no device, so
         ``device`` must be ``None`` or the CPU."""
         if device is not None and str(device) != "cpu":
-            from ..errors import ConfigError
+            from ..core.errors import ConfigError
 
             raise ConfigError(f"NumPy arrays live in host memory: cannot place them on device {str(device)!r} "
                               "(leave device unset, or install the framework the arrays were saved from)")

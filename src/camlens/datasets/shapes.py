@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 from ..backends.base import default_array
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 __all__ = ["SHAPE_CLASSES", "COLOUR_CLASSES", "HEADS", "GAP", "ShapesBatch", "make_shapes", "ShapesDataset"]
 

@@ -42,7 +42,7 @@ from typing import Optional
 import array_api_compat
 
 from ..backends.base import namespace, ops_for
-from ..registry import Option, fraction, number, optional, positive_int
+from ..core.registry import Option, fraction, number, optional, positive_int
 from .base import Method, MethodContext, MethodOutput, Tensor, register
 
 __all__ = ["AblationCam", "ABLATIONCAM", "ablation_value", "channels_to_ablate", "ablationcam_image"]

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from ..backends.base import layout_problem
-from ..errors import LayerError
+from ..core.errors import LayerError
 
 Tensor = Any  # an array of the model's backend (a torch.Tensor for PyTorch models)
-from ..registry import Registry, check_options, defaults
+from ..core.registry import Registry, check_options, defaults
 
 __all__ = ["Method", "GradientMethod", "ActivationMethod", "MethodContext", "MethodOutput", "register", "get_method",
            "available_methods"]

@@ -35,10 +35,10 @@ from typing import Any, Optional
 import array_api_compat
 
 from ..backends.base import namespace, ops_for
-from ..registry import Option, positive_number
+from ..core.errors import ConfigError
+from ..core.registry import Option, positive_number
 from .base import Method, MethodContext, MethodOutput, Tensor, register
 from .gradcam import weighted_sum
-from ..errors import ConfigError
 
 __all__ = ["RandomCAM", "CenterPrior", "random_weights", "center_map", "RANDOM", "CENTER"]
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backends.base import namespace
-from ..errors import ConfigError, TargetError
+from ..core.errors import ConfigError, TargetError
 from .base import Method, MethodContext, MethodOutput, Tensor, register
 
 

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backends.base import namespace, ops_for
-from ..registry import Option, fraction, one_of
+from ..core.errors import ConfigError
+from ..core.registry import Option, fraction, one_of
 from .base import Method, MethodContext, MethodOutput, Tensor, register
 from .gradcam import gradcam
-from ..errors import ConfigError
 
 __all__ = ["guided_gradients", "channel_saliency", "upsample_cam", "GuidedBackprop", "GuidedGradCam",
            "GUIDED_BACKPROP", "GUIDED_GRADCAM"]

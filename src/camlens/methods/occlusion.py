@@ -33,9 +33,9 @@ from typing import Any, Optional, Union
 import array_api_compat
 
 from ..backends.base import namespace, ops_for
-from ..registry import Option, int_or_pair, optional, positive_int, positive_number
+from ..core.errors import ConfigError, ConfigTypeError
+from ..core.registry import Option, int_or_pair, optional, positive_int, positive_number
 from .base import Method, MethodContext, MethodOutput, Tensor, register
-from ..errors import ConfigError, ConfigTypeError
 
 __all__ = ["window_starts", "coverage", "occlusion_fill", "occlusion_maps", "Occlusion", "OCCLUSION"]
 
@@ -84,7 +84,7 @@ def occlusion_fill(x: Tensor, baseline: Any, blur_sigma: float, ops: Any = None)
     normalisation), a tensor broadcastable to ``(C, H, W)`` or ``(B, C, H, W)`` (an array of another
     library is copied over through NumPy by ``ops.asarray``), or ``"blur"``: the image blurred with a
     Gaussian of std ``blur_sigma`` pixels (kernel ``2 * ceil(3 sigma) + 1``, capped by the image
-    size, reflect padding; :func:`camlens.metrics.faithfulness.gaussian_blur`). ``ops``: the
+    size, reflect padding; :func:`camlens.core.postprocess.gaussian_blur`). ``ops``: the
     backend's Ops (default: those of ``x``).
     """
     xp = namespace(x)
@@ -94,7 +94,7 @@ def occlusion_fill(x: Tensor, baseline: Any, blur_sigma: float, ops: Any = None)
             raise ConfigError(f"occlusion baseline must be a number, a tensor or 'blur', got {baseline!r}")
         if not blur_sigma > 0:
             raise ConfigError(f"occlusion blur_sigma must be > 0, got {blur_sigma!r}")
-        from ..metrics.faithfulness import gaussian_blur
+        from ..core.postprocess import gaussian_blur
 
         H, W = x.shape[-2:]
         kh = min(2 * math.ceil(3 * blur_sigma) + 1, 2 * H - 1)  # odd; reflect padding needs k // 2 < side

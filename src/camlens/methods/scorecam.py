@@ -37,7 +37,7 @@ from typing import Any, Optional
 import array_api_compat
 
 from ..backends.base import namespace, ops_for
-from ..registry import Option, optional, positive_int
+from ..core.registry import Option, optional, positive_int
 from .base import Method, MethodContext, MethodOutput, Tensor, register
 
 __all__ = ["ScoreCam", "SCORECAM", "channel_masks", "scorecam_image"]

@@ -22,8 +22,8 @@ import array_api_compat
 import numpy as np
 
 from ..backends.base import Backend, get_backend, namespace, ops_for
-from ..registry import Registry
-from ..registry import defaults as option_defaults
+from ..core.registry import Registry
+from ..core.registry import defaults as option_defaults
 
 __all__ = ["Metric", "MetricResult", "EvalContext", "register_metric", "get_metric", "available_metrics", "auc",
            "order_pixels", "mean_sem", "as_array_like"]

@@ -21,11 +21,11 @@ from typing import Any, Optional, Union
 
 import array_api_compat
 
-from ..backends.base import namespace, ops_for
-from ..postprocess import normalize
-from ..registry import Option, number, positive_int, positive_number
+from ..backends.base import namespace
+from ..core.errors import ConfigError, ConfigTypeError
+from ..core.postprocess import gaussian_blur, normalize
+from ..core.registry import Option, number, positive_int, positive_number
 from .base import EvalContext, Metric, MetricResult, Tensor, as_array_like, auc, order_pixels, register_metric
-from ..errors import ConfigError, ConfigTypeError
 
 __all__ = ["CausalMetric", "ConfidenceChange", "Sparseness", "gaussian_blur", "gini", "causal_curves",
            "mult_image_probs"]
@@ -34,37 +34,6 @@ Substrate = Union[float, int, str, Tensor]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def gaussian_blur(x: Tensor, kernel_size: Union[int, tuple[int, int]] = 11, sigma: float = 5.0) -> Tensor:
-    """Gaussian blur of ``(B, C, H, W)`` images, per channel; the same numbers as
-    ``torchvision.transforms.functional.gaussian_blur(x, [k, k], [sigma, sigma])``.
-
-    ``kernel_size``: ``k``, or ``(k_w, k_h)`` (torchvision's order: width first) for a different
-    kernel along each axis. Kernel ``g_i ∝ exp(-i^2 / (2 sigma^2))`` for ``i = -(k-1)/2 .. (k-1)/2``,
-    normalised to sum 1, applied separably with reflect padding (replicate padding for images smaller
-    than ``k // 2 + 1``, where reflection is undefined). RISE's original code used a zero-padded 2-D
-    convolution with a kernel from ``scipy.ndimage.gaussian_filter``; the two differ only near the border.
-    """
-    kw, kh = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-    for k in (kw, kh):
-        if k % 2 != 1 or k < 1:
-            raise ConfigError(f"kernel_size must be a positive odd integer, got {k}")
-    xp = namespace(x)
-    H, W = x.shape[-2:]
-    dtype = x.dtype if xp.isdtype(x.dtype, "real floating") else xp.float32
-    dev = array_api_compat.device(x)
-
-    def kernel(k: int) -> Tensor:
-        half = (k - 1) * 0.5
-        grid = xp.linspace(-half, half, k, dtype=xp.float32, device=dev)
-        k1 = xp.exp(-0.5 * (grid / sigma) ** 2)
-        return xp.astype(k1 / xp.sum(k1), dtype)
-
-    pw, ph = kw // 2, kh // 2
-    mode = "reflect" if pw < W and ph < H else "replicate"
-    y = ops_for(x).separable_filter(xp.astype(x, dtype, copy=False), kernel(kw), kernel(kh), mode)
-    return xp.astype(y, x.dtype, copy=False)
 
 
 def _substrate(x: Tensor, spec: Substrate, kernel: int, sigma: float) -> Tensor:

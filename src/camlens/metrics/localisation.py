@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import array_api_compat
 
 from ..backends.base import namespace
-from ..registry import Option, number
+from ..core.errors import ConfigError
+from ..core.registry import Option, number
 from .base import EvalContext, Metric, MetricResult, Tensor, as_array_like, order_pixels, register_metric
-from ..errors import ConfigError
 
 __all__ = ["boxes_to_masks", "ground_truth", "pointing_game", "relevance_mass", "relevance_rank", "PointingGame",
            "RelevanceMass", "RelevanceRank"]

@@ -55,9 +55,9 @@ import array_api_compat
 import numpy as np
 
 from ..backends.base import namespace, ops_for
-from ..registry import Option, number, one_of, positive_number
+from ..core.errors import ConfigError, InputError
+from ..core.registry import Option, number, one_of, positive_number
 from .base import EvalContext, Metric, MetricResult, Tensor, order_pixels, register_metric
-from ..errors import ConfigError, InputError
 
 __all__ = ["NEIGHBOURS", "imputation_system", "impute_spsolve", "impute_cg", "noisy_linear_impute", "removal_masks",
            "road_curves", "ROAD", "ROAD_MORF", "ROAD_LERF", "ROAD_COMBINED"]

@@ -45,9 +45,9 @@ from typing import Any, Optional
 import numpy as np
 
 from ..backends.base import namespace, ops_for
-from ..registry import Option, optional, positive_int
+from ..core.errors import ConfigError
+from ..core.registry import Option, optional, positive_int
 from .base import EvalContext, Metric, MetricResult, Tensor, as_array_like, register_metric
-from ..errors import ConfigError
 
 __all__ = ["average_ranks", "spearman", "randomisation_steps", "MPRT", "MPRT_METRIC"]
 

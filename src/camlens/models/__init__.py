@@ -7,7 +7,7 @@
 >>> rgb = lm.to_display(x)                  # uint8 (1, 224, W, 3) for overlays
 """
 
-from ..io import load_image
+from ..io.images import load_image
 from .loading import (
     DEFAULT_MODEL,
     LoadedModel,

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..backends.torch import model_device, probe_layers
+from ..core.errors import ConfigError, ConfigTypeError, LayerError, MissingDependencyError, MissingFileError, ModelRuntimeError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PIL_INTERPOLATION, Preprocess, to_display
-from ..errors import ConfigError, ConfigTypeError, LayerError, MissingDependencyError, MissingFileError, ModelRuntimeError
 
 __all__ = [
     "DEFAULT_MODEL",

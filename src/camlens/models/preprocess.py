@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..io import array_to_pil, load_image
-from ..errors import ConfigError, InputError, InputTypeError
+from ..core.errors import ConfigError, InputError, InputTypeError
+from ..io.images import array_to_pil, load_image
 
 __all__ = ["Preprocess", "to_display", "IMAGENET_MEAN", "IMAGENET_STD", "PIL_INTERPOLATION"]
 

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.errors import InputError, MissingFileError
 from ..datasets.shapes import COLOUR_CLASSES, SHAPE_CLASSES
 from .preprocess import Preprocess
-from ..errors import InputError, MissingFileError
 
 if TYPE_CHECKING:  # loading imports this module lazily; avoid a cycle at import time
     from .loading import LoadedModel

@@ -25,9 +25,9 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from ..core.errors import ConfigError, InputError
 from .grid import display_from_inputs, target_label
 from .overlay import ArrayLike, as_rgb_float, resize_bilinear, to_numpy
-from ..errors import ConfigError, InputError
 
 __all__ = ["PALETTE", "composite", "composite_figure", "explanation_composite"]
 

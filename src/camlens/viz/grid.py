@@ -19,8 +19,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
+from ..core.errors import ConfigError, InputError
 from .overlay import ArrayLike, CmapLike, get_cmap, overlay, to_numpy
-from ..errors import ConfigError, InputError
 
 __all__ = ["grid", "save_png", "explanation_grid"]
 

@@ -37,8 +37,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError, InputError
-from ..predictions import head_predictions
+from ..core.errors import ConfigError, InputError
+from ..core.predictions import head_predictions
 from .composite import palette_colors
 from .grid import display_from_inputs, target_label
 from .overlay import as_rgb_float, get_cmap, resize_bilinear, to_numpy
@@ -399,7 +399,7 @@ def write_report(
     """
     if hasattr(explanations, "maps") or isinstance(explanations, (str, PathLike)):
         explanations = [explanations]
-    from ..explanation import load as load_explanation  # a path: an explanation saved by exp.save
+    from ..core.explanation import load as load_explanation  # a path: an explanation saved by exp.save
 
     exps = [load_explanation(e) if isinstance(e, (str, PathLike)) else e for e in explanations]
     if images is not None and len(images) != len(exps):

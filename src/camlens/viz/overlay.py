@@ -12,8 +12,8 @@ import matplotlib
 import numpy as np
 from matplotlib.colors import Colormap
 
-from ..errors import ConfigError, ConfigTypeError, InputError
-from ..predictions import to_numpy
+from ..core.errors import ConfigError, ConfigTypeError, InputError
+from ..core.predictions import to_numpy
 
 # Anything numpy can take, or a torch.Tensor (duck-typed through ``.detach``).
 ArrayLike = Any

@@ -16,6 +16,8 @@ The only module of camlens that knows PyTorch's module/hook machinery. Guarantee
 
 from __future__ import annotations
 
+from ..base import layout_problem, looks_channels_last
+from .backend import BACKEND, TorchBackend
 from .capture import Capture, capture, check_calls, check_layer_outputs
 from .gradients import layer_gradients
 from .guided import GuidedReLU
@@ -24,8 +26,6 @@ from .ops import TorchOps
 from .probing import LayerProbe, LayerRecord, guess_layer, probe, probe_layers
 from .runner import Runner
 from .state import LayerSpec, first_tensor, model_state, resolve_layers
-from ..base import layout_problem, looks_channels_last
-from .backend import BACKEND, TorchBackend
 
 __all__ = ["LayerSpec", "resolve_layers", "model_state", "capture", "Capture", "layer_gradients",
            "guess_layer", "probe", "model_device", "GuidedReLU", "Runner", "PRECISIONS", "autocast",

@@ -10,12 +10,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ...errors import LayerError, ModelError
+from ...core.errors import LayerError, ModelError
+from . import xp
 from .capture import capture, check_calls, check_layer_outputs
 from .gradients import layer_gradients
 from .inputs import call_context, check_input_tensor, check_model_tensors, images_from_uint8, to_model_input
 from .layout import Layout
-from . import xp
 from .ops import TorchOps
 from .probing import guess_layer
 from .runner import Runner

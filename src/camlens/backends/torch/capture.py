@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ...errors import LayerError, LayerRuntimeError, LayerTypeError
+from ...core.errors import LayerError, LayerRuntimeError, LayerTypeError
 from ..base import grid_fits, layout_problem
 from .probing import _is_attention, _strict_ancestors, probe_layers
 from .state import first_tensor

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ...errors import LayerRuntimeError
+from ...core.errors import LayerRuntimeError
 
 def _is_vmap_error(err: BaseException) -> bool:
     """An error from vmap's batching of the backward (an op without a batching rule)."""

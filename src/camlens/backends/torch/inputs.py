@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...errors import InputTypeError, ModelRuntimeError
+from ...core.errors import InputTypeError, ModelRuntimeError
 from .layout import model_device
 from .state import first_parameter
 

@@ -11,8 +11,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ...core.errors import ConfigError
 from ..base import PRECISION_NAMES
-from ...errors import ConfigError
 
 def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter or buffer (CPU for a stateless model)."""

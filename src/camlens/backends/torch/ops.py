@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...errors import ConfigKeyError, InputTypeError
+from ...core.errors import ConfigKeyError, InputTypeError
 from ..base import bilinear_matrix
 
 __all__ = ["TorchOps", "resize_pair"]

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ...errors import LayerError
+from ...core.errors import LayerError
 from ..base import layout_problem, looks_channels_last
 from .state import first_tensor, model_state
 

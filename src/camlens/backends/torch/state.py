@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ...errors import ConfigTypeError, LayerError, LayerNotFoundError
+from ...core.errors import ConfigTypeError, LayerError, LayerNotFoundError
 
 LayerSpec = Union[str, nn.Module]
 

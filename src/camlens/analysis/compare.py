@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any, Optional
 
-from .backends.base import namespace, ops_for, to_float32
-from .explanation import Explanation
-from .postprocess import upsample
-from .errors import ConfigError
+from ..backends.base import namespace, ops_for, to_float32
+from ..core.errors import ConfigError
+from ..core.explanation import Explanation
+from ..core.postprocess import upsample
 
 Tensor = Any  # an array: a torch tensor, a NumPy array, ...
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Union
 import array_api_compat
 import numpy as np
 
-from .backends.base import namespace, ops_for, to_float32
+from ..backends.base import namespace, ops_for, to_float32
 from .errors import ModelError, ModelTypeError, TargetError, TargetIndexError, TargetKeyError, TargetTypeError
 from .predictions import class_name, head_categories
 

@@ -24,13 +24,15 @@ from typing import Any, Optional, Union
 import array_api_compat
 import numpy as np
 
-from .backends.base import get_backend, namespace, ops_for, to_float32
-from .engine import aug_smoothed, finish, noise_smoothed, run_pass
-from .errors import ConfigError
-from .explanation import Explanation
-from .methods import Method, MethodOutput
-from .postprocess import upsample
-from .targets import (Categories, ResolvedTarget, combine_targets, resolve_targets, split_outputs,
+from ..backends.base import get_backend, namespace, ops_for, to_float32
+from ..core.errors import ConfigError
+from ..core.explanation import Explanation
+from ..core.postprocess import upsample
+from ..methods import Method, MethodOutput
+from .finish import finish
+from .passes import run_pass
+from .wrappers import aug_smoothed, noise_smoothed
+from ..core.targets import (Categories, ResolvedTarget, combine_targets, resolve_targets, split_outputs,
                       target_probabilities)
 
 __all__ = ["tile_size", "tile_boxes", "tile_weights", "weight_sum", "TileCanvas", "check_tiling", "explain_tiled"]

@@ -42,7 +42,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .backends.base import available_backends, ops_for, ops_named, to_float32
+from ..backends.base import available_backends, ops_for, ops_named, to_float32
 from .errors import ConfigError, InputError, InputFileNotFoundError, InputTypeError, TargetError
 from .targets import ResolvedTarget, is_array
 
@@ -316,7 +316,7 @@ def _encode(exp: "Explanation") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         options[str(k)], ok = _json_value(v)
         if not ok:
             unsaved.append(str(k))
-    from . import __version__
+    from .. import __version__
 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "camlens_version": __version__,
             "method": exp.method, "layers": [str(n) for n in exp.layers], "options": options,
@@ -462,6 +462,6 @@ def load(path: Union[str, os.PathLike], device: Any = None) -> "Explanation":
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .backends.base import namespace, ops_for, to_float32
-from .errors import MissingDependencyError
+from ..backends.base import namespace, ops_for, to_float32
+from ..core.errors import MissingDependencyError
 
 __all__ = ["DEMO_IMAGES", "run_demo"]
 
@@ -32,7 +32,7 @@ def run_demo(out_dir: Path, *, model: str = "efficientnet-lite0", top_k: int = 3
     Returns the summary (also written as JSON), including each image's top class and map peak.
     """
     import camlens
-    from camlens.report import write_explanation
+    from camlens.fronts.report import write_explanation
     from camlens.viz import explanation_grid, save_png
 
     out_dir = Path(out_dir)

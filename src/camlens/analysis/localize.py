@@ -28,9 +28,9 @@ from typing import Any, Optional
 import numpy as np
 from scipy import ndimage
 
-from .backends.base import default_array, namespace, ops_for, to_float32
-from .errors import ConfigError, InputError
-from .targets import is_array
+from ..backends.base import default_array, namespace, ops_for, to_float32
+from ..core.errors import ConfigError, InputError
+from ..core.targets import is_array
 
 Tensor = Any  # an array: a torch tensor, a NumPy array, ...
 
@@ -324,7 +324,7 @@ def draw_boxes(image: Any, boxes: Any, labels: Optional[list[str]] = None,
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    from .viz import PALETTE
+    from ..viz import PALETTE
 
     arr = np.asarray(_host(image))
     if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:

@@ -6,14 +6,15 @@ import functools
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
-from .backends.base import get_backend
-from .engine import (aug_smoothed, finish, finish_maps, match_dtype, noise_smoothed,
-                     outside_inference_mode, prepare, run_pass)
-from .errors import ConfigError
-from .explanation import Deferred, Explanation
-from .methods import Method, get_method
-from .targets import Categories, target_probabilities
+from ..backends.base import get_backend
+from ..core.errors import ConfigError
+from ..core.explanation import Deferred, Explanation
+from ..core.targets import Categories, target_probabilities
+from ..methods import Method, get_method
+from .finish import finish, finish_maps
+from .passes import match_dtype, outside_inference_mode, prepare, run_pass
 from .tiling import check_tiling, explain_tiled
+from .wrappers import aug_smoothed, noise_smoothed
 
 __all__ = ["explain"]
 
@@ -21,7 +22,7 @@ __all__ = ["explain"]
 def _check_differentiable(meth: Method, tile: Any, aug_smooth: bool, noise_smooth: int) -> None:
     """``differentiable=True`` needs a method whose maths is differentiable, and no wrappers yet."""
     if not meth.differentiable:
-        from .methods import available_methods
+        from ..methods import available_methods
 
         ok = [n for n, m in available_methods().items() if m.differentiable]
         raise ConfigError(f"method {meth.name!r} cannot return differentiable maps (its maps come from "

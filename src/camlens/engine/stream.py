@@ -22,11 +22,11 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from .backends.base import namespace, ops_for
-from .errors import CamlensError, ConfigError, InputError, NonFiniteScoresError
-from .engine import is_loaded
-from .explanation import Explanation
-from .targets import is_array
+from ..backends.base import namespace, ops_for
+from ..core.errors import CamlensError, ConfigError, InputError, NonFiniteScoresError
+from ..core.explanation import Explanation
+from ..core.targets import is_array
+from .passes import is_loaded
 
 __all__ = ["stream", "Failure"]
 
@@ -82,7 +82,7 @@ def stream(model: Any, inputs: Iterable[Any], targets: Any = None, *, batch_size
     ``(index, b)``). Results are views of the batch's tensors (``Explanation.image``).
     """
     from . import api
-    from .io import DEFAULT_MAX_PIXELS, load_image
+    from ..io.images import DEFAULT_MAX_PIXELS, load_image
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")

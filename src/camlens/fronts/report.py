@@ -14,10 +14,9 @@ from typing import Any, Optional
 import array_api_compat  # (imports no array library itself)
 import numpy as np
 
-from .backends.base import namespace, ops_for, to_float32
-from .compare import agreement
-from .explanation import Explanation
-from .predictions import head_predictions
+from ..backends.base import namespace, ops_for, to_float32
+from ..core.explanation import Explanation
+from ..core.predictions import head_predictions
 
 __all__ = ["map_stats", "predictions", "write_explanation", "write_method_grid", "write_evaluation", "safe_name"]
 
@@ -78,14 +77,14 @@ def write_explanation(exp: Explanation, out_dir: Path, stem: str, *, cmap: str =
     Returns one summary dict per image (paths relative to ``out_dir``); ``"files"`` lists every
     file written for that image.
     """
-    from .compare import agreement_summary
-    from .viz import explanation_grid, overlay, save_png
+    from ..analysis.compare import agreement_summary
+    from ..viz import explanation_grid, overlay, save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     arr = exp.numpy()
     display = images if images is not None else exp.display
     if display is None:
-        from .viz.grid import display_from_inputs
+        from ..viz.grid import display_from_inputs
 
         display = display_from_inputs(exp.inputs)
     B, T = arr["maps"].shape[:2]
@@ -147,12 +146,12 @@ def write_method_grid(exps: dict[str, Explanation], out_dir: Path, stem: str, *,
                       alpha: float = 0.5) -> str:
     """One grid for the first image of several explanations of the same targets: a row per target,
     a column per method. Returns the file name (in ``out_dir``)."""
-    from .viz import grid, save_png
+    from ..viz import grid, save_png
 
     first = next(iter(exps.values()))
     display = first.display if first.display is not None else None
     if display is None:
-        from .viz.grid import display_from_inputs
+        from ..viz.grid import display_from_inputs
 
         display = display_from_inputs(first.inputs)
     T = first.maps.shape[1]
@@ -233,7 +232,7 @@ def write_evaluation(values: dict, curves: dict, metrics: dict, out_dir: Path) -
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .metrics import mean_sem
+    from ..metrics import mean_sem
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

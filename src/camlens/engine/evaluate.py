@@ -6,14 +6,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
+from ..backends.base import get_backend, namespace, ops_for, to_float32
+from ..core.errors import ConfigError, InputError, TargetError
+from ..core.explanation import Explanation
+from ..core.registry import check_options
+from ..core.targets import ResolvedTarget, resolve_targets, split_outputs
+from ..metrics import EvalContext, Metric, get_metric, mean_sem
 from .api import explain
-from .backends.base import get_backend, namespace, ops_for, to_float32
-from .engine import match_dtype, outside_inference_mode, prepare
-from .errors import ConfigError, InputError, TargetError
-from .explanation import Explanation
-from .metrics import EvalContext, Metric, get_metric, mean_sem
-from .registry import check_options
-from .targets import ResolvedTarget, resolve_targets, split_outputs
+from .passes import match_dtype, outside_inference_mode, prepare
 
 __all__ = ["evaluate", "Scores", "DEFAULT_METRICS"]
 

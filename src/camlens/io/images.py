@@ -11,7 +11,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ConfigError, InputError, InputFileNotFoundError, InputTypeError
+from ..core.errors import ConfigError, InputError, InputFileNotFoundError, InputTypeError
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 

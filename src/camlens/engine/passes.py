@@ -1,8 +1,8 @@
-"""The engine: one pass (capture → targets → scores → gradients → method), one finish
-(post-processing), and the wrappers around a pass (noise smoothing, test-time augmentation; tiling
-lives in :mod:`camlens.tiling`). The public calls (:func:`camlens.explain`, :func:`camlens.stream`,
-:func:`camlens.evaluate`) are built from these; nothing here knows a method by name — a method
-declares what it needs (``needs_grads``, ``needs_layer``, ``differentiable``) and gets exactly that.
+"""One engine pass: capture → targets → scores → gradients → method (:func:`run_pass`), and what a
+call does before it (:func:`prepare`, :func:`match_dtype`). Post-processing is :mod:`.finish`, the
+wrappers around a pass (noise smoothing, test-time augmentation) :mod:`.wrappers`, tiling
+:mod:`.tiling`. Nothing here knows a method by name — a method declares what it needs
+(``needs_grads``, ``needs_layer``, ``needs_linear_head``, ``differentiable``) and gets exactly that.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 
-from .backends.base import Backend, get_backend, namespace, ops_for
-from .errors import CamlensError, InputError, NonFiniteScoresError, TargetError
-from .methods import Method, MethodContext, MethodOutput
-from .postprocess import as_float, clip_quantile, normalize, process, to_float32
-from .targets import Categories, ResolvedTarget, combine_targets, is_array, resolve_targets, split_outputs
+from ..backends.base import Backend, get_backend, namespace, ops_for
+from ..core.errors import CamlensError, InputError, NonFiniteScoresError, TargetError
+from ..core.postprocess import as_float, to_float32
+from ..core.targets import Categories, ResolvedTarget, combine_targets, is_array, resolve_targets, split_outputs
+from ..methods import Method, MethodContext, MethodOutput
 
 Tensor = Any  # an array of the model's backend
 
 __all__ = ["is_loaded", "unwrap_model", "prepare", "outside_inference_mode", "match_dtype", "check_scores",
-           "target_scores", "Pass", "run_pass", "finish", "finish_maps", "noise_smoothed", "aug_smoothed"]
+           "class_scores", "target_scores", "Pass", "run_pass"]
 
 
 def is_loaded(model: Any) -> bool:
@@ -242,82 +242,3 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
             raise RuntimeError(f"method {meth.name!r} returned maps {tuple(m.shape)} for {key!r}, but the input "
                                f"has a batch of {x.shape[0]}: its leading dimension must be the batch")
     return Pass(result, scores, rows, heads, components)
-
-
-def finish(result: MethodOutput, size: Optional[tuple[int, int]], relu: bool, fuse: str) -> Tensor:
-    """Method output -> maps ``(B, T, H, W)`` in [0, 1], without a graph."""
-    parts = [t for t in (*(result.raws or {}).values(), result.saliency) if t is not None]
-    ops = ops_for(parts[0])
-    if not any(ops.has_graph(t) for t in parts):  # nothing to record: skip the grad-mode switch
-        return finish_maps(result, size, relu, fuse)
-    return finish_maps(result.__class__(raws={k: ops.detach(v) for k, v in result.raws.items()} if result.raws else None,
-                                        saliency=None if result.saliency is None else ops.detach(result.saliency),
-                                        pixel=result.pixel, clip=result.clip), size, relu, fuse)
-
-
-def finish_maps(result: MethodOutput, size: Optional[tuple[int, int]], relu: bool, fuse: str) -> Tensor:
-    """:func:`finish` in the caller's grad mode (differentiable maps keep their graph)."""
-    if result.raws:
-        return process(list(result.raws.values()), size, use_relu=relu, fuse_how=fuse)  # type: ignore[arg-type]
-    sal = to_float32(result.saliency)
-    return normalize(clip_quantile(namespace(sal).clip(sal, min=0) if relu else sal, result.clip))
-
-
-def noise_smoothed(net: Any, x: Tensor, p: Pass, layers: list, meth: Method, opts: dict, n: int,
-                    sigma: float, seed: int, layout: Optional[Any] = None, span: Optional[Tensor] = None,
-                    gen: Optional[Any] = None) -> MethodOutput:
-    """SmoothGrad-style: the method's raw output averaged over ``n`` noisy copies of each image.
-
-    Noise ``N(0, (sigma * (max x_b - min x_b))^2)`` per image; the n*B copies run as one batch
-    (one forward, one batched backward) with the targets resolved on the clean images. Tiling gives
-    each tile its whole image's ``span`` ``(B, 1, 1, 1)`` and one generator ``gen`` for all tiles.
-    """
-    B = x.shape[0]
-    xp, ops = namespace(x), ops_for(x)
-    gen = gen if gen is not None else ops.generator(seed, x)
-    if span is None:
-        flat = xp.reshape(x, (B, -1))
-        span = xp.reshape(xp.max(flat, axis=1) - xp.min(flat, axis=1), (B, 1, 1, 1))
-    noisy = xp.tile(x, (n, 1, 1, 1))  # copy i of image b at index i * B + b
-    noisy = noisy + ops.random(noisy.shape, gen, x, normal=True) * xp.tile(sigma * span, (n, 1, 1, 1))
-    q = run_pass(net, noisy, p.rows * n, layers, meth, opts, None, None, layout=layout).result
-
-    def avg(t: Optional[Tensor]) -> Optional[Tensor]:
-        return None if t is None else xp.mean(xp.reshape(t, (n, B, *t.shape[1:])), axis=0)
-
-    return MethodOutput(raws={k: avg(v) for k, v in q.raws.items()} if q.raws else None,  # type: ignore[misc]
-                        saliency=avg(q.saliency), pixel=avg(q.pixel), clip=q.clip)
-
-
-AUG_SCALES = (1.0, 1.1, 0.9)
-
-
-def aug_smoothed(net: Any, x: Tensor, p: Pass, layers: list, meth: Method, opts: dict, maps: Tensor,
-                  size: Optional[tuple[int, int]], relu: bool, fuse: str, layout: Optional[Any] = None,
-                  maps_of: Optional[Any] = None) -> Tensor:
-    """Test-time augmentation: maps of horizontally flipped and rescaled (x1.1, x0.9) inputs, each
-    mapped back in place (resized back, flipped back), averaged with the plain maps and min-maxed.
-
-    ``maps_of(xa) -> (B, T, h, w)`` computes the maps of an augmented batch (default: one pass and
-    :func:`finish`; tiling passes its own tiled explanation, so the two compose)."""
-    H, W = maps.shape[-2:]
-    xp, ops = namespace(x), ops_for(x)
-    total = xp.asarray(maps, copy=True)
-    count = 1
-    for flip in (False, True):
-        for scale in AUG_SCALES:
-            if not flip and scale == 1.0:
-                continue
-            xa = xp.flip(x, axis=-1) if flip else x
-            if scale != 1.0:
-                hw = (max(8, round(x.shape[-2] * scale)), max(8, round(x.shape[-1] * scale)))
-                xa = ops.resize(xa, hw)
-            if maps_of is not None:
-                m = maps_of(xa)
-            else:
-                q = run_pass(net, xa, p.rows, layers, meth, opts, None, None, layout=layout).result
-                m = finish(q, tuple(xa.shape[-2:]) if size is not None else None, relu, fuse)
-            m = ops.resize(m, (H, W)) if tuple(m.shape[-2:]) != (H, W) else m
-            total = total + (xp.flip(m, axis=-1) if flip else m)
-            count += 1
-    return normalize(total / count, warn=False)

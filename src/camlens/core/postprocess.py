@@ -1,4 +1,5 @@
-"""Post-processing of raw maps, on the arrays' own device: ReLU, upsample, normalise, fuse.
+"""Post-processing of raw maps, on the arrays' own device: ReLU, upsample, normalise, fuse; and the
+Gaussian blur of images shared by occlusion's blurred baseline and the metrics' blurred substrate.
 
 The pipeline for one layer is ``normalize(upsample(relu(raw)))``. Min-max normalisation is affine
 and bilinear upsampling is a convex combination, so this equals pytorch-grad-cam's
@@ -17,16 +18,17 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import array_api_compat
 
-from .backends.base import extreme_rows, namespace, ops_for, to_float32
+from ..backends.base import extreme_rows, namespace, ops_for, to_float32
 from .errors import ConfigError
 
 Tensor = Any  # an array: a torch tensor, a NumPy array, ...
 
-__all__ = ["to_float32", "relu", "upsample", "upsample_normalize", "normalize", "clip_quantile", "fuse", "process"]
+__all__ = ["to_float32", "relu", "upsample", "upsample_normalize", "normalize", "clip_quantile", "fuse", "process",
+           "gaussian_blur"]
 
 # a map is constant when its span is within this many float epsilons of its magnitude
 CONSTANT_ULPS = 8
@@ -247,3 +249,34 @@ def process(raws: Sequence[Tensor], size: Optional[tuple[int, int]], *, use_relu
         return upsample_normalize(m, size) if interpolation == "bilinear" else normalize(upsample(m, size, interpolation))
     per_layer = [upsample(normalize(relu(r) if use_relu else r, warn=False), size, interpolation) for r in raws]
     return normalize(fuse(per_layer, fuse_how))
+
+
+def gaussian_blur(x: Tensor, kernel_size: Union[int, tuple[int, int]] = 11, sigma: float = 5.0) -> Tensor:
+    """Gaussian blur of ``(B, C, H, W)`` images, per channel; the same numbers as
+    ``torchvision.transforms.functional.gaussian_blur(x, [k, k], [sigma, sigma])``.
+
+    ``kernel_size``: ``k``, or ``(k_w, k_h)`` (torchvision's order: width first) for a different
+    kernel along each axis. Kernel ``g_i ∝ exp(-i^2 / (2 sigma^2))`` for ``i = -(k-1)/2 .. (k-1)/2``,
+    normalised to sum 1, applied separably with reflect padding (replicate padding for images smaller
+    than ``k // 2 + 1``, where reflection is undefined). RISE's original code used a zero-padded 2-D
+    convolution with a kernel from ``scipy.ndimage.gaussian_filter``; the two differ only near the border.
+    """
+    kw, kh = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    for k in (kw, kh):
+        if k % 2 != 1 or k < 1:
+            raise ConfigError(f"kernel_size must be a positive odd integer, got {k}")
+    xp = namespace(x)
+    H, W = x.shape[-2:]
+    dtype = x.dtype if xp.isdtype(x.dtype, "real floating") else xp.float32
+    dev = array_api_compat.device(x)
+
+    def kernel(k: int) -> Tensor:
+        half = (k - 1) * 0.5
+        grid = xp.linspace(-half, half, k, dtype=xp.float32, device=dev)
+        k1 = xp.exp(-0.5 * (grid / sigma) ** 2)
+        return xp.astype(k1 / xp.sum(k1), dtype)
+
+    pw, ph = kw // 2, kh // 2
+    mode = "reflect" if pw < W and ph < H else "replicate"
+    y = ops_for(x).separable_filter(xp.astype(x, dtype, copy=False), kernel(kw), kernel(kh), mode)
+    return xp.astype(y, x.dtype, copy=False)

@@ -1,0 +1,47 @@
+"""``camlens methods``, ``camlens metrics``, ``camlens models``: what camlens has, as tables or lines."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from camlens.fronts.cli.base import command
+
+
+@command()
+def methods() -> None:
+    """List the available methods, what they do and what they cost."""
+    import camlens
+
+    table = Table()
+    table.add_column("method", no_wrap=True)
+    for col in ("what it does", "cost per call"):
+        table.add_column(col)
+    for name, m in sorted(camlens.available_methods().items()):
+        table.add_row(name, m.description, m.cost)
+    Console().print(table)
+
+
+@command()
+def metrics() -> None:
+    """List the available metrics: direction, kind, what they need beyond the model and maps."""
+    import camlens
+
+    table = Table()
+    table.add_column("metric", no_wrap=True)
+    for col in ("", "kind", "needs", "what it measures"):
+        table.add_column(col)
+    for name, m in sorted(camlens.metrics.available_metrics().items()):
+        needs = ", ".join(r.replace("|", " or ") for r in m.requires) or "-"
+        table.add_row(name, m.arrow, m.category, needs, m.description)
+    Console().print(table)
+
+
+@command()
+def models() -> None:
+    """List the built-in models and the loader forms."""
+    import camlens
+
+    for name in camlens.models.list_models():
+        print(name)
+    print("torchvision:NAME  timm:NAME  path/to/file.py:factory  (random init unless --weights FILE)")
