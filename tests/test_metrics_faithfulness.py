@@ -93,11 +93,11 @@ def test_confidence_change_by_hand():
     assert s["increase_in_confidence"][0].tolist() == [0.0, 1.0]
     assert s["average_gain"][0].tolist() == pytest.approx([0.0, (o1 - y1) / (1 - y1) * 100], abs=1e-4)
     assert torch.allclose(s.extra["average_drop"]["Y"], torch.tensor([[y0, y1]]), atol=1e-6)
-    # the map is min-maxed first (normalise=True): an affine copy gives the same numbers
+    # the map is min-maxed first (normalize=True): an affine copy gives the same numbers
     s2 = camlens.evaluate(tiny_model(), ONES, 0.5 * m + 0.2, ["average_drop"], targets=[0, 1])
     assert torch.allclose(s2["average_drop"], s["average_drop"], atol=1e-5)
     s3 = camlens.evaluate(tiny_model(), ONES, 0.5 * m + 0.2, ["average_drop"], targets=[0, 1],
-                          options={"average_drop": {"normalise": False}})
+                          options={"average_drop": {"normalize": False}})
     o0_raw = sig(2 * 0.2 + 1 * 0.7 - 1 * 0.2)  # E = x * (0.5 m + 0.2)
     assert s3["average_drop"][0, 0].item() == pytest.approx((y0 - o0_raw) / y0 * 100, abs=1e-4)
 

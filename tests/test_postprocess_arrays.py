@@ -49,8 +49,8 @@ def test_multi_layer_fusion_and_quantile_clip_on_numpy_and_torch():
     g = np.random.default_rng(1)
     raws = [g.standard_normal((2, 3, 7, 7)), g.standard_normal((2, 3, 14, 14))]
     for how in ("mean", "max"):
-        got = P.process(raws, (28, 28), fuse_how=how)
-        want = P.process([torch.from_numpy(r) for r in raws], (28, 28), fuse_how=how).numpy()
+        got = P.process(raws, (28, 28), fuse=how)
+        want = P.process([torch.from_numpy(r) for r in raws], (28, 28), fuse=how).numpy()
         np.testing.assert_allclose(got, want, atol=1e-6)
     x = g.random((2, 3, 10, 10)).astype(np.float32)
     np.testing.assert_allclose(P.clip_quantile(x, 0.9), P.clip_quantile(torch.from_numpy(x), 0.9).numpy(), atol=1e-6)

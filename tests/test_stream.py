@@ -27,6 +27,7 @@ def pictures():
 def calls(monkeypatch):
     seen = []
     real = api.explain
+    assert camlens.explain is real  # camlens' lazy name resolved before the patch: the tests' own calls are real
 
     def spy(model, x, *a, **k):
         seen.append(int(x.shape[0]))
@@ -146,3 +147,20 @@ def test_the_cli_runs_through_stream(shapes_model, pictures, tmp_path, monkeypat
         summary = json.loads((tmp_path / out / "summary.json").read_text())
         assert [e["image"] for e in summary["images"]] == [str(tmp_path / f"s{i}.png") for i in range(2)]
         assert [e["image"] for e in summary["errors"]] == [str(tmp_path / "bad.png")]
+
+
+def test_method_options_named_like_streams_own_parameters_pass_through_options():
+    """Score-CAM's ``batch_size`` (masked inputs per forward) is also stream's (images per call):
+    ``options=`` hands it to the method untouched; a name given both ways is refused."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(6, 4)).eval()
+    xs = [torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    got = list(camlens.stream(net, xs, [1], layer="1", method="scorecam", batch_size=2, options={"batch_size": 4}))
+    want = camlens.explain(net, torch.stack(xs), targets=[1], layer="1", method="scorecam", batch_size=4)
+    assert [e.options["batch_size"] for e in got] == [4, 4, 4]
+    assert torch.allclose(torch.cat([e.maps for e in got]), want.maps, atol=1e-6)
+    with pytest.raises(ConfigError, match="scorecam.*batch_size|batch_size.*scorecam"):  # the method's own check
+        list(camlens.stream(net, xs, [1], layer="1", method="scorecam", options={"batch_size": 0}))
+    with pytest.raises(ConfigError, match="both in options= and as keyword"):
+        list(camlens.stream(net, xs, [1], layer="1", method="scorecam", options={"layer": "1"}))

@@ -233,8 +233,11 @@ def fuse(maps: Sequence[Tensor], how: Literal["mean", "max"] = "mean") -> Tensor
     raise ConfigError(f"fuse must be 'mean' or 'max', got {how!r}")
 
 
-def process(raws: Sequence[Tensor], size: Optional[tuple[int, int]], *, use_relu: bool = True,
-            fuse_how: Literal["mean", "max"] = "mean", interpolation: str = "bilinear") -> Tensor:
+_relu, _fuse = relu, fuse  # (process's flags of the same names shadow them)
+
+
+def process(raws: Sequence[Tensor], size: Optional[tuple[int, int]], *, relu: bool = True,
+            fuse: Literal["mean", "max"] = "mean", interpolation: str = "bilinear") -> Tensor:
     """Raw maps of one or more layers -> final maps ``(B, T, H, W)`` in [0, 1].
 
     One layer: ReLU (optional) → upsample to ``size`` (or to the largest layer's size when
@@ -245,10 +248,10 @@ def process(raws: Sequence[Tensor], size: Optional[tuple[int, int]], *, use_relu
     if size is None:
         size = max((tuple(r.shape[-2:]) for r in raws), key=lambda s: s[0] * s[1])
     if len(raws) == 1:
-        m = relu(raws[0]) if use_relu else raws[0]
+        m = _relu(raws[0]) if relu else raws[0]
         return upsample_normalize(m, size) if interpolation == "bilinear" else normalize(upsample(m, size, interpolation))
-    per_layer = [upsample(normalize(relu(r) if use_relu else r, warn=False), size, interpolation) for r in raws]
-    return normalize(fuse(per_layer, fuse_how))
+    per_layer = [upsample(normalize(_relu(r) if relu else r, warn=False), size, interpolation) for r in raws]
+    return normalize(_fuse(per_layer, fuse))
 
 
 def gaussian_blur(x: Tensor, kernel_size: Union[int, tuple[int, int]] = 11, sigma: float = 5.0) -> Tensor:

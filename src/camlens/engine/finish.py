@@ -29,6 +29,6 @@ def finish(result: MethodOutput, size: Optional[tuple[int, int]], relu: bool, fu
 def finish_maps(result: MethodOutput, size: Optional[tuple[int, int]], relu: bool, fuse: str) -> Tensor:
     """:func:`finish` in the caller's grad mode (differentiable maps keep their graph)."""
     if result.raws:
-        return process(list(result.raws.values()), size, use_relu=relu, fuse_how=fuse)  # type: ignore[arg-type]
+        return process(list(result.raws.values()), size, relu=relu, fuse=fuse)  # type: ignore[arg-type]
     sal = to_float32(result.saliency)
     return normalize(clip_quantile(namespace(sal).clip(sal, min=0) if relu else sal, result.clip))

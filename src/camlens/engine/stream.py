@@ -16,7 +16,7 @@ a time; order is kept.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -57,7 +57,8 @@ def _per_input_error(err: BaseException) -> bool:
 
 def stream(model: Any, inputs: Iterable[Any], targets: Any = None, *, batch_size: int = 8,
            keyed: bool = False, on_error: str = "raise", progress: Optional[Progress] = None,
-           max_pixels: Optional[int] = None, **explain_kwargs: Any) -> Iterator[Union[Explanation, Failure]]:
+           max_pixels: Optional[int] = None, options: Optional[Mapping[str, Any]] = None,
+           **explain_kwargs: Any) -> Iterator[Union[Explanation, Failure]]:
     """Explain every input of ``inputs``; yields one single-image :class:`~camlens.Explanation` each.
 
     Args:
@@ -75,6 +76,9 @@ def stream(model: Any, inputs: Iterable[Any], targets: Any = None, *, batch_size
         progress: called as ``progress(done, total, source)`` after each input's last result
             (``done`` counts inputs; ``total`` is ``len(inputs)`` when it has one, else ``None``).
         max_pixels: refuse image files larger than this (see :func:`camlens.io.load_image`).
+        options: the method's options, handed to :func:`camlens.explain` as they are — for options
+            named like a parameter of ``stream`` itself (Score-CAM's ``batch_size``:
+            ``options={"batch_size": 64}``); also given as keywords, a name is an error.
         **explain_kwargs: everything else :func:`camlens.explain` takes (``method``, ``layer``,
             ``top_k``, method options ...).
 
@@ -86,6 +90,10 @@ def stream(model: Any, inputs: Iterable[Any], targets: Any = None, *, batch_size
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}")
+    both = sorted(set(options or {}) & set(explain_kwargs))
+    if both:
+        raise ConfigError(f"{', '.join(both)} given both in options= and as keyword(s): give each once")
+    explain_kwargs = {**explain_kwargs, **(options or {})}
     if on_error not in ("raise", "yield"):
         raise ConfigError(f"on_error must be 'raise' or 'yield', got {on_error!r}")
     if isinstance(targets, list) and targets and all(isinstance(t, list) for t in targets):

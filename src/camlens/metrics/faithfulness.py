@@ -23,7 +23,8 @@ import array_api_compat
 
 from ..backends.base import namespace
 from ..core.errors import ConfigError, ConfigTypeError
-from ..core.postprocess import gaussian_blur, normalize
+from ..core import postprocess
+from ..core.postprocess import gaussian_blur
 from ..core.registry import Option, number, positive_int, positive_number
 from .base import EvalContext, Metric, MetricResult, Tensor, as_array_like, auc, order_pixels, register_metric
 
@@ -100,15 +101,15 @@ def causal_curves(ctx: EvalContext, start: Tensor, finish: Tensor, step: int) ->
     return curves, xp.astype(counts, xp.float32) / hw
 
 
-def mult_image_probs(ctx: EvalContext, normalise: bool = True) -> tuple[Tensor, Tensor]:
+def mult_image_probs(ctx: EvalContext, normalize: bool = True) -> tuple[Tensor, Tensor]:
     """``Y, O`` ``(B, T)``: target probability on the input and on ``E = x * M`` (the normalised
     input tensor multiplied, every channel, by the map), as pytorch-grad-cam's
     ``CamMultImageConfidenceChange`` and torchcam's ``ClassificationMetric``.
 
-    ``M`` is the map min-maxed per ``(b, t)`` to [0, 1] when ``normalise`` (a constant map becomes
+    ``M`` is the map min-maxed per ``(b, t)`` to [0, 1] when ``normalize`` (a constant map becomes
     all zero); camlens' own maps are already min-maxed, so this only matters for plain map tensors.
     """
-    maps = normalize(ctx.maps, warn=False) if normalise else ctx.maps
+    maps = postprocess.normalize(ctx.maps, warn=False) if normalize else ctx.maps
     B, T = maps.shape[:2]
     x = ctx.inputs
     xp, dev = namespace(x), array_api_compat.device(x)
@@ -186,13 +187,13 @@ class ConfidenceChange(Metric):
     ``drop = max(0, Y - O) / Y * 100``, ``increase = 1[O > Y]``,
     ``gain = max(0, O - Y) / (1 - Y) * 100``; averaging over images gives the papers' numbers
     (percent for drop and gain, a fraction for increase). A zero denominator gives 0.
-    ``extra``: ``Y`` and ``O`` ``(B, T)``. Option ``normalise`` (True): min-max each map first.
+    ``extra``: ``Y`` and ``O`` ``(B, T)``. Option ``normalize`` (True): min-max each map first.
     """
 
     kind: str = "drop"
 
     def __call__(self, ctx: EvalContext) -> MetricResult:
-        Y, O = mult_image_probs(ctx, bool(ctx.opt(self, "normalise")))
+        Y, O = mult_image_probs(ctx, bool(ctx.opt(self, "normalize")))
         xp = namespace(Y, O)
         zero = xp.zeros_like(Y)
         if self.kind == "drop":
@@ -243,15 +244,15 @@ register_metric(CausalMetric(
 register_metric(ConfidenceChange(
     name="average_drop", higher_is_better=False, category="faithfulness",
     description="Average Drop %: max(0, Y - O) / Y on image x map (Chattopadhay et al., Grad-CAM++, 2018)",
-    defaults={"normalise": _NORMALISE}, kind="drop"))
+    defaults={"normalize": _NORMALISE}, kind="drop"))
 register_metric(ConfidenceChange(
     name="increase_in_confidence", higher_is_better=True, category="faithfulness",
     description="Increase in Confidence: 1[O > Y] on image x map (Chattopadhay et al., Grad-CAM++, 2018)",
-    defaults={"normalise": _NORMALISE}, kind="increase"))
+    defaults={"normalize": _NORMALISE}, kind="increase"))
 register_metric(ConfidenceChange(
     name="average_gain", higher_is_better=True, category="faithfulness",
     description="Average Gain %: max(0, O - Y) / (1 - Y) on image x map (Zhang et al., Opti-CAM, 2023)",
-    defaults={"normalise": _NORMALISE}, kind="gain"))
+    defaults={"normalize": _NORMALISE}, kind="gain"))
 register_metric(Sparseness(
     name="sparseness", higher_is_better=True, category="complexity",
     description="Sparseness: Gini index of the map (Chalasani et al., 2020)"))

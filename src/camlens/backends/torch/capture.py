@@ -20,14 +20,12 @@ class Capture:
     """What one forward pass captured.
 
     Attributes:
-        output: the model's output, as returned.
         activations: per layer name, the layer output ``(B, C, h, w)``, a graph node (or leaf).
         calls: how many times each layer ran in the forward.
         linear_io: for :func:`capture` with ``linear=True``, per ``nn.Linear`` name, its
             ``(input, output)`` (used by CAM to find a GAP + Linear head).
     """
 
-    output: Any = None
     activations: dict[str, Tensor] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     linear_io: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)

@@ -268,29 +268,13 @@ def _stream(m: Any, items: Iterable[tuple], **kw: Any) -> Iterator[Any]:
     """:func:`camlens.stream` as the commands run it: ``(key, input)`` pairs in, one single-image
     Explanation per input out (``exp.source`` is the key), a :class:`camlens.Failure` in the place
     of each input that could not be explained (report it with :func:`_failed_image`). One image per
-    explain call: the photos' sizes differ, and peak memory stays one image's.
-
-    ``stream`` takes ``batch_size`` (and its other parameters) as its own, so a method option of
-    that name (Score-CAM's ``batch_size``) cannot pass through it: such runs explain one input at a
-    time with :func:`camlens.explain`, with the same results and failures."""
-    import inspect
-
+    explain call: the photos' sizes differ, and peak memory stays one image's. ``kw`` (method,
+    layer, method options ...) goes to :func:`camlens.explain` as ``options=``, so an option named
+    like a parameter of ``stream`` (Score-CAM's ``batch_size``) reaches the method."""
     import camlens
 
-    params = inspect.signature(camlens.stream).parameters
-    if not {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} & set(kw):
-        return camlens.stream(m, items, keyed=True, batch_size=1, on_error="yield", **kw)
-
-    def one_at_a_time() -> Iterator[Any]:
-        for index, (key, x) in enumerate(items):
-            try:
-                exp = camlens.explain(m, x, **kw)
-            except Exception as err:  # noqa: BLE001 - classified by the caller (_failed_image)
-                yield camlens.Failure(index, key, err)
-                continue
-            exp.source = key
-            yield exp
-    return one_at_a_time()
+    targets = kw.pop("targets", None)
+    return camlens.stream(m, items, targets, keyed=True, batch_size=1, on_error="yield", options=kw)
 
 
 def _explained(m: Any, images: List[Path], verb: str, errors: list, max_pixels: Optional[int], crop: bool,
@@ -336,14 +320,15 @@ def _per_file(err: BaseException) -> Optional[str]:
     return None
 
 
-def _failed_image(errors: list, path: Path, err: BaseException, m: Any = None, crop: bool = False,
+def _failed_image(errors: list, path: Path, err: BaseException, m: Any = None, crop: Optional[bool] = False,
                   step: Optional[str] = None) -> None:
     """Report ``err``, raised for the input ``path``, if it is a per-file error (:func:`_per_file`):
     one line, recorded in ``errors``; the run goes on. Anything else is raised: a usage error ends
     the run (one line, exit 2: see ``command``), a bug with its traceback.
 
     The line says what happened: ``out of memory on this image``, the model failed on it (with a
-    hint from the model ``m``'s input size and ``crop``), or just the error for its values; with
+    hint from the model ``m``'s input size and ``crop``; ``crop=None`` for a command without
+    ``--crop``), or just the error for its values; with
     ``step`` (e.g. ``"gradcam: evaluation"``), ``STEP failed on this image``."""
     kind = _per_file(err)
     if kind is None:
@@ -410,11 +395,12 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, MemoryError) or is_out_of_memory(err) or "out of memory" in str(err).lower()
 
 
-def _hint(m: Any, crop: bool) -> str:
-    """What to try when the model failed on an image: its input size (and ``--crop``)."""
+def _hint(m: Any, crop: Optional[bool]) -> str:
+    """What to try when the model failed on an image: its input size (and ``--crop`` where the
+    command has it: ``crop`` False; ``None``: it has none)."""
     size = getattr(m, "input_size", None)
     if not size:
         return ""
-    if not crop:
+    if crop is False:
         return f" (hint: the model may need {size}x{size} inputs: try --crop)"
     return f" (the model's input is {size}x{size})"

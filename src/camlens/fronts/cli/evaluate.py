@@ -136,7 +136,7 @@ def _evaluate_items(m: Any, items: List[tuple], methods: List[str], metrics: Lis
                     i = res.source
                     name = Path(items[i][0])
                     if isinstance(res, camlens.Failure):
-                        _failed_image(errors, name, res.error, m)
+                        _failed_image(errors, name, res.error, m, crop=None)  # evaluate has no --crop
                         failed.add(i)
                         continue
                     try:
