@@ -28,7 +28,8 @@ __all__ = ["is_loaded", "unwrap_model", "prepare", "outside_inference_mode", "ma
 
 def is_loaded(model: Any) -> bool:
     """A :class:`camlens.models.LoadedModel`-like wrapper (a model plus its preprocessing)."""
-    return hasattr(model, "model") and hasattr(model, "preprocess") and not hasattr(model, "named_modules")
+    # a framework model first: its own attributes answer at once (a missing one raises inside the framework)
+    return not hasattr(model, "named_modules") and hasattr(model, "model") and hasattr(model, "preprocess")
 
 
 def _is_numpy(x: Any) -> bool:
