@@ -7,7 +7,6 @@ explanation saved from torch loads as torch tensors, or as NumPy arrays where to
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -27,25 +26,12 @@ from camlens.backends.numpy import NumpyOps
 from camlens.backends.torch.ops import TorchOps
 from camlens.core.explanation import Explanation
 from camlens.core.targets import ResolvedTarget
+from test_framework_free import _imported_roots  # the one AST reader of a file's imports
 
 SRC = Path(camlens.__file__).parent
 FRAMEWORKS = {"torch", "torchvision", "timm", "tensorflow", "keras", "jax"}
 FRONTS = ["core/explanation.py", "analysis/compare.py", "analysis/localize.py", "engine/stream.py",
           *sorted(str(p.relative_to(SRC)) for p in (SRC / "fronts").rglob("*.py"))]
-
-
-def _imported_roots(path: Path) -> set[str]:
-    """Top-level packages imported anywhere in the file (module level and inside functions)."""
-    roots = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            roots.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            roots.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
-                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
-            roots.add(str(node.args[0].value).split(".")[0])
-    return roots
 
 
 @pytest.mark.parametrize("rel", FRONTS)
@@ -280,9 +266,11 @@ def test_cli_shape_masks_take_any_arrays():
 def test_stream_tells_framework_arrays_from_images():
     import importlib
 
+    from camlens.core.targets import is_framework_array  # what stream and prepare ask of an input
+
     stream = importlib.import_module("camlens.stream")  # (camlens.stream is the function)
-    assert stream._is_tensor(torch.zeros(3, 4, 4)) and not stream._is_tensor(np.zeros((4, 4, 3), np.uint8))
-    assert not stream._is_tensor("cat.jpg")
+    assert is_framework_array(torch.zeros(3, 4, 4)) and not is_framework_array(np.zeros((4, 4, 3), np.uint8))
+    assert not is_framework_array("cat.jpg")
     x = stream._concat([torch.ones(1, 3, 2, 2), torch.zeros(2, 3, 2, 2)])
     assert isinstance(x, torch.Tensor) and x.shape == (3, 3, 2, 2)
 

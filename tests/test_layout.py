@@ -56,8 +56,16 @@ def _imports(name: str, path: Path) -> set[str]:
     return found
 
 
+def _canonical(mod: str) -> str:
+    """``mod`` with an old flat path (``camlens.targets``) replaced by the module it names now."""
+    for old in sorted(camlens._MOVED, key=len, reverse=True):
+        if mod == old or mod.startswith(old + "."):
+            return camlens._MOVED[old] + mod[len(old):]
+    return mod
+
+
 def _package(mod: str) -> str | None:
-    parts = mod.split(".")
+    parts = _canonical(mod).split(".")
     return parts[1] if len(parts) > 1 and parts[1] in LAYER else None
 
 
@@ -82,6 +90,14 @@ def test_imports_never_go_up_a_layer():
                     allowed is None or not any(imp == a or imp.startswith(a + ".") for a in allowed))):
                 bad.append(f"{name} -> {imp}")
     assert bad == [], "imports that go up (or sideways) a layer:\n" + "\n".join(sorted(bad))
+
+
+def test_camlens_itself_imports_the_new_paths_only():
+    """The old flat paths are for users' code; inside the package every import names the module
+    where it lives (so the layer rule above reads each import as it is written)."""
+    old = [f"{name} -> {imp}" for name, path in _modules().items() if name != "camlens"
+           for imp in _imports(name, path) if _canonical(imp) != imp]
+    assert old == [], "imports of old module paths:\n" + "\n".join(sorted(old))
 
 
 @pytest.mark.parametrize("old", sorted(camlens._MOVED))

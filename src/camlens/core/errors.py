@@ -25,7 +25,7 @@ __all__ = [
     "ModelError", "ModelTypeError", "ModelRuntimeError", "NonFiniteScoresError",
     "LayerError", "LayerNotFoundError", "LayerTypeError", "LayerRuntimeError",
     "TargetError", "TargetTypeError", "TargetIndexError", "TargetKeyError",
-    "InputError", "InputTypeError", "InputFileNotFoundError", "MissingDependencyError",
+    "InputError", "InputTypeError", "InputFileNotFoundError", "MissingDependencyError", "PER_INPUT_ERRORS",
 ]
 
 
@@ -120,3 +120,10 @@ class InputFileNotFoundError(InputError, FileNotFoundError):
 
 class MissingDependencyError(CamlensError, ImportError):
     """An optional package that a feature needs is not installed."""
+
+
+#: The camlens errors that belong to the one input they were raised for (its file or its values,
+#: or non-finite scores of the model on it); every other :class:`CamlensError` (an unknown layer,
+#: target or option) would hit every input alike. ``camlens.stream(on_error="yield")`` and the
+#: CLI's per-file rule both read it.
+PER_INPUT_ERRORS: tuple[type[CamlensError], ...] = (InputError, NonFiniteScoresError)

@@ -44,6 +44,12 @@ def is_array(x: Any) -> bool:
         return array_api_compat.is_array_api_obj(x)
     except Exception:  # e.g. a __getattr__ that raises KeyError
         return False
+
+
+def is_framework_array(x: Any) -> bool:
+    """An array of a model framework (a torch tensor, ...), which a model takes as it is; a NumPy
+    array is not (for a loaded model it is an image to preprocess)."""
+    return is_array(x) and type(x).__module__.split(".")[0] != "numpy"
 Categories = Union[Sequence[str], Mapping[HeadKey, Sequence[str]], None]
 
 __all__ = [

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from ..backends.base import Backend, get_backend, namespace, ops_for
 from ..core.errors import CamlensError, InputError, NonFiniteScoresError, TargetError
 from ..core.postprocess import as_float, to_float32
-from ..core.targets import Categories, ResolvedTarget, combine_targets, is_array, resolve_targets, split_outputs
+from ..core.targets import Categories, ResolvedTarget, combine_targets, is_framework_array, resolve_targets, split_outputs
 from ..methods import Method, MethodContext, MethodOutput
 
 Tensor = Any  # an array of the model's backend
@@ -32,10 +32,6 @@ def is_loaded(model: Any) -> bool:
     return not hasattr(model, "named_modules") and hasattr(model, "model") and hasattr(model, "preprocess")
 
 
-def _is_numpy(x: Any) -> bool:
-    return type(x).__module__.split(".")[0] == "numpy"
-
-
 def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
     """Accept a :class:`camlens.models.LoadedModel`: preprocess images, default layer and class names.
 
@@ -46,7 +42,7 @@ def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
     display = None
     if is_loaded(model):
         inputs = get_backend(model.model).images_in(inputs)
-        if not is_array(inputs) or _is_numpy(inputs):  # paths, PIL / NumPy images, lists: preprocessed
+        if not is_framework_array(inputs):  # paths, PIL / NumPy images, lists: preprocessed
             inputs = model.preprocess(inputs)
             display = model.to_display(inputs) if hasattr(model, "to_display") else None
         layer = layer if layer is not None else getattr(model, "default_layer", None)

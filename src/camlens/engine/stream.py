@@ -23,9 +23,9 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from ..backends.base import namespace, ops_for
-from ..core.errors import CamlensError, ConfigError, InputError, NonFiniteScoresError
+from ..core.errors import PER_INPUT_ERRORS, CamlensError, ConfigError, InputError
 from ..core.explanation import Explanation
-from ..core.targets import is_array
+from ..core.targets import is_framework_array
 from .passes import is_loaded
 
 __all__ = ["stream", "Failure"]
@@ -50,9 +50,7 @@ Progress = Callable[[int, Optional[int], Any], None]
 def _per_input_error(err: BaseException) -> bool:
     """Errors that belong to one input (its file or values, or the model's own failure on it); other
     camlens errors (an unknown layer, target or option) are the same for every input and are raised."""
-    if isinstance(err, (InputError, NonFiniteScoresError)):
-        return True
-    return not isinstance(err, CamlensError)
+    return isinstance(err, PER_INPUT_ERRORS) or not isinstance(err, CamlensError)
 
 
 def stream(model: Any, inputs: Iterable[Any], targets: Any = None, *, batch_size: int = 8,
@@ -186,15 +184,9 @@ def _concat(xs: list) -> Any:
     return namespace(*xs).concat(xs, axis=0)
 
 
-def _is_tensor(obj: Any) -> bool:
-    """A framework array (a torch tensor, ...): an input the model takes as it is. NumPy arrays are
-    images (for a loaded model's preprocessing)."""
-    return is_array(obj) and type(obj).__module__.split(".")[0] != "numpy"
-
-
 def _prepare(model: Any, obj: Any, loaded: bool, max_pixels: Optional[int], load_image: Callable) -> tuple:
     """One input -> ``(x (N, C, H, W) float tensor, display (N, H, W, 3) uint8 or None)``."""
-    if _is_tensor(obj):
+    if is_framework_array(obj):
         if obj.ndim == 3:
             obj = obj[None, ...]
         if obj.ndim != 4:

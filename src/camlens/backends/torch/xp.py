@@ -30,9 +30,8 @@ def take_along_axis(x: torch.Tensor, indices: torch.Tensor, /, *, axis: int = -1
 def clip(x: torch.Tensor, /, min: Any = None, max: Any = None) -> torch.Tensor:  # noqa: A002
     """``torch.clamp`` for a floating tensor and finite float bounds (one or both); the compat
     wrapper (integer ranges, NaN bounds, tensor bounds) otherwise."""
-    if x.is_floating_point() and (min is None or type(min) in (int, float)) \
-            and (max is None or type(max) in (int, float)) and (min is not None or max is not None) \
-            and not (min is not None and min != min) and not (max is not None and max != max):
+    bounds = [b for b in (min, max) if b is not None]
+    if x.is_floating_point() and bounds and builtins.all(type(b) in (int, float) and b == b for b in bounds):  # b == b: not NaN
         return torch.clamp(x, min, max)
     return _compat.clip(x, min, max)
 

@@ -31,7 +31,7 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
         @functools.wraps(fn)
         def run(*a: Any, **k: Any) -> Any:
             from camlens import _missing_dependency
-            from camlens.errors import CamlensError
+            from camlens.core.errors import CamlensError
             from camlens.fronts.cli.common import _first_line  # common imports this module
 
             try:

@@ -132,7 +132,7 @@ def _check_image_args(images: Optional[List[Path]]) -> None:
 def _check_method(name: str) -> None:
     """An unknown ``--method`` (the message lists close names)."""
     import camlens
-    from camlens.errors import ConfigError
+    from camlens.core.errors import ConfigError
 
     try:
         camlens.methods.get_method(name)
@@ -242,7 +242,7 @@ class _Stems:
 
     def take(self, path: Path) -> str:
         """The stem for ``path``'s outputs (its file name made safe, ``-2``, ``-3`` ... if taken)."""
-        from camlens.report import safe_name
+        from camlens.fronts.report import safe_name
 
         base = safe_name(path.stem)
         cand, k = base, 1
@@ -307,13 +307,13 @@ def _explained(m: Any, images: List[Path], verb: str, errors: list, max_pixels: 
 # ------------------------------------------------------------------------------------------
 def _per_file(err: BaseException) -> Optional[str]:
     """Why ``err`` belongs to the one input it was raised for: ``"memory"`` (out of memory),
-    ``"input"`` (its values: InputError, NonFiniteScoresError) or ``"model"`` (the model's own
-    error); ``None``: a usage error (another CamlensError) or a bug, to be raised."""
-    from camlens.errors import CamlensError, InputError, NonFiniteScoresError
+    ``"input"`` (its values: :data:`camlens.errors.PER_INPUT_ERRORS`) or ``"model"`` (the model's
+    own error); ``None``: a usage error (another CamlensError) or a bug, to be raised."""
+    from camlens.core.errors import PER_INPUT_ERRORS, CamlensError
 
     if _is_oom(err):
         return "memory"
-    if isinstance(err, (InputError, NonFiniteScoresError)):
+    if isinstance(err, PER_INPUT_ERRORS):
         return "input"
     if _is_model_error(err) and not isinstance(err, CamlensError):
         return "model"

@@ -18,7 +18,7 @@ def demo(
     top_k: int = typer.Option(3, "--top-k", "-k"),
 ) -> None:
     """Explain scikit-image's cat and coffee photos with the default model (top-3 classes each)."""
-    from camlens.demo import run_demo
+    from camlens.fronts.demo import run_demo
 
     with console.status("running the demo (EfficientNet-Lite0, Grad-CAM)..."):
         summary = run_demo(out, top_k=top_k, device=device)

@@ -44,8 +44,8 @@ def evaluate(
     baselines. Localisation metrics (pointing_game, relevance_mass, ...) need ground-truth masks:
     the CLI has them only with --shapes N."""
     import camlens
-    from camlens.errors import ConfigError
-    from camlens.report import write_evaluation
+    from camlens.core.errors import ConfigError
+    from camlens.fronts.report import write_evaluation
 
     _check_image_args(images)
     methods = list(method) if method else ["gradcam", "random", "center"]
@@ -191,8 +191,8 @@ def _evaluate_options(items: List[str], methods: List[str], metrics: List[str]) 
 
 def _check_option(kind: str, owner: str, spec: Mapping[str, Any], key: str, value: Any) -> None:
     """``owner``'s option ``key`` exists in its ``spec`` and ``value`` passes its check."""
-    from camlens.errors import ConfigError
-    from camlens.registry import check_options
+    from camlens.core.errors import ConfigError
+    from camlens.core.registry import check_options
 
     if key not in spec:
         raise typer.BadParameter(f"{kind} {owner!r} has no option {key!r}; it has: {', '.join(sorted(spec)) or 'none'}")

@@ -56,8 +56,8 @@ def explain(
     """
     import camlens
     from camlens.backends.base import PRECISION_NAMES
-    from camlens.report import write_explanation
-    from camlens.targets import COMBINE_MODES
+    from camlens.fronts.report import write_explanation
+    from camlens.core.targets import COMBINE_MODES
 
     _check_image_args(images)
     if target and top_k:
@@ -148,8 +148,8 @@ def _compare_methods(m: Any, img: Any, path: Path, kw: dict, opts: dict, out: Pa
     import time
 
     import camlens
-    from camlens.errors import CamlensError
-    from camlens.report import write_method_grid
+    from camlens.core.errors import CamlensError
+    from camlens.fronts.report import write_method_grid
 
     exps, skipped, file_errors = {}, {}, []
     names = list(camlens.available_methods().items())
@@ -181,7 +181,7 @@ def _compare_methods(m: Any, img: Any, path: Path, kw: dict, opts: dict, out: Pa
             import numpy as np
             from PIL import Image
 
-            from camlens.report import stamp
+            from camlens.fronts.report import stamp
 
             with Image.open(out / grid) as im:
                 pic = np.asarray(im.convert("RGB"))

@@ -48,8 +48,8 @@ def localize(
     NAME_boxes.png (every target's box on the image), with --cutout NAME_TT_LABEL_cutout.png
     (RGBA), and summary.json (with each image's list of files).
     """
-    from camlens.localize import boxes_from_maps, cutout as make_cutout, draw_boxes, masks_from_maps
-    from camlens.report import safe_name, stamp
+    from camlens.analysis.localize import boxes_from_maps, cutout as make_cutout, draw_boxes, masks_from_maps
+    from camlens.fronts.report import safe_name, stamp
     from camlens.viz import PALETTE, overlay, save_png
 
     _check_image_args(images)
