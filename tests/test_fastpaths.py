@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -300,6 +301,35 @@ def test_xp_clip_is_clamp_for_float_bounds_and_the_compat_rules_otherwise():
     assert xp.clip(x, min=0) is not x
 
 
+def test_xp_fast_paths_skip_the_compat_wrappers_and_agree_with_them(monkeypatch):
+    """The per-call reductions and clip of the torch namespace call torch directly (the compat
+    namespace also exports ``int``/``float`` dtypes that once shadowed the built-ins in the bound
+    test, so every clip went through the wrapper), and give the compat numbers in every case."""
+    from array_api_compat import torch as compat
+
+    from camlens.backends.torch import xp
+
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
+    want = {(name, axis, keep): getattr(compat, name)(x, axis=axis, keepdims=keep)
+            for name in ("sum", "mean", "max", "min") for axis in (None, 1, (2, 3), (), -1) for keep in (False, True)}
+    want_clip = [compat.clip(x, min=lo, max=hi) for lo, hi in [(0, None), (None, 1.0), (-1, 1)]]
+    for name in ("sum", "mean", "max", "min", "clip"):  # the fast paths never reach the wrappers
+        monkeypatch.setattr(xp._compat, name, lambda *a, _n=name, **k: pytest.fail(f"compat {_n} called"))
+    for lo_hi, w in zip([(0, None), (None, 1.0), (-1, 1)], want_clip):
+        assert torch.equal(xp.clip(x, min=lo_hi[0], max=lo_hi[1]), w)
+    for (name, axis, keep), w in want.items():
+        if axis == () or (axis is None and keep and name in ("sum", "mean")):
+            continue  # the wrappers' own cases
+        got = getattr(xp, name)(x, axis=axis, keepdims=keep)
+        assert got.shape == w.shape and torch.allclose(got, w, atol=1e-6, rtol=0), (name, axis, keep)
+    monkeypatch.undo()
+    for (name, axis, keep), w in want.items():  # and the wrappers' cases still give their numbers
+        got = getattr(xp, name)(x, axis=axis, keepdims=keep)
+        assert got.shape == w.shape and torch.allclose(got, w, atol=1e-6, rtol=0), (name, axis, keep)
+    i = torch.arange(6).reshape(2, 3)
+    assert torch.equal(xp.sum(i), compat.sum(i)) and xp.sum(i).dtype == compat.sum(i).dtype
+
+
 def test_probabilities_are_computed_on_first_read_and_kept():
     from camlens.core.explanation import Deferred
     from camlens.core.targets import target_probabilities
@@ -316,3 +346,30 @@ def test_probabilities_are_computed_on_first_read_and_kept():
     assert torch.allclose(one.probs, want[1:], atol=1e-6)
     exp.probs = torch.zeros(2, 2)  # a plain field to set
     assert float(exp.probs.abs().sum()) == 0.0
+
+
+def test_session_module_walk_is_modules_in_order_with_shared_modules_once():
+    from camlens.backends.torch.state import all_modules
+
+    shared = nn.Conv2d(3, 3, 1)
+    inner = nn.Sequential(shared, nn.ReLU(), nn.Sequential(nn.Identity(), shared))
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), inner, shared, nn.ModuleDict({"a": inner, "b": nn.Linear(2, 2)}))
+    model.add_module("none", None)
+    want = list(model.modules())
+    got = all_modules(model)
+    assert len(want) == 9 and [id(m) for m in got] == [id(m) for m in want]
+
+
+def test_one_map_normalize_is_the_general_formula_and_falls_back_on_constant_maps():
+    m = torch.rand(1, 1, 9, 7, generator=torch.Generator().manual_seed(3)) * 5 - 2
+    lo, hi = float(m.min()), float(m.max())
+    out = P.normalize(m)
+    assert torch.equal(out, (m - lo) / (hi - lo)) and float(out.max()) == 1.0 and float(out.min()) == 0.0
+    assert torch.equal(P.normalize(m[0, 0]), out[0, 0])  # (H, W) too
+    many = P.normalize(torch.cat([m, m], 1))  # the batched path: the same numbers
+    assert torch.allclose(many[:, :1], out, atol=1e-6, rtol=0)
+    with pytest.warns(RuntimeWarning, match="constant"):
+        z = P.normalize(torch.full((1, 1, 4, 4), 3.0))
+    assert float(z.abs().max()) == 0.0
+    n = P.normalize(np.asarray(m.numpy(), dtype=np.float64))
+    assert np.allclose(n, out.double().numpy(), atol=1e-6)

@@ -98,6 +98,9 @@ class Ops(Protocol):
     def to_list(self, x: Any) -> list:
         """The values of ``x`` as a flat Python list (one copy to the host)."""
 
+    def extrema(self, x: Any) -> tuple[float, float]:
+        """``(min, max)`` of all of ``x``'s values as host floats (NaN if any value is NaN)."""
+
     def topk(self, x: Any, k: int, axis: int = -1) -> tuple[Any, Any]:
         """The ``k`` largest values along ``axis`` and their indices, largest first."""
 
@@ -396,8 +399,10 @@ def extreme_rows(n_in: int, n_out: int) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------
 # shape rules shared by every backend (plain integers, no arrays)
 
+@functools.lru_cache(maxsize=1024)
 def grid_fits(h: int, w: int, size: tuple[int, int]) -> bool:
-    """Can ``(h, w)`` be the input ``size`` divided by one stride, each side rounded (±1)?"""
+    """Can ``(h, w)`` be the input ``size`` divided by one stride, each side rounded (±1)?
+    (Plain integers in, so memoised: the per-call check of every captured layer.)"""
     H, W = size
     if h < 1 or w < 1:
         return False
@@ -420,6 +425,11 @@ def layout_problem(shape: Sequence[int], batch: int, size: tuple[int, int]) -> O
 
     ``batch``: the input's B; ``size``: the input's (H, W).
     """
+    return _layout_problem(tuple(shape), batch, tuple(size))
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout_problem(shape: tuple[int, ...], batch: int, size: tuple[int, int]) -> Optional[str]:
     shape = tuple(int(s) for s in shape)
     if len(shape) == 0 or shape[0] != batch:
         lead = shape[0] if shape else "none"

@@ -59,6 +59,10 @@ class NumpyOps:
     def to_list(self, x: Any) -> list:
         return np.asarray(x).reshape(-1).tolist()
 
+    def extrema(self, x: Any) -> tuple[float, float]:
+        x = np.asarray(x)
+        return float(x.min()), float(x.max())
+
     def topk(self, x: np.ndarray, k: int, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
         idx = np.flip(np.argsort(x, axis=axis, kind="stable"), axis=axis)
         idx = np.take(idx, np.arange(k), axis=axis)

@@ -104,7 +104,13 @@ def normalize(maps: Tensor, *, warn: bool = True) -> Tensor:
     after ReLU; see :func:`_min_max`) becomes all zero — never NaN or inf — with a warning saying
     how many maps were constant and why. Tiny but valid maps (values ~1e-15) are kept.
     """
-    xp = namespace(maps)
+    xp, ops = namespace(maps), ops_for(maps)
+    if math.prod(maps.shape[:-2]) == 1 and maps.dtype in (xp.float32, xp.float64) and not ops.has_graph(maps):
+        lo, hi = ops.extrema(maps)  # one map: no reshapes, one reduction, host scalars
+        if _plain_span(lo, hi, xp, maps.dtype):
+            out = maps - lo
+            out /= hi - lo  # in place: a fresh array
+            return out
     flat = xp.reshape(maps, (*maps.shape[:-2], -1))
     lo, hi = xp.min(flat, axis=-1, keepdims=True), xp.max(flat, axis=-1, keepdims=True)
     out, _ = _min_max(flat, lo, hi, warn, mask=False)
@@ -173,15 +179,21 @@ def _min_max_few(t: Tensor, lo: Tensor, hi: Tensor, warn: bool,
     xp, ops = namespace(t), ops_for(t)
     if t.dtype not in (xp.float32, xp.float64) or lo.dtype != t.dtype or hi.dtype != t.dtype:
         return None
-    tol, small, large = _plain_range(xp, t.dtype)
     los, his = ops.to_list(lo), ops.to_list(hi)
-    for lv, hv in zip(los, his):
-        mag = max(abs(lv), abs(hv))
-        if not (small <= mag <= large and hv - lv > 2 * tol * mag):  # NaN fails too
-            return None
+    if not all(_plain_span(lv, hv, xp, t.dtype) for lv, hv in zip(los, his)):
+        return None
     # one map: host scalars (lo, hi are values of t's dtype, so hi - lo rounds as it would in t's dtype)
     out = (t - los[0]) / (his[0] - los[0]) if len(los) == 1 else (t - lo) / (hi - lo)
     return out, (xp.zeros_like(lo, dtype=xp.bool) if mask else None)
+
+
+def _plain_span(lo: float, hi: float, xp: Any, dtype: Any) -> bool:
+    """A map with host extremes ``lo``/``hi`` is clearly non-constant (span above twice the
+    constant threshold) and of a magnitude where ``(t - lo) / (hi - lo)`` neither underflows nor
+    overflows in ``dtype``: then that is :func:`_min_max`'s scale-free result. NaN fails."""
+    tol, small, large = _plain_range(xp, dtype)
+    mag = max(abs(lo), abs(hi))
+    return small <= mag <= large and hi - lo > 2 * tol * mag
 
 
 def _warn_constant(n: int, zero: int, total: int) -> None:

@@ -161,11 +161,12 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
         if aug_smooth:
             maps = aug_smoothed(net, x, p, layers, meth, opts, maps, out_size, relu, fuse, layout)
     raws = result.raws or {}
-    detached = {k: v.detach() for k, v in p.heads.items()}
+    detach = bk.ops.detach
+    detached = {k: detach(v) for k, v in p.heads.items()}
     first = next(iter(raws.values())) if raws else result.saliency
     return Explanation(maps=maps, raw=first, raws=dict(raws), scores=p.scores,
                        probs=Deferred(functools.partial(target_probabilities, p.rows, detached)), targets=p.rows,
-                       inputs=x if differentiable else x.detach(), heads=p.heads if differentiable else detached,
+                       inputs=x if differentiable else detach(x), heads=p.heads if differentiable else detached,
                        layers=names, method=meth.name, display=display, pixel=result.pixel,
                        components=p.components if combine != "separate" else None, options=dict(opts))
 

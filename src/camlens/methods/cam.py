@@ -24,7 +24,7 @@ def cam_maps(acts: Tensor, weight: Tensor, classes: Tensor) -> Tensor:
     B, C, h, w = acts.shape
     T = classes.shape[1]
     wt = xp.reshape(xp.take(xp.astype(weight, acts.dtype, copy=False), xp.reshape(classes, (-1,)), axis=0), (B, T, C))
-    return xp.reshape(wt @ xp.reshape(acts, (B, C, h * w)), (B, T, h, w))
+    return xp.reshape(xp.matmul(wt, xp.reshape(acts, (B, C, h * w))), (B, T, h, w))
 
 
 @dataclass(frozen=True)

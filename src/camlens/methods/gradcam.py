@@ -23,7 +23,7 @@ def weighted_sum(xp: object, weights: Tensor, acts: Tensor) -> Tensor:
     """``sum_c weights[b, t, c] * A[b, c]``: weights ``(B, T, C)``, acts ``(B, C, h, w)`` -> ``(B, T, h, w)``,
     as one batched matrix product ``(B, T, C) @ (B, C, h*w)``."""
     B, C, h, w = acts.shape
-    return xp.reshape(weights @ xp.reshape(acts, (B, C, h * w)), (B, weights.shape[1], h, w))
+    return xp.reshape(xp.matmul(weights, xp.reshape(acts, (B, C, h * w))), (B, weights.shape[1], h, w))
 
 
 GRADCAM = register(GradientMethod(

@@ -62,7 +62,16 @@ class TorchOps:
 
     def to_list(self, x: Tensor) -> list:
         x = x.detach() if x.requires_grad else x
+        if x.ndim == 2:  # e.g. scores (B, T): flattened on the host, no reshape dispatched
+            return [v for row in x.tolist() for v in row]
         return (x if x.ndim == 1 else x.reshape(-1)).tolist()
+
+    def extrema(self, x: Tensor) -> tuple[float, float]:
+        lo, hi = torch.aminmax(x.detach() if x.requires_grad else x)  # one pass, one op
+        if x.device.type == "cpu":
+            return lo.item(), hi.item()
+        both = torch.stack([lo, hi]).tolist()  # one copy to the host, not two
+        return both[0], both[1]
 
     def topk(self, x: Tensor, k: int, axis: int = -1) -> tuple[Tensor, Tensor]:
         r = x.topk(k, dim=axis)

@@ -78,7 +78,7 @@ def model_state(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
     the call is a forward of the caller's training step, and restoring buffers in place would
     invalidate the graph that saved them). Hooks are the caller's to remove (see :func:`capture`).
     """
-    mods = list(model.modules())
+    mods = all_modules(model)
     modes = [(m, m.training) for m in mods]
     flags = [(p, p.requires_grad) for p in _unique_parameters(mods)]
     training = [m for m in mods if m.training]
@@ -123,6 +123,23 @@ def first_parameter(model: nn.Module) -> Optional[nn.Parameter]:
             if p is not None:
                 return p
     return None
+
+
+def all_modules(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())`` (depth first, each module once, in the same order) without
+    ``named_modules``' generators and prefix strings: the session's per-call walk (~2.5x faster)."""
+    out = [model]
+    seen = {id(model)}
+
+    def visit(mod: nn.Module) -> None:
+        for child in mod._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                out.append(child)
+                visit(child)
+
+    visit(model)
+    return out
 
 
 def _unique_parameters(mods: Sequence[nn.Module]) -> list[nn.Parameter]:
