@@ -373,3 +373,36 @@ def test_one_map_normalize_is_the_general_formula_and_falls_back_on_constant_map
     assert float(z.abs().max()) == 0.0
     n = P.normalize(np.asarray(m.numpy(), dtype=np.float64))
     assert np.allclose(n, out.double().numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "scorecam"])
+def test_a_call_leaves_no_reference_cycles(method):
+    """What a call allocates is freed by reference counting when the result is dropped: no cycle
+    of camlens' own waits for the garbage collector, and none holds an array (activations,
+    gradients, maps). (torch's vmap leaves a few cycles of its pytree helpers, without arrays.)"""
+    import gc
+    import os
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 5)).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    camlens.explain(model, x, targets=[1, 3], layer="1", method=method)  # warm: lazy imports, caches
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        exp = camlens.explain(model, x, targets=[1, 3], layer="1", method=method)
+        assert exp.maps.shape == (2, 2, 16, 16)
+        del exp
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        garbage = list(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was:
+            gc.enable()
+    root = os.path.dirname(camlens.__file__)
+    ours = [o for o in garbage if callable(o) and getattr(getattr(o, "__code__", None), "co_filename", "").startswith(root)]
+    assert not ours, f"reference cycles through camlens functions: {ours}"
+    assert not [o for o in garbage if isinstance(o, (torch.Tensor, nn.Module))]

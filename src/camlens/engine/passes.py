@@ -122,6 +122,13 @@ def class_scores(rows: list[list[ResolvedTarget]], heads: dict) -> Optional[Tens
     """The scores ``(B, T)`` by one gather per head when every target is a class of a ``(B, K)``
     head (e.g. all 1000 classes); ``None`` when any target is something else."""
     B = len(rows)
+    row0 = rows[0]
+    if len(row0) == 1 and all(r is row0 or r == row0 for r in rows):  # one target for every image
+        tg = row0[0]
+        h = heads.get(tg.head) if tg.fn is None else None
+        if h is not None and tg.cls is not None and h.ndim == 2 and h.shape[0] == B and 0 <= tg.cls < h.shape[1]:
+            return h[:, tg.cls:tg.cls + 1]  # a view
+        return None
     idx: dict[Any, list[list[int]]] = {}
     for b, row in enumerate(rows):
         for t, tg in enumerate(row):

@@ -129,17 +129,16 @@ def all_modules(model: nn.Module) -> list[nn.Module]:
     """``list(model.modules())`` (depth first, each module once, in the same order) without
     ``named_modules``' generators and prefix strings: the session's per-call walk (~2.5x faster)."""
     out = [model]
-    seen = {id(model)}
-
-    def visit(mod: nn.Module) -> None:
-        for child in mod._modules.values():
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                out.append(child)
-                visit(child)
-
-    visit(model)
+    _visit(model, out, {id(model)})
     return out
+
+
+def _visit(mod: nn.Module, out: list[nn.Module], seen: set[int]) -> None:
+    for child in mod._modules.values():
+        if child is not None and id(child) not in seen:
+            seen.add(id(child))
+            out.append(child)
+            _visit(child, out, seen)
 
 
 def _unique_parameters(mods: Sequence[nn.Module]) -> list[nn.Parameter]:
