@@ -406,3 +406,75 @@ def test_a_call_leaves_no_reference_cycles(method):
     ours = [o for o in garbage if callable(o) and getattr(getattr(o, "__code__", None), "co_filename", "").startswith(root)]
     assert not ours, f"reference cycles through camlens functions: {ours}"
     assert not [o for o in garbage if isinstance(o, (torch.Tensor, nn.Module))]
+
+
+# ---- capture inside the layer's forward (no Module.__call__ hook path) where a hook would do the same
+
+def _tap_module():
+    from importlib import import_module
+
+    return import_module("camlens.backends.torch.capture")
+
+
+def test_forward_tap_gives_the_hooks_maps_and_leaves_every_module_as_it_was(monkeypatch):
+    cap = _tap_module()
+    model = torchvision.models.resnet18(num_classes=7).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    before = {n: dict(m.__dict__) for n, m in model.named_modules()}
+    tapped = []
+    orig_tap = cap._ForwardTap
+
+    class Spy(orig_tap):
+        def __init__(self, module, hook):
+            tapped.append(module)
+            super().__init__(module, hook)
+
+    monkeypatch.setattr(cap, "_ForwardTap", Spy)
+    fast = camlens.explain(model, x, targets=[1, 4], layer=["layer3", "layer4.1"], method="gradcampp")
+    assert [id(m) for m in tapped] == [id(model.layer3), id(model.layer4[1])]
+    monkeypatch.setattr(cap, "_can_tap", lambda *a: False)  # the hook path
+    hooked = camlens.explain(model, x, targets=[1, 4], layer=["layer3", "layer4.1"], method="gradcampp")
+    assert torch.equal(fast.maps, hooked.maps) and torch.equal(fast.scores, hooked.scores)
+    for n, m in model.named_modules():
+        assert "forward" not in m.__dict__ and not m._forward_hooks and not m._forward_pre_hooks
+        assert m.__dict__.keys() == before[n].keys()
+
+
+def test_forward_tap_is_removed_when_the_forward_raises():
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            f = self.conv(x)
+            raise ValueError("after the layer")
+
+    model = Boom().eval()
+    with pytest.raises(ValueError, match="after the layer"):
+        camlens.explain(model, torch.randn(1, 3, 16, 16), targets=[0], layer="conv")
+    assert "forward" not in model.conv.__dict__ and not model.conv._forward_hooks
+
+
+def test_layers_with_user_hooks_scripted_or_replicated_are_captured_by_hooks():
+    cap = _tap_module()
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 4)).eval()
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    assert cap._can_tap(model, "1", model[1])
+    plain = camlens.explain(model, x, targets=[2], layer="1")
+    h = model[1].register_forward_hook(lambda m, i, o: o * 2.0)  # the user's hook changes the output
+    try:
+        assert not cap._can_tap(model, "1", model[1])
+        doubled = camlens.explain(model, x, targets=[2], layer="1")
+        # camlens sees the output after the user's hook, as a hook registered after it does
+        assert torch.allclose(doubled.raw, 2.0 * plain.raw, rtol=1e-5, atol=1e-6)
+        assert list(model[1]._forward_hooks.values())[0] is not None and len(model[1]._forward_hooks) == 1
+    finally:
+        h.remove()
+    dp = nn.DataParallel(model)  # replicas copy modules per call: hooks
+    assert not cap._can_tap(dp, "module.1", dp.module[1])
+    assert torch.equal(camlens.explain(dp, x, targets=[2], layer="module.1").maps, plain.maps)
+    scripted = nn.Sequential(torch.jit.script(nn.Conv2d(3, 6, 3, padding=1)), nn.ReLU())
+    assert not cap._can_tap(scripted, "0", scripted[0])
