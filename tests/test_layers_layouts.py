@@ -279,34 +279,59 @@ def test_timm_vit_attention_internals_are_not_candidates():
 
 
 # -- item 4: layouts -------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", LAYER_METHODS)
-def test_every_method_refuses_channels_last(method):
-    with pytest.raises(ValueError, match=r"layer 'norm' \(LayerNorm\) output has shape \(1, 8, 8, 16\): it looks "
-                                         r"channels-last.*needs a \(B, C, h, w\).*'conv'"):
-        camlens.explain(ChannelsLast().eval(), _x(), targets=0, layer="norm", method=method)
+class Back(nn.Module):
+    """Wraps a model so that one of its channels-last / token tensors also passes through an NCHW
+    module ``back`` (same values): explaining ``back`` is reading that tensor by hand."""
+
+    def __init__(self, net: nn.Module, kind: str):
+        super().__init__()
+        self.net, self.kind = net, kind
+        self.back = Permute(0, 3, 1, 2) if kind == "nhwc" else nn.Unflatten(2, (8, 8))
+
+    def forward(self, x):
+        n = self.net
+        if self.kind == "nhwc":
+            f = self.back(n.norm(n.nhwc(n.conv(x))))  # (B, C, h, w)
+            return n.fc(f.mean((2, 3)))
+        t = n.mix(n.tokens(n.conv(x)).transpose(1, 2))  # (B, 64, 16)
+        f = self.back(t.transpose(1, 2))  # (B, 16, 8, 8)
+        return n.fc(f.flatten(2).mean(2))
 
 
+@pytest.mark.parametrize("kind,layer", [("nhwc", "norm"), ("tokens", "mix")])
 @pytest.mark.parametrize("method", LAYER_METHODS)
-def test_every_method_refuses_tokens(method):
-    with pytest.raises(ValueError, match=r"layer 'mix' \(Linear\) output has shape \(1, 64, 16\): it looks like "
-                                         r"tokens \(B, N, C\).*'conv'"):
-        camlens.explain(Tokens().eval(), _x(), targets=0, layer="mix", method=method)
+def test_every_method_reads_channels_last_and_tokens_as_the_nchw_map(method, kind, layer):
+    net = (ChannelsLast() if kind == "nhwc" else Tokens()).eval()
+    x = _x(2)
+    if method == "ablationcam":  # it feeds copies back into the layer: NCHW only, said clearly
+        with pytest.raises(ValueError, match=rf"Ablation-CAM replaces layer '{layer}'.*"
+                                             rf"{'channels-last' if kind == 'nhwc' else 'tokens'}"):
+            camlens.explain(net, x, targets=[0, 2], layer=layer, method=method)
+        return
+    got = camlens.explain(net, x, targets=[0, 2], layer=layer, method=method)
+    want = camlens.explain(Back(net, kind).eval(), x, targets=[0, 2], layer="back", method=method)
+    assert got.raw.shape == want.raw.shape == ((2, 2, 32, 32) if method == "guided_gradcam" else (2, 2, 8, 8))
+    assert torch.allclose(got.raw, want.raw, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(got.maps, want.maps, atol=1e-5)
+    assert torch.allclose(got.scores, want.scores, atol=1e-6)
 
 
 def test_channels_last_model_guesses_the_conv():
     assert guess_layer(ChannelsLast().eval(), _x()) == "conv"
 
 
-def test_swin_channels_last_layers_are_refused():
+def test_swin_channels_last_layers_are_read():
     net = _timm("swin_tiny_patch4_window7_224")
     for layer in ("layers.3", "norm"):
-        with pytest.raises(ValueError, match=rf"'{layer}'.*\(1, 7, 7, 768\).*channels-last"):
-            camlens.explain(net, _x(1, 224), targets=0, layer=layer)
+        exp = camlens.explain(net, _x(1, 224), targets=0, layer=layer)
+        assert exp.raw.shape == (1, 1, 7, 7) and bool(torch.isfinite(exp.maps).all())
     tvs = tv.models.swin_t(weights=None).eval()
-    with pytest.raises(ValueError, match=r"'features.7'.*\(1, 7, 7, 768\).*channels-last.*'permute'"):
-        camlens.explain(tvs, _x(1, 224), targets=0, layer="features.7")
-    exp = camlens.explain(tvs, _x(1, 224), targets=0)  # its NCHW view of the same features works
-    assert exp.layers == ["permute"] and exp.raw.shape == (1, 1, 7, 7)
+    nn.init.normal_(tvs.head.weight, std=0.05)
+    x = _x(1, 224)
+    nhwc = camlens.explain(tvs, x, targets=[0, 3], layer="norm")  # (1, 7, 7, 768), read channels-last
+    nchw = camlens.explain(tvs, x, targets=[0, 3], layer="permute")  # its own NCHW view of the same tensor
+    assert nchw.layers == ["permute"] and torch.allclose(nhwc.raw, nchw.raw, atol=1e-5, rtol=1e-4)
+    assert camlens.explain(tvs, x, targets=0).layers == ["permute"]  # layer=None still picks the NCHW view
 
 
 @pytest.mark.parametrize("layer", ["classifier", "global_pool"])

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import array_api_compat  # (imports no array library itself)
@@ -438,12 +440,66 @@ def _layout_problem(shape: tuple[int, ...], batch: int, size: tuple[int, int]) -
     if len(shape) == 2:
         return "it is a vector per image (B, C) with no spatial grid (a pooled or classifier layer)"
     if len(shape) == 3:
-        return "it looks like tokens (B, N, C) (a transformer layout, not supported yet)"
+        return (f"it looks like tokens (B, N, C), but no count of prefix tokens (0-{MAX_PREFIX_TOKENS}) leaves "
+                f"patches that form a grid fitting the {size[0]}x{size[1]} input")
     if len(shape) != 4:
         return f"it is {len(shape)}-D"
     if looks_channels_last(shape, size):
-        return ("it looks channels-last (B, h, w, C) (e.g. Swin stages; not supported yet), and reading it as "
+        return ("it looks channels-last (B, h, w, C) (e.g. Swin stages), and reading it as "
                 "(B, C, h, w) would give a wrong map")
+    return None
+
+
+__all__ += ["MapLayout", "read_layout"]
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    """How a layer output that is not ``(B, C, h, w)`` holds a feature map.
+
+    ``kind``: ``"nhwc"`` (``(B, h, w, C)``, e.g. Swin / ConvNeXt blocks) or ``"tokens"``
+    (``(B, N, C)``: ``prefix`` class / distillation / register tokens first, then the ``grid``
+    patches row by row, e.g. ViT, DeiT, Mixer). :func:`camlens.core.layouts.to_map` reads it as
+    ``(B, C, h, w)``."""
+
+    kind: str
+    grid: tuple[int, int]
+    prefix: int = 0
+
+
+MAX_PREFIX_TOKENS = 8  # class + distillation + up to 6 register tokens, when the model does not say
+
+
+def read_layout(shape: Sequence[int], batch: int, size: tuple[int, int],
+                prefix: Optional[int] = None) -> Optional[MapLayout]:
+    """The :class:`MapLayout` of a channels-last or token layer output of the input's batch, or
+    ``None`` (NCHW, or not readable as a map).
+
+    Tokens ``(B, N, C)``: the prefix count is ``prefix`` when the model says (timm's
+    ``num_prefix_tokens``, torchvision's class token), else the smallest ``P <= 8`` for which
+    ``N - P`` patches form a grid ``h x w`` that fits the input at one stride (:func:`grid_fits`),
+    the grid closest to the input's aspect ratio; ``None`` when no count fits.
+    """
+    return _read_layout(tuple(int(d) for d in shape), int(batch), (int(size[0]), int(size[1])), prefix)
+
+
+@functools.lru_cache(maxsize=1024)
+def _read_layout(shape: tuple[int, ...], batch: int, size: tuple[int, int],
+                 prefix: Optional[int]) -> Optional[MapLayout]:
+    if not shape or shape[0] != batch:
+        return None
+    if len(shape) == 4 and looks_channels_last(shape, size):
+        return MapLayout("nhwc", (shape[1], shape[2]))
+    if len(shape) != 3:
+        return None
+    N = shape[1]
+    for P in ([prefix] if prefix is not None else range(MAX_PREFIX_TOKENS + 1)):
+        n = N - P
+        fits = [(h, n // h) for h in range(1, n + 1) if n % h == 0 and grid_fits(h, n // h, size)]
+        if fits:
+            H, W = size
+            h, w = min(fits, key=lambda g: abs(math.log((g[0] / g[1]) / (H / W))))
+            return MapLayout("tokens", (h, w), P)
     return None
 
 

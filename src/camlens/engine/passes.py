@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from ..backends.base import Backend, get_backend, namespace, ops_for
 from ..core.errors import CamlensError, InputError, NonFiniteScoresError, TargetError
+from ..core.layouts import to_map
 from ..core.postprocess import as_float, to_float32
 from ..core.targets import Categories, ResolvedTarget, combine_targets, is_framework_array, resolve_targets, split_outputs
 from ..methods import Method, MethodContext, MethodOutput
@@ -228,6 +229,11 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
         return namespace(*cols).stack(cols, axis=1)
 
     acts_f = {n: as_float(a) if differentiable else to_float32(bk.ops.detach(a)) for n, a in zip(names, acts)}
+    layouts = getattr(cap, "layouts", None) or {}
+    for n, lay in layouts.items():  # channels-last / token layers: read as (B, C, h, w), their gradients alike
+        acts_f[n] = to_map(acts_f[n], lay)
+        if grads is not None:
+            grads[n] = to_map(grads[n], lay, lead=2)
 
     def linear_head(layer: str, head: Any) -> Tensor:  # the dense layer's weight (K, C) for GAP(layer) -> head
         return bk.linear_head(cap, heads[head], acts_f[layer], layer, net, str(head))
@@ -235,7 +241,7 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
     ctx = MethodContext(inputs=bk.ops.detach(x), layers=names, modules=dict(layers), acts=acts_f, grads=grads, scores=scores,
                         targets=rows, runner=bk.runner(net, score_image, layout),
                         score_all=lambda out: target_scores(rows, split_outputs(out), out), options=opts,
-                        xp=bk.xp, ops=bk.ops, heads=heads,
+                        xp=bk.xp, ops=bk.ops, heads=heads, layouts=dict(layouts),
                         linear_head=linear_head if meth.needs_linear_head else None)
     with bk.graph(differentiable):
         result = meth.compute(ctx)

@@ -42,6 +42,7 @@ from typing import Optional
 import array_api_compat
 
 from ..backends.base import namespace, ops_for
+from ..core.errors import LayerError
 from ..core.registry import Option, fraction, number, optional, positive_int
 from .base import Method, MethodContext, MethodOutput, Tensor, register
 
@@ -134,6 +135,12 @@ class AblationCam(Method):
         o = ctx.options
         raws = {}
         for name in ctx.layers:
+            lay = ctx.layouts.get(name)
+            if lay is not None:  # the ablated copies replace the layer's output: they must be in its own layout
+                raise LayerError(f"Ablation-CAM replaces layer {name!r}'s output, which is a {lay.kind} layout "
+                                 f"({'channels-last (B, h, w, C)' if lay.kind == 'nhwc' else 'tokens (B, N, C)'}); "
+                                 "it supports (B, C, h, w) layers only for now. Use method='gradcam' or 'scorecam', "
+                                 "which read this layer, or pick a convolutional layer")
             a = ctx.spatial_acts(name, "Ablation-CAM")
             raws[name] = namespace(a).stack([ablationcam_image(ctx, name, b, o["batch_size"], float(o["ratio"]),
                                                                o["ablation_value"]) for b in range(a.shape[0])])

@@ -53,6 +53,9 @@ class MethodContext:
         linear_head: for methods that declare ``needs_linear_head``: ``(layer, head key) ->`` the
             weight ``(K, C)`` of the dense layer mapping ``GAP(layer)`` to that head (an error
             saying why when there is none).
+        layouts: layer name -> :class:`camlens.backends.base.MapLayout` for layers whose own
+            output is channels-last or tokens (``acts`` and ``grads`` are already read as
+            ``(B, C, h, w)``; a method that feeds arrays back into the layer needs its layout).
     """
 
     inputs: Tensor
@@ -69,6 +72,7 @@ class MethodContext:
     ops: Any = None
     heads: Mapping[Any, Tensor] = field(default_factory=dict)
     linear_head: Optional[Callable[[str, Any], Tensor]] = None
+    layouts: Mapping[str, Any] = field(default_factory=dict)
 
     def spatial_acts(self, name: str, who: str) -> Tensor:
         """Layer ``name``'s activations ``(B, C, h, w)``; a clear error for any other shape.

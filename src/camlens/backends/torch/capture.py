@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ...core.errors import LayerError, LayerRuntimeError, LayerTypeError
-from ..base import grid_fits, layout_problem
+from ..base import MapLayout, grid_fits, layout_problem, read_layout
 from .probing import _is_attention, _strict_ancestors, probe_layers
 from .state import first_tensor
 
@@ -24,11 +24,14 @@ class Capture:
         calls: how many times each layer ran in the forward.
         linear_io: for :func:`capture` with ``linear=True``, per ``nn.Linear`` name, its
             ``(input, output)`` (used by CAM to find a GAP + Linear head).
+        layouts: per layer whose output is a map in another layout (channels-last, tokens), how
+            to read it (set by :func:`check_layer_outputs`); NCHW layers are absent.
     """
 
     activations: dict[str, Tensor] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     linear_io: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    layouts: dict[str, MapLayout] = field(default_factory=dict)
     _handles: list = field(default_factory=list, repr=False)
 
     def release(self) -> None:
@@ -77,6 +80,9 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, grad: 
             cap.linear_io[name] = (inputs[0].detach(), out)
         return hook
 
+    stack = contextlib.ExitStack()
+    if full_graph:  # differentiable maps: attention by the math kernel, whose backward is itself differentiable
+        stack.enter_context(_math_attention())
     try:
         for name, mod in layers:
             hook = make_hook(name)
@@ -90,6 +96,18 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, grad: 
         for h in handles:
             h.remove()
         torch.set_grad_enabled(grad_mode)
+        stack.close()
+
+
+def _math_attention() -> contextlib.AbstractContextManager:
+    """``scaled_dot_product_attention`` by its math kernel for the block: the fused kernels
+    (flash, memory-efficient) have no double backward, so a CAM loss through a transformer's
+    attention could not be trained; the math kernel gives the same numbers."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: nothing to select
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 class _ForwardTap:
@@ -138,6 +156,15 @@ def _can_tap(model: nn.Module, name: str, mod: nn.Module) -> bool:
     return not any(isinstance(a, _REPLICATING) or "_orig_mod" in a._modules for a in chain)
 
 
+def _token_prefix(model: nn.Module) -> Optional[int]:
+    """The model's count of prefix tokens (class, distillation, register) where it says: timm's
+    ``num_prefix_tokens``, torchvision ViT's ``class_token`` (one); ``None`` otherwise."""
+    n = model.__dict__.get("num_prefix_tokens")
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    return 1 if "class_token" in model._parameters else None
+
+
 def check_calls(cap: Capture, layers: Sequence[tuple[str, nn.Module]]) -> None:
     """Raise a clear error for layers that did not run, or ran more than once, in the forward."""
     for name, mod in layers:
@@ -166,6 +193,12 @@ def check_layer_outputs(cap: Capture, layers: Sequence[tuple[str, nn.Module]], m
         if t is None:
             continue
         why = layout_problem(t.shape, B, size)
+        if why is not None:
+            hint = _token_prefix(model)
+            lay = (read_layout(t.shape, B, size, hint) if hint is not None else None) or read_layout(t.shape, B, size)
+            if lay is not None:  # channels-last or tokens: read as (B, C, h, w) by the engine
+                cap.layouts[name] = lay
+                continue
         if why is None and t.ndim == 4 and not grid_fits(t.shape[2], t.shape[3], size):
             att = next((a for a in _strict_ancestors(name) if _is_attention(model.get_submodule(a))), None)
             if att is not None:  # e.g. a ViT's attn.k_norm (B, heads, N, d)

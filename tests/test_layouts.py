@@ -1,0 +1,142 @@
+"""Layers in other layouts read as (B, C, h, w): channels-last (Swin) and tokens with prefix tokens
+(ViT, DeiT, register tokens). Grad-CAM agrees with pytorch-grad-cam + its usual reshape_transform."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import camlens
+from camlens.backends.base import MapLayout, read_layout
+from camlens.core.errors import LayerError
+from camlens.core.layouts import to_map
+
+TOL64 = 1e-5  # float64 models: what remains is camlens' float32 maths on their outputs
+
+
+@pytest.mark.parametrize("shape,size,want", [
+    ((2, 197, 768), (224, 224), MapLayout("tokens", (14, 14), 1)),   # ViT-B/16: class token
+    ((2, 198, 384), (224, 224), MapLayout("tokens", (14, 14), 2)),   # DeiT distilled: class + distillation
+    ((2, 201, 384), (224, 224), MapLayout("tokens", (14, 14), 5)),   # class + 4 register tokens
+    ((2, 196, 512), (224, 224), MapLayout("tokens", (14, 14), 0)),   # Mixer: patches only
+    ((2, 50, 768), (224, 224), MapLayout("tokens", (7, 7), 1)),      # ViT-B/32
+    ((1, 33, 64), (64, 128), MapLayout("tokens", (4, 8), 1)),        # a rectangular grid
+    ((2, 7, 7, 768), (224, 224), MapLayout("nhwc", (7, 7), 0)),      # Swin's last stage
+])
+def test_read_layout_finds_the_grid_and_the_prefix_tokens(shape, size, want):
+    assert read_layout(shape, shape[0], size) == want
+
+
+def test_read_layout_takes_the_models_prefix_count_and_refuses_what_fits_no_grid():
+    assert read_layout((2, 197, 8), 2, (224, 224), prefix=1) == MapLayout("tokens", (14, 14), 1)
+    assert read_layout((2, 199, 8), 2, (224, 224), prefix=3) == MapLayout("tokens", (14, 14), 3)
+    assert read_layout((2, 197, 8), 3, (224, 224)) is None  # not the batch
+    assert read_layout((2, 1000), 2, (224, 224)) is None  # a vector per image
+    assert read_layout((2, 2000, 8), 2, (32, 32)) is None  # no prefix count leaves a grid that fits
+    assert read_layout((2, 64, 7, 7), 2, (224, 224)) is None  # NCHW: nothing to read
+
+
+def test_to_map_is_the_usual_reshape_transform_for_activations_and_gradients():
+    x = torch.randn(2, 17, 5)
+    lay = MapLayout("tokens", (4, 4), 1)
+    assert torch.equal(to_map(x, lay), x[:, 1:].reshape(2, 4, 4, 5).permute(0, 3, 1, 2))
+    g = torch.randn(2, 3, 17, 5)
+    assert torch.equal(to_map(g, lay, lead=2), g[:, :, 1:].reshape(2, 3, 4, 4, 5).permute(0, 1, 4, 2, 3))
+    n = torch.randn(2, 7, 6, 5)
+    assert torch.equal(to_map(n, MapLayout("nhwc", (7, 6))), n.permute(0, 3, 1, 2))
+
+
+def _pgc(model, layer, x, classes, reshape, method="gradcam"):
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cls = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus}[method]
+    out = []
+    for c in classes:
+        with cls(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+            out.append(torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(c)] * x.shape[0])))
+    return torch.stack(out, 1)
+
+
+def _tokens_to_map(grid):
+    def rt(t):
+        return t[:, 1:, :].reshape(t.size(0), *grid, t.size(2)).permute(0, 3, 1, 2)
+    return rt
+
+
+def _non_degenerate(maps):
+    flat = maps.flatten(-2)
+    assert bool((flat.amax(-1) == 1).all()) and bool((flat.std(-1) > 0.05).all())
+
+
+@pytest.fixture(scope="module")
+def vit64():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=10).eval().double()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+def test_timm_vit_tokens_agree_with_pytorch_grad_cam(vit64, method):
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exp = camlens.explain(vit64, x, targets=[1, 3], layer="blocks.11.norm1", method=method)
+    assert exp.raw.shape == (2, 2, 4, 4)
+    ref = _pgc(vit64, vit64.blocks[11].norm1, x, [1, 3], _tokens_to_map((4, 4)), method)
+    _non_degenerate(exp.maps)
+    assert (exp.maps.double() - ref).abs().max() < TOL64
+
+
+def test_torchvision_swin_channels_last_agrees_with_pytorch_grad_cam():
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(num_classes=5).eval().double()
+    x = torch.randn(1, 3, 224, 224, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exp = camlens.explain(model, x, targets=[1, 3], layer="features.7")
+    assert exp.raw.shape == (1, 2, 7, 7)
+    ref = _pgc(model, model.features[7], x, [1, 3], lambda t: t.permute(0, 3, 1, 2))
+    _non_degenerate(exp.maps)
+    assert (exp.maps.double() - ref).abs().max() < TOL64
+
+
+def test_torchvision_vit_class_token_from_the_model_and_layout_aware_methods():
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=5).eval().double()
+    nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision starts the head at zero: all scores 0
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    layer = "encoder.layers.encoder_layer_1.ln_1"
+    targets = [1, 4]
+    exp = camlens.explain(model, x, targets=targets, layer=layer)
+    assert exp.raw.shape == (2, 2, 4, 4)
+    assert float(exp.raw.abs().max()) > 0
+    ref = _pgc(model, model.encoder.layers.encoder_layer_1.ln_1, x, targets, _tokens_to_map((4, 4)))
+    assert (exp.maps.double() - ref).abs().max() < TOL64
+    sc = camlens.explain(model, x, targets=targets, layer=layer, method="scorecam")  # masks the input: any layout
+    assert sc.maps.shape == (2, len(targets), 64, 64) and bool(torch.isfinite(sc.maps).all())
+    with pytest.raises(LayerError, match="tokens"):
+        camlens.explain(model, x, targets=targets, layer=layer, method="ablationcam")
+    diff = camlens.explain(model.float(), x.float(), targets=targets, layer=layer, differentiable=True)
+    diff.maps.sum().backward()  # the graph reaches the weights through the token read
+    assert model.conv_proj.weight.grad is not None and bool(model.conv_proj.weight.grad.abs().sum() > 0)
+    model.zero_grad(set_to_none=True)
+
+
+def test_channels_last_module_inside_a_cnn_gives_the_nchw_maps():
+    class ToNHWC(nn.Module):
+        def forward(self, x):
+            return x.permute(0, 2, 3, 1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 24, 3, 2, 1))
+            self.nhwc = ToNHWC()
+            self.fc = nn.Linear(24, 4)
+
+        def forward(self, x):
+            return self.fc(self.nhwc(self.conv(x)).mean((1, 2)))
+
+    net = Net().eval()
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    a = camlens.explain(net, x, targets=[0, 2], layer="nhwc")
+    b = camlens.explain(net, x, targets=[0, 2], layer="conv")
+    assert torch.allclose(a.maps, b.maps, atol=1e-6) and torch.allclose(a.raw, b.raw, atol=1e-6)
