@@ -208,10 +208,10 @@ def test_raw_distinct_from_first_layer_is_stored_separately(tmp_path):
 def test_guided_backprop_pixel_and_options(tmp_path):
     exp = camlens.explain(DictTwoHead().eval(), _x(), targets=["shape:1", "colour:0"], method="guided_backprop")
     assert exp.pixel is not None and exp.pixel.shape == (2, 2, 3, 16, 16) and exp.raws == {}
-    assert exp.options == {"clip": 0.995}
+    assert exp.options == {"clip": 0.995, "non_relu": "error"}
     got = camlens.load(exp.save(tmp_path / "gbp.npz"))
     assert_same_explanation(exp, got)
-    assert got.options == {"clip": 0.995} and got.layers == [] and got.raws == {}
+    assert got.options == {"clip": 0.995, "non_relu": "error"} and got.layers == [] and got.raws == {}
     assert _meta(tmp_path / "gbp.npz")["raw"] == "raw"
     assert float(got.pixel.abs().sum()) > 0
 

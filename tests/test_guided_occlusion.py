@@ -456,3 +456,24 @@ def test_guided_maps_clip_outliers_but_pixel_is_raw():
     assert (clipped.maps[0, 0] == 1).float().mean() >= 0.09  # the top 10 % saturate
     with pytest.raises(ValueError, match="quantile"):
         camlens.explain(model, x, targets=1, method="guided_backprop", clip=0.0)
+
+
+@pytest.mark.parametrize("act,name", [(nn.GELU, "GELU"), (nn.SiLU, "SiLU"), (nn.Hardswish, "Hardswish")])
+@pytest.mark.parametrize("method", ["guided_backprop", "guided_gradcam"])
+def test_guided_backprop_refuses_non_relu_activations(act, name, method):
+    """Guided backprop is a ReLU rule: through GELU / SiLU it would be a plain gradient by another name."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), act(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with pytest.raises(ValueError, match=rf"defined for ReLU networks.*runs {name}.*non_relu='plain'"):
+        camlens.explain(net, x, targets=0, method=method, layer="2")
+    plain = camlens.explain(net, x, targets=[0, 1], method=method, layer="2", non_relu="plain")
+    xi = x.clone().requires_grad_(True)  # by hand: guided at the ReLU, the other activation's gradient plain
+    if method == "guided_backprop":
+        from camlens.backends.torch.guided import GuidedReLU
+        out = net(xi)
+        with GuidedReLU():
+            g, = torch.autograd.grad(out[0, 1], xi)
+        assert torch.allclose(plain.pixel[0, 1], g[0], atol=1e-6)
+    assert torch.isfinite(plain.maps).all() and float(plain.maps.std()) > 0

@@ -161,7 +161,7 @@ def test_default_layers_of_cnns_unchanged():
     assert guess_layer(tv.models.resnet18(weights=None).eval(), _x(1, 64)) == "layer4"
     assert guess_layer(tv.models.mobilenet_v3_small(weights=None).eval(), _x(1, 64)) == "features"
     assert guess_layer(_timm("efficientnet_b0"), _x(1, 64)) == "bn2"
-    assert guess_layer(tv.models.swin_t(weights=None).eval(), _x(1, 224)) == "permute"  # its NCHW final features
+    assert guess_layer(tv.models.swin_t(weights=None).eval(), _x(1, 224)) == "features.7"  # its last stage, not the permute after it
 
 
 def test_resnet50_small_input_picks_a_layer_that_runs_once():
@@ -258,24 +258,36 @@ def test_torchvision_segmentation_picks_the_backbone(name, want):
     assert "output head" in head.reason
 
 
-@pytest.mark.parametrize("build,stem", [
-    (lambda: _timm("vit_tiny_patch16_224"), "patch_embed.proj"),
-    (lambda: _timm("deit_tiny_patch16_224"), "patch_embed.proj"),
-    (lambda: _timm("mixer_s32_224"), "stem.proj"),
-    (lambda: _timm("swin_tiny_patch4_window7_224"), "patch_embed.proj"),
-    (lambda: tv.models.vit_b_32(weights=None).eval(), "conv_proj"),
-], ids=["timm-vit", "timm-deit", "timm-mixer", "timm-swin", "tv-vit"])
-def test_token_models_refuse_the_stem_clearly(build, stem):
+@pytest.mark.parametrize("build,want,family", [
+    (lambda: _timm("vit_tiny_patch16_224"), "blocks.11.norm1", "vit"),
+    (lambda: _timm("deit_tiny_distilled_patch16_224"), "blocks.11.norm1", "vit"),
+    (lambda: _timm("cait_xxs24_224"), "blocks_token_only.1.norm1", "vit"),  # class-attention blocks
+    (lambda: _timm("xcit_nano_12_p16_224"), "cls_attn_blocks.1.norm1", "vit"),  # convs inside every block
+    (lambda: _timm("mixer_s32_224"), "norm", "tokens"),  # no attention: the deepest token layer
+    (lambda: _timm("swin_tiny_patch4_window7_224"), "layers.3", "swin"),
+    (lambda: tv.models.swin_t(weights=None).eval(), "features.7", "swin"),  # not its trailing NCHW permute
+    (lambda: tv.models.vit_b_32(weights=None).eval(), "encoder.layers.encoder_layer_11.ln_1", "vit"),
+], ids=["timm-vit", "timm-deit-distilled", "timm-cait", "timm-xcit", "timm-mixer", "timm-swin", "tv-swin", "tv-vit"])
+def test_transformers_get_the_recommended_layer(build, want, family):
+    """layer=None: the input norm of the last attention block (ViT-like), the last stage (Swin-like),
+    the deepest token layer (no attention) -- and the map is not blank."""
     net = build()
-    with pytest.raises(ValueError, match=rf"token-based.*stem '{stem}'.*not supported yet.*layer="):
-        camlens.explain(net, _x(1, 224), targets=0)
+    p = probe_layers(net, _x(1, 224))
+    assert (p.layer, p.family) == (want, family)
+    torch.manual_seed(1)
+    for name, mod in net.named_modules():  # timm and torchvision zero-init some heads: no gradient at all
+        if name.startswith("head") and isinstance(mod, nn.Linear):
+            nn.init.normal_(mod.weight, std=0.02)
+    exp = camlens.explain(net, _x(1, 224), targets=[0, 1])
+    assert exp.layers == [want] and exp.maps.shape == (1, 2, 224, 224)
+    assert float(exp.maps.std()) > 0.05
 
 
 def test_timm_vit_attention_internals_are_not_candidates():
     p = probe_layers(_timm("vit_tiny_patch16_224"), _x(1, 224))
     k = next(r for r in p.records if r.name == "blocks.11.attn.k_norm")
     assert k.shape == (2, 3, 197, 64) and "attention" in k.reason
-    assert p.candidates() == ["patch_embed.proj"]
+    assert p.candidates()[0] == "blocks.11.norm1" and "blocks.11.attn.k_norm" not in p.candidates(50)
 
 
 # -- item 4: layouts -------------------------------------------------------------------------------
@@ -303,11 +315,6 @@ class Back(nn.Module):
 def test_every_method_reads_channels_last_and_tokens_as_the_nchw_map(method, kind, layer):
     net = (ChannelsLast() if kind == "nhwc" else Tokens()).eval()
     x = _x(2)
-    if method == "ablationcam":  # it feeds copies back into the layer: NCHW only, said clearly
-        with pytest.raises(ValueError, match=rf"Ablation-CAM replaces layer '{layer}'.*"
-                                             rf"{'channels-last' if kind == 'nhwc' else 'tokens'}"):
-            camlens.explain(net, x, targets=[0, 2], layer=layer, method=method)
-        return
     got = camlens.explain(net, x, targets=[0, 2], layer=layer, method=method)
     want = camlens.explain(Back(net, kind).eval(), x, targets=[0, 2], layer="back", method=method)
     assert got.raw.shape == want.raw.shape == ((2, 2, 32, 32) if method == "guided_gradcam" else (2, 2, 8, 8))
@@ -331,7 +338,7 @@ def test_swin_channels_last_layers_are_read():
     nhwc = camlens.explain(tvs, x, targets=[0, 3], layer="norm")  # (1, 7, 7, 768), read channels-last
     nchw = camlens.explain(tvs, x, targets=[0, 3], layer="permute")  # its own NCHW view of the same tensor
     assert nchw.layers == ["permute"] and torch.allclose(nhwc.raw, nchw.raw, atol=1e-5, rtol=1e-4)
-    assert camlens.explain(tvs, x, targets=0).layers == ["permute"]  # layer=None still picks the NCHW view
+    assert camlens.explain(tvs, x, targets=0).layers == ["features.7"]  # layer=None: the last stage
 
 
 @pytest.mark.parametrize("layer", ["classifier", "global_pool"])

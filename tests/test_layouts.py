@@ -97,6 +97,31 @@ def test_torchvision_swin_channels_last_agrees_with_pytorch_grad_cam():
     assert (exp.maps.double() - ref).abs().max() < TOL64
 
 
+def _ablation_reference(model, layer, x, classes, prefix=1, grid=(4, 4)):
+    """Ablation-CAM by hand on a token layer: channel c of the PATCH tokens set to 0 (prefix tokens
+    kept), one forward per channel; weights (S - S_c) / S; map = sum_c w_c A_c on the patch grid."""
+    acts = {}
+    h = layer.register_forward_hook(lambda m, i, o: acts.setdefault("a", o.detach()))
+    with torch.no_grad():
+        s = model(x)[:, classes]
+    h.remove()
+    a = acts["a"]  # (B, N, C)
+    B, N, C = a.shape
+    out = torch.zeros(B, len(classes), *grid, dtype=a.dtype)
+    for c in range(C):
+        def ablate(m, i, o, c=c):
+            o = o.clone()
+            o[:, prefix:, c] = 0
+            return o
+        h = layer.register_forward_hook(ablate)
+        with torch.no_grad():
+            sc = model(x)[:, classes]
+        h.remove()
+        w = (s - sc) / s  # (B, T)
+        out += w[:, :, None, None] * a[:, prefix:, c].reshape(B, 1, *grid)
+    return out
+
+
 def test_torchvision_vit_class_token_from_the_model_and_layout_aware_methods():
     torch.manual_seed(0)
     model = torchvision.models.VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=2,
@@ -112,8 +137,9 @@ def test_torchvision_vit_class_token_from_the_model_and_layout_aware_methods():
     assert (exp.maps.double() - ref).abs().max() < TOL64
     sc = camlens.explain(model, x, targets=targets, layer=layer, method="scorecam")  # masks the input: any layout
     assert sc.maps.shape == (2, len(targets), 64, 64) and bool(torch.isfinite(sc.maps).all())
-    with pytest.raises(LayerError, match="tokens"):
-        camlens.explain(model, x, targets=targets, layer=layer, method="ablationcam")
+    ab = camlens.explain(model, x, targets=targets, layer=layer, method="ablationcam", ablation_value=0.0)
+    assert (ab.raw.double() - _ablation_reference(model, model.encoder.layers.encoder_layer_1.ln_1, x, targets)
+            ).abs().max() < 1e-5 * float(ab.raw.abs().max())
     diff = camlens.explain(model.float(), x.float(), targets=targets, layer=layer, differentiable=True)
     diff.maps.sum().backward()  # the graph reaches the weights through the token read
     assert model.conv_proj.weight.grad is not None and bool(model.conv_proj.weight.grad.abs().sum() > 0)
@@ -140,3 +166,67 @@ def test_channels_last_module_inside_a_cnn_gives_the_nchw_maps():
     a = camlens.explain(net, x, targets=[0, 2], layer="nhwc")
     b = camlens.explain(net, x, targets=[0, 2], layer="conv")
     assert torch.allclose(a.maps, b.maps, atol=1e-6) and torch.allclose(a.raw, b.raw, atol=1e-6)
+
+
+# -- explain(layout=..., reshape=...): the user's reading of a layer -----------------------------
+def test_reshape_and_layout_overrides_equal_the_automatic_reading(vit64):
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    kw = dict(targets=[1, 3], layer="blocks.11.norm1")
+    auto = camlens.explain(vit64, x, **kw)
+    for extra in (dict(reshape=_tokens_to_map((4, 4))),  # a pytorch-grad-cam reshape_transform, unchanged
+                  dict(layout="tokens"),
+                  dict(layout=camlens.MapLayout("tokens", grid=(4, 4))),  # prefix = N - h*w
+                  dict(layout={"blocks.11.norm1": camlens.MapLayout("tokens", (4, 4), prefix=1)})):
+        got = camlens.explain(vit64, x, **kw, **extra)
+        assert torch.allclose(got.raw, auto.raw, atol=1e-6) and torch.allclose(got.maps, auto.maps, atol=1e-6)
+    smooth = camlens.explain(vit64, x, **kw, reshape=_tokens_to_map((4, 4)), noise_smooth=2)  # wrappers too
+    assert torch.allclose(smooth.raw, camlens.explain(vit64, x, **kw, noise_smooth=2).raw, atol=1e-6)
+    other = camlens.explain(vit64, x, **kw, layout=camlens.MapLayout("tokens", grid=(2, 8), prefix=1))
+    assert other.raw.shape == (2, 2, 2, 8)  # the user's grid, however odd, is the one used
+    with pytest.raises(LayerError, match=r"ablation|no inverse|reshape"):
+        camlens.explain(vit64, x, **kw, reshape=_tokens_to_map((4, 4)), method="ablationcam")
+
+
+class Ambiguous(nn.Module):
+    """A (B, 4, 4, 8) layer on 32x32 inputs: camlens reads it channels-last (a 4x4 grid of 8 channels)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, stride=(8, 4), padding=1)  # (B, 4, 4, 8)
+        self.mid = nn.Identity()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.mid(self.conv(x)).mean((2, 3)))
+
+
+def test_layout_nchw_reads_the_layer_as_is():
+    net, x = Ambiguous().eval(), torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert camlens.explain(net, x, targets=[0, 1], layer="mid").raw.shape == (2, 2, 4, 4)  # guessed NHWC
+    nchw = camlens.explain(net, x, targets=[0, 1], layer="mid", layout="nchw")
+    assert nchw.raw.shape == (2, 2, 4, 8)
+    a = net.conv(x)  # Grad-CAM by hand on the (B, 4, 4, 8) tensor read as 4 channels on a 4x8 grid
+    out = net.fc(a.mean((2, 3)))
+    ref = []
+    for c in (0, 1):
+        g, = torch.autograd.grad(out[:, c].sum(), a, retain_graph=True)
+        ref.append((g.mean((2, 3), keepdim=True) * a).sum(1))
+    assert torch.allclose(nchw.raw, torch.stack(ref, 1).detach(), atol=1e-6)
+
+
+def test_layout_overrides_say_what_does_not_fit(vit64):
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    kw = dict(targets=1, layer="blocks.11.norm1")
+    with pytest.raises(LayerError, match=r"grid 3x3 with 1 prefix tokens does not hold the 17 tokens"):
+        camlens.explain(vit64, x, **kw, layout=camlens.MapLayout("tokens", (3, 3), prefix=1))
+    with pytest.raises(LayerError, match=r"layout='nhwc' needs a 4-D output.*\(1, 17, 192\)"):
+        camlens.explain(vit64, x, **kw, layout="nhwc")
+    with pytest.raises(ValueError, match=r"layout= takes one of \('nchw', 'nhwc', 'tokens'\)"):
+        camlens.explain(vit64, x, **kw, layout="hwc")
+    with pytest.raises(ValueError, match=r"names layers \['blocks.0.norm1'\] that are not explained"):
+        camlens.explain(vit64, x, **kw, layout={"blocks.0.norm1": "tokens"})
+    with pytest.raises(ValueError, match="both layout= and reshape="):
+        camlens.explain(vit64, x, **kw, layout="tokens", reshape=_tokens_to_map((4, 4)))
+    with pytest.raises(LayerError, match=r"reshape= must turn the layer output \(B, 17, 192\).*B = 1; it returned \(1, 17, 192\)"):
+        camlens.explain(vit64, x, **kw, reshape=lambda t: t)

@@ -208,19 +208,14 @@ def test_load_image(tmp_path, chelsea: np.ndarray) -> None:
     assert im.mode == "RGB" and im.size == (451, 300)
 
 
-def test_token_model_loads_without_a_default_layer() -> None:
-    # a ViT has no (B, C, h, w) layer: load() used to stop with "no module outputs a 4-D tensor";
-    # now it loads (input-space methods work), and CAM methods say why there is no layer
+def test_token_model_loads_with_its_transformer_layer() -> None:
+    # a ViT's default layer is the input norm of its last block (its tokens read on the patch grid)
     import camlens
 
     lm = models.load("timm:vit_tiny_patch16_224")
-    assert lm.default_layer is None and lm.random_weights
-    assert "patch" in lm.layer_note and "token" in lm.layer_note.lower()
+    assert lm.default_layer == "blocks.11.norm1" and lm.random_weights and lm.layer_note is None
+    assert models.guess_default_layer(lm.model, 224) == "blocks.11.norm1"
     x = lm.preprocess(np.zeros((224, 224, 3), np.uint8))
-    exp = camlens.explain(lm, x, targets=[1], method="occlusion", patch=56, stride=56)
+    exp = camlens.explain(lm, x, targets=[1], method="gradcam")
+    assert exp.layers == ["blocks.11.norm1"] and exp.raw.shape == (1, 1, 14, 14)
     assert exp.maps.shape == (1, 1, 224, 224) and torch.isfinite(exp.maps).all()
-    with pytest.raises(ValueError, match="cannot pick a CAM layer of VisionTransformer") as ei:
-        camlens.explain(lm, x, targets=[1], method="gradcam")
-    assert "patch_embed" in str(ei.value)
-    with pytest.raises(ValueError, match="cannot pick a CAM layer"):
-        models.guess_default_layer(lm.model, 224)

@@ -85,8 +85,10 @@ def test_guided_backprop_on_mobilenet_v3_large_is_not_zeroed():
     x = _x(size=224)  # random weights: input gradients of ~1e-12, below the old absolute 1e-12 threshold
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no false "no positive evidence" warning
-        exp = camlens.explain(model, x, targets=[1], method="guided_backprop")
-    ref = GuidedBackprop(model).attribute(x.clone(), target=1)
+        exp = camlens.explain(model, x, targets=[1], method="guided_backprop", non_relu="plain")
+    with pytest.raises(ValueError, match="defined for ReLU networks.*Hardswish"):  # its Hardswish: not by default
+        camlens.explain(model, x, targets=[1], method="guided_backprop")
+    ref = GuidedBackprop(model).attribute(x.clone(), target=1)  # captum guides the ReLUs only, silently
     scale = ref.abs().max()
     assert 0 < scale < 1e-10  # the case in point: tiny gradients
     assert torch.allclose(exp.pixel[:, 0], ref, atol=1e-5 * float(scale))  # the same gradients as captum

@@ -40,6 +40,7 @@ _LAZY: Dict[str, Tuple[str, Optional[str]]] = {
     "agreement": ("analysis.compare", "agreement"),
     "Agreement": ("analysis.compare", "Agreement"),
     "Target": ("core.targets", "Target"),
+    "MapLayout": ("backends.base", "MapLayout"),  # explain(layout=MapLayout("tokens", grid=(h, w), prefix=P))
     "available_methods": ("methods", "available_methods"),
     "methods": ("methods", None),
     "metrics": ("metrics", None),
@@ -151,5 +152,5 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = ["explain", "stream", "Failure", "load", "errors", "CamlensError", "evaluate", "Scores", "metrics",
-           "agreement", "Agreement", "Explanation", "Target", "available_methods", "methods", "postprocess",
+           "agreement", "Agreement", "Explanation", "Target", "MapLayout", "available_methods", "methods", "postprocess",
            "models", "viz", "localize", "__version__"]

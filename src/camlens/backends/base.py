@@ -27,13 +27,13 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, runtime_checkable
 
 import array_api_compat  # (imports no array library itself)
 import numpy as np
 
-from ..core.errors import ConfigTypeError, MissingDependencyError
+from ..core.errors import ConfigError, ConfigTypeError, LayerError, MissingDependencyError
 
 __all__ = ["PRECISION_NAMES", "Backend", "Ops", "namespace", "ops_for", "to_float32", "bilinear_matrix", "extreme_rows", "get_backend", "register_backend", "available_backends", "layout_problem",
            "looks_channels_last", "grid_fits"]
@@ -233,8 +233,11 @@ class Backend(Protocol):
         """Hook ``layers`` for one forward; yields a capture with ``activations`` (name -> array),
         ``calls`` and, with ``linear=True``, each dense layer's (input, output)."""
 
-    def check_capture(self, cap: Any, layers: Sequence[tuple[str, Any]], model: Any, x: Any) -> None:
-        """One clear error when a layer did not run once or its output is not ``(B, C, h, w)``."""
+    def check_capture(self, cap: Any, layers: Sequence[tuple[str, Any]], model: Any, x: Any,
+                      read: Optional[Any] = None) -> None:
+        """One clear error when a layer did not run once or its output is no map of the batch; sets
+        ``cap.layouts`` for channels-last / token layers (``read``: layer -> the user's layout,
+        :func:`override_layout`)."""
 
     def target_gradients(self, scores: Any, acts: Sequence[Any], names: Sequence[str], labels: Sequence[str], *,
                          create_graph: bool = False) -> list[Any]:
@@ -450,7 +453,7 @@ def _layout_problem(shape: tuple[int, ...], batch: int, size: tuple[int, int]) -
     return None
 
 
-__all__ += ["MapLayout", "read_layout"]
+__all__ += ["MapLayout", "read_layout", "override_layout", "LAYOUT_KINDS"]
 
 
 @dataclass(frozen=True)
@@ -459,12 +462,15 @@ class MapLayout:
 
     ``kind``: ``"nhwc"`` (``(B, h, w, C)``, e.g. Swin / ConvNeXt blocks) or ``"tokens"``
     (``(B, N, C)``: ``prefix`` class / distillation / register tokens first, then the ``grid``
-    patches row by row, e.g. ViT, DeiT, Mixer). :func:`camlens.core.layouts.to_map` reads it as
-    ``(B, C, h, w)``."""
+    patches row by row, e.g. ViT, DeiT, Mixer), or ``"reshape"`` (a user's ``fn(a) -> (B, C, h, w)``,
+    e.g. a pytorch-grad-cam ``reshape_transform``). :func:`camlens.core.layouts.to_map` reads it as
+    ``(B, C, h, w)``. Given to ``explain(layout=...)``, ``grid`` and ``prefix`` may be left ``None``
+    (found from the output's shape, see :func:`override_layout`)."""
 
     kind: str
-    grid: tuple[int, int]
-    prefix: int = 0
+    grid: Optional[tuple[int, int]] = None
+    prefix: Optional[int] = None
+    fn: Optional[Callable[[Any], Any]] = field(default=None, compare=False)
 
 
 MAX_PREFIX_TOKENS = 8  # class + distillation + up to 6 register tokens, when the model does not say
@@ -489,7 +495,7 @@ def _read_layout(shape: tuple[int, ...], batch: int, size: tuple[int, int],
     if not shape or shape[0] != batch:
         return None
     if len(shape) == 4 and looks_channels_last(shape, size):
-        return MapLayout("nhwc", (shape[1], shape[2]))
+        return MapLayout("nhwc", (shape[1], shape[2]), 0)
     if len(shape) != 3:
         return None
     N = shape[1]
@@ -501,6 +507,54 @@ def _read_layout(shape: tuple[int, ...], batch: int, size: tuple[int, int],
             h, w = min(fits, key=lambda g: abs(math.log((g[0] / g[1]) / (H / W))))
             return MapLayout("tokens", (h, w), P)
     return None
+
+
+LAYOUT_KINDS = ("nchw", "nhwc", "tokens")
+
+
+def override_layout(spec: Any, shape: Sequence[int], batch: int, size: tuple[int, int],
+                    prefix: Optional[int] = None, layer: str = "") -> MapLayout:
+    """The layout a user asked for (``explain(layout=..., reshape=...)``), completed from the output's
+    ``shape``; ``"nchw"``: read as is, even where it looks channels-last.
+
+    ``"nhwc"``: the grid is dims 1-2. ``"tokens"`` / ``MapLayout("tokens", grid, prefix)``: with a
+    grid, the prefix is ``N - h*w``; with a prefix, the grid is found as for :func:`read_layout`;
+    with neither, the model's prefix (``prefix``) or the search. A layout the shape cannot hold is a
+    :class:`~camlens.core.errors.LayerError` saying what was seen."""
+    shape = tuple(int(d) for d in shape)
+    lay = MapLayout(spec) if isinstance(spec, str) else spec
+    if not isinstance(lay, MapLayout) or lay.kind not in (*LAYOUT_KINDS, "reshape"):
+        raise ConfigError(f"layout= takes one of {LAYOUT_KINDS} or a camlens.MapLayout(kind, grid, prefix), "
+                          f"got {spec!r}")
+    where = f"layer {layer!r}" if layer else "the layer"
+    if not shape or shape[0] != batch:
+        raise LayerError(f"{where} output has shape {shape}: its leading dimension is not the batch ({batch}), "
+                         f"so no layout reads it as one map per image")
+    if lay.kind == "reshape":
+        return lay
+    need = {"nchw": 4, "nhwc": 4, "tokens": 3}[lay.kind]
+    if len(shape) != need:
+        raise LayerError(f"layout={lay.kind!r} needs a {need}-D output for {where}, got shape {shape}")
+    if lay.kind == "nchw":
+        return MapLayout("nchw", (shape[2], shape[3]), 0)
+    if lay.kind == "nhwc":
+        return MapLayout("nhwc", (shape[1], shape[2]), 0)
+    N = shape[1]
+    if lay.grid is not None:
+        h, w = (int(g) for g in lay.grid)
+        P = N - h * w if lay.prefix is None else int(lay.prefix)
+        if P < 0 or P + h * w != N:
+            raise LayerError(f"layout grid {h}x{w}" + (f" with {P} prefix tokens" if lay.prefix is not None else "")
+                             + f" does not hold the {N} tokens of {where} (shape {shape})")
+        return MapLayout("tokens", (h, w), P)
+    found = read_layout(shape, batch, size, lay.prefix if lay.prefix is not None else prefix)
+    if found is None and lay.prefix is None and prefix is not None:
+        found = read_layout(shape, batch, size)
+    if found is None or found.kind != "tokens":
+        raise LayerError(f"no patch grid fitting the {size[0]}x{size[1]} input holds the {N} tokens of {where}"
+                         + (f" after {lay.prefix} prefix tokens" if lay.prefix is not None else "")
+                         + "; give the grid: layout=camlens.MapLayout('tokens', grid=(h, w), prefix=P)")
+    return found
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union
 from ..backends.base import get_backend
 from ..core.errors import ConfigError
 from ..core.explanation import Deferred, Explanation
+from ..core.layouts import layer_reads
 from ..core.targets import Categories, target_probabilities
 from ..methods import Method, get_method
 from .finish import finish, finish_maps
@@ -42,7 +43,8 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
             eval_mode: Optional[bool] = None, combine: str = "separate", aug_smooth: bool = False,
             noise_smooth: int = 0, noise_sigma: float = 0.15, seed: int = 0, precision: str = "fp32",
             channels_last: Optional[bool] = None, tile: Optional[Union[int, tuple[int, int]]] = None,
-            overlap: int = 32, tile_batch: int = 4, differentiable: bool = False, **options: Any) -> Explanation:
+            overlap: int = 32, tile_batch: int = 4, differentiable: bool = False, layout: Any = None,
+            reshape: Any = None, **options: Any) -> Explanation:
     """Explain T targets of each of B images: maps ``(B, T, H, W)`` in [0, 1].
 
     Args:
@@ -119,6 +121,14 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
             (they are not restored). Parameter ``.grad`` is still untouched (``autograd.grad``).
             Methods: those whose maths is differentiable (``Method.differentiable``: the Grad-CAM
             family but Eigen-Grad-CAM); not with ``tile``, ``aug_smooth`` or ``noise_smooth``.
+        layout: how to read the layer's output as a ``(B, C, h, w)`` map, where camlens' own reading
+            (from the model, else from shapes) is not what you want: ``"nchw"`` (as is, even where it
+            looks channels-last), ``"nhwc"``, ``"tokens"`` (prefix and grid found as usual), or
+            ``camlens.MapLayout("tokens", grid=(h, w), prefix=P)``; a dict ``{layer: ...}`` per layer.
+        reshape: a function ``a (B, ...) -> (B, C, h, w)`` applied to the layer's activations and,
+            alike, to each target's gradients (so it must be linear: slices, reshapes, permutations);
+            a pytorch-grad-cam ``reshape_transform`` works unchanged. A dict ``{layer: fn}`` per layer.
+            Methods that feed maps back into the layer (Ablation-CAM) need ``layout=`` instead.
         **options: the method's options (see ``camlens methods``), e.g. ``batch_size=`` for Score-CAM.
 
     One forward pass runs with the layers hooked; all T targets' gradients come from one batched
@@ -141,25 +151,27 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
                                  top_k=top_k, fuse=fuse, relu=relu, upsample_maps=upsample, combine=combine,
                                  aug_smooth=aug_smooth, noise_smooth=noise_smooth, display=display, tile=tile,
                                  overlap=overlap, tile_batch=tile_batch, layout=bk.layout(net, channels_last, precision),
-                                 head_keys=heads, noise_sigma=noise_sigma, seed=seed)
+                                 head_keys=heads, noise_sigma=noise_sigma, seed=seed, map_layout=layout,
+                                 reshape=reshape)
     if meth.needs_layer:
         layers = bk.resolve_layers(net, layer if layer is not None else bk.default_layer(net, x))
     else:
         layers = []
     names = [n for n, _ in layers]
+    read = layer_reads(layout, reshape, names)
     size = tuple(x.shape[-2:])
     out_size = size if upsample else None
 
     with bk.session(net, eval_mode=eval_mode, freeze=not differentiable, restore_buffers=not differentiable):
-        layout = bk.layout(net, channels_last, precision)
-        p = run_pass(net, x, targets, layers, meth, opts, categories, top_k, combine, layout, head_keys=heads,
-                     differentiable=differentiable, backend=bk)
+        fwd = bk.layout(net, channels_last, precision)
+        p = run_pass(net, x, targets, layers, meth, opts, categories, top_k, combine, fwd, head_keys=heads,
+                     differentiable=differentiable, backend=bk, read=read)
         result = p.result
         if noise_smooth:
-            result = noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed, layout)
+            result = noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed, fwd, read=read)
         maps = finish_maps(result, out_size, relu, fuse) if differentiable else finish(result, out_size, relu, fuse)
         if aug_smooth:
-            maps = aug_smoothed(net, x, p, layers, meth, opts, maps, out_size, relu, fuse, layout)
+            maps = aug_smoothed(net, x, p, layers, meth, opts, maps, out_size, relu, fuse, fwd, read=read)
     raws = result.raws or {}
     detach = bk.ops.detach
     detached = {k: detach(v) for k, v in p.heads.items()}

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ..backends.base import Backend, get_backend, namespace, ops_for
 from ..core.errors import CamlensError, InputError, NonFiniteScoresError, TargetError
-from ..core.layouts import to_map
+from ..core.layouts import from_map, to_map
 from ..core.postprocess import as_float, to_float32
 from ..core.targets import Categories, ResolvedTarget, combine_targets, is_framework_array, resolve_targets, split_outputs
 from ..methods import Method, MethodContext, MethodOutput
@@ -191,7 +191,7 @@ class Pass:
 def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts: dict,
              categories: Categories, top_k: Optional[int], combine: str = "separate",
              layout: Optional[Any] = None, head_keys: Any = None, differentiable: bool = False,
-             backend: Optional[Backend] = None) -> Pass:
+             backend: Optional[Backend] = None, read: Optional[dict] = None) -> Pass:
     """One forward with the layers hooked, the batched backward if needed, then the method's math.
 
     Everything framework-specific goes through ``backend`` (default: the model's, from
@@ -199,7 +199,8 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
     (``needs_grads``, ``needs_linear_head``). ``layout`` carries the precision and memory layout of
     every forward (default: fp32, auto); ``head_keys`` is ``explain(heads=...)``.
     ``differentiable``: the forward records its graph from the input, gradients keep theirs
-    (``create_graph``) and nothing is detached.
+    (``create_graph``) and nothing is detached. ``read``: layer name -> how to read its output
+    (``explain(layout=..., reshape=...)``, :func:`camlens.core.layouts.layer_reads`).
     """
     bk = backend if backend is not None else get_backend(net)
     names = [n for n, _ in layers]
@@ -208,7 +209,7 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
                     full_graph=differentiable) as cap:
         with contextlib.nullcontext() if differentiable else bk.graph(False):
             output = layout.run(x)
-        bk.check_capture(cap, layers, net, x)  # one clear error for any method: (B, C, h, w) of this batch
+        bk.check_capture(cap, layers, net, x, read)  # one clear error for any method: (B, C, h, w) of this batch
         heads = split_outputs(output)
         components = resolve_targets(targets, heads, output, top_k=top_k, categories=categories, head_keys=head_keys)
         rows = combine_targets(components, heads, combine)
@@ -230,10 +231,15 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
 
     acts_f = {n: as_float(a) if differentiable else to_float32(bk.ops.detach(a)) for n, a in zip(names, acts)}
     layouts = getattr(cap, "layouts", None) or {}
+    own = {n: acts_f[n] for n in layouts}  # the layer's own layout, for arrays fed back into it
     for n, lay in layouts.items():  # channels-last / token layers: read as (B, C, h, w), their gradients alike
         acts_f[n] = to_map(acts_f[n], lay)
         if grads is not None:
             grads[n] = to_map(grads[n], lay, lead=2)
+
+    def to_layer(layer: str, maps: Tensor, b: int) -> Tensor:  # (k, C, h, w) read as maps -> the layer's layout
+        lay = layouts.get(layer)
+        return maps if lay is None else from_map(maps, lay, own[layer][b:b + 1])
 
     def linear_head(layer: str, head: Any) -> Tensor:  # the dense layer's weight (K, C) for GAP(layer) -> head
         return bk.linear_head(cap, heads[head], acts_f[layer], layer, net, str(head))
@@ -241,7 +247,7 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
     ctx = MethodContext(inputs=bk.ops.detach(x), layers=names, modules=dict(layers), acts=acts_f, grads=grads, scores=scores,
                         targets=rows, runner=bk.runner(net, score_image, layout),
                         score_all=lambda out: target_scores(rows, split_outputs(out), out), options=opts,
-                        xp=bk.xp, ops=bk.ops, heads=heads, layouts=dict(layouts),
+                        xp=bk.xp, ops=bk.ops, heads=heads, layouts=dict(layouts), to_layer=to_layer,
                         linear_head=linear_head if meth.needs_linear_head else None)
     with bk.graph(differentiable):
         result = meth.compute(ctx)

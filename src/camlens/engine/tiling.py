@@ -27,6 +27,7 @@ import numpy as np
 from ..backends.base import get_backend, namespace, ops_for, to_float32
 from ..core.errors import ConfigError
 from ..core.explanation import Explanation
+from ..core.layouts import layer_reads
 from ..core.postprocess import upsample
 from ..methods import Method, MethodOutput
 from .finish import finish
@@ -214,7 +215,7 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
                   categories: Categories, top_k: Optional[int], fuse: str, relu: bool, upsample_maps: bool,
                   combine: str, aug_smooth: bool, noise_smooth: int, display: Any, tile: TileSpec, overlap: int,
                   tile_batch: int, layout: Any = None, head_keys: Any = None, noise_sigma: float = 0.15,
-                  seed: int = 0) -> Explanation:
+                  seed: int = 0, map_layout: Any = None, reshape: Any = None) -> Explanation:
     """:func:`camlens.explain` tile by tile; called by it when ``tile`` is given (model state held by the caller).
 
     1. Targets: explicit specs are resolved against the output of one tile (head names, class
@@ -236,7 +237,8 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
     A tile at least as large as the image gives exactly the untiled maps for one layer; with
     several layers each layer is min-maxed after upsampling instead of before (close, not equal).
     ``layout`` (the backend's, e.g. :class:`camlens.backends.torch.Layout`; optional) sets the
-    precision and memory layout of every forward, as in the untiled engine.
+    precision and memory layout of every forward, as in the untiled engine; ``map_layout`` and
+    ``reshape`` are ``explain(layout=..., reshape=...)``.
     """
 
     th0, tw0 = check_tiling(tile, overlap, tile_batch)
@@ -247,7 +249,7 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
         kw = dict(layer=layer, meth=meth, opts=opts, categories=categories, top_k=None, fuse=fuse, relu=relu,
                   upsample_maps=True, combine="separate", aug_smooth=False, noise_smooth=noise_smooth,
                   display=display, tile=tile, overlap=overlap, tile_batch=tile_batch, layout=layout,
-                  noise_sigma=noise_sigma, seed=seed)
+                  noise_sigma=noise_sigma, seed=seed, map_layout=map_layout, reshape=reshape)
         base = explain_tiled(net, x, targets, **{**kw, "top_k": top_k, "combine": combine, "head_keys": head_keys})
         rows = base.targets  # resolved (and combined) once, on the plain image
         # as untiled: the augmented views are not noise-smoothed (only the plain pass is)
@@ -269,7 +271,8 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
     names = [n for n, _ in layers]
     layout = layout if layout is not None else bk.layout(net, None, "fp32")
     forward = layout.run
-    extra = {"layout": layout, "backend": bk}
+    read = layer_reads(map_layout, reshape, names)
+    extra = {"layout": layout, "backend": bk, "read": read}
 
     # 1. targets
     if targets is None or top_k is not None or combine == "confidence":  # classes / weights from the mean heads
@@ -310,7 +313,8 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
         res = p.result
         if noise_smooth:  # SmoothGrad per tile: noise scaled by the whole image's range, one generator
             res = noise_smoothed(net, tiles, p, layers, meth, opts, noise_smooth, noise_sigma, seed, layout,
-                                 span=xp.stack([spans[b] for b, _, _ in chunk]), gen=gen)  # type: ignore[index]
+                                 span=xp.stack([spans[b] for b, _, _ in chunk]), gen=gen,  # type: ignore[index]
+                                 read=read)
         heads.add(p.heads, chunk)
         tile_scores = to_float32(p.scores)
         for j, (b, _, _) in enumerate(chunk):

@@ -18,7 +18,7 @@ __all__ = ["noise_smoothed", "aug_smoothed", "AUG_SCALES"]
 
 def noise_smoothed(net: Any, x: Tensor, p: Pass, layers: list, meth: Method, opts: dict, n: int,
                     sigma: float, seed: int, layout: Optional[Any] = None, span: Optional[Tensor] = None,
-                    gen: Optional[Any] = None) -> MethodOutput:
+                    gen: Optional[Any] = None, read: Optional[dict] = None) -> MethodOutput:
     """SmoothGrad-style: the method's raw output averaged over ``n`` noisy copies of each image.
 
     Noise ``N(0, (sigma * (max x_b - min x_b))^2)`` per image; the n*B copies run as one batch
@@ -33,7 +33,7 @@ def noise_smoothed(net: Any, x: Tensor, p: Pass, layers: list, meth: Method, opt
         span = xp.reshape(xp.max(flat, axis=1) - xp.min(flat, axis=1), (B, 1, 1, 1))
     noisy = xp.tile(x, (n, 1, 1, 1))  # copy i of image b at index i * B + b
     noisy = noisy + ops.random(noisy.shape, gen, x, normal=True) * xp.tile(sigma * span, (n, 1, 1, 1))
-    q = run_pass(net, noisy, p.rows * n, layers, meth, opts, None, None, layout=layout).result
+    q = run_pass(net, noisy, p.rows * n, layers, meth, opts, None, None, layout=layout, read=read).result
 
     def avg(t: Optional[Tensor]) -> Optional[Tensor]:
         return None if t is None else xp.mean(xp.reshape(t, (n, B, *t.shape[1:])), axis=0)
@@ -47,7 +47,7 @@ AUG_SCALES = (1.0, 1.1, 0.9)
 
 def aug_smoothed(net: Any, x: Tensor, p: Pass, layers: list, meth: Method, opts: dict, maps: Tensor,
                   size: Optional[tuple[int, int]], relu: bool, fuse: str, layout: Optional[Any] = None,
-                  maps_of: Optional[Any] = None) -> Tensor:
+                  maps_of: Optional[Any] = None, read: Optional[dict] = None) -> Tensor:
     """Test-time augmentation: maps of horizontally flipped and rescaled (x1.1, x0.9) inputs, each
     mapped back in place (resized back, flipped back), averaged with the plain maps and min-maxed.
 
@@ -68,7 +68,7 @@ def aug_smoothed(net: Any, x: Tensor, p: Pass, layers: list, meth: Method, opts:
             if maps_of is not None:
                 m = maps_of(xa)
             else:
-                q = run_pass(net, xa, p.rows, layers, meth, opts, None, None, layout=layout).result
+                q = run_pass(net, xa, p.rows, layers, meth, opts, None, None, layout=layout, read=read).result
                 m = finish(q, tuple(xa.shape[-2:]) if size is not None else None, relu, fuse)
             m = ops.resize(m, (H, W)) if tuple(m.shape[-2:]) != (H, W) else m
             total = total + (xp.flip(m, axis=-1) if flip else m)

@@ -114,6 +114,7 @@ def ablationcam_image(ctx: MethodContext, name: str, b: int, batch_size: int = 3
         k = idx.shape[0]
         copies = xp.asarray(xp.broadcast_to(acts, (k, C, h, w)), copy=True)  # fresh: may be changed in place
         copies = ops.set_at(copies, (xp.arange(k, device=dev), idx), v)  # copy j: channel idx[j] set to v
+        copies = ctx.to_layer(name, copies, b)  # tokens / channels-last layers take them in their own layout
         drops.append(S - ctx.runner.scores_with_layer(ctx.modules[name], copies, x_b, b, batch_size))  # (k, T)
     T = S.shape[0]
     if drops:  # weights[:, c] = the drops of channel c (its place in todo), 0 for channels not ablated
@@ -135,12 +136,6 @@ class AblationCam(Method):
         o = ctx.options
         raws = {}
         for name in ctx.layers:
-            lay = ctx.layouts.get(name)
-            if lay is not None:  # the ablated copies replace the layer's output: they must be in its own layout
-                raise LayerError(f"Ablation-CAM replaces layer {name!r}'s output, which is a {lay.kind} layout "
-                                 f"({'channels-last (B, h, w, C)' if lay.kind == 'nhwc' else 'tokens (B, N, C)'}); "
-                                 "it supports (B, C, h, w) layers only for now. Use method='gradcam' or 'scorecam', "
-                                 "which read this layer, or pick a convolutional layer")
             a = ctx.spatial_acts(name, "Ablation-CAM")
             raws[name] = namespace(a).stack([ablationcam_image(ctx, name, b, o["batch_size"], float(o["ratio"]),
                                                                o["ablation_value"]) for b in range(a.shape[0])])

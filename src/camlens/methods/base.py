@@ -54,8 +54,12 @@ class MethodContext:
             weight ``(K, C)`` of the dense layer mapping ``GAP(layer)`` to that head (an error
             saying why when there is none).
         layouts: layer name -> :class:`camlens.backends.base.MapLayout` for layers whose own
-            output is channels-last or tokens (``acts`` and ``grads`` are already read as
-            ``(B, C, h, w)``; a method that feeds arrays back into the layer needs its layout).
+            output is channels-last or tokens, or that the user's ``layout=`` / ``reshape=`` read
+            (``acts`` and ``grads`` are already read as ``(B, C, h, w)``; a method that feeds
+            arrays back into the layer needs its layout: ``to_layer``).
+        to_layer: ``(layer, maps (k, C, h, w), b) ->`` the same arrays in the layer's own layout
+            (tokens get image b's prefix tokens back), for ``runner.scores_with_layer``; the
+            identity for ``(B, C, h, w)`` layers; an error for a ``reshape=`` function (no inverse).
     """
 
     inputs: Tensor
@@ -73,6 +77,7 @@ class MethodContext:
     heads: Mapping[Any, Tensor] = field(default_factory=dict)
     linear_head: Optional[Callable[[str, Any], Tensor]] = None
     layouts: Mapping[str, Any] = field(default_factory=dict)
+    to_layer: Callable[[str, Tensor, int], Tensor] = lambda layer, maps, b: maps
 
     def spatial_acts(self, name: str, who: str) -> Tensor:
         """Layer ``name``'s activations ``(B, C, h, w)``; a clear error for any other shape.
@@ -82,6 +87,8 @@ class MethodContext:
         """
         a = self.acts[name]
         B, H, W = (int(self.inputs.shape[i]) for i in (0, -2, -1))
+        if name in self.layouts and a.ndim == 4 and a.shape[0] == B:  # read as a map by the engine
+            return a
         why = layout_problem(a.shape, B, (H, W))
         if why is not None:
             raise LayerError(f"{who} needs a (B, C, h, w) feature map with B = {B}; layer {name!r} gave "

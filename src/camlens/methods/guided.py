@@ -21,6 +21,11 @@ ReLU6 (``nn.ReLU6`` / ``F.relu6``, i.e. ``hardtanh(0, 6)``) all reach the same b
 receive ``max(g, 0)`` instead of ``g``. No module is swapped, no hook is registered, nothing in
 the model is modified, and leaving the block (also on an exception) restores plain autograd.
 
+The rule is defined for ReLU networks only. Where the backward also runs another activation's
+kernel (GELU and SiLU in transformers and EfficientNets, Hardswish in MobileNetV3, ...), its
+gradient would pass unguided and the result would be a plain gradient under this method's name:
+that is an error naming the activations, unless ``non_relu="plain"`` (guide the ReLUs only).
+
 Guided Grad-CAM: per target, the guided backprop attributions times the (non-negative) Grad-CAM
 map of the chosen layer upsampled to the input size,
 
@@ -47,6 +52,8 @@ __all__ = ["guided_gradients", "channel_saliency", "upsample_cam", "GuidedBackpr
            "GUIDED_BACKPROP", "GUIDED_GRADCAM"]
 
 _INTERPOLATE = ("nearest", "bilinear")
+_NON_RELU = Option("error", one_of("error", "plain"),
+                   "other activations (GELU, SiLU, ...): 'error', or 'plain' (guide only the ReLUs)")
 
 
 def guided_gradients(ctx: MethodContext) -> Tensor:
@@ -54,7 +61,8 @@ def guided_gradients(ctx: MethodContext) -> Tensor:
 
     One forward of ``ctx.inputs`` and one batched backward (all T targets at once) with guided ReLUs.
     """
-    grads, _ = ctx.runner.input_gradients(ctx.inputs, ctx.score_all, guided=True)
+    grads, _ = ctx.runner.input_gradients(ctx.inputs, ctx.score_all, guided=True,
+                                          non_relu=ctx.options.get("non_relu", "error"))
     return grads
 
 
@@ -113,7 +121,8 @@ GUIDED_BACKPROP = register(GuidedBackprop(
     cost="1 forward + 1 batched backward to the input for all targets",
     needs_grads=False,
     needs_layer=False,
-    options={"clip": Option(0.995, fraction, "a quantile: maps are capped there before min-max")},
+    options={"clip": Option(0.995, fraction, "a quantile: maps are capped there before min-max"),
+             "non_relu": _NON_RELU},
 ))
 
 GUIDED_GRADCAM = register(GuidedGradCam(
@@ -123,5 +132,6 @@ GUIDED_GRADCAM = register(GuidedGradCam(
     needs_grads=True,
     needs_layer=True,
     options={"interpolate": Option("nearest", one_of(*_INTERPOLATE), "how Grad-CAM is upsampled"),
-             "clip": Option(0.995, fraction, "a quantile: maps are capped there before min-max")},
+             "clip": Option(0.995, fraction, "a quantile: maps are capped there before min-max"),
+             "non_relu": _NON_RELU},
 ))

@@ -70,9 +70,10 @@ class TorchBackend:
                 full_graph: bool) -> contextlib.AbstractContextManager:
         return capture(model, layers, grad=grad, linear=linear, full_graph=full_graph)
 
-    def check_capture(self, cap: Any, layers: Sequence[tuple[str, nn.Module]], model: nn.Module, x: Tensor) -> None:
+    def check_capture(self, cap: Any, layers: Sequence[tuple[str, nn.Module]], model: nn.Module, x: Tensor,
+                      read: Optional[Any] = None) -> None:
         check_calls(cap, layers)
-        check_layer_outputs(cap, layers, model, x)
+        check_layer_outputs(cap, layers, model, x, read)
 
     def target_gradients(self, scores: Tensor, acts: Sequence[Tensor], names: Sequence[str], labels: Sequence[str], *,
                          create_graph: bool = False) -> list[Tensor]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ...core.errors import LayerError, LayerRuntimeError, LayerTypeError
-from ..base import MapLayout, grid_fits, layout_problem, read_layout
-from .probing import _is_attention, _strict_ancestors, probe_layers
+from ..base import MapLayout, grid_fits, layout_problem, override_layout
+from .probing import _is_attention, _strict_ancestors, map_layout, probe_layers, token_prefix
 from .state import first_tensor
 
 @dataclass
@@ -156,15 +156,6 @@ def _can_tap(model: nn.Module, name: str, mod: nn.Module) -> bool:
     return not any(isinstance(a, _REPLICATING) or "_orig_mod" in a._modules for a in chain)
 
 
-def _token_prefix(model: nn.Module) -> Optional[int]:
-    """The model's count of prefix tokens (class, distillation, register) where it says: timm's
-    ``num_prefix_tokens``, torchvision ViT's ``class_token`` (one); ``None`` otherwise."""
-    n = model.__dict__.get("num_prefix_tokens")
-    if isinstance(n, int) and not isinstance(n, bool):
-        return n
-    return 1 if "class_token" in model._parameters else None
-
-
 def check_calls(cap: Capture, layers: Sequence[tuple[str, nn.Module]]) -> None:
     """Raise a clear error for layers that did not run, or ran more than once, in the forward."""
     for name, mod in layers:
@@ -178,24 +169,28 @@ def check_calls(cap: Capture, layers: Sequence[tuple[str, nn.Module]]) -> None:
                                "runs once, such as the block or norm layer around it")
 
 
-def check_layer_outputs(cap: Capture, layers: Sequence[tuple[str, nn.Module]], model: nn.Module, x: Tensor) -> None:
+def check_layer_outputs(cap: Capture, layers: Sequence[tuple[str, nn.Module]], model: nn.Module, x: Tensor,
+                        read: Optional[Mapping[str, Any]] = None) -> None:
     """Raise one clear error when a captured layer output is not a ``(B, C, h, w)`` map of the input's batch.
 
     Shared by every layer method, before it runs: vectors ``(B, C)``, tokens ``(B, N, C)``,
     channels-last ``(B, h, w, C)`` maps (see :func:`looks_channels_last`) and outputs whose
     leading dimension is not the batch (per proposal / window) are refused, never misread. The
     message names the layer, the shape seen, what camlens needs and layers that would work (from a
-    probe forward, run only on this error path, after the capture hooks are removed).
+    probe forward, run only on this error path, after the capture hooks are removed). ``read``:
+    layer name -> the layout the user gave (``explain(layout=..., reshape=...)``), used instead.
     """
     B, size = int(x.shape[0]), (int(x.shape[-2]), int(x.shape[-1]))
     for name, mod in layers:
         t = cap.activations.get(name)
         if t is None:
             continue
+        if read is not None and name in read:  # explain(layout=..., reshape=...): the user's reading
+            cap.layouts[name] = override_layout(read[name], tuple(t.shape), B, size, token_prefix(model), name)
+            continue
         why = layout_problem(t.shape, B, size)
         if why is not None:
-            hint = _token_prefix(model)
-            lay = (read_layout(t.shape, B, size, hint) if hint is not None else None) or read_layout(t.shape, B, size)
+            lay = map_layout(tuple(t.shape), B, size, token_prefix(model))
             if lay is not None:  # channels-last or tokens: read as (B, C, h, w) by the engine
                 cap.layouts[name] = lay
                 continue

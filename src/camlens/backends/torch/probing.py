@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ...core.errors import LayerError
-from ..base import layout_problem, looks_channels_last
+from ..base import MapLayout, layout_problem, looks_channels_last, read_layout
 from .state import first_tensor, model_state
 
 _PROBE_BATCH = 2  # the probe runs 2 images, so that a leading dimension that is not the batch shows
@@ -57,12 +57,13 @@ class LayerProbe:
     records: list[LayerRecord]
     layer: Optional[str] = None
     error: Optional[str] = None
+    family: str = "cnn"  # how the layer was picked: "cnn", "vit" (tokens), "swin" (channels-last), "tokens"
 
     def candidates(self, n: int = 5) -> list[str]:
         """The ``n`` deepest candidate layer names, deepest first (the chosen layer first), without
         pieces of a listed block with its shape (``layer4``, ``layer3``, not ``layer4``, ``layer4.1``)."""
         good = [r for r in reversed(self.records) if r.reason is None]
-        good.sort(key=lambda r: r.fragment)  # stable: whole blocks before fragments
+        good.sort(key=lambda r: (r.name != self.layer, r.fragment))  # stable: the pick, whole blocks, fragments
         out: list[LayerRecord] = []
         for r in good:
             if len(out) < n and not any(r.name.startswith(o.name + ".") and r.shape == o.shape for o in out):
@@ -97,7 +98,16 @@ def _tensor_leaves(out: Any) -> list[Tensor]:
 
 
 def _is_attention(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.MultiheadAttention) or "attention" in type(mod).__name__.lower()
+    """An attention module: ``nn.MultiheadAttention``, a class named ``*Attention*`` / ``*Attn*``
+    (timm's ``Attention``, CaiT's ``TalkingHeadAttn``, Twins' ``GlobalSubSampleAttn``, Swin's
+    ``WindowAttention``) but not a ``*Block*`` / ``*Stage*``, or one with a fused ``qkv`` projection
+    (XCiT's ``XCA``)."""
+    if isinstance(mod, nn.MultiheadAttention):
+        return True
+    kind = type(mod).__name__.lower()
+    if "block" in kind or "stage" in kind:  # a transformer block named after its attention (CaiT's ...BlockClassAttn)
+        return False
+    return "attention" in kind or "attn" in kind or isinstance(mod._modules.get("qkv"), nn.Linear)
 
 
 def probe_layers(model: nn.Module, x: Tensor) -> LayerProbe:
@@ -118,9 +128,11 @@ def probe_layers(model: nn.Module, x: Tensor) -> LayerProbe:
       module (e.g. a segmentation ``classifier``) unless it holds the whole network,
 
     preferring a whole block over a piece of a block whose own output has no grid left (resnet50
-    on a 32x32 input: ``layer3``, not ``layer4.0.bn1``). When the last such layer is followed by
-    many token or channels-last modules (more than the maps before it) it is a patch-embedding
-    stem (ViT, Mixer, Swin): no layer is chosen, and ``error`` says why. Model state and hooks are
+    on a 32x32 input: ``layer3``, not ``layer4.0.bn1``). A token-based network (most modules after
+    the last such layer output tokens or channels-last maps, or that layer is a reshape at the end of
+    one, as torchvision Swin's ``permute``) gets its transformer layer instead
+    (:func:`_transformer_layer`: ViT-like, Swin-like, token MLPs; ``LayerProbe.family``); one with none
+    gets no layer, and ``error`` says why. Model state and hooks are
     restored.
     """
     xs = x[:_PROBE_BATCH] if x.shape[0] >= _PROBE_BATCH else torch.cat([x[:1]] * _PROBE_BATCH)
@@ -213,26 +225,119 @@ def _choose(p: LayerProbe, named: dict[str, nn.Module]) -> None:
     whole = [r for r in good if not r.fragment]
     pick = (whole or good or [None])[-1]
     misses = "; ".join(r.describe() for r in p.near_misses())
-    if pick is None:
-        p.error = (f"no module of the model outputs a (B, C, h, w) feature map that camlens can use for a "
-                   f"{size[0]}x{size[1]} input -- it needs a layer that runs once, "
-                   "keeps the batch axis, has h*w > 1 and is not the output head or inside an attention block. "
-                   f"Deepest modules (shapes at a probe batch of {B}): {misses or 'none'}. Pass layer= explicitly "
-                   "(token and channels-last transformer layouts are not supported yet)")
+    after = [] if pick is None else [
+        r for r in p.records if r.order > pick.order and not r.name.startswith(pick.name + ".")
+        and r.shape is not None and r.shape[0] == B
+        and ((len(r.shape) == 3 and r.shape[1] > 1) or looks_channels_last(r.shape, size))]
+    maps_before = sum(1 for r in spatial if pick is not None and r.order <= pick.order)
+    tok = _transformer_layer(p, named)
+    stem = len(after) >= _STEM_TOKENS and len(after) > maps_before  # mostly tokens after it
+    if tok is not None and (pick is None or stem or (tok[1] != "tokens" and (
+            by_name[tok[2]].order > pick.order or _reshape_only(named[pick.name])))):
+        p.layer, p.family = tok[0], tok[1]
         return
-    after = [r for r in p.records if r.order > pick.order and not r.name.startswith(pick.name + ".")
-             and r.shape is not None and r.shape[0] == B
-             and ((len(r.shape) == 3 and r.shape[1] > 1) or looks_channels_last(r.shape, size))]
-    maps_before = sum(1 for r in spatial if r.order <= pick.order)
-    if len(after) >= _STEM_TOKENS and len(after) > maps_before:  # mostly tokens after it (not a CNN + small RNN)
+    if pick is None:
+        p.error = (f"no module of the model outputs a feature map that camlens can use for a "
+                   f"{size[0]}x{size[1]} input -- it needs a layer that runs once, keeps the batch axis, "
+                   "outputs a (B, C, h, w) map with h*w > 1, channels-last (B, h, w, C) or tokens (B, N, C) on a "
+                   "patch grid, and is not the output head or inside an attention block. "
+                   f"Deepest modules (shapes at a probe batch of {B}): {misses or 'none'}. Pass layer= explicitly")
+        return
+    if len(after) >= _STEM_TOKENS and len(after) > maps_before:
         p.error = (f"it is token-based: after its patch-embedding stem {pick.name!r} ({pick.kind}, "
                    f"{tuple(pick.shape)}), {len(after)} modules output tokens (B, N, C) or channels-last "
-                   f"(B, h, w, C) maps (the last: {after[-1].name} {tuple(after[-1].shape)}), which camlens cannot "
-                   "read yet (transformer layouts are not supported yet), and a CAM of the stem says nothing "
-                   f"about the network. Pass layer= explicitly (layer={pick.name!r} runs but explains only the "
-                   "stem), or use an input-space method: method='occlusion' or 'guided_backprop'")
+                   f"(B, h, w, C) maps (the last: {after[-1].name} {tuple(after[-1].shape)}), but none of them runs "
+                   "once with the batch axis on a patch grid that fits the input, and a CAM of the stem says "
+                   f"nothing about the network. Pass layer= explicitly (with layout= or reshape= if camlens cannot "
+                   "read its output), or use an input-space method such as method='occlusion'")
         return
     p.layer = pick.name
+
+
+def token_prefix(model: nn.Module) -> Optional[int]:
+    """The model's count of prefix tokens (class, distillation, register) where it says: timm's
+    ``num_prefix_tokens``, torchvision ViT's ``class_token`` (one); ``None`` otherwise."""
+    n = model.__dict__.get("num_prefix_tokens")
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    return 1 if "class_token" in model._parameters else None
+
+
+def map_layout(shape: Optional[tuple[int, ...]], batch: int, size: tuple[int, int],
+               prefix: Optional[int]) -> Optional[MapLayout]:
+    """The channels-last / token layout of a module output (the model's prefix count first), or ``None``."""
+    if shape is None:
+        return None
+    return (read_layout(shape, batch, size, prefix) if prefix is not None else None) or read_layout(shape, batch, size)
+
+
+def _transformer_layer(p: LayerProbe, named: dict[str, nn.Module]) -> Optional[tuple[str, str, str]]:
+    """The default layer of a token-based network, its family and its last attention block (the
+    block's record decides whether the network ends in transformer blocks), or ``None``.
+
+    * ViT-like (tokens ``(B, N, C)``: ViT, DeiT, BEiT, EVA, CaiT, XCiT, Twins, EfficientFormer's last
+      stage): the input norm of the last attention block (timm ``blocks[-1].norm1``, torchvision
+      ``encoder.layers[-1].ln_1``), as pytorch-grad-cam's and the Chefer et al. / vit-explain docs
+      recommend: a class-token head reads the patch tokens only through that block's attention, so a
+      later layer (the final norm) gets no gradient on the patches and gives a blank map.
+    * Swin-like (channels-last ``(B, h, w, C)``): the last stage (timm ``layers[-1]``, torchvision
+      ``features[-1]``): the stage container around the last attention block.
+    * Token models without attention (MLP-Mixer, ResMLP): the deepest token layer (their head
+      averages all tokens, so every patch gets a gradient there).
+
+    Candidates run once, keep the batch axis, are not inside an attention block and read as a map
+    (:func:`map_layout`). The last attention block is the nearest ancestor of the last attention
+    module to run whose output is such a map (Swin's windowed blocks are ``(B*nW, n, C)`` inside but
+    ``(B, h, w, C)`` outside)."""
+    B, size = p.batch, p.size
+    prefix = token_prefix(named[""])
+    by_name = {r.name: r for r in p.records}
+
+    def readable(r: LayerRecord) -> Optional[MapLayout]:
+        if r.calls != 1 or r.shape is None or any(_is_attention(named[a]) for a in _strict_ancestors(r.name)):
+            return None
+        if _is_attention(named[r.name]):
+            return None
+        return map_layout(r.shape, B, size, prefix)
+
+    maps = {r.name: lay for r in p.records if (lay := readable(r)) is not None}
+    for r in p.records:  # such layers are candidates now (error hints list them)
+        if r.name in maps:
+            r.reason = None
+    attn = [r for r in p.records if _is_attention(named[r.name])
+            and not any(_is_attention(named[a]) for a in _strict_ancestors(r.name))]
+    if not attn:
+        if not maps:
+            return None
+        last = max((by_name[n] for n in maps), key=lambda r: r.order)
+        return last.name, "tokens", last.name
+    last = attn[-1]
+    parent = last.name.rpartition(".")[0]  # the last attention block (its input norm: a child that runs before)
+    kids = [by_name[n] for n in maps if n.rpartition(".")[0] == parent and maps[n].kind == "tokens"]
+    norms = [r for r in kids if "norm" in r.kind.lower() and r.order < last.order]
+    if norms and parent:  # ViT-like (also CaiT / XCiT class-attention blocks, whose own output is the class token)
+        return min(norms, key=lambda r: r.order).name, "vit", parent
+    block = next((a for a in _strict_ancestors(last.name) if a in maps), None)
+    if block is None:
+        return None
+    if maps[block].kind == "tokens":  # no input norm (LeViT): the block's output
+        return block, "vit", block
+    stage = block  # channels-last: climb to the stage holding the block (same shape, finishing right after it)
+    for a in _strict_ancestors(block):
+        r, cur = by_name.get(a), by_name[stage]
+        if a not in maps or r is None or r.shape != cur.shape or r.order != cur.order + 1:
+            break
+        kids = [by_name[n] for n in by_name if n.startswith(a + ".") and "." not in n[len(a) + 1:]]
+        if any(k.shape != cur.shape for k in kids):  # a list of stages with different grids: stop below it
+            break
+        stage = a
+    return stage, "swin", block
+
+
+def _reshape_only(mod: nn.Module) -> bool:
+    """A module with no parameters and no children (a permute, flatten, identity): an NCHW layer
+    of that kind at the end of a transformer is a view of its last stage, not a CNN feature map."""
+    return not mod._modules and not mod._parameters
 
 
 def probe(model: nn.Module, x: Tensor) -> tuple[Optional[str], Any]:

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ...core.errors import ModelError
 from .gradients import _is_vmap_error
 from .guided import GuidedReLU
 from .layout import Layout
@@ -64,18 +65,23 @@ class Runner:
                 handle.remove()
         return torch.cat(out)
 
-    def input_gradients(self, x: Tensor, b_scores: Callable[[Any], Tensor], guided: bool = False) -> tuple[Tensor, Tensor]:
+    def input_gradients(self, x: Tensor, b_scores: Callable[[Any], Tensor], guided: bool = False,
+                        non_relu: str = "error") -> tuple[Tensor, Tensor]:
         """Gradients of the scores w.r.t. the input: ``(B, T, C, H, W)`` and the scores ``(B, T)``.
 
         ``b_scores(output) -> (B, T)``; with ``guided=True`` every ReLU's backward is guided
         (see :class:`GuidedReLU`). One forward; the T targets share one batched backward.
+        A guided backward through other activations (GELU, SiLU, Hardswish, ...) raises a
+        :class:`~camlens.core.errors.ModelError` unless ``non_relu="plain"`` (they pass their plain
+        gradient: guided only at the ReLUs).
         """
         with torch.enable_grad():
             xi = x.detach().requires_grad_(True)
             scores = b_scores(self._forward(xi))
             B, T = scores.shape
             eye = torch.eye(T, dtype=scores.dtype, device=scores.device)[:, None, :].expand(T, B, T)
-            with (GuidedReLU() if guided else contextlib.nullcontext()):
+            mode = GuidedReLU() if guided else None
+            with (mode if mode is not None else contextlib.nullcontext()):
                 if T == 1:
                     g = torch.autograd.grad(scores, xi, grad_outputs=eye[0])[0].unsqueeze(0)
                 else:
@@ -87,4 +93,11 @@ class Runner:
                             raise
                         g = torch.stack([torch.autograd.grad(scores[:, t].sum(), xi, retain_graph=t < T - 1)[0]
                                          for t in range(T)])
+        if mode is not None and mode.unguided and non_relu != "plain":
+            kinds = ", ".join(sorted(mode.unguided))
+            raise ModelError(f"guided backpropagation is defined for ReLU networks (Springenberg et al.), but this "
+                             f"model's backward also runs {kinds}: their gradients would pass unguided, a plain "
+                             "gradient under guided backprop's name. Use method='gradcam' (or another CAM), "
+                             "'occlusion' or 'scorecam' on this model, or non_relu='plain' to guide only its ReLUs "
+                             "and pass the other activations' gradients as they are")
         return g.transpose(0, 1), scores.detach()
