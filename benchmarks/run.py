@@ -525,6 +525,58 @@ def multihead(s: Setup) -> list[dict[str, Any]]:
                      bound=("forward+grad", forward_grad(model, layer, x, lambda o: o["a"][0, 0])), note=note)]
 
 
+def _vit(s: Setup) -> nn.Module:
+    """torchvision ViT-B/16 (``--smoke``: a 2-block ViT on 64x64), random weights from seed 0; its head,
+    which torchvision initialises to zero (every gradient 0), re-drawn N(0, 0.02^2)."""
+    key = "vit-smoke" if s.smoke else "vit_b_16"
+    if key not in s.models:
+        import torchvision
+
+        torch.manual_seed(0)
+        net = (torchvision.models.VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=4,
+                                                    hidden_dim=64, mlp_dim=128) if s.smoke
+               else torchvision.models.vit_b_16())
+        nn.init.normal_(net.heads.head.weight, std=0.02)
+        s.models[key] = net.eval().to(s.device)
+    return s.models[key]
+
+
+@case("vit-b16-gradcam-10t")
+def vit_gradcam_10t(s: Setup) -> list[dict[str, Any]]:
+    """Grad-CAM of 10 classes of one image on a ViT-B/16 at the input norm of its last block (camlens'
+    ``layer=None``): camlens reads the tokens itself, pytorch-grad-cam gets its documented
+    ``reshape_transform`` (drop the class token, 14x14 grid, channels first)."""
+    model = _vit(s)
+    x, classes = s.x(), _classes(10)
+    layer_name = f"encoder.layers.encoder_layer_{len(model.encoder.layers) - 1}.ln_1"
+    layer = _module(model, layer_name)
+    g = s.size // 16
+
+    def reshape(t: Tensor) -> Tensor:
+        return t[:, 1:, :].reshape(t.size(0), g, g, t.size(2)).permute(0, 3, 1, 2)
+
+    def pgc() -> Any:
+        import pytorch_grad_cam
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        with pytorch_grad_cam.GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+            return cam(input_tensor=x.expand(len(classes), -1, -1, -1),
+                       targets=[ClassifierOutputTarget(c) for c in classes])
+
+    note = ("random weights (head re-drawn: torchvision starts it at zero); torchcam and captum have no token "
+            "reading (their Grad-CAM averages over the token axis of a (B, N, C) layer), so they are not run")
+    extra = {"camlens 1 target": lambda: camlens.explain(model, x, targets=classes[:1], layer=layer_name).maps}
+    row = _measure(s, "vit-b16-gradcam-10t", f"{'ViT (2 blocks)' if s.smoke else 'ViT-B/16'} {s.size}² Grad-CAM "
+                   f"last block's ln_1, 10 targets",
+                   lambda: camlens.explain(model, x, targets=classes).maps, {PGC: Peer(pgc)}, s.reps("heavy"),
+                   bound=("forward+grad", forward_grad(model, layer, x, lambda o: o[0, classes[0]])),
+                   extra=extra, note=note)
+    r = row["camlens"]["median_s"] / row["extra"]["camlens 1 target"]["median_s"]
+    row["camlens_T_over_1"] = r
+    row["note"] = f"camlens 10 targets / 1 target = {r:.2f}; bound is for 1 target; " + note
+    return [row]
+
+
 def _cam_rows(s: Setup, name: str, upsample: bool) -> list[dict[str, Any]]:
     """CAM for every class of one image. torchcam's fastest way: ``compute_cams`` with the list of all classes
     (its one image's features broadcast over the class weights); also its documented per-class loop."""

@@ -25,6 +25,7 @@ EXPECTED = {
     "layercam-layer3": {PGC, TC},
     "batch32-top1": {PGC, TC, CAPTUM},
     "tiny-cnn-overhead": {PGC, TC, CAPTUM},
+    "vit-b16-gradcam-10t": {PGC},
     "option-channels_last": set(),
     "option-bf16": set(),
 }
@@ -64,3 +65,22 @@ def test_smoke_run_agrees_and_writes_results(tmp_path):
             assert any(r["case"] == name and set(r["peers"]) == peers for r in rows), name
     table = (tmp_path / "cpu.md").read_text()
     assert table.count("\n| ") == len(rows) + 1  # header + one line per row
+
+
+@pytest.mark.slow
+def test_sweep_smoke_picks_and_agrees(tmp_path):
+    """The zero-configuration sweep's smoke part: a CNN, a timm ViT and torchvision's Swin at 64x64 with
+    no option: the recommended layer, its layout, maps within 1e-4 of pytorch-grad-cam + its hand-written
+    reshape_transform, non-degenerate."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sweep", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "sweep-cpu-smoke.json").read_text())["rows"]
+    got = {r["arch"].split()[0]: (r["layer"], r["layout"], r["check"]) for r in rows}
+    assert got == {"resnet18": ("layer4", "nchw", "layout"),
+                   "vit_tiny_patch16": ("blocks.11.norm1", "tokens (prefix 1, grid 4x4)", "hand"),
+                   "swin_t": ("features.7", "nhwc", "hand")}
+    for r in rows:
+        assert r["ok"] and r["diff"] < 1e-4 and r["std"] > 0.05, r
+    table = (tmp_path / "sweep-cpu-smoke.md").read_text()
+    assert "3 / 3 ok" in table and table.count("\n| ") == len(rows) + 1

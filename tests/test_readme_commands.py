@@ -400,7 +400,7 @@ def _defined_and_free(code: str) -> Tuple[set, set]:
     defined: set = set()
     free: set = set()
     for stmt in tree.body:  # statement by statement, so `x = f(x)` reads the earlier x
-        reads, writes = set(), set()
+        reads, writes, local = set(), set(), set()
         for node in ast.walk(stmt):
             if isinstance(node, ast.Name):
                 (reads if isinstance(node.ctx, ast.Load) else writes).add(node.id)
@@ -408,10 +408,10 @@ def _defined_and_free(code: str) -> Tuple[set, set]:
                 writes.update((a.asname or a.name).split(".")[0] for a in node.names)
             elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 writes.add(node.name)
-            elif isinstance(node, ast.arg):
-                writes.add(node.arg)
-        free |= {n for n in reads - defined if not hasattr(builtins, n)} - writes
-        defined |= writes
+            elif isinstance(node, ast.arg):  # a function's parameter: read inside it, not defined by the block
+                local.add(node.arg)
+        free |= {n for n in reads - defined if not hasattr(builtins, n)} - writes - local
+        defined |= writes - (local if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) else set())
     return defined, free
 
 
