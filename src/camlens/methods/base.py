@@ -56,6 +56,13 @@ class MethodContext:
         layouts: layer name -> :class:`camlens.backends.base.MapLayout` for layers whose own
             output is channels-last or tokens (``acts`` and ``grads`` are already read as
             ``(B, C, h, w)``; a method that feeds arrays back into the layer needs its layout).
+        attention: for methods that declare ``needs_attention``: the attention probabilities
+            ``(B, heads, N, N)`` of every attention call of the forward, in call order.
+        attention_grads: with ``needs_attention`` and ``needs_grads``: per call, the gradients
+            ``(B, T, heads, N, N)`` of the T target scores w.r.t. those probabilities (one batched
+            backward with the layers' gradients).
+        attention_layout: the attention tokens' :class:`camlens.backends.base.MapLayout`:
+            ``prefix`` class / register tokens first, then the ``grid`` ``(h, w)`` patches row by row.
     """
 
     inputs: Tensor
@@ -73,6 +80,9 @@ class MethodContext:
     heads: Mapping[Any, Tensor] = field(default_factory=dict)
     linear_head: Optional[Callable[[str, Any], Tensor]] = None
     layouts: Mapping[str, Any] = field(default_factory=dict)
+    attention: Optional[list] = None
+    attention_grads: Optional[list] = None
+    attention_layout: Any = None
 
     def spatial_acts(self, name: str, who: str) -> Tensor:
         """Layer ``name``'s activations ``(B, C, h, w)``; a clear error for any other shape.
@@ -122,6 +132,9 @@ class Method:
             that ``ctx.linear_head`` can find the GAP + dense head (CAM).
         differentiable: its maths is plain differentiable tensor code on the activations and
             gradients, so ``explain(..., differentiable=True)`` can return maps with a graph.
+        needs_attention: the engine records the attention probabilities of every attention call
+            of the forward (``ctx.attention``) and, with ``needs_grads``, the target gradients
+            w.r.t. them (``ctx.attention_grads``); for transformers only.
         options: option name -> :class:`camlens.registry.Option` (default, check, doc) or a plain
             default; accepted as keyword arguments by ``camlens.explain``.
     """
@@ -134,6 +147,7 @@ class Method:
     options: Mapping[str, Any] = field(default_factory=dict)
     differentiable: bool = False
     needs_linear_head: bool = False
+    needs_attention: bool = False
 
     def compute(self, ctx: MethodContext) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError(f"method {self.name!r} has no compute()")
