@@ -380,3 +380,22 @@ def test_methods_registered():
     assert ms["attention_relevance"].needs_attention and ms["attention_relevance"].needs_grads
     assert not ms["attention_rollout"].needs_layer and not ms["gradcam"].needs_attention
     assert camlens.methods.get_method("attention_rollout").defaults == {"head_fusion": "mean", "discard_ratio": 0.0}
+
+
+@pytest.mark.parametrize("meth", ["attention_rollout", "attention_relevance"])
+def test_differentiable_maps_match_finite_differences(meth):
+    """differentiable=True: the same maps, with a graph to the input whose gradient is the true one."""
+    m = tv_vit()
+    x = _inputs(32).requires_grad_(True)
+    exp = camlens.explain(m, x, targets=[1, 4], method=meth, differentiable=True, relu=False)
+    plain = camlens.explain(m, x.detach(), targets=[1, 4], method=meth, relu=False)
+    assert exp.raw.requires_grad and _rel_err(exp.raw.detach(), plain.raw) < 1e-6
+    (g,) = torch.autograd.grad(exp.raw.sum(), x)
+    d = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+
+    def total(z):
+        return float(camlens.explain(m, z, targets=[1, 4], method=meth, differentiable=True, relu=False).raw.sum())
+
+    fd = (total(x.detach() + 1e-6 * d) - total(x.detach() - 1e-6 * d)) / 2e-6
+    assert abs(float((g * d).sum()) - fd) < 1e-6 * max(1.0, abs(fd))
+    assert all(p.grad is None for p in m.parameters())

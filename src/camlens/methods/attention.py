@@ -149,6 +149,7 @@ ATTENTION_ROLLOUT = register(AttentionRollout(
     needs_grads=False,
     needs_layer=False,
     needs_attention=True,
+    differentiable=True,
     options={"head_fusion": Option("mean", one_of(*HEAD_FUSIONS), "how the heads' attention is fused"),
              "discard_ratio": Option(0.0, _discard_ratio, "fraction of each block's smallest fused attention "
                                                           "entries set to 0")},
@@ -162,4 +163,5 @@ ATTENTION_RELEVANCE = register(AttentionRelevance(
     needs_grads=True,
     needs_layer=False,
     needs_attention=True,
+    differentiable=True,
 ))
