@@ -362,6 +362,7 @@ class Windows(nn.Module):
 
 def test_clear_errors():
     x = torch.randn(2, 3, 32, 32)
+    sdpa, mha = F.scaled_dot_product_attention, F.multi_head_attention_forward
     cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     for meth in ("attention_rollout", "attention_relevance"):
         with pytest.raises(LayerError, match="no attention call.*torchvision ViT.*gradcam"):
@@ -372,6 +373,27 @@ def test_clear_errors():
         camlens.explain(tv_vit(), _inputs(32), method="attention_rollout", head_fusion="median")
     with pytest.raises(CamlensError, match=r"discard_ratio must be a number in \[0, 1\)"):
         camlens.explain(tv_vit(), _inputs(32), method="attention_rollout", discard_ratio=1.0)
+    assert F.scaled_dot_product_attention is sdpa and F.multi_head_attention_forward is mha  # restored after errors
+    assert torch.backends.mha.get_fastpath_enabled() and torch.is_grad_enabled()
+
+
+def test_maths_runs_on_numpy_arrays():
+    """The methods are array-API maths: NumPy arrays give the torch results."""
+    from camlens.backends.base import MapLayout
+    from camlens.methods.attention import attention_relevance, attention_rollout
+
+    g = torch.Generator().manual_seed(3)
+    att = [torch.softmax(torch.randn(2, 3, 10, 10, generator=g, dtype=torch.float64), -1) for _ in range(3)]
+    grads = [torch.randn(2, 4, 3, 10, 10, generator=g, dtype=torch.float64) for _ in range(3)]
+    lay = MapLayout("tokens", (3, 3), 1)
+    for fusion, discard in [("mean", 0.0), ("min", 0.5)]:
+        t = attention_rollout(att, lay, fusion, discard)
+        n = attention_rollout([a.numpy() for a in att], lay, fusion, discard)
+        assert isinstance(n, np.ndarray) and n.shape == (2, 3, 3) and np.abs(n - t.numpy()).max() < 1e-12
+        assert np.abs(t.numpy() - rollout_reference(att, 1, (3, 3), fusion, discard)).max() < 1e-12
+    t = attention_relevance(att, grads, lay)
+    n = attention_relevance([a.numpy() for a in att], [q.numpy() for q in grads], lay)
+    assert n.shape == (2, 4, 3, 3) and np.abs(n - t.numpy()).max() < 1e-12
 
 
 def test_methods_registered():
