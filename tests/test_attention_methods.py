@@ -416,7 +416,7 @@ def test_differentiable_maps_match_finite_differences(meth):
     d = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
 
     def total(z):
-        return float(camlens.explain(m, z, targets=[1, 4], method=meth, relu=False).raw.sum())
+        return float(camlens.explain(m, z, targets=[1, 4], method=meth, differentiable=True, relu=False).raw.detach().sum())
 
     fd = (total(x.detach() + 1e-6 * d) - total(x.detach() - 1e-6 * d)) / 2e-6
     assert abs(float((g * d).sum()) - fd) < 1e-6 * max(1.0, abs(fd))
