@@ -149,7 +149,10 @@ def test_cli_method_all_and_options(tmp_path):
     assert res.exit_code == 0, res.output
     s = json.loads((out / "summary.json").read_text())
     entry = s["images"][0]
-    assert set(entry["methods"]) == set(camlens.available_methods()) and not entry["skipped"]
+    transformer_only = {n for n, m in camlens.available_methods().items() if m.needs_attention}  # a CNN: skipped
+    assert set(entry["methods"]) == set(camlens.available_methods()) - transformer_only and transformer_only
+    assert set(entry["skipped"]) == transformer_only
+    assert all("no attention call" in why for why in entry["skipped"].values())
     assert Image.open(out / entry["methods_grid"]).size[0] > 800
     res = CliRunner().invoke(app, ["explain", str(tmp_path / "a.png"), "--model", f"{tmp_path / 'small.py'}:build",
                                    "--method", "occlusion", "--option", "nonsense=1", "--out", str(out)])

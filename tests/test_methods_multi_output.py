@@ -17,10 +17,25 @@ class Trunk(nn.Module):
         return self.features(x)
 
 
-class TwoHead(nn.Module):
+class TokenTrunk(nn.Module):
+    """For the transformer methods (``needs_attention``): class token + 4x4 patches through one
+    ``nn.TransformerEncoderLayer``; the class token out as a (B, 12, 1, 1) map."""
+
     def __init__(self):
         super().__init__()
-        self.trunk = Trunk()
+        self.embed = nn.Conv2d(3, 12, 4, stride=4)
+        self.cls = nn.Parameter(0.5 * torch.randn(1, 1, 12))
+        self.block = nn.TransformerEncoderLayer(12, 2, dim_feedforward=24, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.block(torch.cat([self.cls.expand(len(t), -1, -1), t], dim=1))[:, 0, :, None, None]
+
+
+class TwoHead(nn.Module):
+    def __init__(self, trunk=None):
+        super().__init__()
+        self.trunk = trunk if trunk is not None else Trunk()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.shape = nn.Linear(12, 4)
         self.colour = nn.Linear(12, 3)
@@ -48,7 +63,7 @@ FAST = {"occlusion": {"patch": 4, "stride": 4}, "scorecam": {"batch_size": 16}, 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_per_head_equals_single_head_model(method):
     torch.manual_seed(0)
-    two = TwoHead().eval()
+    two = TwoHead(TokenTrunk() if camlens.methods.get_method(method).needs_attention else None).eval()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     opts = {k: v for k, v in FAST.get(method, {}).items() if k in camlens.methods.get_method(method).options}
     exp = camlens.explain(two, x, targets=["shape:1", "colour:2", "shape:3"], layer="trunk", method=method, **opts)

@@ -105,6 +105,23 @@ class _TinyFCN(nn.Module):
         return self.fc(self.body(x).mean((2, 3)))
 
 
+class _TinyViT(nn.Module):
+    """For the transformer methods: 4x4 patches + class token, one encoder layer, no position
+    embedding (so any input size runs), head on the class token; 10 classes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Conv2d(3, 16, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 16))
+        self.block = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.fc(self.block(torch.cat([self.cls.expand(len(t), -1, -1), t], dim=1))[:, 0])
+
+
 @pytest.mark.parametrize("kw", [dict(targets=[3, 9], layer="layer3"), dict(top_k=2, layer="layer4"),
                                 dict(targets=[[1], [7]], layer="layer4", method="gradcampp"),
                                 dict(targets=5, method="guided_backprop")])
@@ -209,7 +226,8 @@ def test_tiled_gradcam_matches_untiled_on_a_trained_fully_convolutional_model():
 @pytest.mark.parametrize("method", sorted(camlens.available_methods()))
 def test_every_method_runs_tiled_and_gives_full_size_maps(method):
     layer = {"cam": "body", "guided_gradcam": "body.2"}.get(method, ["body.2", "body.4"])  # one-layer methods
-    exp = camlens.explain(_TinyFCN(), _x(1, 64), targets=[1, 4], layer=layer, method=method, tile=40, overlap=8)
+    net = _TinyViT() if camlens.methods.get_method(method).needs_attention else _TinyFCN()
+    exp = camlens.explain(net, _x(1, 64), targets=[1, 4], layer=layer, method=method, tile=40, overlap=8)
     assert exp.maps.shape == (1, 2, 64, 64) and exp.raw.shape == (1, 2, 64, 64)
     peaks = exp.maps.amax((-2, -1))  # 1, or 0 for a map with no positive evidence (occlusion, target 4)
     assert exp.maps.min() >= 0 and ((peaks - 1).abs() < 1e-6).logical_or(peaks == 0).all() and peaks.max() == 1

@@ -229,15 +229,22 @@ class Backend(Protocol):
         """The forward runner of a call: ``.run(x, score_only=False)`` under its precision/layout."""
 
     def capture(self, model: Any, layers: Sequence[tuple[str, Any]], *, grad: bool, linear: bool,
-                full_graph: bool) -> contextlib.AbstractContextManager:
+                full_graph: bool, attention: bool = False) -> contextlib.AbstractContextManager:
         """Hook ``layers`` for one forward; yields a capture with ``activations`` (name -> array),
-        ``calls`` and, with ``linear=True``, each dense layer's (input, output)."""
+        ``calls`` and, with ``linear=True``, each dense layer's (input, output). With
+        ``attention=True`` also ``attentions``: the probabilities ``softmax(q k^T * scale + mask)``
+        ``(B, heads, N, N)`` of every attention call of the forward, in call order, whatever kernel
+        the model uses (fused ones routed through plain maths for the block, the output unchanged);
+        with ``grad`` they are graph nodes, so :meth:`target_gradients` can differentiate w.r.t.
+        them. Everything patched is restored on exit, also after an error."""
 
     def check_capture(self, cap: Any, layers: Sequence[tuple[str, Any]], model: Any, x: Any,
                       read: Optional[Any] = None) -> None:
         """One clear error when a layer did not run once or its output is no map of the batch; sets
         ``cap.layouts`` for channels-last / token layers (``read``: layer -> the user's layout,
-        :func:`override_layout`)."""
+        :func:`override_layout`); with ``attention=True``, when no attention call ran or one is not
+        global self-attention over the same tokens of the batch, and otherwise sets
+        ``cap.attention_layout`` (a :class:`MapLayout` of kind ``"tokens"``: prefix count and patch grid)."""
 
     def target_gradients(self, scores: Any, acts: Sequence[Any], names: Sequence[str], labels: Sequence[str], *,
                          create_graph: bool = False) -> list[Any]:

@@ -205,8 +205,9 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
     bk = backend if backend is not None else get_backend(net)
     names = [n for n, _ in layers]
     layout = layout if layout is not None else bk.layout(net, None, "fp32")
+    attn = {"attention": True} if meth.needs_attention else {}  # (backends without it need not take the keyword)
     with bk.capture(net, layers, grad=meth.needs_grads, linear=meth.needs_linear_head,
-                    full_graph=differentiable) as cap:
+                    full_graph=differentiable, **attn) as cap:
         with contextlib.nullcontext() if differentiable else bk.graph(False):
             output = layout.run(x)
         bk.check_capture(cap, layers, net, x, read)  # one clear error for any method: (B, C, h, w) of this batch
@@ -214,14 +215,16 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
         components = resolve_targets(targets, heads, output, top_k=top_k, categories=categories, head_keys=head_keys)
         rows = combine_targets(components, heads, combine)
         acts = [cap.activations[n] for n in names]
+        att = list(cap.attentions) if attn else []  # (B, heads, N, N) per attention call
         with bk.graph(True), layout.autocast(x):  # score fns must record a graph
             scores = target_scores(rows, heads, output)
         check_scores(scores, rows)
-        grads = None
+        grads, att_grads = None, None
+        cast = as_float if differentiable else to_float32
         if meth.needs_grads:
-            cast = as_float if differentiable else to_float32
-            grads = dict(zip(names, (cast(g) for g in bk.target_gradients(
-                scores, acts, names, [t.label for t in rows[0]], create_graph=differentiable))))
+            gs = [cast(g) for g in bk.target_gradients(scores, acts + att, names + [f"attention call {i}" for i in
+                  range(len(att))], [t.label for t in rows[0]], create_graph=differentiable)]
+            grads, att_grads = dict(zip(names, gs)), gs[len(names):] if attn else None
     scores = as_float(scores) if differentiable else to_float32(bk.ops.detach(scores))
 
     def score_image(out: Any, b: int) -> Tensor:  # scores (N, T) of image b's targets on N outputs
@@ -248,7 +251,9 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
                         targets=rows, runner=bk.runner(net, score_image, layout),
                         score_all=lambda out: target_scores(rows, split_outputs(out), out), options=opts,
                         xp=bk.xp, ops=bk.ops, heads=heads, layouts=dict(layouts), to_layer=to_layer,
-                        linear_head=linear_head if meth.needs_linear_head else None)
+                        linear_head=linear_head if meth.needs_linear_head else None,
+                        attention=[cast(a if differentiable else bk.ops.detach(a)) for a in att] if attn else None,
+                        attention_grads=att_grads, attention_layout=cap.attention_layout if attn else None)
     with bk.graph(differentiable):
         result = meth.compute(ctx)
     if not result.raws and result.saliency is None:

@@ -320,7 +320,7 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
         for j, (b, _, _) in enumerate(chunk):
             score_sum[b] = score_sum[b] + tile_scores[j]
         with bk.graph(False):
-            for n in names if res.raws else []:
+            for n in res.raws or {}:  # layer names (or a layer-free method's own key, e.g. "attention")
                 m = xp.clip(res.raws[n], min=0) if relu else res.raws[n]  # type: ignore[index]
                 m = upsample(to_float32(m), (th, tw))
                 c = canvases.setdefault(n, canvas((T,)))

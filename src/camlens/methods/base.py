@@ -60,6 +60,13 @@ class MethodContext:
         to_layer: ``(layer, maps (k, C, h, w), b) ->`` the same arrays in the layer's own layout
             (tokens get image b's prefix tokens back), for ``runner.scores_with_layer``; the
             identity for ``(B, C, h, w)`` layers; an error for a ``reshape=`` function (no inverse).
+        attention: for methods that declare ``needs_attention``: the attention probabilities
+            ``(B, heads, N, N)`` of every attention call of the forward, in call order.
+        attention_grads: with ``needs_attention`` and ``needs_grads``: per call, the gradients
+            ``(B, T, heads, N, N)`` of the T target scores w.r.t. those probabilities (one batched
+            backward with the layers' gradients).
+        attention_layout: the attention tokens' :class:`camlens.backends.base.MapLayout`:
+            ``prefix`` class / register tokens first, then the ``grid`` ``(h, w)`` patches row by row.
     """
 
     inputs: Tensor
@@ -78,6 +85,9 @@ class MethodContext:
     linear_head: Optional[Callable[[str, Any], Tensor]] = None
     layouts: Mapping[str, Any] = field(default_factory=dict)
     to_layer: Callable[[str, Tensor, int], Tensor] = lambda layer, maps, b: maps
+    attention: Optional[list] = None
+    attention_grads: Optional[list] = None
+    attention_layout: Any = None
 
     def spatial_acts(self, name: str, who: str) -> Tensor:
         """Layer ``name``'s activations ``(B, C, h, w)``; a clear error for any other shape.
@@ -129,6 +139,9 @@ class Method:
             that ``ctx.linear_head`` can find the GAP + dense head (CAM).
         differentiable: its maths is plain differentiable tensor code on the activations and
             gradients, so ``explain(..., differentiable=True)`` can return maps with a graph.
+        needs_attention: the engine records the attention probabilities of every attention call
+            of the forward (``ctx.attention``) and, with ``needs_grads``, the target gradients
+            w.r.t. them (``ctx.attention_grads``); for transformers only.
         options: option name -> :class:`camlens.registry.Option` (default, check, doc) or a plain
             default; accepted as keyword arguments by ``camlens.explain``.
     """
@@ -141,6 +154,7 @@ class Method:
     options: Mapping[str, Any] = field(default_factory=dict)
     differentiable: bool = False
     needs_linear_head: bool = False
+    needs_attention: bool = False
 
     def compute(self, ctx: MethodContext) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError(f"method {self.name!r} has no compute()")

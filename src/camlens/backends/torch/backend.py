@@ -12,12 +12,13 @@ from torch import Tensor, nn
 
 from ...core.errors import LayerError, ModelError
 from . import xp
+from .attention import check_attention
 from .capture import capture, check_calls, check_layer_outputs
 from .gradients import layer_gradients
 from .inputs import call_context, check_input_tensor, check_model_tensors, images_from_uint8, to_model_input
 from .layout import Layout
 from .ops import TorchOps
-from .probing import guess_layer
+from .probing import guess_layer, token_prefix
 from .runner import Runner
 from .state import model_state, resolve_layers
 
@@ -67,13 +68,15 @@ class TorchBackend:
         return Layout(model, channels_last, precision)
 
     def capture(self, model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, grad: bool, linear: bool,
-                full_graph: bool) -> contextlib.AbstractContextManager:
-        return capture(model, layers, grad=grad, linear=linear, full_graph=full_graph)
+                full_graph: bool, attention: bool = False) -> contextlib.AbstractContextManager:
+        return capture(model, layers, grad=grad, linear=linear, full_graph=full_graph, attention=attention)
 
     def check_capture(self, cap: Any, layers: Sequence[tuple[str, nn.Module]], model: nn.Module, x: Tensor,
                       read: Optional[Any] = None) -> None:
         check_calls(cap, layers)
         check_layer_outputs(cap, layers, model, x, read)
+        if cap.attentions is not None:
+            cap.attention_layout = check_attention(cap.attentions, model, x, token_prefix(model))
 
     def target_gradients(self, scores: Tensor, acts: Sequence[Tensor], names: Sequence[str], labels: Sequence[str], *,
                          create_graph: bool = False) -> list[Tensor]:

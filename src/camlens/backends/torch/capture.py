@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ...core.errors import LayerError, LayerRuntimeError, LayerTypeError
 from ..base import MapLayout, grid_fits, layout_problem, override_layout
+from .attention import record_attention
 from .probing import _is_attention, _strict_ancestors, map_layout, probe_layers, token_prefix
 from .state import first_tensor
 
@@ -26,12 +27,18 @@ class Capture:
             ``(input, output)`` (used by CAM to find a GAP + Linear head).
         layouts: per layer whose output is a map in another layout (channels-last, tokens), how
             to read it (set by :func:`check_layer_outputs`); NCHW layers are absent.
+        attentions: for :func:`capture` with ``attention=True``, the probabilities ``(B, heads, N, N)``
+            of every attention call of the forward, in call order (:mod:`.attention`).
+        attention_layout: their tokens' :class:`MapLayout` (prefix count, patch grid), set by
+            :func:`camlens.backends.torch.attention.check_attention`.
     """
 
     activations: dict[str, Tensor] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
     linear_io: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     layouts: dict[str, MapLayout] = field(default_factory=dict)
+    attentions: Optional[list] = None
+    attention_layout: Optional[MapLayout] = None
     _handles: list = field(default_factory=list, repr=False)
 
     def release(self) -> None:
@@ -42,14 +49,16 @@ class Capture:
 
 @contextlib.contextmanager
 def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, grad: bool = True,
-            linear: bool = False, full_graph: bool = False) -> Iterator[Capture]:
+            linear: bool = False, full_graph: bool = False, attention: bool = False) -> Iterator[Capture]:
     """Hooks ``layers`` for the block; yields a :class:`Capture` filled by the next forward.
 
     With ``grad=True`` the forward should run under ``torch.no_grad()``: the first captured layer
     switches grad mode on, so only the part of the network after it records a graph. With
     ``full_graph=True`` the forward runs with grad mode on from the input and the captured
-    activation is the layer's output itself (its graph back to the parameters kept). Grad mode
-    and all hooks are restored on exit.
+    activation is the layer's output itself (its graph back to the parameters kept). With
+    ``attention=True`` every attention call's probabilities are recorded in ``cap.attentions``
+    (:func:`.attention.record_attention`; with ``grad`` they are graph nodes). Grad mode, all hooks
+    and every patched function or flag are restored on exit.
     """
     cap = Capture()
     handles = cap._handles
@@ -84,6 +93,8 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, grad: 
     if full_graph:  # differentiable maps: attention by the math kernel, whose backward is itself differentiable
         stack.enter_context(_math_attention())
     try:
+        if attention:
+            cap.attentions = stack.enter_context(record_attention(model, [], grad=grad or full_graph))
         for name, mod in layers:
             hook = make_hook(name)
             handles.append(_ForwardTap(mod, hook) if _can_tap(model, name, mod) else mod.register_forward_hook(hook))
