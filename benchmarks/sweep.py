@@ -9,13 +9,17 @@ the library initialises to zero are re-drawn ``N(0, 0.02^2)``, else every gradie
    small models at 64x64): the top class, Grad-CAM, ``layer=None``;
 2. the layer camlens picked and how it read it (``nchw``, ``nhwc``, ``tokens`` with the prefix count
    and patch grid);
-3. agreement: the maximum absolute difference of the final maps in [0, 1] from pytorch-grad-cam's
-   ``GradCAM`` on the same layer and class, with a ``reshape_transform``. For ViT, DeiT, Swin (and
-   the other families marked *hand*) that transform is written here by hand, the way the peer's
-   docs write it — an independent check of camlens' layout reading; elsewhere it is built from the
-   layout camlens found (a check of the engine, not of the reading);
-4. "ok": finite, non-degenerate (pixel std > 0.05 and at least 5 % of pixels > 0.1) and agreeing
-   within 1e-4;
+3. agreement: the maximum absolute difference of the final maps in [0, 1] from Grad-CAM written
+   in plain torch here (:func:`_by_hand`) and from pytorch-grad-cam's ``GradCAM``, both on the same
+   layer and class with a reshape. For ViT, DeiT, Swin (and the other families marked *hand*) the
+   reshape is written here by hand, the way the peer's docs write it — an independent check of
+   camlens' layout reading; elsewhere it is built from the layout camlens found (a check of the
+   engine, not of the reading);
+4. "ok": finite, non-degenerate (pixel std > 0.05 and at least 5 % of pixels > 0.1), the recommended
+   layer where one is documented, within 1e-4 of the plain-torch Grad-CAM, and (*hand* rows) of
+   pytorch-grad-cam. Where pytorch-grad-cam differs elsewhere the table says why (DenseNet: the model's in-place ReLU
+   after ``features`` changes the activations pytorch-grad-cam stored, so it explains the ReLU's
+   output with that output's gradients, not the layer's);
 5. the time of one camlens call (after the checks, so warm).
 
 Writes ``<out>/sweep-<device>.md`` (the table, also copied into docs/sweep.md by a full run) and
@@ -193,18 +197,57 @@ def _layout(net: nn.Module, name: str, x: Tensor) -> tuple[str, Reshape]:
     return f"tokens (prefix {lay.prefix}, grid {lay.grid[0]}x{lay.grid[1]})", _tokens(lay.prefix, lay.grid)
 
 
-def _pgc(net: nn.Module, layer: nn.Module, x: Tensor, cls: int, reshape: Reshape) -> Tensor:
+class _Scaled(nn.Module):
+    """The model with its outputs times ``k``: the same maps (Grad-CAM is linear in the score, maps are
+    min-maxed), raw maps of order 1 — pytorch-grad-cam divides by ``max + 1e-7``, which flattens the
+    ~1e-15 maps of some random-weight models (torchvision EfficientNet) and would hide a real comparison."""
+
+    def __init__(self, net: nn.Module, k: float) -> None:
+        super().__init__()
+        self.net, self.k = net, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) * self.k
+
+
+def _pgc(net: nn.Module, layer: nn.Module, x: Tensor, cls: int, reshape: Reshape, k: float) -> Tensor:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    with GradCAM(model=net, target_layers=[layer], reshape_transform=reshape) as cam:
+    with GradCAM(model=_Scaled(net, k), target_layers=[layer], reshape_transform=reshape) as cam:
         return torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(cls)]))
+
+
+def _by_hand(net: nn.Module, layer: nn.Module, x: Tensor, cls: int, reshape: Reshape) -> Tensor:
+    """Grad-CAM in plain torch: the layer's output and the gradient of the class logit w.r.t. it
+    (the network goes on with a copy, so that a later in-place op, e.g. DenseNet's
+    ``relu(inplace=True)``, changes neither), the reshape, ReLU(sum_c mean_hw(g_c) a_c), bilinear
+    upsampling (half-pixel), min-max."""
+    store: dict[str, Tensor] = {}
+
+    def hook(m: nn.Module, i: Any, o: Any) -> Any:
+        t = o[0] if isinstance(o, (tuple, list)) else o
+        store["a"], store["v"] = t, t.detach()
+        return t.clone() if isinstance(o, Tensor) else None
+
+    h = layer.register_forward_hook(hook)
+    try:
+        out = net(x)
+    finally:
+        h.remove()
+    g, = torch.autograd.grad(out[0, cls], store["a"])
+    a, g = (store["v"], g) if reshape is None else (reshape(store["v"]), reshape(g))
+    cam = torch.relu((g.double().mean((2, 3), keepdim=True) * a.double()).sum(1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
+    lo, hi = cam.min(), cam.max()
+    return ((cam - lo) / (hi - lo)).float() if hi > lo else torch.zeros_like(cam).float()
 
 
 def run_one(a: Arch) -> dict[str, Any]:
     row: dict[str, Any] = {"arch": a.name, "family": a.family, "size": a.size, "layer": None, "layout": None,
                            "want": a.want, "check": "hand" if a.hand is not None else "layout", "diff": None,
-                           "std": None, "coverage": None, "time_s": None, "ok": False, "error": None, "redrawn": 0}
+                           "diff_pgc": None, "std": None, "coverage": None, "time_s": None, "ok": False,
+                           "error": None, "redrawn": 0}
     try:
         torch.manual_seed(0)
         net = a.build().eval()
@@ -220,13 +263,17 @@ def run_one(a: Arch) -> dict[str, Any]:
         row["std"] = float(maps.std())
         row["coverage"] = float((maps > 0.1).float().mean())
         cls = exp.targets[0][0].cls
-        ref = _pgc(net, net.get_submodule(layer), x, cls, a.hand if a.hand is not None else auto)[0]
-        row["diff"] = float((maps - ref.float()).abs().max())
+        reshape = a.hand if a.hand is not None else auto
+        mod = net.get_submodule(layer)
+        row["diff"] = float((maps - _by_hand(net, mod, x, cls, reshape)).abs().max())
+        k = 1.0 / max(float(exp.raw.abs().max()), 1e-30)
+        row["diff_pgc"] = float((maps - _pgc(net, mod, x, cls, reshape, k)[0].float()).abs().max())
         t = time.perf_counter()
         camlens.explain(net, x)
         row["time_s"] = time.perf_counter() - t
         row["ok"] = (bool(torch.isfinite(exp.maps).all()) and row["std"] > 0.05 and row["coverage"] > 0.05
-                     and row["diff"] < TOL and (a.want is None or layer == a.want))
+                     and row["diff"] < TOL and (a.hand is None or row["diff_pgc"] < TOL)
+                     and (a.want is None or layer == a.want))
     except Exception as err:  # one architecture's failure is a row, not the end of the sweep
         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
     return row
@@ -238,21 +285,24 @@ def _md(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"`python -m benchmarks.sweep`: `camlens.explain(model, x)` — `layer=None`, Grad-CAM, the top class, "
              f"no option — on {len(rows)} architectures, random weights (no download; all-zero classifier weights "
              "re-drawn). **ok**: finite, non-degenerate (pixel std > 0.05, > 5 % of pixels above 0.1), the "
-             "recommended layer where one is documented, and the final maps within 1e-4 of pytorch-grad-cam's "
-             "GradCAM on the same layer and class — with a `reshape_transform` written by hand the peer's way "
-             "(check *hand*: ViT, DeiT, Swin, ...) or built from camlens' reading (*layout*).", "",
+             "recommended layer where one is documented, and the final maps within 1e-4 of Grad-CAM written in "
+             "plain torch on the same layer and class (and, *hand* rows, of pytorch-grad-cam's GradCAM) — with a "
+             "reshape written by hand the peer's way (check *hand*: ViT, DeiT, Swin, ...) or built from camlens' "
+             "reading (*layout*). pytorch-grad-cam is given the model's outputs scaled so its raw maps are of "
+             "order 1 (it divides by max + 1e-7); on DenseNet it differs because the model's in-place ReLU "
+             "after `features` changes the activations its hook stored (it explains the ReLU's output).", "",
              f"**{ok} / {len(rows)} ok ({100 * ok / len(rows):.0f} %).** {meta['machine']}; torch {meta['torch']}, "
              f"timm {meta['timm']}, torchvision {meta['torchvision']}; {meta['date']}.", "",
-             "| architecture | family | input | layer picked | layout | check | max diff vs pgc | map std | "
-             "time (s) | ok |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| architecture | family | input | layer picked | layout | check | max diff: plain torch | "
+             "pytorch-grad-cam | map std | time (s) | ok |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["error"]:
-            lines.append(f"| {r['arch']} | {r['family']} | {r['size']}² | {r['layer'] or '—'} | — | — | — | — | — | "
-                         f"no: {r['error'].replace('|', '/')[:160]} |")
+            lines.append(f"| {r['arch']} | {r['family']} | {r['size']}² | {r['layer'] or '—'} | — | — | — | — | — | — "
+                         f"| no: {r['error'].replace('|', '/')[:160]} |")
             continue
         want = "" if r["want"] is None or r["want"] == r["layer"] else f" (want {r['want']})"
         lines.append(f"| {r['arch']} | {r['family']} | {r['size']}² | `{r['layer']}`{want} | {r['layout']} | "
-                     f"{r['check']} | {r['diff']:.1e} | {r['std']:.2f} | {r['time_s']:.2f} | "
+                     f"{r['check']} | {r['diff']:.1e} | {r['diff_pgc']:.1e} | {r['std']:.2f} | {r['time_s']:.2f} | "
                      f"{'yes' if r['ok'] else 'no'} |")
     return "\n".join(lines) + "\n"
 

@@ -370,3 +370,38 @@ class ConvThenSequence(nn.Module):
 
 def test_cnn_followed_by_a_few_token_layers_is_not_a_stem():
     assert guess_layer(ConvThenSequence().eval(), _x()) == "trunk"
+
+
+def test_default_layer_is_probed_once_per_model_and_input_shape(monkeypatch):
+    """layer=None probes the model (about two forwards) once per model, input shape, dtype and device;
+    a submodule swapped in probes again."""
+    import importlib
+
+    backend = importlib.import_module("camlens.backends.torch.backend")
+    calls = []
+    real = backend.guess_layer
+    monkeypatch.setattr(backend, "guess_layer", lambda m, x: calls.append(tuple(x.shape)) or real(m, x))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    for _ in range(3):
+        assert camlens.explain(net, _x(2), targets=0).layers == ["3"]
+    assert calls == [(2, 3, 32, 32)]
+    camlens.explain(net, _x(1), targets=0)  # another batch size: same (C, H, W), no new probe
+    camlens.explain(net, _x(1, 48), targets=0)  # another size: probed
+    assert calls == [(2, 3, 32, 32), (1, 3, 48, 48)]
+    net[3] = nn.ReLU()  # another module object: probed again
+    assert camlens.explain(net, _x(1), targets=0).layers == ["3"]
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("name,size,want,family", [
+    ("swinv2_tiny_window8_256", 256, "layers.3", "swin"),  # blocks in a ModuleList (never called itself)
+    ("twins_pcpvt_small", 224, "norm", "vit-pooled"),  # no class token: the head averages every token
+    ("efficientformer_l1", 224, "norm", "vit-pooled"),  # CNN stages, then a token stage with attention
+    ("edgenext_xx_small", 224, "norm_pre", "cnn"),  # attention inside NCHW stages: still a CNN's layer
+])
+def test_transformer_families_beyond_vit(name, size, want, family):
+    torch.manual_seed(0)
+    p = probe_layers(timm.create_model(name, pretrained=False).eval(), _x(1, size))
+    assert (p.layer, p.family) == (want, family)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -23,6 +24,20 @@ from .runner import Runner
 from .state import model_state, resolve_layers
 
 __all__ = ["TorchBackend", "BACKEND", "reinitialise"]
+
+
+_DEFAULT_LAYERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _module_ids(model: nn.Module) -> tuple[int, ...]:
+    """The identities of every module (``_modules`` walk): a submodule swapped in changes them."""
+    out: list[int] = []
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        out.append(id(m))
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return tuple(out)
 
 
 class TorchBackend:
@@ -62,7 +77,22 @@ class TorchBackend:
         return resolve_layers(model, spec)
 
     def default_layer(self, model: nn.Module, x: Tensor) -> str:
-        return guess_layer(model, x)
+        """:func:`guess_layer`, memoised per model for inputs of the same ``(C, H, W)``, dtype and device
+        while the model holds the same modules (a probe forward costs about two forwards: without the
+        memo ``layer=None`` would double every call)."""
+        key = (_module_ids(model), tuple(x.shape[1:]), x.dtype, x.device)
+        memo = _DEFAULT_LAYERS.get(model)
+        if memo is not None and key in memo:
+            return memo[key]
+        name = guess_layer(model, x)
+        try:
+            memo = _DEFAULT_LAYERS.setdefault(model, {})
+        except TypeError:  # a model that cannot be weakly referenced: no memo
+            return name
+        if len(memo) >= 8:
+            memo.clear()
+        memo[key] = name
+        return name
 
     def layout(self, model: nn.Module, channels_last: Optional[bool], precision: str) -> Layout:
         return Layout(model, channels_last, precision)

@@ -57,7 +57,7 @@ class LayerProbe:
     records: list[LayerRecord]
     layer: Optional[str] = None
     error: Optional[str] = None
-    family: str = "cnn"  # how the layer was picked: "cnn", "vit" (tokens), "swin" (channels-last), "tokens"
+    family: str = "cnn"  # how it was picked: "cnn", "vit", "vit-pooled", "swin" or "tokens" (see _transformer_layer)
 
     def candidates(self, n: int = 5) -> list[str]:
         """The ``n`` deepest candidate layer names, deepest first (the chosen layer first), without
@@ -232,8 +232,11 @@ def _choose(p: LayerProbe, named: dict[str, nn.Module]) -> None:
     maps_before = sum(1 for r in spatial if pick is not None and r.order <= pick.order)
     tok = _transformer_layer(p, named)
     stem = len(after) >= _STEM_TOKENS and len(after) > maps_before  # mostly tokens after it
+    tail = pick is not None and _reshape_only(named[pick.name]) and any(  # a permute right after a token map
+        r.order == pick.order - 1 and r.shape is not None and read_layout(r.shape, B, size) is not None
+        for r in p.records)
     if tok is not None and (pick is None or stem or (tok[1] != "tokens" and (
-            by_name[tok[2]].order > pick.order or _reshape_only(named[pick.name])))):
+            by_name[tok[2]].order > pick.order or tail))):
         p.layer, p.family = tok[0], tok[1]
         return
     if pick is None:
@@ -282,8 +285,9 @@ def _transformer_layer(p: LayerProbe, named: dict[str, nn.Module]) -> Optional[t
       later layer (the final norm) gets no gradient on the patches and gives a blank map.
     * Swin-like (channels-last ``(B, h, w, C)``): the last stage (timm ``layers[-1]``, torchvision
       ``features[-1]``): the stage container around the last attention block.
-    * Token models without attention (MLP-Mixer, ResMLP): the deepest token layer (their head
-      averages all tokens, so every patch gets a gradient there).
+    * Token models with no prefix token (Twins, LeViT, EfficientFormer's last stage; family
+      ``"vit-pooled"``) or without attention (MLP-Mixer, ResMLP; ``"tokens"``): the deepest token
+      layer (their head averages all tokens, so every patch gets a gradient there).
 
     Candidates run once, keep the batch axis, are not inside an attention block and read as a map
     (:func:`map_layout`). The last attention block is the nearest ancestor of the last attention
@@ -316,16 +320,23 @@ def _transformer_layer(p: LayerProbe, named: dict[str, nn.Module]) -> Optional[t
     kids = [by_name[n] for n in maps if n.rpartition(".")[0] == parent and maps[n].kind == "tokens"]
     norms = [r for r in kids if "norm" in r.kind.lower() and r.order < last.order]
     if norms and parent:  # ViT-like (also CaiT / XCiT class-attention blocks, whose own output is the class token)
-        return min(norms, key=lambda r: r.order).name, "vit", parent
+        norm = min(norms, key=lambda r: r.order)
+        if maps[norm.name].prefix == 0:  # no class token: the head pools every token, the deepest token layer
+            deepest = max((by_name[n] for n in maps if maps[n].kind == "tokens"), key=lambda r: r.order)
+            return deepest.name, "vit-pooled", parent
+        return norm.name, "vit", parent
     block = next((a for a in _strict_ancestors(last.name) if a in maps), None)
     if block is None:
         return None
-    if maps[block].kind == "tokens":  # no input norm (LeViT): the block's output
-        return block, "vit", block
+    if maps[block].kind == "tokens":  # no input norm (LeViT): the deepest token layer, as for pooled heads
+        deepest = max((by_name[n] for n in maps if maps[n].kind == "tokens"), key=lambda r: r.order)
+        return deepest.name, "vit-pooled", block
     stage = block  # channels-last: climb to the stage holding the block (same shape, finishing right after it)
     for a in _strict_ancestors(block):
         r, cur = by_name.get(a), by_name[stage]
-        if a not in maps or r is None or r.shape != cur.shape or r.order != cur.order + 1:
+        if r is None:  # a ModuleList of blocks is never called: look at the module holding it
+            continue
+        if a not in maps or r.shape != cur.shape or r.order != cur.order + 1:
             break
         kids = [by_name[n] for n in by_name if n.startswith(a + ".") and "." not in n[len(a) + 1:]]
         if any(k.shape != cur.shape for k in kids):  # a list of stages with different grids: stop below it
