@@ -27,7 +27,9 @@ import numpy as np
 from ..backends.base import get_backend, namespace, ops_for, to_float32
 from ..core.errors import ConfigError
 from ..core.explanation import Explanation
+from ..core.activations import model_activation
 from ..core.postprocess import upsample
+from ..core.regions import contains_region
 from ..methods import Method, MethodOutput
 from .finish import finish
 from .passes import run_pass
@@ -214,7 +216,7 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
                   categories: Categories, top_k: Optional[int], fuse: str, relu: bool, upsample_maps: bool,
                   combine: str, aug_smooth: bool, noise_smooth: int, display: Any, tile: TileSpec, overlap: int,
                   tile_batch: int, layout: Any = None, head_keys: Any = None, noise_sigma: float = 0.15,
-                  seed: int = 0) -> Explanation:
+                  seed: int = 0, sign: int = 1, activation: Any = None) -> Explanation:
     """:func:`camlens.explain` tile by tile; called by it when ``tile`` is given (model state held by the caller).
 
     1. Targets: explicit specs are resolved against the output of one tile (head names, class
@@ -271,6 +273,9 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
     forward = layout.run
     extra = {"layout": layout, "backend": bk}
 
+    if contains_region(targets):
+        raise ConfigError("Target.region does not combine with tile= yet (its mask or box is in whole-image "
+                          "pixels, the outputs are per tile); explain without tile=")
     # 1. targets
     if targets is None or top_k is not None or combine == "confidence":  # classes / weights from the mean heads
         pre = _HeadMean(B, len(boxes))
@@ -284,7 +289,8 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
         heads0 = {k: namespace(v).broadcast_to(v, (B, *v.shape[1:])) if v.ndim else v
                   for k, v in one.items()}  # shapes, to resolve
     components: list[list[ResolvedTarget]] = resolve_targets(targets, heads0, None, top_k=top_k,
-                                                             categories=categories, head_keys=head_keys)
+                                                             categories=categories, head_keys=head_keys, sign=sign,
+                                                             activation=model_activation(net, activation))
     rows = combine_targets(components, heads0, combine)
     T = len(rows[0])
     gen = ops.generator(seed, x) if noise_smooth else None
