@@ -395,6 +395,12 @@ def class_heads(heads: Mapping[HeadKey, Tensor], names: Any = None) -> list[Head
     return [k for k in cand if not _feature_name(k)]
 
 
+def _is_value(t: Tensor, batch: int) -> bool:
+    """A ``(B,)`` or ``(B, 1)`` floating-point output: one value per image (regression, one logit)."""
+    return (t.ndim == 1 or (t.ndim == 2 and t.shape[1] == 1)) and t.shape[0] == batch \
+        and namespace(t).isdtype(t.dtype, "real floating")
+
+
 def _no_class_heads(heads: Mapping[HeadKey, Tensor]) -> ValueError:
     shapes = {k: tuple(v.shape) for k, v in heads.items()}
     return ValueError(f"no classification output (B, K) to take top classes from; outputs: {shapes} (outputs "
@@ -455,7 +461,8 @@ def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any =
     """Resolve user targets into ``B`` lists of ``T`` resolved targets (one list per image).
 
     * ``targets=None, top_k=None``: the top class of every classification head
-      (:func:`class_heads`; ``head_keys`` names them explicitly, as ``explain(heads=...)``).
+      (:func:`class_heads`; ``head_keys`` names them explicitly, as ``explain(heads=...)``); with
+      none, a first output of one value per image (``(B,)`` / ``(B, 1)``: regression) is explained.
     * ``top_k=K``: each classification head's K highest-scoring classes, per image.
     * ``"all"``: every class of the first classification head; ``"head:all"``: of that head.
     * a single spec or a flat list: the same targets for every image.
@@ -483,7 +490,11 @@ def _rows(targets: Any, heads: Mapping[HeadKey, Tensor], top_k: Optional[int], c
         k = 1 if top_k is None else int(top_k)
         if k < 1:
             raise TargetError(f"top_k must be >= 1, got {top_k}")
-        return _top_k(heads, k, categories, class_heads(heads, head_keys), kw)
+        keys = class_heads(heads, head_keys)
+        first = next(iter(heads))
+        if not keys and top_k is None and _is_value(heads[first], batch):  # a regression model: its value
+            return [[_resolve(first, None, heads, categories, **kw)] for _ in range(batch)]
+        return _top_k(heads, k, categories, keys, kw)
     if _is_arraylike(targets):
         targets = _array_targets(targets, batch)
     elif isinstance(targets, list) and any(map(_is_arraylike, targets)):
