@@ -401,9 +401,9 @@ def _is_value(t: Tensor, batch: int) -> bool:
         and namespace(t).isdtype(t.dtype, "real floating")
 
 
-def _no_class_heads(heads: Mapping[HeadKey, Tensor]) -> ValueError:
+def _no_class_heads(heads: Mapping[HeadKey, Tensor]) -> TargetError:
     shapes = {k: tuple(v.shape) for k, v in heads.items()}
-    return ValueError(f"no classification output (B, K) to take top classes from; outputs: {shapes} (outputs "
+    return TargetError(f"no classification output (B, K) to take top classes from; outputs: {shapes} (outputs "
                       "named like features/embeddings are not heads by default). Pass targets explicitly, "
                       "name the classification heads with heads=[...], or, for a segmentation output "
                       "(B, K, h, w), use camlens.Target.region(cls=c)")
