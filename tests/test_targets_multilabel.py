@@ -136,3 +136,20 @@ def test_unknown_activation_or_head_is_a_clear_error(model):
         head_activations({"attrs": "relu"}, {"attrs": np.zeros((1, 2))}, _find_head)
     with pytest.raises(camlens.CamlensError, match="takes a name"):
         camlens.explain(model, x, "attrs:0", layer=model.body[2], activation=["sigmoid"])
+
+
+def test_evaluate_reads_the_targets_activation_and_sign(model):
+    """Average Drop, 100 max(0, Y - O) / Y with Y, O the target's probability on x and on x * map:
+    the sigmoid for a multi-label target, sigmoid(-z) = 1 - sigmoid(z) for a decrease."""
+    x = _x(2, seed=6)
+    exp = camlens.explain(model, x, ["attrs:2", camlens.Target("attrs", 3, sign=-1)], layer=model.body[2],
+                          activation="sigmoid")
+    got = camlens.evaluate(model, x, exp, metrics=["average_drop"])["average_drop"]
+    z = model(x)["attrs"].detach()
+    ref = torch.zeros(2, 2)
+    for t, (c, sgn) in enumerate([(2, 1), (3, -1)]):
+        zo = model(x * exp.maps[:, t, None])["attrs"].detach()
+        y, o = torch.sigmoid(sgn * z[:, c]), torch.sigmoid(sgn * zo[:, c])
+        ref[:, t] = 100 * (y - o).clamp(min=0) / y
+    assert torch.allclose(torch.as_tensor(got).float(), ref, atol=1e-4), (got, ref)
+    assert (ref > 0.5).all()  # a real drop everywhere, so a wrong probability would show
