@@ -207,3 +207,29 @@ def test_default_layer_of_torchvision_segmentation_models_is_the_backbone(name, 
     assert get_backend(model).default_layer(model, x) == layer  # the last stage / block, not the classifier
     exp = camlens.explain(model, x, camlens.Target.region(cls=1), layer=layer)
     assert exp.layers == [layer] and exp.targets[0][0].head == "out"
+
+
+def test_regions_and_activations_are_framework_free():
+    """The same resolution and scores on NumPy outputs as on torch ones (array-API maths only)."""
+    from camlens.core.targets import resolve_targets, target_probabilities
+
+    g = np.random.default_rng(0)
+    seg = g.standard_normal((2, 3, 8, 8))
+    logits = g.standard_normal((2, 4))
+    box, mask = (4, 8, 20, 24), g.random((32, 32)) > 0.5
+    specs = [camlens.Target.region(box, cls=1, head="seg"), camlens.Target.region(mask, cls=2, head="seg"),
+             camlens.Target.region(cls=0, head="seg", sign=-1), ("logits", 3)]
+    out = {}
+    for name, wrap in (("numpy", np.asarray), ("torch", torch.from_numpy)):
+        heads = {"logits": wrap(logits), "seg": wrap(seg)}
+        rows = resolve_targets(specs, heads, input_size=(32, 32), activation={"logits": "sigmoid"})
+        scores = [[float(tg.score(heads, None)[b]) for tg in row] for b, row in enumerate(rows)]
+        probs = np.asarray(target_probabilities(rows, heads), dtype=np.float64)
+        out[name] = (np.array(scores), probs)
+    np.testing.assert_allclose(out["numpy"][0], out["torch"][0], atol=1e-9)
+    np.testing.assert_allclose(out["numpy"][1], out["torch"][1], atol=1e-6, equal_nan=True)
+    ref = [seg[:, 1, 2:6, 1:5].sum((1, 2)), (seg[:, 2] * mask[2::4, 2::4]).sum((1, 2)),
+           -(seg[:, 0] * (seg.argmax(1) == 0)).sum((1, 2)), logits[:, 3]]
+    np.testing.assert_allclose(out["numpy"][0], np.stack(ref, 1), atol=1e-9)
+    assert np.isnan(out["numpy"][1][:, :3]).all()  # regions have no probability
+    np.testing.assert_allclose(out["numpy"][1][:, 3], 1 / (1 + np.exp(-logits[:, 3])), atol=1e-6)

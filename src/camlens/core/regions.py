@@ -78,10 +78,6 @@ class Region:
     weights: Any = None
 
     @property
-    def __name__(self) -> str:  # what a label falls back to
-        return "region"
-
-    @property
     def kind(self) -> str:
         return "predicted" if self.where is None else "region"
 
