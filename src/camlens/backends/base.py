@@ -94,6 +94,9 @@ class Ops(Protocol):
     def softmax(self, x: Any, axis: int = -1) -> Any:
         """``exp(x) / sum(exp(x))`` along ``axis`` (the framework's stable kernel)."""
 
+    def sigmoid(self, x: Any) -> Any:
+        """``1 / (1 + exp(-x))`` elementwise (multi-label probabilities), without overflow."""
+
     def detach(self, x: Any) -> Any:
         """``x`` without its autograd graph (the same values, no copy where possible)."""
 

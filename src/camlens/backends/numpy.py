@@ -53,6 +53,10 @@ class NumpyOps:
         e = np.exp(x - np.max(x, axis=axis, keepdims=True))
         return e / np.sum(e, axis=axis, keepdims=True)
 
+    def sigmoid(self, x: np.ndarray) -> np.ndarray:
+        e = np.exp(-np.abs(x))  # never overflows: exp of a non-positive number
+        return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.result_type(x, np.float32), copy=False)
+
     def detach(self, x: np.ndarray) -> np.ndarray:
         return x
 

@@ -15,7 +15,8 @@ The JSON object holds ``format`` (``"camlens.explanation"``), ``format_version``
 JSON cannot hold is stored as its ``repr`` string and its name listed in ``options_repr``; tuples
 become lists), ``raws`` (layer names in order), ``raw``, ``heads`` (head keys in order; ints stay
 ints, strs strs), ``targets`` (B lists of T ``{"head", "cls", "label", "has_fn", "head_only"}``),
-``components`` (the same, or ``null``) and ``arrays``: per entry its original ``dtype`` (e.g.
+``components`` (the same, or ``null``; ``"sign"`` and ``"activation"`` too where they are not the
+defaults ``1`` / ``null``) and ``arrays``: per entry its original ``dtype`` (e.g.
 ``"torch.bfloat16"``), ``device`` (e.g. ``"cuda:0"``), ``shape`` and ``stored_as`` (the NumPy
 dtype in the file). Tensors keep their dtype; a dtype NumPy lacks is stored widened (bf16 and
 float8 as float32, complex32 as complex64) and cast back on load, bit for bit.
@@ -66,9 +67,11 @@ class Explanation:
         raw: ``(B, T, h, w)`` the first (or only) layer's weighted sum before ReLU, upsampling and
             normalisation.
         raws: per layer name, its raw maps ``(B, T, h_l, w_l)``.
-        scores: ``(B, T)`` the explained scores (pre-softmax logits for class targets).
-        probs: ``(B, T)`` softmax probability of each target's class on its head (NaN where a
-            target has no class, e.g. a score function).
+        scores: ``(B, T)`` the explained scores (pre-softmax logits for class targets; ``-S`` for
+            targets with ``sign=-1``: the maps explain exactly these scores).
+        probs: ``(B, T)`` probability of each target's class on its head under the head's
+            activation (softmax by default, sigmoid for multi-label heads; NaN where a target has
+            no class or its head no probabilities, e.g. a score function, a region, a regression).
         targets: B lists of T resolved targets (head, cls, label); per image because ``top_k``
             picks different classes for different images.
         inputs: ``(B, 3, H, W)`` the model input that was explained.
@@ -197,7 +200,8 @@ def _deferred_field(name: str, doc: str) -> property:
 
 
 Explanation.probs = _deferred_field(  # type: ignore[assignment]
-    "probs", "``(B, T)`` softmax probability of each target's class on its head (NaN where undefined).")
+    "probs", "``(B, T)`` probability of each target's class on its head under the head's activation "
+             "(softmax by default; NaN where undefined).")
 
 
 @dataclass(frozen=True)
@@ -261,9 +265,14 @@ def _encode_target(t: ResolvedTarget) -> dict[str, Any]:
     cls = t.cls
     if cls is not None and not isinstance(cls, bool) and isinstance(cls, numbers.Integral):
         cls = int(cls)
-    return {"head": _key(t.head, "target head"), "cls": cls, "label": None if t.label is None else str(t.label),
-            "has_fn": t.fn is not None or bool(getattr(t, "has_fn", False)),
-            "head_only": bool(getattr(t, "head_only", True))}
+    d = {"head": _key(t.head, "target head"), "cls": cls, "label": None if t.label is None else str(t.label),
+         "has_fn": t.fn is not None or bool(getattr(t, "has_fn", False)),
+         "head_only": bool(getattr(t, "head_only", True))}
+    if t.sign != 1:
+        d["sign"] = int(t.sign)
+    if t.activation is not None:
+        d["activation"] = str(t.activation)
+    return d
 
 
 def _encode_rows(rows: Optional[list[list[ResolvedTarget]]]) -> Optional[list[list[dict[str, Any]]]]:
@@ -358,7 +367,8 @@ def _decode_rows(rows: Optional[list], where: str) -> Optional[list[list[Resolve
         for row in rows:
             r = []
             for d in row:
-                kw = dict(head=d["head"], cls=d["cls"], label=d["label"], head_only=bool(d.get("head_only", True)))
+                kw = dict(head=d["head"], cls=d["cls"], label=d["label"], head_only=bool(d.get("head_only", True)),
+                          sign=int(d.get("sign", 1)), activation=d.get("activation"))
                 r.append(LoadedTarget(fn=None, has_fn=True, **kw) if d.get("has_fn") else ResolvedTarget(**kw))
             out.append(r)
         return out

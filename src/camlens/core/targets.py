@@ -13,6 +13,13 @@ Accepted target specs (see :func:`parse_target`):
 * ``("species", 281)``    the same as a tuple
 * ``Target(...)``         used as is
 * ``callable``            ``fn(output) -> (B,)`` scores from the model's whole output
+* ``Target.region(mask_or_box, cls=c)`` class c summed over a region of a ``(B, K, h, w)`` output
+  (:mod:`camlens.core.regions`)
+
+Every target explains an increase of its score S; ``sign=-1`` (``Target(..., sign=-1)`` or
+``explain(..., sign=-1)`` for the targets without a sign of their own) explains a DECREASE: the
+score becomes ``-S`` for every method, ``exp.scores`` holds ``-S`` (the maps explain exactly the
+scores) and the label ends in ``" (decrease)"``.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ import array_api_compat
 import numpy as np
 
 from ..backends.base import namespace, ops_for, to_float32
+from .activations import ActivationSpec, activate, default_activation, head_activations
 from .errors import ModelError, ModelTypeError, TargetError, TargetIndexError, TargetKeyError, TargetTypeError
 from .predictions import class_name, head_categories
+from .regions import Region, contains_region, dense_head, split_per_image
 
 HeadKey = Union[int, str]
 Tensor = Any  # an array of the model's framework (a torch.Tensor for PyTorch models)
@@ -77,12 +86,37 @@ class Target:
         fn: optional score function. With ``head`` set it receives that head's tensor, otherwise
             the model's whole output; it must return one score per image, shape ``(B,)``.
         label: optional display label.
+        sign: ``-1`` explains a decrease of the score (``-S``), ``+1`` an increase; ``None`` takes
+            :func:`camlens.explain`'s ``sign`` (default ``+1``).
     """
 
     head: Optional[HeadKey] = None
     cls: Optional[int] = None
     fn: Optional[ScoreFn] = None
     label: Optional[str] = None
+    sign: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.sign is not None:
+            check_sign(self.sign)
+
+    @staticmethod
+    def region(where: Any = None, *, cls: Union[int, str], head: Optional[HeadKey] = None,
+               label: Optional[str] = None, sign: Optional[int] = None) -> "Target":
+        """Class ``cls`` of a segmentation output ``(B, K, h, w)`` summed over a region:
+        ``S_b = sum_ij M_b[i, j] * Y_b[cls, i, j]`` (see :mod:`camlens.core.regions`).
+
+        Args:
+            where: a mask ``(H, W)`` / ``(B, H, W)`` (bool or 0-1; NumPy or tensor) at the input's
+                or the output's resolution (resized to the output by nearest at pixel centres),
+                a box ``(x0, y0, x1, y1)`` in input pixels (or a list of B boxes), or ``None``:
+                the pixels predicted as ``cls`` (``argmax_k Y[k] == cls``, as pytorch-grad-cam's
+                ``SemanticSegmentationTarget`` with the argmax mask).
+            cls: the class index (or name, with ``categories=``).
+            head: the output; ``None``: the first ``(B, K, h, w)`` output (torchvision's ``"out"``).
+            label, sign: as for :class:`Target`.
+        """
+        return Target(head=head, cls=cls, fn=Region(where), label=label, sign=sign)
 
 
 @dataclass(frozen=True)
@@ -98,9 +132,11 @@ class ResolvedTarget:
     label: str
     fn: Optional[ScoreFn] = None
     head_only: bool = True  # fn receives the head tensor (True) or the whole output (False)
+    sign: int = 1  # -1: the explained score is -S (a decrease)
+    activation: Optional[str] = None  # how probs reads the head (camlens.core.activations); None: its default
 
     def score(self, heads: Mapping[HeadKey, Tensor], output: Any) -> Tensor:
-        """The explained score of each image, shape ``(B,)``, differentiable."""
+        """The explained score of each image, shape ``(B,)``, differentiable (``-S`` for ``sign=-1``)."""
         if self.fn is not None:
             s = self.fn(heads[self.head] if self.head_only else output)
         else:
@@ -108,7 +144,18 @@ class ResolvedTarget:
         if not is_array(s) or s.ndim != 1:
             shape = tuple(s.shape) if is_array(s) else type(s).__name__
             raise TargetError(f"target {self.label!r}: a score function must return shape (B,), got {shape}")
-        return s
+        return -s if self.sign == -1 else s
+
+
+def check_sign(sign: Any) -> int:
+    """``sign`` as ``+1`` / ``-1``, or an error saying what a sign is."""
+    if isinstance(sign, bool) or sign not in (1, -1):
+        raise TargetError(f"sign must be +1 (explain an increase of the score) or -1 (a decrease), got {sign!r}")
+    return int(sign)
+
+
+def _signed_label(label: str, sign: int) -> str:
+    return f"{label} (decrease)" if sign == -1 else label
 
 
 def head_score(head: Tensor, cls: Optional[int]) -> Tensor:
@@ -204,19 +251,33 @@ def _class_index(cls: Union[int, str], names: Optional[Sequence[str]], head: Hea
     raise TargetError(f"no class named {cls!r} on head {head!r}{hint}")
 
 
-def parse_target(spec: Any, heads: Mapping[HeadKey, Tensor], categories: Categories = None) -> ResolvedTarget:
-    """Resolve one target spec (int, ``"head:class"``, tuple, :class:`Target`, callable)."""
+def parse_target(spec: Any, heads: Mapping[HeadKey, Tensor], categories: Categories = None, *, sign: int = 1,
+                 activations: Optional[Mapping[HeadKey, str]] = None,
+                 input_size: Optional[tuple[int, int]] = None) -> ResolvedTarget:
+    """Resolve one target spec (int, ``"head:class"``, tuple, :class:`Target`, callable).
+
+    ``sign``: for specs without a sign of their own; ``activations``: ``{head key: activation}``
+    (:func:`camlens.core.activations.head_activations`) stamped on the target; ``input_size``: the
+    model input's ``(H, W)`` (region boxes are in input pixels). A :class:`ResolvedTarget` is kept.
+    """
     if isinstance(spec, ResolvedTarget):
         return spec
     if isinstance(spec, Target):
+        sg = sign if spec.sign is None else spec.sign
+        if isinstance(spec.fn, Region):
+            key = _find_head(spec.head, heads) if spec.head is not None else dense_head(heads)
+            rt = _resolve(key, spec.cls, heads, categories, activations=activations)
+            label = spec.label or _signed_label(f"{rt.label} ({spec.fn.kind})", sg)
+            return dataclasses.replace(rt, label=label, sign=sg, fn=spec.fn.bind(heads[key], rt.cls, input_size))
         if spec.fn is not None:
             head = _find_head(spec.head, heads) if spec.head is not None else next(iter(heads))
-            label = spec.label or getattr(spec.fn, "__name__", "score")
-            return ResolvedTarget(head, spec.cls, label, spec.fn, head_only=spec.head is not None)
-        return _resolve(spec.head, spec.cls, heads, categories, spec.label)
+            label = spec.label or _signed_label(getattr(spec.fn, "__name__", "score"), sg)
+            return ResolvedTarget(head, spec.cls, label, spec.fn, head_only=spec.head is not None, sign=sg,
+                                  activation=(activations or {}).get(head))
+        return _resolve(spec.head, spec.cls, heads, categories, spec.label, sign=sg, activations=activations)
     if callable(spec) and not isinstance(spec, (str, int)):
-        name = getattr(spec, "__name__", type(spec).__name__)
-        return ResolvedTarget(next(iter(heads)), None, name, spec, head_only=False)
+        name = _signed_label(getattr(spec, "__name__", type(spec).__name__), sign)
+        return ResolvedTarget(next(iter(heads)), None, name, spec, head_only=False, sign=sign)
     if isinstance(spec, bool):
         raise TargetTypeError("a target cannot be a bool")
     if _is_arraylike(spec):  # a 0-d tensor / NumPy integer: one class index
@@ -224,12 +285,13 @@ def parse_target(spec: Any, heads: Mapping[HeadKey, Tensor], categories: Categor
         if isinstance(spec, list):
             raise TargetError(f"one target must be one class index, got an array of {len(spec)}; "
                              "pass the array itself as targets= (1-D: one class per image)")
+    kw = {"sign": sign, "activations": activations}
     if isinstance(spec, int) or (hasattr(spec, "__index__") and not isinstance(spec, (str, tuple))):
-        return _resolve(None, int(spec), heads, categories)
+        return _resolve(None, int(spec), heads, categories, **kw)
     if isinstance(spec, tuple):
         if len(spec) != 2:
             raise TargetError(f"a tuple target is (head, class), got {spec!r}")
-        return _resolve(spec[0], spec[1], heads, categories)
+        return _resolve(spec[0], spec[1], heads, categories, **kw)
     if isinstance(spec, str):
         if ":" in spec:
             h, c = spec.split(":", 1)
@@ -238,16 +300,17 @@ def parse_target(spec: Any, heads: Mapping[HeadKey, Tensor], categories: Categor
             except KeyError:
                 names = head_categories(categories, next(iter(heads)), heads)
                 if names is not None and spec.strip().lower() in (n.lower() for n in names):
-                    return _resolve(None, spec, heads, categories)  # a class name containing ':'
+                    return _resolve(None, spec, heads, categories, **kw)  # a class name containing ':'
                 raise
-            return _resolve(head, c.strip() or None, heads, categories)
-        return _resolve(None, spec, heads, categories)
+            return _resolve(head, c.strip() or None, heads, categories, **kw)
+        return _resolve(None, spec, heads, categories, **kw)
     raise TargetTypeError(f"cannot use {spec!r} ({type(spec).__name__}) as a target; use an int, "
                     "'head:class', (head, class), camlens.Target or a callable")
 
 
 def _resolve(head: Optional[HeadKey], cls: Union[int, str, None], heads: Mapping[HeadKey, Tensor],
-             categories: Categories, label: Optional[str] = None) -> ResolvedTarget:
+             categories: Categories, label: Optional[str] = None, *, sign: int = 1,
+             activations: Optional[Mapping[HeadKey, str]] = None) -> ResolvedTarget:
     key = _find_head(head, heads)
     t = heads[key]
     names = head_categories(categories, key, heads)
@@ -265,7 +328,8 @@ def _resolve(head: Optional[HeadKey], cls: Union[int, str, None], heads: Mapping
             label = str(cname)  # a single-output model: the class alone
         else:
             label = f"{key}: {cname}" if cname is not None else str(key)
-    return ResolvedTarget(key, idx, label)
+        label = _signed_label(label, sign)
+    return ResolvedTarget(key, idx, label, sign=sign, activation=activations.get(key) if activations else None)
 
 
 def _is_per_image(targets: Sequence[Any]) -> bool:
@@ -331,11 +395,18 @@ def class_heads(heads: Mapping[HeadKey, Tensor], names: Any = None) -> list[Head
     return [k for k in cand if not _feature_name(k)]
 
 
-def _no_class_heads(heads: Mapping[HeadKey, Tensor]) -> ValueError:
+def _is_value(t: Tensor, batch: int) -> bool:
+    """A ``(B,)`` or ``(B, 1)`` floating-point output: one value per image (regression, one logit)."""
+    return (t.ndim == 1 or (t.ndim == 2 and t.shape[1] == 1)) and t.shape[0] == batch \
+        and namespace(t).isdtype(t.dtype, "real floating")
+
+
+def _no_class_heads(heads: Mapping[HeadKey, Tensor]) -> TargetError:
     shapes = {k: tuple(v.shape) for k, v in heads.items()}
-    return ValueError(f"no classification output (B, K) to take top classes from; outputs: {shapes} (outputs "
+    return TargetError(f"no classification output (B, K) to take top classes from; outputs: {shapes} (outputs "
                       "named like features/embeddings are not heads by default). Pass targets explicitly, "
-                      "or name the classification heads with heads=[...]")
+                      "name the classification heads with heads=[...], or, for a segmentation output "
+                      "(B, K, h, w), use camlens.Target.region(cls=c)")
 
 
 def _is_arraylike(t: Any) -> bool:
@@ -385,11 +456,13 @@ def _plain_item(t: Any) -> Any:
 
 def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any = None, *,
                     top_k: Optional[int] = None, categories: Categories = None,
-                    head_keys: Any = None) -> list[list[ResolvedTarget]]:
+                    head_keys: Any = None, sign: int = 1, activation: ActivationSpec = None,
+                    input_size: Optional[tuple[int, int]] = None) -> list[list[ResolvedTarget]]:
     """Resolve user targets into ``B`` lists of ``T`` resolved targets (one list per image).
 
     * ``targets=None, top_k=None``: the top class of every classification head
-      (:func:`class_heads`; ``head_keys`` names them explicitly, as ``explain(heads=...)``).
+      (:func:`class_heads`; ``head_keys`` names them explicitly, as ``explain(heads=...)``); with
+      none, a first output of one value per image (``(B,)`` / ``(B, 1)``: regression) is explained.
     * ``top_k=K``: each classification head's K highest-scoring classes, per image.
     * ``"all"``: every class of the first classification head; ``"head:all"``: of that head.
     * a single spec or a flat list: the same targets for every image.
@@ -397,7 +470,19 @@ def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any =
       list must have the same length T (never silently truncated or padded).
     * a tensor / NumPy array of class indices: 0-D (or a NumPy integer) one class for every
       image; 1-D ``(B,)`` ONE CLASS PER IMAGE (unlike a flat list); 2-D ``(B, T)`` per image.
+
+    ``sign``: ``-1`` explains a decrease of every target without a sign of its own;
+    ``activation``: a name or ``{head: name}`` (:mod:`camlens.core.activations`) stamped on the
+    targets for ``probs`` / ``combine="confidence"``; ``input_size``: the input's ``(H, W)``, for
+    region targets (:meth:`Target.region`), whose weights are bound here, one image's per target.
     """
+    kw = {"sign": check_sign(sign), "activations": head_activations(activation, heads, _find_head)}
+    rows = _rows(targets, heads, top_k, categories, head_keys, kw, input_size)
+    return split_per_image(rows) if contains_region(targets) else rows
+
+
+def _rows(targets: Any, heads: Mapping[HeadKey, Tensor], top_k: Optional[int], categories: Categories,
+          head_keys: Any, kw: dict, input_size: Optional[tuple[int, int]]) -> list[list[ResolvedTarget]]:
     batch = next(iter(heads.values())).shape[0]
     if targets is not None and top_k is not None:
         raise TargetError("give either targets or top_k, not both")
@@ -405,7 +490,11 @@ def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any =
         k = 1 if top_k is None else int(top_k)
         if k < 1:
             raise TargetError(f"top_k must be >= 1, got {top_k}")
-        return _top_k(heads, k, categories, class_heads(heads, head_keys))
+        keys = class_heads(heads, head_keys)
+        first = next(iter(heads))
+        if not keys and top_k is None and _is_value(heads[first], batch):  # a regression model: its value
+            return [[_resolve(first, None, heads, categories, **kw)] for _ in range(batch)]
+        return _top_k(heads, k, categories, keys, kw)
     if _is_arraylike(targets):
         targets = _array_targets(targets, batch)
     elif isinstance(targets, list) and any(map(_is_arraylike, targets)):
@@ -418,7 +507,7 @@ def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any =
         else:
             key = _find_head(h, heads)
         n = heads[key].shape[1]
-        per = [_resolve(key, c, heads, categories) for c in range(n)]
+        per = [_resolve(key, c, heads, categories, **kw) for c in range(n)]
         return [list(per) for _ in range(batch)]
     if not isinstance(targets, list):
         targets = [targets]
@@ -426,19 +515,19 @@ def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any =
         if len(targets) != batch:
             raise TargetError(f"per-image targets: got {len(targets)} lists for a batch of {batch} images; "
                              "give one list per image, or a flat list to use the same targets for all")
-        out = [[parse_target(t, heads, categories) for t in row] for row in targets]
+        out = [[parse_target(t, heads, categories, input_size=input_size, **kw) for t in row] for row in targets]
         lens = {len(r) for r in out}
         if len(lens) != 1 or 0 in lens:
             raise TargetError(f"per-image target lists must all have the same non-zero length, got {[len(r) for r in out]}")
         return out
     if len(targets) == 0:
         raise TargetError("empty target list")
-    per = [parse_target(t, heads, categories) for t in targets]
+    per = [parse_target(t, heads, categories, input_size=input_size, **kw) for t in targets]
     return [list(per) for _ in range(batch)]
 
 
 def _top_k(heads: Mapping[HeadKey, Tensor], k: int, categories: Categories,
-           keys: Optional[Sequence[HeadKey]] = None) -> list[list[ResolvedTarget]]:
+           keys: Optional[Sequence[HeadKey]] = None, kw: Optional[dict] = None) -> list[list[ResolvedTarget]]:
     batch = next(iter(heads.values())).shape[0]
     keys = class_heads(heads) if keys is None else keys
     if not keys:
@@ -450,36 +539,55 @@ def _top_k(heads: Mapping[HeadKey, Tensor], k: int, categories: Categories,
         ops = ops_for(t)
         idx = ops.to_numpy(ops.topk(ops.detach(t), kk, axis=1)[1]).tolist()
         for b in range(batch):
-            rows[b].extend(_resolve(key, c, heads, categories) for c in idx[b])
+            rows[b].extend(_resolve(key, c, heads, categories, **(kw or {})) for c in idx[b])
     return rows
 
 
 def target_probabilities(targets: list[list[ResolvedTarget]], heads: Mapping[HeadKey, Tensor]) -> Optional[Tensor]:
-    """Softmax probability of each target's class on its head, shape ``(B, T)`` (NaN where undefined)."""
+    """Probability of each target's class on its head under the head's activation, shape ``(B, T)``.
+
+    ``softmax`` (the default of ``(B, K)`` heads) or ``sigmoid`` (:mod:`camlens.core.activations`;
+    ``tg.activation``); NaN where undefined: ``"none"`` heads (regression values), score
+    functions and regions. The probability is of the class itself, also for ``sign=-1``.
+    """
     batch, T = len(targets), len(targets[0])
-    used = {tg.head for row in targets for tg in row if tg.fn is None and tg.cls is not None}
-    if len(used) == 1 and all(tg.fn is None and tg.cls is not None for row in targets for tg in row):
-        h = heads.get(next(iter(used)))  # the common case: classes of one head, one gather
-        if h is not None and h.ndim == 2 and h.shape[0] == batch and h.shape[1] > 1 \
-                and all(0 <= tg.cls < h.shape[1] for row in targets for tg in row):
-            xp, ops = namespace(h), ops_for(h)
-            idx = ops.asarray([[tg.cls for tg in row] for row in targets], like=h)
-            return xp.take_along_axis(ops.softmax(to_float32(ops.detach(h)), axis=1), idx, axis=1)
+    defaults: dict[HeadKey, str] = {}
+
+    def act(tg: ResolvedTarget) -> str:
+        if tg.activation is not None:
+            return tg.activation
+        if tg.head not in defaults:
+            defaults[tg.head] = default_activation(heads[tg.head])
+        return defaults[tg.head]
+
+    groups: dict[tuple[HeadKey, str], None] = {}  # (head, activation) pairs in use, in order
+    for row in targets:
+        for tg in row:
+            if tg.fn is None and tg.head in heads:
+                groups.setdefault((tg.head, act(tg)), None)
     first = next(iter(heads.values()))
     xp, ops = namespace(first), ops_for(first)
     probs = None
-    for k in used:  # one gather per head (T may be 1000); each (b, t) keeps its own head's value
-        v = heads.get(k)
-        if v is None or v.ndim != 2 or v.shape[0] != batch or v.shape[1] < 2:
+    for key, name in groups:  # one gather per head and activation (T may be 1000)
+        p = activate(name, heads[key])  # (B, K) or None
+        if p is None or p.shape[0] != batch:
             continue
-        own = [[tg.fn is None and tg.head == k and tg.cls is not None and 0 <= tg.cls < v.shape[1] for tg in row]
-               for row in targets]
-        cls = ops.asarray([[tg.cls if o else 0 for tg, o in zip(row, orow)] for row, orow in zip(targets, own)],
-                          like=v)
-        got = xp.take_along_axis(ops.softmax(to_float32(ops.detach(v)), axis=1), cls, axis=1)
+        K = p.shape[1]
+
+        def index(tg: ResolvedTarget) -> int:  # the column of tg in p, or -1 if tg is not of this group
+            if tg.fn is not None or tg.head != key or act(tg) != name:
+                return -1
+            c = 0 if tg.cls is None and K == 1 else tg.cls
+            return c if c is not None and 0 <= c < K else -1
+
+        cls = [[index(tg) for tg in row] for row in targets]
+        idx = ops.asarray(cls, like=p)
+        got = xp.take_along_axis(p, xp.clip(idx, min=0), axis=1)
+        if probs is None and all(c >= 0 for row in cls for c in row):
+            return got  # the common case: every target in this one group
         if probs is None:
             probs = xp.full((batch, T), float("nan"), dtype=got.dtype, device=array_api_compat.device(got))
-        probs = xp.where(ops.asarray(own, like=v), got, probs)
+        probs = xp.where(idx >= 0, got, probs)
     if probs is None:
         probs = xp.full((batch, T), float("nan"), dtype=xp.float32, device=array_api_compat.device(first))
     return probs
@@ -511,8 +619,9 @@ def combine_targets(rows: list[list[ResolvedTarget]], heads: Mapping[HeadKey, Te
 
     * ``mean``: ``w_t = 1 / T`` — gradients averaged over the outputs;
     * ``sum``: ``w_t = 1``;
-    * ``confidence``: ``w_t = p_t / sum_u p_u`` with ``p_t`` the softmax probability of target t's
-      class on its head (each output's gradients weighted by its confidence, then averaged).
+    * ``confidence``: ``w_t = p_t / sum_u p_u`` with ``p_t`` the probability of target t's class
+      on its head under the head's activation (:func:`target_probabilities`: softmax, or sigmoid
+      for multi-label heads): each output's gradients weighted by its confidence, then averaged.
       Needs class targets on classification heads.
 
     Non-gradient methods explain the same combined score, so every method supports every mode.
@@ -534,7 +643,8 @@ def combine_targets(rows: list[list[ResolvedTarget]], heads: Mapping[HeadKey, Te
             bad = [tg.label for tg, pt in zip(row, p) if pt != pt]
             if bad:
                 raise TargetError(f"combine='confidence' needs class targets on classification heads; "
-                                 f"{bad} have no softmax probability")
+                                 f"{bad} have no probability (score functions, regions and heads with "
+                                 "activation 'none' have none); use combine='mean' or 'sum'")
             total = sum(p)
             w = [pt / total for pt in p]
         label = f"{mode}({', '.join(tg.label for tg in row)})"

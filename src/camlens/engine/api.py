@@ -44,7 +44,8 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
             noise_smooth: int = 0, noise_sigma: float = 0.15, seed: int = 0, precision: str = "fp32",
             channels_last: Optional[bool] = None, tile: Optional[Union[int, tuple[int, int]]] = None,
             overlap: int = 32, tile_batch: int = 4, differentiable: bool = False, layout: Any = None,
-            reshape: Any = None, **options: Any) -> Explanation:
+            reshape: Any = None, sign: int = 1, activation: Union[str, dict, None] = None,
+            **options: Any) -> Explanation:
     """Explain T targets of each of B images: maps ``(B, T, H, W)`` in [0, 1].
 
     Args:
@@ -65,6 +66,8 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
             flat list: ``targets=[3, 5]`` is classes 3 and 5 of every image, ``torch.tensor([3, 5])``
             class 3 of image 0 and class 5 of image 1); 2-D ``(B, T)`` T classes per image.
             ``None``: the top class of every classification head (or ``top_k``); see ``heads``.
+            ``camlens.Target.region(mask_or_box, cls=c)``: class c summed over a region of a
+            segmentation output ``(B, K, h, w)`` (no mask: the pixels predicted as c).
         layer: dotted name(s) or module(s); several layers are fused by ``fuse``. ``None``:
             the last spatial layer of the forward pass. Ignored by input-space methods.
         method: a registered method name (``camlens.methods.available_methods()``).
@@ -129,6 +132,18 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
             alike, to each target's gradients (so it must be linear: slices, reshapes, permutations);
             a pytorch-grad-cam ``reshape_transform`` works unchanged. A dict ``{layer: fn}`` per layer.
             Methods that feed maps back into the layer (Ablation-CAM) need ``layout=`` instead.
+        sign: ``+1`` (default) explains an increase of each target's score S; ``-1`` a decrease
+            (the score ``-S``: regression outputs, "what lowers this logit"), for every method and
+            every target without a sign of its own (``camlens.Target(..., sign=...)``).
+            ``exp.scores`` then holds ``-S`` (the maps explain exactly ``exp.scores``) and the
+            labels end in ``" (decrease)"``.
+        activation: how a head's logits become ``exp.probs`` and the ``combine="confidence"``
+            weights: ``"softmax"`` (the default of ``(B, K)`` heads), ``"sigmoid"`` (multi-label
+            heads: each class its own probability), ``"none"`` (no probabilities: NaN; the default
+            of other heads), or ``{head: name}`` per head, e.g.
+            ``{"attrs": "sigmoid", "species": "softmax"}``. ``None``: from the model's
+            ``config.problem_type`` when it has one (HuggingFace: ``"multi_label_classification"``
+            is sigmoid), else the defaults. It never changes the maps or the top-k classes.
         **options: the method's options (see ``camlens methods``), e.g. ``batch_size=`` for Score-CAM.
 
     One forward pass runs with the layers hooked; all T targets' gradients come from one batched
@@ -152,7 +167,7 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
                                  aug_smooth=aug_smooth, noise_smooth=noise_smooth, display=display, tile=tile,
                                  overlap=overlap, tile_batch=tile_batch, layout=bk.layout(net, channels_last, precision),
                                  head_keys=heads, noise_sigma=noise_sigma, seed=seed, map_layout=layout,
-                                 reshape=reshape)
+                                 reshape=reshape, sign=sign, activation=activation)
     if meth.needs_layer:
         layers = bk.resolve_layers(net, layer if layer is not None else bk.default_layer(net, x))
     else:
@@ -165,7 +180,7 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
     with bk.session(net, eval_mode=eval_mode, freeze=not differentiable, restore_buffers=not differentiable):
         fwd = bk.layout(net, channels_last, precision)
         p = run_pass(net, x, targets, layers, meth, opts, categories, top_k, combine, fwd, head_keys=heads,
-                     differentiable=differentiable, backend=bk, read=read)
+                     differentiable=differentiable, backend=bk, read=read, sign=sign, activation=activation)
         result = p.result
         if noise_smooth:
             result = noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed, fwd, read=read)

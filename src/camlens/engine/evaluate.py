@@ -10,6 +10,7 @@ from ..backends.base import get_backend, namespace, ops_for, to_float32
 from ..core.errors import ConfigError, InputError, TargetError
 from ..core.explanation import Explanation
 from ..core.registry import check_options
+from ..core.activations import activate, default_activation, model_activation
 from ..core.targets import ResolvedTarget, resolve_targets, split_outputs
 from ..metrics import EvalContext, Metric, get_metric, mean_sem
 from .api import explain
@@ -67,10 +68,16 @@ def _per_target(t: Optional[Tensor], B: int, T: int, what: str, tail: tuple[int,
 
 
 def _probability(tg: ResolvedTarget, heads: Mapping, output: Any) -> Tensor:
-    """Softmax probability of ``tg``'s class on its head (raw score for other targets), ``(N,)``."""
+    """Probability of ``tg``'s class on its head under the head's activation (softmax by default,
+    sigmoid for multi-label heads: :mod:`camlens.core.activations`), ``(N,)``; ``1 - p`` for a
+    ``sign=-1`` target (what it explains is less of the class: for sigmoid ``sigmoid(-z)``); the
+    explained raw score for targets without a probability (score functions, regions, values)."""
     h = heads[tg.head]
-    if tg.fn is None and tg.cls is not None and h.ndim == 2 and h.shape[1] > 1:
-        return ops_for(h).softmax(to_float32(h), axis=1)[:, tg.cls]
+    if tg.fn is None:
+        p = activate(tg.activation or default_activation(h), h)
+        c = 0 if tg.cls is None else tg.cls
+        if p is not None and 0 <= c < p.shape[1]:
+            return 1 - p[:, c] if tg.sign == -1 else p[:, c]
     return to_float32(tg.score(heads, output))
 
 
@@ -120,7 +127,8 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
                 raise ConfigError("a plain map tensor needs targets= (what each of its T maps explains)")
             with bk.graph(False):
                 out = net(x)
-            rows = resolve_targets(targets, split_outputs(out), out, categories=categories, head_keys=heads)
+            rows = resolve_targets(targets, split_outputs(out), out, categories=categories, head_keys=heads,
+                                   activation=model_activation(net, None))
         if maps.ndim != 4 or maps.shape[0] != x.shape[0] or maps.shape[-2:] != x.shape[-2:]:
             raise InputError(f"maps must be (B, T, H, W) = ({x.shape[0]}, T, {x.shape[-2]}, {x.shape[-1]}) at input "
                              f"resolution; got {tuple(maps.shape)}")

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from ..backends.base import Backend, get_backend, namespace, ops_for
 from ..core.errors import CamlensError, InputError, NonFiniteScoresError, TargetError
+from ..core.activations import model_activation
 from ..core.layouts import from_map, to_map
 from ..core.postprocess import as_float, to_float32
 from ..core.targets import Categories, ResolvedTarget, combine_targets, is_framework_array, resolve_targets, split_outputs
@@ -121,35 +122,43 @@ def check_scores(scores: Tensor, rows: list[list[ResolvedTarget]]) -> None:
 
 def class_scores(rows: list[list[ResolvedTarget]], heads: dict) -> Optional[Tensor]:
     """The scores ``(B, T)`` by one gather per head when every target is a class of a ``(B, K)``
-    head (e.g. all 1000 classes); ``None`` when any target is something else."""
+    head (e.g. all 1000 classes), negated when every target has ``sign=-1``; ``None`` when any
+    target is something else (or the signs are mixed)."""
     B = len(rows)
     row0 = rows[0]
     if len(row0) == 1 and all(r is row0 or r == row0 for r in rows):  # one target for every image
         tg = row0[0]
         h = heads.get(tg.head) if tg.fn is None else None
         if h is not None and tg.cls is not None and h.ndim == 2 and h.shape[0] == B and 0 <= tg.cls < h.shape[1]:
-            return h[:, tg.cls:tg.cls + 1]  # a view
+            return -h[:, tg.cls:tg.cls + 1] if tg.sign == -1 else h[:, tg.cls:tg.cls + 1]  # a view (+1)
         return None
     idx: dict[Any, list[list[int]]] = {}
+    signs = set()
     for b, row in enumerate(rows):
         for t, tg in enumerate(row):
             h = heads.get(tg.head) if tg.fn is None else None
             if h is None or tg.cls is None or h.ndim != 2 or h.shape[0] != B or not 0 <= tg.cls < h.shape[1]:
                 return None
             idx.setdefault(tg.head, [[-1] * len(row) for _ in range(B)])[b][t] = tg.cls
+            signs.add(tg.sign)
+    if len(signs) > 1:
+        return None
+    neg = signs == {-1}
     first = heads[next(iter(idx))]
     xp, ops = namespace(first), ops_for(first)
     if len(idx) == 1:  # one head: every index is valid, one gather
         k, cls = next(iter(idx.items()))
         if len(cls[0]) == 1 and all(c == cls[0] for c in cls):  # one class for every image: a view
-            return heads[k][:, cls[0][0]:cls[0][0] + 1]
-        return xp.take_along_axis(heads[k], ops.asarray(cls, like=heads[k]), axis=1)
+            out = heads[k][:, cls[0][0]:cls[0][0] + 1]
+        else:
+            out = xp.take_along_axis(heads[k], ops.asarray(cls, like=heads[k]), axis=1)
+        return -out if neg else out
     out = None
     for k, cls in idx.items():
         c = ops.asarray(cls, like=heads[k])
         s = xp.take_along_axis(heads[k], xp.clip(c, min=0), axis=1)
         out = xp.where(c >= 0, s, xp.zeros_like(s) if out is None else out)
-    return out
+    return -out if neg else out
 
 
 def target_scores(rows: list[list[ResolvedTarget]], heads: dict, output: Any) -> Tensor:
@@ -191,7 +200,8 @@ class Pass:
 def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts: dict,
              categories: Categories, top_k: Optional[int], combine: str = "separate",
              layout: Optional[Any] = None, head_keys: Any = None, differentiable: bool = False,
-             backend: Optional[Backend] = None, read: Optional[dict] = None) -> Pass:
+             backend: Optional[Backend] = None, read: Optional[dict] = None, sign: int = 1,
+             activation: Any = None) -> Pass:
     """One forward with the layers hooked, the batched backward if needed, then the method's math.
 
     Everything framework-specific goes through ``backend`` (default: the model's, from
@@ -200,7 +210,9 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
     every forward (default: fp32, auto); ``head_keys`` is ``explain(heads=...)``.
     ``differentiable``: the forward records its graph from the input, gradients keep theirs
     (``create_graph``) and nothing is detached. ``read``: layer name -> how to read its output
-    (``explain(layout=..., reshape=...)``, :func:`camlens.core.layouts.layer_reads`).
+    (``explain(layout=..., reshape=...)``, :func:`camlens.core.layouts.layer_reads`). ``sign`` /
+    ``activation``: as :func:`camlens.explain`'s (the activation the model documents when ``None``:
+    :func:`~camlens.core.activations.model_activation`).
     """
     bk = backend if backend is not None else get_backend(net)
     names = [n for n, _ in layers]
@@ -212,7 +224,9 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
             output = layout.run(x)
         bk.check_capture(cap, layers, net, x, read)  # one clear error for any method: (B, C, h, w) of this batch
         heads = split_outputs(output)
-        components = resolve_targets(targets, heads, output, top_k=top_k, categories=categories, head_keys=head_keys)
+        components = resolve_targets(targets, heads, output, top_k=top_k, categories=categories, head_keys=head_keys,
+                                     sign=sign, activation=model_activation(net, activation),
+                                     input_size=tuple(x.shape[-2:]))
         rows = combine_targets(components, heads, combine)
         acts = [cap.activations[n] for n in names]
         att = list(cap.attentions) if attn else []  # (B, heads, N, N) per attention call

@@ -27,8 +27,10 @@ import numpy as np
 from ..backends.base import get_backend, namespace, ops_for, to_float32
 from ..core.errors import ConfigError
 from ..core.explanation import Explanation
+from ..core.activations import model_activation
 from ..core.layouts import layer_reads
 from ..core.postprocess import upsample
+from ..core.regions import contains_region
 from ..methods import Method, MethodOutput
 from .finish import finish
 from .passes import run_pass
@@ -215,7 +217,8 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
                   categories: Categories, top_k: Optional[int], fuse: str, relu: bool, upsample_maps: bool,
                   combine: str, aug_smooth: bool, noise_smooth: int, display: Any, tile: TileSpec, overlap: int,
                   tile_batch: int, layout: Any = None, head_keys: Any = None, noise_sigma: float = 0.15,
-                  seed: int = 0, map_layout: Any = None, reshape: Any = None) -> Explanation:
+                  seed: int = 0, map_layout: Any = None, reshape: Any = None, sign: int = 1,
+                  activation: Any = None) -> Explanation:
     """:func:`camlens.explain` tile by tile; called by it when ``tile`` is given (model state held by the caller).
 
     1. Targets: explicit specs are resolved against the output of one tile (head names, class
@@ -249,7 +252,8 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
         kw = dict(layer=layer, meth=meth, opts=opts, categories=categories, top_k=None, fuse=fuse, relu=relu,
                   upsample_maps=True, combine="separate", aug_smooth=False, noise_smooth=noise_smooth,
                   display=display, tile=tile, overlap=overlap, tile_batch=tile_batch, layout=layout,
-                  noise_sigma=noise_sigma, seed=seed, map_layout=map_layout, reshape=reshape)
+                  noise_sigma=noise_sigma, seed=seed, map_layout=map_layout, reshape=reshape, sign=sign,
+                  activation=activation)
         base = explain_tiled(net, x, targets, **{**kw, "top_k": top_k, "combine": combine, "head_keys": head_keys})
         rows = base.targets  # resolved (and combined) once, on the plain image
         # as untiled: the augmented views are not noise-smoothed (only the plain pass is)
@@ -274,6 +278,9 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
     read = layer_reads(map_layout, reshape, names)
     extra = {"layout": layout, "backend": bk, "read": read}
 
+    if contains_region(targets):
+        raise ConfigError("Target.region does not combine with tile= yet (its mask or box is in whole-image "
+                          "pixels, the outputs are per tile); explain without tile=")
     # 1. targets
     if targets is None or top_k is not None or combine == "confidence":  # classes / weights from the mean heads
         pre = _HeadMean(B, len(boxes))
@@ -287,7 +294,8 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
         heads0 = {k: namespace(v).broadcast_to(v, (B, *v.shape[1:])) if v.ndim else v
                   for k, v in one.items()}  # shapes, to resolve
     components: list[list[ResolvedTarget]] = resolve_targets(targets, heads0, None, top_k=top_k,
-                                                             categories=categories, head_keys=head_keys)
+                                                             categories=categories, head_keys=head_keys, sign=sign,
+                                                             activation=model_activation(net, activation))
     rows = combine_targets(components, heads0, combine)
     T = len(rows[0])
     gen = ops.generator(seed, x) if noise_smooth else None

@@ -59,6 +59,9 @@ class CamMethod(Method):
             else:
                 own = ctx.ops.asarray([[rows[b][t].head == h for t in range(T)] for b in range(B)], like=a)
                 out = xp.where(own[..., None, None], m, out)
+        if any(tg.sign == -1 for row in rows for tg in row):  # a decrease: the map of -y_k is -M_k
+            signs = ctx.ops.asarray([[float(tg.sign) for tg in row] for row in rows], like=a)
+            out = out * xp.astype(signs, out.dtype)[..., None, None]
         return MethodOutput(raws={name: out})
 
 

@@ -57,6 +57,9 @@ class TorchOps:
     def softmax(self, x: Tensor, axis: int = -1) -> Tensor:
         return x.softmax(axis)
 
+    def sigmoid(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(x)
+
     def detach(self, x: Tensor) -> Tensor:
         return x.detach() if x.requires_grad else x  # no graph: the tensor itself (no op dispatched)
 
