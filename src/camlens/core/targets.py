@@ -12,7 +12,14 @@ Accepted target specs (see :func:`parse_target`):
 * ``"species:281"``       class 281 of head ``species`` (``"1:3"``: class 3 of the second head)
 * ``("species", 281)``    the same as a tuple
 * ``Target(...)``         used as is
-* ``callable``            ``fn(output) -> (B,)`` scores from the model's whole output
+* ``callable``            ``fn(output) -> (B,)`` scores from the model's whole output (always
+                          the raw output, whatever its structure)
+* ``Target.box(box, cls)`` the detection of an object detector matching that box
+                          (:mod:`camlens.core.detection`)
+
+Outputs :func:`split_outputs` cannot flatten (a detector's list of per-image dicts, nested
+containers) give a :class:`RawHeads`: the top-level tensors it could read, plus the raw output
+for callables and box targets.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import array_api_compat
 import numpy as np
 
 from ..backends.base import namespace, ops_for, to_float32
-from .errors import ModelError, ModelTypeError, TargetError, TargetIndexError, TargetKeyError, TargetTypeError
+from .detection import BoxScore, Detection, check_box, detection_label, detection_lists, top_detections
+from .errors import TargetError, TargetIndexError, TargetKeyError, TargetTypeError
 from .predictions import class_name, head_categories
 
 HeadKey = Union[int, str]
@@ -55,6 +63,7 @@ Categories = Union[Sequence[str], Mapping[HeadKey, Sequence[str]], None]
 __all__ = [
     "Target",
     "ResolvedTarget",
+    "RawHeads",
     "split_outputs",
     "parse_target",
     "resolve_targets",
@@ -84,6 +93,16 @@ class Target:
     fn: Optional[ScoreFn] = None
     label: Optional[str] = None
 
+    @staticmethod
+    def box(box: Sequence[float], cls: Optional[int] = None, iou: float = 0.5, label: Optional[str] = None) -> "Target":
+        """A detection of an object detector: per image, the detection of class ``cls`` (``None``:
+        any class) whose box overlaps ``box`` = ``(x0, y0, x1, y1)`` (input pixels, as the model's
+        boxes) best, with IoU >= ``iou`` (ties: the higher score). Its score is that detection's
+        score; no match on an image is a :class:`TargetError` listing the detections there. Per-image
+        boxes: ``targets=[[Target.box(a)], [Target.box(b)]]``. See :mod:`camlens.core.detection`."""
+        b, c, thr = check_box(box, cls, iou)
+        return Target(cls=c, fn=BoxScore(b, c, thr), label=label)
+
 
 @dataclass(frozen=True)
 class ResolvedTarget:
@@ -98,6 +117,7 @@ class ResolvedTarget:
     label: str
     fn: Optional[ScoreFn] = None
     head_only: bool = True  # fn receives the head tensor (True) or the whole output (False)
+    detection: Optional[Detection] = None  # a box target: the detection it explains (box, label, score)
 
     def score(self, heads: Mapping[HeadKey, Tensor], output: Any) -> Tensor:
         """The explained score of each image, shape ``(B,)``, differentiable."""
@@ -138,12 +158,61 @@ def head_score(head: Tensor, cls: Optional[int]) -> Tensor:
 # outputs
 
 
+class RawHeads(dict):
+    """The heads of an output :func:`split_outputs` cannot flatten: its top-level tensors (often
+    none), with the raw output kept for callables and box targets.
+
+    Attributes:
+        output: the model's output as it came.
+        batch: its batch size (a detector's list length, else the first tensor's leading dim), or ``None``.
+        like: a tensor of the output (for the namespace and device), or ``None``.
+        why: why it is not flattened, for error messages.
+    """
+
+    def __init__(self, items: Any, output: Any, why: str) -> None:
+        super().__init__(items)
+        self.output, self.why = output, why
+        dets = detection_lists(output)
+        leaves = _leaves(output)
+        self.like = leaves[0] if leaves else None
+        self.batch = len(dets) if dets is not None else (int(self.like.shape[0]) if leaves and self.like.ndim else None)
+
+    def describe(self) -> str:
+        """The output in words, e.g. ``a list of 2 dicts with keys ['boxes', 'labels', 'scores']``."""
+        o = self.output
+        if isinstance(o, (list, tuple)) and o and all(isinstance(d, Mapping) for d in o):
+            return f"a {type(o).__name__} of {len(o)} dicts with keys {list(o[0])}"
+        return f"a {type(o).__name__}"
+
+
+def _leaves(x: Any, depth: int = 0) -> list:
+    """The arrays in a nested output, depth first (at most 4 levels deep)."""
+    if is_array(x):
+        return [x]
+    if depth > 4:
+        return []
+    vals = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else []
+    return [a for v in vals for a in _leaves(v, depth + 1)]
+
+
+def batch_size(heads: Mapping[HeadKey, Tensor]) -> int:
+    """The batch size of an output's heads (a :class:`RawHeads` knows its own)."""
+    if isinstance(heads, RawHeads):
+        if heads.batch is None:
+            raise TargetError(f"cannot tell the batch size of the model's output ({heads.describe()}): {heads.why}")
+        return heads.batch
+    return next(iter(heads.values())).shape[0]
+
+
 def split_outputs(output: Any) -> dict[HeadKey, Tensor]:
     """Flatten a model output into an ordered ``{head key: tensor}`` mapping.
 
     A tensor gives ``{0: t}``; a tuple or list ``{0: t0, 1: t1, ...}``; a dict, namedtuple,
     dataclass or ``ModelOutput`` ``{name: t}`` in field order (``None`` fields skipped). Nested
-    containers are not flattened; a non-tensor leaf is an error naming its type.
+    containers are not flattened: an output with a non-tensor item (a detector's list of per-image
+    dicts, a nested tuple) or of another type gives a :class:`RawHeads` of its top-level tensors
+    that keeps the raw output, for callables and box targets; class targets on what it lacks say
+    what to use instead.
     """
     if is_array(output):
         return {0: output}
@@ -156,19 +225,32 @@ def split_outputs(output: Any) -> dict[HeadKey, Tensor]:
     elif isinstance(output, (tuple, list)):
         items = list(enumerate(output))
     else:
-        raise ModelTypeError(f"unsupported model output type {type(output).__name__}; expected a tensor, "
-                        "tuple, list, dict, namedtuple or dataclass of tensors")
+        return RawHeads({}, output, f"its type {type(output).__name__} is not a tensor, tuple, list, dict, "
+                                    "namedtuple or dataclass of tensors")
     heads = {k: v for k, v in items if v is not None}
-    for k, v in heads.items():
-        if not is_array(v):
-            raise ModelTypeError(f"model output {k!r} is a {type(v).__name__}, not a tensor")
+    other = [(k, v) for k, v in heads.items() if not is_array(v)]
+    if other:
+        k, v = other[0]
+        return RawHeads({k: v for k, v in heads.items() if is_array(v)}, output,
+                        f"its item {k!r} is a {type(v).__name__}, not a tensor")
     if not heads:
-        raise ModelError("the model returned no tensor outputs")
+        return RawHeads({}, output, "it holds no tensor")
     return heads
+
+
+def _raw_error(heads: "RawHeads", what: str) -> TargetError:
+    """A class target on an output that is not class scores: what was seen and what to use."""
+    dets = detection_lists(heads.output) is not None
+    use = ("for a detector, camlens.Target.box((x0, y0, x1, y1), cls=c) explains the detection matching a box, "
+           "and targets=None its top detections (top_k=); or a callable" if dets else "use a callable")
+    return TargetError(f"{what}: the model's output is {heads.describe()}, which camlens cannot read as class "
+                       f"scores ({heads.why}); {use} target fn(output) -> (B,) scores, which receives the raw output")
 
 
 def _find_head(key: Optional[HeadKey], heads: Mapping[HeadKey, Tensor]) -> HeadKey:
     keys = list(heads)
+    if isinstance(heads, RawHeads) and (not keys or (key is not None and key not in heads)):
+        raise _raw_error(heads, "no output head" if key is None else f"no output head {key!r}")
     if key is None:
         return keys[0]
     if key in heads:
@@ -210,13 +292,13 @@ def parse_target(spec: Any, heads: Mapping[HeadKey, Tensor], categories: Categor
         return spec
     if isinstance(spec, Target):
         if spec.fn is not None:
-            head = _find_head(spec.head, heads) if spec.head is not None else next(iter(heads))
+            head = _find_head(spec.head, heads) if spec.head is not None else next(iter(heads), 0)
             label = spec.label or getattr(spec.fn, "__name__", "score")
             return ResolvedTarget(head, spec.cls, label, spec.fn, head_only=spec.head is not None)
         return _resolve(spec.head, spec.cls, heads, categories, spec.label)
     if callable(spec) and not isinstance(spec, (str, int)):
         name = getattr(spec, "__name__", type(spec).__name__)
-        return ResolvedTarget(next(iter(heads)), None, name, spec, head_only=False)
+        return ResolvedTarget(next(iter(heads), 0), None, name, spec, head_only=False)
     if isinstance(spec, bool):
         raise TargetTypeError("a target cannot be a bool")
     if _is_arraylike(spec):  # a 0-d tensor / NumPy integer: one class index
@@ -268,6 +350,33 @@ def _resolve(head: Optional[HeadKey], cls: Union[int, str, None], heads: Mapping
     return ResolvedTarget(key, idx, label)
 
 
+def _is_box(spec: Any) -> bool:
+    return isinstance(spec, Target) and isinstance(spec.fn, BoxScore)
+
+
+def _box_target(fn: BoxScore, det: Detection, heads: Mapping[HeadKey, Tensor], categories: Categories,
+                label: Optional[str] = None) -> ResolvedTarget:
+    """A box target resolved on one image: the detection ``det`` it explains, labelled "name score"."""
+    label = label or detection_label(det.label, det.score, categories)
+    return ResolvedTarget(next(iter(heads), 0), det.label, label, fn, head_only=False, detection=det)
+
+
+def _parse_on_image(spec: Any, heads: Mapping[HeadKey, Tensor], categories: Categories, output: Any,
+                    b: int) -> ResolvedTarget:
+    """:func:`parse_target`, with box targets matched on image ``b`` of ``output``."""
+    if _is_box(spec):
+        return _box_target(spec.fn, spec.fn.resolve(output, b, categories), heads, categories, spec.label)
+    return parse_target(spec, heads, categories)
+
+
+def _top_detections(output: Any, heads: Mapping[HeadKey, Tensor], k: int,
+                    categories: Categories) -> list[list[ResolvedTarget]]:
+    """``targets=None`` on a detector: each image's k best detections as box targets (IoU 0.5 when
+    re-matched on perturbed inputs)."""
+    return [[_box_target(BoxScore(d.box, d.label, 0.5), d, heads, categories) for d in row]
+            for row in top_detections(output, k, categories)]
+
+
 def _is_per_image(targets: Sequence[Any]) -> bool:
     return len(targets) > 0 and all(isinstance(t, (list,)) for t in targets)
 
@@ -308,7 +417,9 @@ def class_heads(heads: Mapping[HeadKey, Tensor], names: Any = None) -> list[Head
       names with a feature token (:data:`FEATURE_NAMES`: ``"features"``, ``"embedding"``,
       ``"hidden"``, ``"pooled"``, ...; tokens split at ``_``, ``.``, ``-`` and camelCase).
     """
-    batch = next(iter(heads.values())).shape[0]
+    if not heads and names is None:
+        return []
+    batch = next(iter(heads.values())).shape[0] if heads else None
     if names is not None:
         keys = list(names) if isinstance(names, (list, tuple)) else [names]
         if not keys:
@@ -397,14 +508,22 @@ def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any =
       list must have the same length T (never silently truncated or padded).
     * a tensor / NumPy array of class indices: 0-D (or a NumPy integer) one class for every
       image; 1-D ``(B,)`` ONE CLASS PER IMAGE (unlike a flat list); 2-D ``(B, T)`` per image.
+    * a detector's output (a list of B dicts with boxes / labels / scores): ``targets=None`` is
+      the top ``top_k`` (default 1) detections of each image by score, as box targets labelled
+      ``"class name score"``; an image with fewer detections is an error (T is the same for every
+      image). :meth:`Target.box` targets are matched on each image they are used for.
     """
-    batch = next(iter(heads.values())).shape[0]
+    batch = batch_size(heads)
     if targets is not None and top_k is not None:
         raise TargetError("give either targets or top_k, not both")
     if targets is None:
         k = 1 if top_k is None else int(top_k)
         if k < 1:
             raise TargetError(f"top_k must be >= 1, got {top_k}")
+        if isinstance(heads, RawHeads) and detection_lists(output) is not None:
+            return _top_detections(output, heads, k, categories)
+        if isinstance(heads, RawHeads) and not class_heads(heads, head_keys):
+            raise _raw_error(heads, "targets=None explains the top classes of a classification output")
         return _top_k(heads, k, categories, class_heads(heads, head_keys))
     if _is_arraylike(targets):
         targets = _array_targets(targets, batch)
@@ -426,20 +545,22 @@ def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any =
         if len(targets) != batch:
             raise TargetError(f"per-image targets: got {len(targets)} lists for a batch of {batch} images; "
                              "give one list per image, or a flat list to use the same targets for all")
-        out = [[parse_target(t, heads, categories) for t in row] for row in targets]
+        out = [[_parse_on_image(t, heads, categories, output, b) for t in row] for b, row in enumerate(targets)]
         lens = {len(r) for r in out}
         if len(lens) != 1 or 0 in lens:
             raise TargetError(f"per-image target lists must all have the same non-zero length, got {[len(r) for r in out]}")
         return out
     if len(targets) == 0:
         raise TargetError("empty target list")
+    if any(map(_is_box, targets)):  # matched on each image
+        return [[_parse_on_image(t, heads, categories, output, b) for t in targets] for b in range(batch)]
     per = [parse_target(t, heads, categories) for t in targets]
     return [list(per) for _ in range(batch)]
 
 
 def _top_k(heads: Mapping[HeadKey, Tensor], k: int, categories: Categories,
            keys: Optional[Sequence[HeadKey]] = None) -> list[list[ResolvedTarget]]:
-    batch = next(iter(heads.values())).shape[0]
+    batch = batch_size(heads)
     keys = class_heads(heads) if keys is None else keys
     if not keys:
         raise _no_class_heads(heads)
@@ -454,8 +575,11 @@ def _top_k(heads: Mapping[HeadKey, Tensor], k: int, categories: Categories,
     return rows
 
 
-def target_probabilities(targets: list[list[ResolvedTarget]], heads: Mapping[HeadKey, Tensor]) -> Optional[Tensor]:
-    """Softmax probability of each target's class on its head, shape ``(B, T)`` (NaN where undefined)."""
+def target_probabilities(targets: list[list[ResolvedTarget]], heads: Mapping[HeadKey, Tensor],
+                         like: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Softmax probability of each target's class on its head, shape ``(B, T)`` (NaN where undefined:
+    score functions, box targets). ``like``: an array for the namespace and device when ``heads``
+    is empty (a detector's output)."""
     batch, T = len(targets), len(targets[0])
     used = {tg.head for row in targets for tg in row if tg.fn is None and tg.cls is not None}
     if len(used) == 1 and all(tg.fn is None and tg.cls is not None for row in targets for tg in row):
@@ -465,7 +589,7 @@ def target_probabilities(targets: list[list[ResolvedTarget]], heads: Mapping[Hea
             xp, ops = namespace(h), ops_for(h)
             idx = ops.asarray([[tg.cls for tg in row] for row in targets], like=h)
             return xp.take_along_axis(ops.softmax(to_float32(ops.detach(h)), axis=1), idx, axis=1)
-    first = next(iter(heads.values()))
+    first = next(iter(heads.values()), like)
     xp, ops = namespace(first), ops_for(first)
     probs = None
     for k in used:  # one gather per head (T may be 1000); each (b, t) keeps its own head's value

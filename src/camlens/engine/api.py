@@ -165,7 +165,7 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
     detached = {k: detach(v) for k, v in p.heads.items()}
     first = next(iter(raws.values())) if raws else result.saliency
     return Explanation(maps=maps, raw=first, raws=dict(raws), scores=p.scores,
-                       probs=Deferred(functools.partial(target_probabilities, p.rows, detached)), targets=p.rows,
+                       probs=Deferred(functools.partial(target_probabilities, p.rows, detached, like=p.scores)), targets=p.rows,
                        inputs=x if differentiable else detach(x), heads=p.heads if differentiable else detached,
                        layers=names, method=meth.name, display=display, pixel=result.pixel,
                        components=p.components if combine != "separate" else None, options=dict(opts))
