@@ -139,7 +139,14 @@ def test_box_matching_rules():
     assert s.tolist() == pytest.approx([0.8, 0.0])
 
 
+def _state(m):
+    return (m.training, [(p.requires_grad, p.grad) for p in m.parameters()],
+            [(len(x._forward_hooks), len(x._forward_pre_hooks)) for x in m.modules()],
+            {k: v.clone() for k, v in m.state_dict().items()})
+
+
 def test_box_target_no_match_is_a_clear_error(quad, xq):
+    before = _state(quad)
     with pytest.raises(TargetError) as e:
         camlens.explain(quad, xq, [[camlens.Target.box(QUADS[0], cls=1)],
                                    [camlens.Target.box((0, 0, 4, 4), cls=1, iou=0.5)]],
@@ -150,6 +157,8 @@ def test_box_target_no_match_is_a_clear_error(quad, xq):
     top = _dets(quad, xq)[1]
     assert f"{['cat', 'dog', 'owl'][int(top['labels'][0])]} {float(top['scores'][0]):.2f}" in msg
     assert "12 detections" in msg
+    after = _state(quad)  # the model as it came, also after the error
+    assert after[:3] == before[:3] and all(torch.equal(after[3][k], v) for k, v in before[3].items())
     with pytest.raises(TargetError, match="empty"):
         camlens.Target.box((5, 5, 5, 9))
     with pytest.raises(TargetError, match="iou"):
@@ -317,7 +326,7 @@ def test_gradcam_box_target_matches_pytorch_grad_cam_on_faster_rcnn():
     state = copy.deepcopy(m.state_dict())
     exp = camlens.explain(m, x, [[camlens.Target.box(b, cls=c)] for b, c in zip(boxes, labels)])
     assert exp.layers == ["backbone.body.layer4"]  # the default layer
-    assert exp.scores[:, 0].tolist() == pytest.approx([float(d["scores"][0]) for d in out], rel=1e-9)
+    assert exp.scores[:, 0].tolist() == pytest.approx([float(d["scores"][0]) for d in out], rel=1e-6)  # (float32)
     assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
 
     ref = copy.deepcopy(m)
@@ -325,12 +334,19 @@ def test_gradcam_box_target_matches_pytorch_grad_cam_on_faster_rcnn():
     cam = GradCAM(model=ref, target_layers=[layer])
     targets = [FasterRCNNBoxScoreTarget(labels=[c], bounding_boxes=[np.array(b)]) for b, c in zip(boxes, labels)]
     final = cam(x, targets=targets)  # (B, H, W): ReLU, min-max, cv2 resize
-    a, g = cam.activations_and_grads.activations[0], cam.activations_and_grads.gradients[0]
+    a, g = (t[0].cpu().numpy() for t in (cam.activations_and_grads.activations, cam.activations_and_grads.gradients))
     raw = cam.get_cam_image(x, layer, targets, a, g)  # (B, h, w): pgc's weighted sum before its ReLU
     cam.activations_and_grads.release()
     ours = exp.raw[:, 0].double().numpy()
     assert float(np.abs(raw).max()) > 0
     np.testing.assert_allclose(ours, raw, rtol=1e-6, atol=1e-6 * float(np.abs(raw).max()))
-    # camlens' map: ReLU, bilinear upsample, min-max; pgc's: ReLU, min-max, cv2 resize (both bilinear,
-    # half-pixel centres): equal up to where min-max falls relative to the resize
-    np.testing.assert_allclose(exp.maps[:, 0].double().numpy(), final, atol=2e-2)
+    # camlens' map: ReLU, bilinear upsample, min-max; pgc's: ReLU, min-max, cv2 resize (the same
+    # bilinear sampling; measured 9e-7 apart, camlens' results being float32)
+    np.testing.assert_allclose(exp.maps[:, 0].double().numpy(), final, atol=1e-5)
+
+
+def test_tiling_a_detector_is_a_clear_error(quad, xq):
+    from camlens.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tile=.*a list of \d+ dicts with keys \[.boxes."):
+        camlens.explain(quad, xq, layer="body", tile=16, overlap=4)
