@@ -32,7 +32,7 @@ import numpy as np
 from ..backends.base import namespace, ops_for, to_float32
 from .errors import TargetError
 
-__all__ = ["Detection", "BoxScore", "detection_lists", "top_detections", "box_iou", "check_box",
+__all__ = ["Detection", "BoxScore", "detection_lists", "top_detections", "box_iou", "check_box", "host_copy",
            "detection_label"]
 
 #: The keys of one image's detections.
@@ -68,7 +68,7 @@ def detection_lists(output: Any) -> Optional[list[Mapping]]:
     return list(output)
 
 
-def _host(t: Any) -> np.ndarray:
+def host_copy(t: Any) -> np.ndarray:
     """A detached host copy (float64 for floating boxes / scores)."""
     ops = ops_for(t)
     try:
@@ -126,7 +126,7 @@ def detection_label(label: int, score: float, categories: Any) -> str:
 
 def _describe(d: Mapping, categories: Any, n: int = _SHOWN) -> str:
     """The ``n`` highest-scoring detections of one image, for error messages."""
-    scores, labels, boxes = _host(d["scores"]), _host(d["labels"]), _host(d["boxes"])
+    scores, labels, boxes = host_copy(d["scores"]), host_copy(d["labels"]), host_copy(d["boxes"])
     if scores.shape[0] == 0:
         return "no detections"
     order = np.argsort(-scores, kind="stable")[:n]
@@ -157,12 +157,12 @@ class BoxScore:
 
     def match(self, d: Mapping) -> tuple[Optional[int], float]:
         """``(row of the matching detection or None, best IoU among the class's detections)``."""
-        boxes, scores = _host(d["boxes"]), _host(d["scores"])
+        boxes, scores = host_copy(d["boxes"]), host_copy(d["scores"])
         if boxes.shape[0] == 0:
             return None, 0.0
         ious = box_iou(self.box, boxes)
         if self.cls is not None:
-            ious = np.where(_host(d["labels"]) == self.cls, ious, -1.0)
+            ious = np.where(host_copy(d["labels"]) == self.cls, ious, -1.0)
         best = float(ious.max())
         if best < self.iou:
             return None, max(best, 0.0)
@@ -199,8 +199,8 @@ class BoxScore:
                               f"(best IoU {best:.3f}); the model found {_describe(d, categories)}. Lower iou=, give "
                               "another box or cls=None, or lower the model's score threshold (torchvision: "
                               "box_score_thresh= / score_thresh=)")
-        box = tuple(float(v) for v in _host(d["boxes"])[i])
-        return Detection(box, int(_host(d["labels"])[i]), float(_host(d["scores"])[i]), i)  # type: ignore[arg-type]
+        box = tuple(float(v) for v in host_copy(d["boxes"])[i])
+        return Detection(box, int(host_copy(d["labels"])[i]), float(host_copy(d["scores"])[i]), i)  # type: ignore[arg-type]
 
 
 def _device(t: Any) -> Any:
@@ -220,11 +220,11 @@ def top_detections(output: Any, k: int, categories: Any = None) -> list[list[Det
     assert dets is not None
     rows, short = [], []
     for b, d in enumerate(dets):
-        scores = _host(d["scores"])
+        scores = host_copy(d["scores"])
         if scores.shape[0] < k:
             short.append(f"image {b}: {scores.shape[0]}")
             continue
-        boxes, labels = _host(d["boxes"]), _host(d["labels"])
+        boxes, labels = host_copy(d["boxes"]), host_copy(d["labels"])
         order = np.argsort(-scores, kind="stable")[:k]
         rows.append([Detection(tuple(float(v) for v in boxes[i]), int(labels[i]), float(scores[i]), int(i))  # type: ignore[arg-type]
                      for i in order])

@@ -5,6 +5,7 @@ from . import cam, gradcam, gradcam_family  # noqa: F401
 from . import ablationcam, scorecam  # noqa: F401
 from . import guided, occlusion  # noqa: F401
 from . import baselines  # noqa: F401
+from . import drise  # noqa: F401
 from .base import (ActivationMethod, GradientMethod, Method, MethodContext, MethodOutput, available_methods,
                    get_method, register)
 
