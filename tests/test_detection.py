@@ -430,3 +430,28 @@ def test_drise_on_a_classifier_is_rise():
     want = torch.einsum("nt,nhw->thw", s - s.mean(0), masks) / 16
     assert float(want.abs().max()) > 1e-4
     torch.testing.assert_close(exp.raw[0], want, rtol=1e-4, atol=1e-6)
+
+
+def test_nested_outputs_keep_their_top_level_tensor_heads():
+    class Nested(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            f = self.body(x)
+            return self.fc(f.mean((2, 3))), {"aux": [f.sum((1, 2, 3))]}
+
+    torch.manual_seed(0)
+    net, x = Nested().eval(), torch.rand(2, 3, 12, 12)
+    with torch.no_grad():
+        logits = net(x)[0]
+    exp = camlens.explain(net, x, ["0:3", 3], layer="body")  # the tensor item is still head 0
+    torch.testing.assert_close(exp.scores, logits[:, [3, 3]], atol=1e-6, rtol=0)
+    top = camlens.explain(net, x, layer="body")
+    assert [r[0].cls for r in top.targets] == logits.argmax(1).tolist()
+    aux = camlens.explain(net, x, lambda out: out[1]["aux"][0], layer="body")  # the raw output
+    assert aux.scores[:, 0].tolist() == pytest.approx(net(x)[1]["aux"][0].tolist(), rel=1e-5)
+    with pytest.raises(TargetError, match=r"no output head 'aux'.*a tuple.*callable"):
+        camlens.explain(net, x, "aux:0", layer="body")

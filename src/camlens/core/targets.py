@@ -249,7 +249,7 @@ def _raw_error(heads: "RawHeads", what: str) -> TargetError:
 
 def _find_head(key: Optional[HeadKey], heads: Mapping[HeadKey, Tensor]) -> HeadKey:
     keys = list(heads)
-    if isinstance(heads, RawHeads) and (not keys or (key is not None and key not in heads)):
+    if isinstance(heads, RawHeads) and not keys:
         raise _raw_error(heads, "no output head" if key is None else f"no output head {key!r}")
     if key is None:
         return keys[0]
@@ -261,6 +261,8 @@ def _find_head(key: Optional[HeadKey], heads: Mapping[HeadKey, Tensor]) -> HeadK
             return key
     if isinstance(key, int) and -len(keys) <= key < len(keys):
         return keys[key]
+    if isinstance(heads, RawHeads):
+        raise _raw_error(heads, f"no output head {key!r} (the tensors it holds: {keys})")
     raise TargetKeyError(f"no model output {key!r}; the outputs are {keys} "
                    f"(shapes {[tuple(v.shape) for v in heads.values()]})")
 

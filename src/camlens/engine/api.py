@@ -63,6 +63,10 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
             flat list: ``targets=[3, 5]`` is classes 3 and 5 of every image, ``torch.tensor([3, 5])``
             class 3 of image 0 and class 5 of image 1); 2-D ``(B, T)`` T classes per image.
             ``None``: the top class of every classification head (or ``top_k``); see ``heads``.
+            Object detectors (outputs: lists of per-image dicts of boxes / labels / scores):
+            ``camlens.Target.box((x0, y0, x1, y1), cls=c)`` explains the detection matching a box,
+            ``None`` each image's ``top_k`` best detections (:mod:`camlens.core.detection`); a
+            callable always receives the raw output.
         layer: dotted name(s) or module(s); several layers are fused by ``fuse``. ``None``:
             the last spatial layer of the forward pass. Ignored by input-space methods.
         method: a registered method name (``camlens.methods.available_methods()``).
