@@ -14,7 +14,8 @@ The JSON object holds ``format`` (``"camlens.explanation"``), ``format_version``
 ``camlens_version``, ``method``, ``layers``, ``options`` (the method's resolved options; a value
 JSON cannot hold is stored as its ``repr`` string and its name listed in ``options_repr``; tuples
 become lists), ``raws`` (layer names in order), ``raw``, ``heads`` (head keys in order; ints stay
-ints, strs strs), ``targets`` (B lists of T ``{"head", "cls", "label", "has_fn", "head_only"}``),
+ints, strs strs), ``targets`` (B lists of T ``{"head", "cls", "label", "has_fn", "head_only"}``, and
+``"detection": {"box", "label", "score", "index"}`` for a box target of a detector),
 ``components`` (the same, or ``null``; ``"sign"`` and ``"activation"`` too where they are not the
 defaults ``1`` / ``null``) and ``arrays``: per entry its original ``dtype`` (e.g.
 ``"torch.bfloat16"``), ``device`` (e.g. ``"cuda:0"``), ``shape`` and ``stored_as`` (the NumPy
@@ -45,6 +46,7 @@ import numpy as np
 
 from ..backends.base import available_backends, ops_for, ops_named, to_float32
 from .errors import ConfigError, InputError, InputFileNotFoundError, InputTypeError, TargetError
+from .detection import Detection
 from .targets import ResolvedTarget, is_array
 
 Tensor = Any  # an array: a torch tensor, a NumPy array, ...
@@ -272,6 +274,10 @@ def _encode_target(t: ResolvedTarget) -> dict[str, Any]:
         d["sign"] = int(t.sign)
     if t.activation is not None:
         d["activation"] = str(t.activation)
+    det = getattr(t, "detection", None)
+    if det is not None:
+        d["detection"] = {"box": [float(v) for v in det.box], "label": int(det.label), "score": float(det.score),
+                          "index": int(det.index)}
     return d
 
 
@@ -369,6 +375,10 @@ def _decode_rows(rows: Optional[list], where: str) -> Optional[list[list[Resolve
             for d in row:
                 kw = dict(head=d["head"], cls=d["cls"], label=d["label"], head_only=bool(d.get("head_only", True)),
                           sign=int(d.get("sign", 1)), activation=d.get("activation"))
+                det = d.get("detection")
+                if det is not None:
+                    kw["detection"] = Detection(tuple(float(v) for v in det["box"]), int(det["label"]),  # type: ignore[arg-type]
+                                                float(det["score"]), int(det["index"]))
                 r.append(LoadedTarget(fn=None, has_fn=True, **kw) if d.get("has_fn") else ResolvedTarget(**kw))
             out.append(r)
         return out

@@ -12,7 +12,10 @@ Accepted target specs (see :func:`parse_target`):
 * ``"species:281"``       class 281 of head ``species`` (``"1:3"``: class 3 of the second head)
 * ``("species", 281)``    the same as a tuple
 * ``Target(...)``         used as is
-* ``callable``            ``fn(output) -> (B,)`` scores from the model's whole output
+* ``callable``            ``fn(output) -> (B,)`` scores from the model's whole output (always
+                          the raw output, whatever its structure)
+* ``Target.box(box, cls)`` the detection of an object detector matching that box
+                          (:mod:`camlens.core.detection`)
 * ``Target.region(mask_or_box, cls=c)`` class c summed over a region of a ``(B, K, h, w)`` output
   (:mod:`camlens.core.regions`)
 
@@ -20,6 +23,10 @@ Every target explains an increase of its score S; ``sign=-1`` (``Target(..., sig
 ``explain(..., sign=-1)`` for the targets without a sign of their own) explains a DECREASE: the
 score becomes ``-S`` for every method, ``exp.scores`` holds ``-S`` (the maps explain exactly the
 scores) and the label ends in ``" (decrease)"``.
+
+Outputs :func:`split_outputs` cannot flatten (a detector's list of per-image dicts, nested
+containers) give a :class:`RawHeads`: the top-level tensors it could read, plus the raw output
+for callables and box targets.
 """
 
 from __future__ import annotations
@@ -33,9 +40,10 @@ from typing import Any, Callable, Optional, Union
 import array_api_compat
 import numpy as np
 
-from ..backends.base import namespace, ops_for, to_float32
+from ..backends.base import namespace, ops_for
 from .activations import ActivationSpec, activate, default_activation, head_activations
-from .errors import ModelError, ModelTypeError, TargetError, TargetIndexError, TargetKeyError, TargetTypeError
+from .detection import BoxScore, Detection, check_box, detection_label, detection_lists, top_detections
+from .errors import TargetError, TargetIndexError, TargetKeyError, TargetTypeError
 from .predictions import class_name, head_categories
 from .regions import Region, contains_region, dense_head, split_per_image
 
@@ -63,6 +71,7 @@ Categories = Union[Sequence[str], Mapping[HeadKey, Sequence[str]], None]
 
 __all__ = [
     "Target",
+    "RawHeads",
     "ResolvedTarget",
     "split_outputs",
     "parse_target",
@@ -101,6 +110,16 @@ class Target:
             check_sign(self.sign)
 
     @staticmethod
+    def box(box: Sequence[float], cls: Optional[int] = None, iou: float = 0.5, label: Optional[str] = None) -> "Target":
+        """A detection of an object detector: per image, the detection of class ``cls`` (``None``:
+        any class) whose box overlaps ``box`` = ``(x0, y0, x1, y1)`` (input pixels, as the model's
+        boxes) best, with IoU >= ``iou`` (ties: the higher score). Its score is that detection's
+        score; no match on an image is a :class:`TargetError` listing the detections there. Per-image
+        boxes: ``targets=[[Target.box(a)], [Target.box(b)]]``. See :mod:`camlens.core.detection`."""
+        b, c, thr = check_box(box, cls, iou)
+        return Target(cls=c, fn=BoxScore(b, c, thr), label=label)
+
+    @staticmethod
     def region(where: Any = None, *, cls: Union[int, str], head: Optional[HeadKey] = None,
                label: Optional[str] = None, sign: Optional[int] = None) -> "Target":
         """Class ``cls`` of a segmentation output ``(B, K, h, w)`` summed over a region:
@@ -134,6 +153,7 @@ class ResolvedTarget:
     head_only: bool = True  # fn receives the head tensor (True) or the whole output (False)
     sign: int = 1  # -1: the explained score is -S (a decrease)
     activation: Optional[str] = None  # how probs reads the head (camlens.core.activations); None: its default
+    detection: Optional[Detection] = None  # a box target: the detection it explains (box, label, score)
 
     def score(self, heads: Mapping[HeadKey, Tensor], output: Any) -> Tensor:
         """The explained score of each image, shape ``(B,)``, differentiable (``-S`` for ``sign=-1``)."""
@@ -185,12 +205,61 @@ def head_score(head: Tensor, cls: Optional[int]) -> Tensor:
 # outputs
 
 
+class RawHeads(dict):
+    """The heads of an output :func:`split_outputs` cannot flatten: its top-level tensors (often
+    none), with the raw output kept for callables and box targets.
+
+    Attributes:
+        output: the model's output as it came.
+        batch: its batch size (a detector's list length, else the first tensor's leading dim), or ``None``.
+        like: a tensor of the output (for the namespace and device), or ``None``.
+        why: why it is not flattened, for error messages.
+    """
+
+    def __init__(self, items: Any, output: Any, why: str) -> None:
+        super().__init__(items)
+        self.output, self.why = output, why
+        dets = detection_lists(output)
+        leaves = _leaves(output)
+        self.like = leaves[0] if leaves else None
+        self.batch = len(dets) if dets is not None else (int(self.like.shape[0]) if leaves and self.like.ndim else None)
+
+    def describe(self) -> str:
+        """The output in words, e.g. ``a list of 2 dicts with keys ['boxes', 'labels', 'scores']``."""
+        o = self.output
+        if isinstance(o, (list, tuple)) and o and all(isinstance(d, Mapping) for d in o):
+            return f"a {type(o).__name__} of {len(o)} dicts with keys {list(o[0])}"
+        return f"a {type(o).__name__}"
+
+
+def _leaves(x: Any, depth: int = 0) -> list:
+    """The arrays in a nested output, depth first (at most 4 levels deep)."""
+    if is_array(x):
+        return [x]
+    if depth > 4:
+        return []
+    vals = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else []
+    return [a for v in vals for a in _leaves(v, depth + 1)]
+
+
+def batch_size(heads: Mapping[HeadKey, Tensor]) -> int:
+    """The batch size of an output's heads (a :class:`RawHeads` knows its own)."""
+    if isinstance(heads, RawHeads):
+        if heads.batch is None:
+            raise TargetError(f"cannot tell the batch size of the model's output ({heads.describe()}): {heads.why}")
+        return heads.batch
+    return next(iter(heads.values())).shape[0]
+
+
 def split_outputs(output: Any) -> dict[HeadKey, Tensor]:
     """Flatten a model output into an ordered ``{head key: tensor}`` mapping.
 
     A tensor gives ``{0: t}``; a tuple or list ``{0: t0, 1: t1, ...}``; a dict, namedtuple,
     dataclass or ``ModelOutput`` ``{name: t}`` in field order (``None`` fields skipped). Nested
-    containers are not flattened; a non-tensor leaf is an error naming its type.
+    containers are not flattened: an output with a non-tensor item (a detector's list of per-image
+    dicts, a nested tuple) or of another type gives a :class:`RawHeads` of its top-level tensors
+    that keeps the raw output, for callables and box targets; class targets on what it lacks say
+    what to use instead.
     """
     if is_array(output):
         return {0: output}
@@ -203,19 +272,32 @@ def split_outputs(output: Any) -> dict[HeadKey, Tensor]:
     elif isinstance(output, (tuple, list)):
         items = list(enumerate(output))
     else:
-        raise ModelTypeError(f"unsupported model output type {type(output).__name__}; expected a tensor, "
-                        "tuple, list, dict, namedtuple or dataclass of tensors")
+        return RawHeads({}, output, f"its type {type(output).__name__} is not a tensor, tuple, list, dict, "
+                                    "namedtuple or dataclass of tensors")
     heads = {k: v for k, v in items if v is not None}
-    for k, v in heads.items():
-        if not is_array(v):
-            raise ModelTypeError(f"model output {k!r} is a {type(v).__name__}, not a tensor")
+    other = [(k, v) for k, v in heads.items() if not is_array(v)]
+    if other:
+        k, v = other[0]
+        return RawHeads({k: v for k, v in heads.items() if is_array(v)}, output,
+                        f"its item {k!r} is a {type(v).__name__}, not a tensor")
     if not heads:
-        raise ModelError("the model returned no tensor outputs")
+        return RawHeads({}, output, "it holds no tensor")
     return heads
+
+
+def _raw_error(heads: "RawHeads", what: str) -> TargetError:
+    """A class target on an output that is not class scores: what was seen and what to use."""
+    dets = detection_lists(heads.output) is not None
+    use = ("for a detector, camlens.Target.box((x0, y0, x1, y1), cls=c) explains the detection matching a box, "
+           "and targets=None its top detections (top_k=); or a callable" if dets else "use a callable")
+    return TargetError(f"{what}: the model's output is {heads.describe()}, which camlens cannot read as class "
+                       f"scores ({heads.why}); {use} target fn(output) -> (B,) scores, which receives the raw output")
 
 
 def _find_head(key: Optional[HeadKey], heads: Mapping[HeadKey, Tensor]) -> HeadKey:
     keys = list(heads)
+    if isinstance(heads, RawHeads) and not keys:
+        raise _raw_error(heads, "no output head" if key is None else f"no output head {key!r}")
     if key is None:
         return keys[0]
     if key in heads:
@@ -226,6 +308,8 @@ def _find_head(key: Optional[HeadKey], heads: Mapping[HeadKey, Tensor]) -> HeadK
             return key
     if isinstance(key, int) and -len(keys) <= key < len(keys):
         return keys[key]
+    if isinstance(heads, RawHeads):
+        raise _raw_error(heads, f"no output head {key!r} (the tensors it holds: {keys})")
     raise TargetKeyError(f"no model output {key!r}; the outputs are {keys} "
                    f"(shapes {[tuple(v.shape) for v in heads.values()]})")
 
@@ -270,14 +354,14 @@ def parse_target(spec: Any, heads: Mapping[HeadKey, Tensor], categories: Categor
             label = spec.label or _signed_label(f"{rt.label} ({spec.fn.kind})", sg)
             return dataclasses.replace(rt, label=label, sign=sg, fn=spec.fn.bind(heads[key], rt.cls, input_size))
         if spec.fn is not None:
-            head = _find_head(spec.head, heads) if spec.head is not None else next(iter(heads))
+            head = _find_head(spec.head, heads) if spec.head is not None else next(iter(heads), 0)
             label = spec.label or _signed_label(getattr(spec.fn, "__name__", "score"), sg)
             return ResolvedTarget(head, spec.cls, label, spec.fn, head_only=spec.head is not None, sign=sg,
                                   activation=(activations or {}).get(head))
         return _resolve(spec.head, spec.cls, heads, categories, spec.label, sign=sg, activations=activations)
     if callable(spec) and not isinstance(spec, (str, int)):
         name = _signed_label(getattr(spec, "__name__", type(spec).__name__), sign)
-        return ResolvedTarget(next(iter(heads)), None, name, spec, head_only=False, sign=sign)
+        return ResolvedTarget(next(iter(heads), 0), None, name, spec, head_only=False, sign=sign)
     if isinstance(spec, bool):
         raise TargetTypeError("a target cannot be a bool")
     if _is_arraylike(spec):  # a 0-d tensor / NumPy integer: one class index
@@ -332,6 +416,34 @@ def _resolve(head: Optional[HeadKey], cls: Union[int, str, None], heads: Mapping
     return ResolvedTarget(key, idx, label, sign=sign, activation=activations.get(key) if activations else None)
 
 
+def _is_box(spec: Any) -> bool:
+    return isinstance(spec, Target) and isinstance(spec.fn, BoxScore)
+
+
+def _box_target(fn: BoxScore, det: Detection, heads: Mapping[HeadKey, Tensor], categories: Categories,
+                label: Optional[str] = None, sign: int = 1) -> ResolvedTarget:
+    """A box target resolved on one image: the detection ``det`` it explains, labelled "name score"."""
+    label = label or _signed_label(detection_label(det.label, det.score, categories), sign)
+    return ResolvedTarget(next(iter(heads), 0), det.label, label, fn, head_only=False, detection=det, sign=sign)
+
+
+def _parse_on_image(spec: Any, heads: Mapping[HeadKey, Tensor], categories: Categories, output: Any,
+                    b: int, input_size: Optional[tuple[int, int]], kw: dict) -> ResolvedTarget:
+    """:func:`parse_target`, with box targets matched on image ``b`` of ``output``."""
+    if _is_box(spec):
+        sign = kw["sign"] if spec.sign is None else check_sign(spec.sign)
+        return _box_target(spec.fn, spec.fn.resolve(output, b, categories), heads, categories, spec.label, sign)
+    return parse_target(spec, heads, categories, input_size=input_size, **kw)
+
+
+def _top_detections(output: Any, heads: Mapping[HeadKey, Tensor], k: int,
+                    categories: Categories, sign: int = 1) -> list[list[ResolvedTarget]]:
+    """``targets=None`` on a detector: each image's k best detections as box targets (IoU 0.5 when
+    re-matched on perturbed inputs)."""
+    return [[_box_target(BoxScore(d.box, d.label, 0.5), d, heads, categories, sign=sign) for d in row]
+            for row in top_detections(output, k, categories)]
+
+
 def _is_per_image(targets: Sequence[Any]) -> bool:
     return len(targets) > 0 and all(isinstance(t, (list,)) for t in targets)
 
@@ -372,7 +484,9 @@ def class_heads(heads: Mapping[HeadKey, Tensor], names: Any = None) -> list[Head
       names with a feature token (:data:`FEATURE_NAMES`: ``"features"``, ``"embedding"``,
       ``"hidden"``, ``"pooled"``, ...; tokens split at ``_``, ``.``, ``-`` and camelCase).
     """
-    batch = next(iter(heads.values())).shape[0]
+    if not heads and names is None:
+        return []
+    batch = next(iter(heads.values())).shape[0] if heads else None
     if names is not None:
         keys = list(names) if isinstance(names, (list, tuple)) else [names]
         if not keys:
@@ -475,22 +589,30 @@ def resolve_targets(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any =
     ``activation``: a name or ``{head: name}`` (:mod:`camlens.core.activations`) stamped on the
     targets for ``probs`` / ``combine="confidence"``; ``input_size``: the input's ``(H, W)``, for
     region targets (:meth:`Target.region`), whose weights are bound here, one image's per target.
+    A detector's output (a list of B dicts with boxes / labels / scores): ``targets=None`` is the
+    top ``top_k`` (default 1) detections of each image by score, as box targets labelled
+    ``"class name score"``; an image with fewer detections is an error (T is the same for every
+    image). :meth:`Target.box` targets are matched on each image they are used for.
     """
     kw = {"sign": check_sign(sign), "activations": head_activations(activation, heads, _find_head)}
-    rows = _rows(targets, heads, top_k, categories, head_keys, kw, input_size)
+    rows = _rows(targets, heads, output, top_k, categories, head_keys, kw, input_size)
     return split_per_image(rows) if contains_region(targets) else rows
 
 
-def _rows(targets: Any, heads: Mapping[HeadKey, Tensor], top_k: Optional[int], categories: Categories,
+def _rows(targets: Any, heads: Mapping[HeadKey, Tensor], output: Any, top_k: Optional[int], categories: Categories,
           head_keys: Any, kw: dict, input_size: Optional[tuple[int, int]]) -> list[list[ResolvedTarget]]:
-    batch = next(iter(heads.values())).shape[0]
+    batch = batch_size(heads)
     if targets is not None and top_k is not None:
         raise TargetError("give either targets or top_k, not both")
     if targets is None:
         k = 1 if top_k is None else int(top_k)
         if k < 1:
             raise TargetError(f"top_k must be >= 1, got {top_k}")
+        if isinstance(heads, RawHeads) and detection_lists(output) is not None:
+            return _top_detections(output, heads, k, categories, kw["sign"])
         keys = class_heads(heads, head_keys)
+        if isinstance(heads, RawHeads) and not keys:
+            raise _raw_error(heads, "targets=None explains the top classes of a classification output")
         first = next(iter(heads))
         if not keys and top_k is None and _is_value(heads[first], batch):  # a regression model: its value
             return [[_resolve(first, None, heads, categories, **kw)] for _ in range(batch)]
@@ -515,20 +637,24 @@ def _rows(targets: Any, heads: Mapping[HeadKey, Tensor], top_k: Optional[int], c
         if len(targets) != batch:
             raise TargetError(f"per-image targets: got {len(targets)} lists for a batch of {batch} images; "
                              "give one list per image, or a flat list to use the same targets for all")
-        out = [[parse_target(t, heads, categories, input_size=input_size, **kw) for t in row] for row in targets]
+        out = [[_parse_on_image(t, heads, categories, output, b, input_size, kw) for t in row]
+               for b, row in enumerate(targets)]
         lens = {len(r) for r in out}
         if len(lens) != 1 or 0 in lens:
             raise TargetError(f"per-image target lists must all have the same non-zero length, got {[len(r) for r in out]}")
         return out
     if len(targets) == 0:
         raise TargetError("empty target list")
+    if any(map(_is_box, targets)):  # matched on each image
+        return [[_parse_on_image(t, heads, categories, output, b, input_size, kw) for t in targets]
+                for b in range(batch)]
     per = [parse_target(t, heads, categories, input_size=input_size, **kw) for t in targets]
     return [list(per) for _ in range(batch)]
 
 
 def _top_k(heads: Mapping[HeadKey, Tensor], k: int, categories: Categories,
            keys: Optional[Sequence[HeadKey]] = None, kw: Optional[dict] = None) -> list[list[ResolvedTarget]]:
-    batch = next(iter(heads.values())).shape[0]
+    batch = batch_size(heads)
     keys = class_heads(heads) if keys is None else keys
     if not keys:
         raise _no_class_heads(heads)
@@ -543,12 +669,15 @@ def _top_k(heads: Mapping[HeadKey, Tensor], k: int, categories: Categories,
     return rows
 
 
-def target_probabilities(targets: list[list[ResolvedTarget]], heads: Mapping[HeadKey, Tensor]) -> Optional[Tensor]:
+def target_probabilities(targets: list[list[ResolvedTarget]], heads: Mapping[HeadKey, Tensor],
+                         like: Optional[Tensor] = None) -> Optional[Tensor]:
     """Probability of each target's class on its head under the head's activation, shape ``(B, T)``.
 
     ``softmax`` (the default of ``(B, K)`` heads) or ``sigmoid`` (:mod:`camlens.core.activations`;
     ``tg.activation``); NaN where undefined: ``"none"`` heads (regression values), score
-    functions and regions. The probability is of the class itself, also for ``sign=-1``.
+    functions, regions and box targets. The probability is of the class itself, also for
+    ``sign=-1``. ``like``: an array for the namespace and device when ``heads`` is empty (a
+    detector's output).
     """
     batch, T = len(targets), len(targets[0])
     defaults: dict[HeadKey, str] = {}
@@ -565,7 +694,7 @@ def target_probabilities(targets: list[list[ResolvedTarget]], heads: Mapping[Hea
         for tg in row:
             if tg.fn is None and tg.head in heads:
                 groups.setdefault((tg.head, act(tg)), None)
-    first = next(iter(heads.values()))
+    first = next(iter(heads.values()), like)
     xp, ops = namespace(first), ops_for(first)
     probs = None
     for key, name in groups:  # one gather per head and activation (T may be 1000)

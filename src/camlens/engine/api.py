@@ -68,6 +68,10 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
             ``None``: the top class of every classification head (or ``top_k``); see ``heads``.
             ``camlens.Target.region(mask_or_box, cls=c)``: class c summed over a region of a
             segmentation output ``(B, K, h, w)`` (no mask: the pixels predicted as c).
+            Object detectors (outputs: lists of per-image dicts of boxes / labels / scores):
+            ``camlens.Target.box((x0, y0, x1, y1), cls=c)`` explains the detection matching a box,
+            ``None`` each image's ``top_k`` best detections (:mod:`camlens.core.detection`); a
+            callable always receives the raw output.
         layer: dotted name(s) or module(s); several layers are fused by ``fuse``. ``None``:
             the last spatial layer of the forward pass. Ignored by input-space methods.
         method: a registered method name (``camlens.methods.available_methods()``).
@@ -192,7 +196,7 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
     detached = {k: detach(v) for k, v in p.heads.items()}
     first = next(iter(raws.values())) if raws else result.saliency
     return Explanation(maps=maps, raw=first, raws=dict(raws), scores=p.scores,
-                       probs=Deferred(functools.partial(target_probabilities, p.rows, detached)), targets=p.rows,
+                       probs=Deferred(functools.partial(target_probabilities, p.rows, detached, like=p.scores)), targets=p.rows,
                        inputs=x if differentiable else detach(x), heads=p.heads if differentiable else detached,
                        layers=names, method=meth.name, display=display, pixel=result.pixel,
                        components=p.components if combine != "separate" else None, options=dict(opts))

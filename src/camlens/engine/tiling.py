@@ -35,7 +35,7 @@ from ..methods import Method, MethodOutput
 from .finish import finish
 from .passes import run_pass
 from .wrappers import aug_smoothed, noise_smoothed
-from ..core.targets import (Categories, ResolvedTarget, combine_targets, resolve_targets, split_outputs,
+from ..core.targets import (Categories, RawHeads, ResolvedTarget, combine_targets, resolve_targets, split_outputs,
                       target_probabilities)
 
 __all__ = ["tile_size", "tile_boxes", "tile_weights", "weight_sum", "TileCanvas", "check_tiling", "explain_tiled"]
@@ -213,6 +213,17 @@ class _HeadMean:
         return {k: v / self.n for k, v in self.sums.items()}
 
 
+def _tile_heads(out: Any) -> dict:
+    """A tile's output heads; an output camlens cannot flatten (a detector's per-image boxes) has no
+    meaning averaged or matched over tiles: a clear error."""
+    heads = split_outputs(out)
+    if isinstance(heads, RawHeads):
+        raise ConfigError(f"tile= explains models whose outputs are tensors (averaged over tiles); this model's "
+                          f"output is {heads.describe()} ({heads.why}). Explain without tile= (a detector resizes "
+                          "its inputs itself)")
+    return heads
+
+
 def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method, opts: dict,
                   categories: Categories, top_k: Optional[int], fuse: str, relu: bool, upsample_maps: bool,
                   combine: str, aug_smooth: bool, noise_smooth: int, display: Any, tile: TileSpec, overlap: int,
@@ -286,11 +297,11 @@ def explain_tiled(net: Any, x: Tensor, targets: Any, *, layer: Any, meth: Method
         pre = _HeadMean(B, len(boxes))
         with bk.graph(False):
             for chunk in chunks:
-                pre.add(split_outputs(forward(_slice(x, chunk, th, tw))), chunk)
+                pre.add(_tile_heads(forward(_slice(x, chunk, th, tw))), chunk)
         heads0 = pre.result()
     else:
         with bk.graph(False):
-            one = split_outputs(forward(_slice(x, [(0, *boxes[0])], th, tw)))
+            one = _tile_heads(forward(_slice(x, [(0, *boxes[0])], th, tw)))
         heads0 = {k: namespace(v).broadcast_to(v, (B, *v.shape[1:])) if v.ndim else v
                   for k, v in one.items()}  # shapes, to resolve
     components: list[list[ResolvedTarget]] = resolve_targets(targets, heads0, None, top_k=top_k,

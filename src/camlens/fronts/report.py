@@ -14,6 +14,7 @@ from typing import Any, Optional
 import array_api_compat  # (imports no array library itself)
 import numpy as np
 
+from ..analysis.localize import draw_boxes
 from ..backends.base import namespace, ops_for, to_float32
 from ..core.explanation import Explanation
 from ..core.predictions import head_predictions
@@ -100,6 +101,11 @@ def write_explanation(exp: Explanation, out_dir: Path, stem: str, *, cmap: str =
             if max_overlays is None or t < max_overlays:
                 path = out_dir / f"{name}_{t:02d}_{safe_name(tg.label)}.png"
                 pic = overlay(base, arr["maps"][b, t], cmap=cmap, alpha=alpha)
+                det = getattr(tg, "detection", None)
+                if det is not None:  # an explained detection: its box (input pixels, scaled to the picture)
+                    sy, sx = (p / m for p, m in zip(pic.shape[:2], arr["maps"].shape[-2:]))
+                    x0, y0, x1, y1 = det.box
+                    pic = draw_boxes(pic, [[round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy)]], [tg.label])
                 save_png(path, stamp(pic, note) if note else pic)
                 written = path.name
                 files.append(written)
@@ -107,6 +113,8 @@ def write_explanation(exp: Explanation, out_dir: Path, stem: str, *, cmap: str =
             entry["targets"].append({"head": tg.head if isinstance(tg.head, int) else str(tg.head), "class": tg.cls,
                                      "label": tg.label, "score": round(float(arr["scores"][b, t]), 5),
                                      "prob": None if math.isnan(p) else round(p, 5), "overlay": written,
+                                     **({} if (det := getattr(tg, "detection", None)) is None else
+                                        {"box": [round(v, 2) for v in det.box]}),
                                      **map_stats(arr["maps"][b, t])})
         np.save(out_dir / f"{name}_maps.npy", arr["maps"][b])
         title = f"{exp.method} @ {', '.join(exp.layers)}" + (f" ({note})" if note else "")

@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from PIL import Image
 
 from ..core.errors import ConfigError, InputError
@@ -54,6 +55,7 @@ def grid(
     suptitle: Optional[str] = None,
     max_cols: Optional[int] = 16,
     max_cells: Optional[int] = 128,
+    boxes: Optional[Sequence[Sequence[Optional[tuple[Sequence[float], str]]]]] = None,
 ) -> Figure:
     """Plot a B x T grid of overlays: one row per image, one column per target.
 
@@ -74,6 +76,10 @@ def grid(
         suptitle: optional figure title.
         max_cols: at most this many cells per row (``None``: no wrapping).
         max_cells: at most this many cells in all (``None``: no cap).
+        boxes: optional B lists of T ``((x0, y0, x1, y1), text)`` or ``None``: a box drawn on that
+            cell with its text (e.g. an explained detection, ``"dog 0.87"``) on a tab at its
+            top-left corner. Coordinates are in the maps' pixels (the model input's, as a detector's
+            boxes), scaled to the image shown.
 
     Returns:
         A ``matplotlib.figure.Figure`` (Agg canvas) with B*T image axes (axes off)
@@ -97,6 +103,8 @@ def grid(
             if isinstance(row, str) or len(row) != T:
                 got = "a string" if isinstance(row, str) else f"{len(row)} titles"
                 raise InputError(f"titles[{b}] must be a list of T={T} strings, got {got}")
+    if boxes is not None and (len(boxes) != B or any(isinstance(r, str) or len(r) != T for r in boxes)):
+        raise InputError(f"boxes must be B={B} lists of T={T} ((x0, y0, x1, y1), text) pairs or None")
     if cell_size <= 0:
         raise ConfigError(f"cell_size must be > 0, got {cell_size}")
     for name, value in (("max_cols", max_cols), ("max_cells", max_cells)):
@@ -137,6 +145,8 @@ def grid(
             if titles is not None and titles[b][t] is None:
                 continue  # an empty cell (ragged layouts)
             ax.imshow(overlay(imgs[b], m[b, t], cmap=colormap, alpha=alpha))
+            if boxes is not None and boxes[b][t] is not None:
+                _draw_box(ax, *boxes[b][t], scale=np.asarray(imgs[b]).shape[:2], of=m.shape[-2:])
             if titles is not None:
                 ax.set_title(_wrap(titles[b][t], cell_size), fontsize=_TITLE_FONTSIZE)
             ax.set_axis_off()
@@ -145,6 +155,19 @@ def grid(
     if suptitle:
         fig.suptitle(suptitle)
     return fig
+
+
+def _draw_box(ax: Any, box: Sequence[float], text: str, scale: Sequence[int], of: Sequence[int]) -> None:
+    """A box ``(x0, y0, x1, y1)`` in ``of`` = (h, w) pixels, drawn on an image of ``scale`` = (H, W)
+    pixels, with ``text`` on a filled tab at its top-left corner."""
+    sy, sx = scale[0] / of[0], scale[1] / of[1]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    # imshow puts pixel i's centre at i: a box edge at pixel coordinate c is drawn at c - 0.5
+    ax.add_patch(Rectangle((x0 * sx - 0.5, y0 * sy - 0.5), (x1 - x0) * sx, (y1 - y0) * sy, fill=False,
+                           edgecolor="white", linewidth=1.5))
+    if text:
+        ax.text(x0 * sx - 0.5, y0 * sy - 0.5, text, fontsize=_TITLE_FONTSIZE - 1, color="black", va="top",
+                ha="left", bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0})
 
 
 def save_png(path: Union[str, PathLike], array_or_figure: Union[ArrayLike, Figure], dpi: int = 100) -> Path:
@@ -204,6 +227,8 @@ def explanation_grid(exp: Any, images: Optional[Union[Sequence[ArrayLike], Array
     else ``exp.inputs`` (B, 3, H, W) min-max rescaled per image to 0..255.
     Extra keyword arguments go to ``grid`` (``titles=`` overrides the built ones); by default
     at most 8 cells per row (targets wrap) and 64 cells in all (``max_cols``, ``max_cells``).
+    A target that explains a detection (``target.detection``, a box target of an object detector)
+    gets its box drawn with its label (``"class score"``) on its cell (``boxes=`` overrides).
     """
     kw.setdefault("max_cols", 8)
     kw.setdefault("max_cells", 64)
@@ -213,6 +238,9 @@ def explanation_grid(exp: Any, images: Optional[Union[Sequence[ArrayLike], Array
         images = getattr(exp, "display", None)
     if images is None:
         images = display_from_inputs(exp.inputs)
+    if "boxes" not in kw and any(getattr(tg, "detection", None) is not None for row in exp.targets for tg in row):
+        kw["boxes"] = [[None if (d := getattr(tg, "detection", None)) is None else (d.box, target_label(tg))
+                        for tg in row] for row in exp.targets]
     if "titles" not in kw:
         targets = exp.targets
         if len(targets) != B or any(len(row) != T for row in targets):

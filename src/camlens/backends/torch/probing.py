@@ -134,6 +134,11 @@ def probe_layers(model: nn.Module, x: Tensor) -> LayerProbe:
     (:func:`_transformer_layer`: ViT-like, Swin-like, token MLPs; ``LayerProbe.family``); one with none
     gets no layer, and ``error`` says why. Model state and hooks are
     restored.
+
+    Object detectors (an output that is a list of per-image dicts with ``"boxes"``, as torchvision's)
+    get the last stage of their backbone's feature extractor, the single map before any FPN
+    (:func:`_detector_layer`): ``backbone.body.layer4`` for Faster / Mask R-CNN, RetinaNet and
+    FCOS on ResNets, ``backbone.features.1`` (the last MobileNet stage) for SSDlite.
     """
     xs = x[:_PROBE_BATCH] if x.shape[0] >= _PROBE_BATCH else torch.cat([x[:1]] * _PROBE_BATCH)
     size = (int(x.shape[-2]), int(x.shape[-1]))
@@ -168,7 +173,30 @@ def probe_layers(model: nn.Module, x: Tensor) -> LayerProbe:
     recs = sorted(records.values(), key=lambda r: r.order)
     p = LayerProbe(out, B, size, recs)
     _choose(p, named)
+    if _is_detections(out):
+        p.layer = _detector_layer(p) or p.layer
     return p
+
+
+#: Where a detector's backbone keeps its feature extractor's stages (torchvision: ``body`` of a
+#: ``BackboneWithFPN``, ``features`` of SSD / SSDlite feature extractors), tried in order.
+_DETECTOR_BODIES = ("backbone.body", "backbone.features", "backbone")
+
+
+def _is_detections(out: Any) -> bool:
+    """A detector's output: a non-empty list / tuple of dicts that each have ``"boxes"``."""
+    return isinstance(out, (list, tuple)) and bool(out) and all(isinstance(d, dict) and "boxes" in d for d in out)
+
+
+def _detector_layer(p: LayerProbe) -> Optional[str]:
+    """The last stage (in execution order) among the direct children of a detector's backbone body
+    that is a usable map (:func:`_choose`'s rules), or ``None`` for a model without such a body."""
+    for body in _DETECTOR_BODIES:
+        stages = [r for r in p.records if r.reason is None and r.name.startswith(body + ".")
+                  and "." not in r.name[len(body) + 1:]]
+        if stages:
+            return stages[-1].name
+    return None
 
 
 def _choose(p: LayerProbe, named: dict[str, nn.Module]) -> None:

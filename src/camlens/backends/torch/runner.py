@@ -41,6 +41,12 @@ class Runner:
                           for i in range(0, x.shape[0], batch_size)])
 
     @torch.no_grad()
+    def outputs(self, x: Tensor, fn: Callable[[Any], Any], batch_size: int = 32) -> list:
+        """``[fn(output) for each chunk of batch_size inputs of x (N, C, H, W)]``: the model's raw
+        outputs read by ``fn`` (e.g. a detector's boxes, for D-RISE), one forward per chunk."""
+        return [fn(self._forward(x[i:i + batch_size], score_only=True)) for i in range(0, x.shape[0], batch_size)]
+
+    @torch.no_grad()
     def scores_with_layer(self, layer: nn.Module, acts: Tensor, x_b: Tensor, b: int, batch_size: int = 32) -> Tensor:
         """Scores ``(N, T)`` when ``layer``'s output is replaced by each of ``acts`` ``(N, C, h, w)``.
 
