@@ -2,8 +2,9 @@
 
     python -m benchmarks.sweep [--smoke] [--only SUBSTRING] [--out DIR] [--threads N]
 
-For every architecture (random weights, seed 0 — no weights are downloaded; classifier layers that
-the library initialises to zero are re-drawn ``N(0, 0.02^2)``, else every gradient is 0):
+For every architecture (random weights, seed 0 — no weights are downloaded; weights the library
+initialises to exactly zero are re-drawn, see :func:`_redraw_zero_heads`, else some maps are blank
+whatever the method):
 
 1. ``camlens.explain(model, x)`` with nothing but the model and a 224x224 input (``--smoke``: a few
    small models at 64x64): the top class, Grad-CAM, ``layer=None``;
@@ -78,6 +79,7 @@ class Arch:
     size: int = 224
     hand: Reshape = None  # the reshape written by hand, the peer's way (None: from camlens' layout)
     want: Optional[str] = None  # the layer the literature recommends, where one is documented
+    note: str = ""  # what the table should say about this row
 
 
 def _tv(name: str, **kw: Any) -> Callable[[], nn.Module]:
@@ -150,7 +152,9 @@ def architectures(smoke: bool) -> list[Arch]:
         # hybrids and other token layouts
         Arch("maxvit_t (tv)", "MaxViT", _tv("maxvit_t")),
         Arch("timm maxvit_tiny_tf_224", "MaxViT", _timm("maxvit_tiny_tf_224")),
-        Arch("timm levit_128s", "LeViT", _timm("levit_128s")),
+        Arch("timm levit_128s", "LeViT", _timm("levit_128s"),
+             note="random weights: after the first attention-downsampling stage every token carries the same "
+                  "features (relative spread ~1e-7), so every map of every method is flat; needs trained weights"),
         Arch("timm efficientformer_l1", "EfficientFormer", _timm("efficientformer_l1")),
         Arch("timm efficientformerv2_s0", "EfficientFormer", _timm("efficientformerv2_s0")),
         Arch("timm mixer_s16_224", "Mixer", _timm("mixer_s16_224"), hand=_tokens(0, (14, 14)), want="norm"),
@@ -167,13 +171,23 @@ def architectures(smoke: bool) -> list[Arch]:
 
 
 def _redraw_zero_heads(net: nn.Module) -> int:
-    """Re-draw Linear / 1x1-conv weights that are all zero (timm and torchvision zero-init some heads)."""
+    """Re-draw weights that are all zero at initialisation: Linear / conv weights (timm and torchvision
+    zero-init some heads: no gradient at all) drawn N(0, 0.02^2), norm-layer scales (LeViT zero-inits
+    the BatchNorm closing each residual branch: every token then carries the same features, and every
+    map of any method is flat) set to 1."""
     n = 0
     g = torch.Generator().manual_seed(1)
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
     with torch.no_grad():
         for m in net.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.numel() and not m.weight.any():
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.02)
+            w = getattr(m, "weight", None)
+            if not isinstance(w, Tensor) or not w.numel() or w.any():
+                continue
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                w.copy_(torch.randn(w.shape, generator=g) * 0.02)
+                n += 1
+            elif isinstance(m, norms):
+                w.fill_(1.0)
                 n += 1
     return n
 
@@ -247,7 +261,7 @@ def run_one(a: Arch) -> dict[str, Any]:
     row: dict[str, Any] = {"arch": a.name, "family": a.family, "size": a.size, "layer": None, "layout": None,
                            "want": a.want, "check": "hand" if a.hand is not None else "layout", "diff": None,
                            "diff_pgc": None, "std": None, "coverage": None, "time_s": None, "ok": False,
-                           "error": None, "redrawn": 0}
+                           "error": None, "redrawn": 0, "note": a.note}
     try:
         torch.manual_seed(0)
         net = a.build().eval()
@@ -283,8 +297,8 @@ def _md(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ok = sum(r["ok"] for r in rows)
     lines = [f"# Zero-configuration sweep ({meta['device']})", "",
              f"`python -m benchmarks.sweep`: `camlens.explain(model, x)` — `layer=None`, Grad-CAM, the top class, "
-             f"no option — on {len(rows)} architectures, random weights (no download; all-zero classifier weights "
-             "re-drawn). **ok**: finite, non-degenerate (pixel std > 0.05, > 5 % of pixels above 0.1), the "
+             f"no option — on {len(rows)} architectures, random weights (no download; weights initialised to exactly "
+             "zero — some classifier heads, LeViT's residual-closing BatchNorm scales — re-drawn). **ok**: finite, non-degenerate (pixel std > 0.05, > 5 % of pixels above 0.1), the "
              "recommended layer where one is documented, and the final maps within 1e-4 of Grad-CAM written in "
              "plain torch on the same layer and class (and, *hand* rows, of pytorch-grad-cam's GradCAM) — with a "
              "reshape written by hand the peer's way (check *hand*: ViT, DeiT, Swin, ...) or built from camlens' "
@@ -295,6 +309,7 @@ def _md(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"timm {meta['timm']}, torchvision {meta['torchvision']}; {meta['date']}.", "",
              "| architecture | family | input | layer picked | layout | check | max diff: plain torch | "
              "pytorch-grad-cam | map std | time (s) | ok |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = [f"* {r['arch']}: {r['note']}" for r in rows if r.get("note")]
     for r in rows:
         if r["error"]:
             lines.append(f"| {r['arch']} | {r['family']} | {r['size']}² | {r['layer'] or '—'} | — | — | — | — | — | — "
@@ -304,7 +319,7 @@ def _md(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(f"| {r['arch']} | {r['family']} | {r['size']}² | `{r['layer']}`{want} | {r['layout']} | "
                      f"{r['check']} | {r['diff']:.1e} | {r['diff_pgc']:.1e} | {r['std']:.2f} | {r['time_s']:.2f} | "
                      f"{'yes' if r['ok'] else 'no'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
