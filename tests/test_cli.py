@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.path import Path as PolyPath
 from PIL import Image
 from typer.testing import CliRunner
@@ -266,3 +267,27 @@ def test_cli_precision(tmp_path):
     assert np.abs(maps["fp32"] - maps["bf16"]).max() < 0.1 and maps["fp32"].max() == 1
     res = CliRunner().invoke(app, [*base, "--precision", "fp8", "--out", str(tmp_path / "bad")])
     assert res.exit_code != 0 and "bf16" in res.output
+
+
+def test_cli_sign_and_activation(tmp_path):
+    """--sign -1 explains a decrease (the map of the negated score), --activation sigmoid gives sigmoid
+    probabilities in summary.json; bad values name the choices."""
+    (tmp_path / "small.py").write_text(SMALL_MODEL)
+    Image.fromarray((np.random.default_rng(1).random((40, 48, 3)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    base = ["explain", str(tmp_path / "a.png"), "--model", f"{tmp_path / 'small.py'}:build", "--layer", "3",
+            "--target", "2"]
+    res = CliRunner().invoke(app, [*base, "--sign", "-1", "--activation", "sigmoid", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    tg = summary["images"][0]["targets"][0]
+    assert "decrease" in tg["label"]
+    m = camlens.models.load(f"{tmp_path / 'small.py'}:build")
+    x = m.preprocess(Image.open(tmp_path / "a.png"))
+    want = camlens.explain(m, x, targets=2, layer="3", sign=-1, activation="sigmoid")
+    assert abs(tg["prob"] - float(want.probs[0, 0])) < 1e-5
+    assert abs(float(want.probs[0, 0]) - float(torch.sigmoid(m.model(x)[0, 2]))) < 1e-5
+    np.testing.assert_allclose(np.load(next((tmp_path / "o").glob("*_maps.npy")))[0], want.maps[0, 0].numpy(),
+                               atol=1e-5)
+    for bad, word in ((["--sign", "2"], "1 or -1"), (["--activation", "tanh"], "sigmoid")):
+        res = CliRunner().invoke(app, [*base, *bad, "--out", str(tmp_path / "bad")])
+        assert res.exit_code != 0 and word in res.output, res.output

@@ -39,6 +39,10 @@ def explain(
     aug_smooth: bool = _flag(False, "--aug-smooth/--no-aug-smooth", "average over flipped / rescaled inputs"),
     noise_smooth: int = typer.Option(0, "--noise-smooth", help="SmoothGrad-style: average over N noisy copies"),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 forwards (autocast; fast on GPUs)"),
+    sign: int = typer.Option(1, "--sign", help="1: what raises each target's score; -1: what lowers it (regression)"),
+    activation: Optional[str] = typer.Option(None, "--activation",
+                                             help="softmax | sigmoid (multi-label heads) | none: for probabilities "
+                                                  "and --combine confidence (default: softmax for class heads)"),
     max_pixels: int = _max_pixels_option(),
     max_overlays: int = typer.Option(64, "--max-overlays",
                                      help="write overlay PNGs for each image's first N targets (all maps "
@@ -73,8 +77,15 @@ def explain(
     _check_choice("--precision", precision, PRECISION_NAMES)
     if noise_smooth < 0 or max_overlays < 0:
         raise typer.BadParameter("--noise-smooth and --max-overlays must be >= 0")
+    if sign not in (1, -1):
+        raise typer.BadParameter(f"--sign must be 1 or -1, got {sign}")
+    if activation is not None:
+        from camlens.core.activations import ACTIVATIONS
+
+        _check_choice("--activation", activation, ACTIVATIONS)
     kw = dict(targets=targets, top_k=top_k, layer=list(layer) if layer else None,
-              combine=combine, aug_smooth=aug_smooth, noise_smooth=noise_smooth, precision=precision)
+              combine=combine, aug_smooth=aug_smooth, noise_smooth=noise_smooth, precision=precision,
+              sign=sign, activation=activation)
     m = _load_model(model, weights, device, crop)
     note = "random weights" if m.random_weights else None
     out.mkdir(parents=True, exist_ok=True)
