@@ -230,3 +230,21 @@ def test_layout_overrides_say_what_does_not_fit(vit64):
         camlens.explain(vit64, x, **kw, layout="tokens", reshape=_tokens_to_map((4, 4)))
     with pytest.raises(LayerError, match=r"reshape= must turn the layer output \(B, 17, 192\).*B = 1; it returned \(1, 17, 192\)"):
         camlens.explain(vit64, x, **kw, reshape=lambda t: t)
+
+
+def test_patch_grid_from_the_model_on_rectangular_dynamic_inputs():
+    """timm's patch size (dynamic image size) and torchvision's give the grid: a 224x448 input is 14x28."""
+    timm = pytest.importorskip("timm")
+    from camlens.backends.torch.probing import patch_grid
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True, num_classes=4).eval()
+    assert patch_grid(vit, (224, 448)) == (14, 28)
+    assert patch_grid(torchvision.models.vit_b_16(), (224, 224)) == (14, 14)
+    assert patch_grid(torchvision.models.resnet18(), (224, 224)) is None
+    nn.init.normal_(vit.head.weight, std=0.05)
+    x = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(2))
+    exp = camlens.explain(vit, x, targets=[1, 2])
+    assert exp.layers == ["blocks.11.norm1"] and exp.raw.shape == (1, 2, 6, 10)
+    hand = camlens.explain(vit, x, targets=[1, 2], reshape=_tokens_to_map((6, 10)))
+    assert torch.allclose(exp.raw, hand.raw, atol=1e-6)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ...core.errors import LayerError, LayerRuntimeError, LayerTypeError
 from ..base import MapLayout, grid_fits, layout_problem, override_layout
 from .attention import record_attention
-from .probing import _is_attention, _strict_ancestors, map_layout, probe_layers, token_prefix
+from .probing import _is_attention, _strict_ancestors, map_layout, patch_grid, probe_layers, token_prefix
 from .state import first_tensor
 
 @dataclass
@@ -201,7 +201,7 @@ def check_layer_outputs(cap: Capture, layers: Sequence[tuple[str, nn.Module]], m
             continue
         why = layout_problem(t.shape, B, size)
         if why is not None:
-            lay = map_layout(tuple(t.shape), B, size, token_prefix(model))
+            lay = map_layout(tuple(t.shape), B, size, token_prefix(model), patch_grid(model, size))
             if lay is not None:  # channels-last or tokens: read as (B, C, h, w) by the engine
                 cap.layouts[name] = lay
                 continue

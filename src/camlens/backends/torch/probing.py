@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ...core.errors import LayerError
-from ..base import MapLayout, layout_problem, looks_channels_last, read_layout
+from ..base import MAX_PREFIX_TOKENS, MapLayout, layout_problem, looks_channels_last, read_layout
 from .state import first_tensor, model_state
 
 _PROBE_BATCH = 2  # the probe runs 2 images, so that a leading dimension that is not the batch shows
@@ -294,11 +294,30 @@ def token_prefix(model: nn.Module) -> Optional[int]:
     return 1 if "class_token" in model._parameters else None
 
 
+def patch_grid(model: nn.Module, size: tuple[int, int]) -> Optional[tuple[int, int]]:
+    """The patch grid of a ViT-like model for an input of ``size``, where the model says its patch
+    size: timm's ``patch_embed.patch_size`` (also with a dynamic image size), torchvision ViT's
+    ``patch_size``; ``None`` otherwise."""
+    pe = model._modules.get("patch_embed")
+    p = getattr(pe, "patch_size", None) if pe is not None else model.__dict__.get("patch_size")
+    if isinstance(p, int) and not isinstance(p, bool):
+        p = (p, p)
+    if not (isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)):
+        return None
+    return size[0] // p[0], size[1] // p[1]
+
+
 def map_layout(shape: Optional[tuple[int, ...]], batch: int, size: tuple[int, int],
-               prefix: Optional[int]) -> Optional[MapLayout]:
-    """The channels-last / token layout of a module output (the model's prefix count first), or ``None``."""
+               prefix: Optional[int], grid: Optional[tuple[int, int]] = None) -> Optional[MapLayout]:
+    """The channels-last / token layout of a module output, or ``None``: tokens on the model's own
+    patch ``grid`` (:func:`patch_grid`) with its prefix count where they hold exactly that many
+    patches, else the prefix count the model says, else the search of :func:`read_layout`."""
     if shape is None:
         return None
+    if grid is not None and len(shape) == 3 and shape[0] == batch:
+        P = shape[1] - grid[0] * grid[1]
+        if (P == prefix if prefix is not None else 0 <= P <= MAX_PREFIX_TOKENS):
+            return MapLayout("tokens", grid, P)
     return (read_layout(shape, batch, size, prefix) if prefix is not None else None) or read_layout(shape, batch, size)
 
 
@@ -322,7 +341,7 @@ def _transformer_layer(p: LayerProbe, named: dict[str, nn.Module]) -> Optional[t
     module to run whose output is such a map (Swin's windowed blocks are ``(B*nW, n, C)`` inside but
     ``(B, h, w, C)`` outside)."""
     B, size = p.batch, p.size
-    prefix = token_prefix(named[""])
+    prefix, grid = token_prefix(named[""]), patch_grid(named[""], size)
     by_name = {r.name: r for r in p.records}
 
     def readable(r: LayerRecord) -> Optional[MapLayout]:
@@ -330,7 +349,7 @@ def _transformer_layer(p: LayerProbe, named: dict[str, nn.Module]) -> Optional[t
             return None
         if _is_attention(named[r.name]):
             return None
-        return map_layout(r.shape, B, size, prefix)
+        return map_layout(r.shape, B, size, prefix, grid)
 
     maps = {r.name: lay for r in p.records if (lay := readable(r)) is not None}
     for r in p.records:  # such layers are candidates now (error hints list them)
