@@ -15,6 +15,7 @@ from ..methods import Method, get_method
 from .finish import finish, finish_maps
 from .passes import match_dtype, outside_inference_mode, prepare, run_pass
 from .tiling import check_tiling, explain_tiled
+from .volumes import explain_volume
 from .wrappers import aug_smoothed, noise_smoothed
 
 __all__ = ["explain"]
@@ -163,6 +164,14 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
         eval_mode = not differentiable
     x = match_dtype(net, x, precision)
     bk = get_backend(net)
+    if x.ndim == 5:  # volumes / clips (B, C, D, H, W)
+        return explain_volume(net, x, targets, bk=bk, meth=meth, opts=opts, layer=layer, categories=categories,
+                              top_k=top_k, fuse=fuse, relu=relu, upsample=upsample, eval_mode=eval_mode,
+                              combine=combine, precision=precision, channels_last=channels_last, heads=heads,
+                              sign=sign, activation=activation, display=display, **{
+                                  "tile=": tile is not None, "aug_smooth=True": aug_smooth,
+                                  "noise_smooth=": bool(noise_smooth), "differentiable=True": differentiable,
+                                  "layout=": layout is not None, "reshape=": reshape is not None})
     if tile is not None:  # large images: tile by tile with bounded memory (the layer is guessed on a tile)
         check_tiling(tile, overlap, tile_batch)
         with bk.session(net, eval_mode=eval_mode):

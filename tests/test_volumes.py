@@ -1,0 +1,239 @@
+"""Volumes and video clips (B, C, D, H, W): the gradient CAM family on 3-D maps, trilinear upsampling,
+default layers of 3-D CNNs, refusals, model state, save / load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import camlens
+from camlens.backends.numpy import NumpyOps
+from camlens.core.errors import CamlensError, ConfigError
+
+
+class Med3d(nn.Module):
+    """A small medical-style 3-D CNN: (Conv3d, BN, ReLU) x3, GAP, Linear."""
+
+    def __init__(self, k: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+            nn.Conv3d(4, 8, 3, stride=2, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
+            nn.Conv3d(8, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU())
+        self.fc = nn.Linear(8, k)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3, 4)))
+
+
+@pytest.fixture
+def med():
+    torch.manual_seed(0)
+    net = Med3d().double().eval()
+    for m in net.modules():  # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+def _vol(b: int = 2, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(b, 1, 16, 32, 32, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+def _acts_grads(net: nn.Module, layer: nn.Module, x: torch.Tensor, cls: list[int]):
+    """Reference: a forward hook and autograd.grad, one target per image."""
+    store = {}
+    h = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    try:
+        out = net(x)
+    finally:
+        h.remove()
+    a = store["a"]
+    score = out[torch.arange(len(cls)), torch.tensor(cls)].sum()
+    (g,) = torch.autograd.grad(score, a)
+    return a.detach(), g.detach()
+
+
+def _reference(name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Raw maps (B, d, h, w) by the papers' formulas over all (d, h, w) positions."""
+    dims = (2, 3, 4)
+    if name == "gradcam":
+        w = g.mean(dims, keepdim=True)
+        return (w * a).sum(1)
+    if name == "gradcampp":
+        g2, g3 = g ** 2, g ** 3
+        alpha = g2 / (2 * g2 + a.sum(dims, keepdim=True) * g3 + 1e-6)
+        alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+        w = (alpha * g.clamp_min(0)).sum(dims, keepdim=True)
+        return (w * a).sum(1)
+    if name == "hirescam":
+        return (g * a).sum(1)
+    if name == "layercam":
+        return (g.clamp_min(0) * a).sum(1)
+    if name == "xgradcam":
+        w = (g * a).sum(dims, keepdim=True) / (a.sum(dims, keepdim=True) + 1e-7)
+        return (w * a).sum(1)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "hirescam", "layercam", "xgradcam"])
+def test_raw_maps_equal_hand_computed_reference(med, method):
+    x = _vol()
+    exp = camlens.explain(med, x, targets=[1, 2], method=method, layer="features.8")
+    assert exp.raw.shape == (2, 2, 8, 16, 16)
+    # targets [1, 2] are both targets of each image: target t against the gradient of class t for all images
+    for t, cls in enumerate([1, 2]):
+        a_t, g_t = _acts_grads(med, med.features[8], x, [cls, cls])
+        ref_t = _reference(method, a_t, g_t)
+        scale = ref_t.abs().max().item()
+        assert scale > 0 and torch.isfinite(ref_t).all()
+        err = (exp.raw[:, t] - ref_t).abs().max().item()
+        assert err < 1e-5 * scale, (err, scale)  # camlens' raws are float32: ~3e-7 relative measured
+    # final maps: ReLU, trilinear to (16, 32, 32) as F.interpolate, min-max over each whole volume
+    up = F.interpolate(exp.raw.clamp_min(0).float(), size=(16, 32, 32), mode="trilinear", align_corners=False)
+    flat = up.flatten(2)
+    want = ((flat - flat.amin(-1, keepdim=True)) / (flat.amax(-1, keepdim=True) - flat.amin(-1, keepdim=True)))
+    assert exp.maps.shape == (2, 2, 16, 32, 32)
+    assert (exp.maps.flatten(2).double() - want.double()).abs().max() < 1e-5
+
+
+def test_default_layer_is_the_last_3d_map(med):
+    x = _vol(1)
+    exp = camlens.explain(med, x, targets=0)
+    assert exp.layers == ["features"] and exp.maps.shape == (1, 1, 16, 32, 32)
+    assert exp.raw.shape == (1, 1, 8, 16, 16)
+    assert "D=16" in repr(exp)
+
+
+def test_gradcam_agrees_with_pytorch_grad_cam_on_raw_scale(med):
+    """pytorch-grad-cam min-maxes per volume and then resizes with scipy.ndimage.zoom (cubic splines),
+    camlens resizes trilinearly (as F.interpolate) and then min-maxes: so the maps at the layer's own
+    grid (camlens upsample=False; pytorch-grad-cam with its target size set to that grid, a zoom by 1)
+    are compared."""
+    gc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    x = _vol()
+    exp = camlens.explain(med, x, targets=[2], method="gradcam", layer="features.8", upsample=False)
+    cam = gc.GradCAM(model=med, target_layers=[med.features[8]])
+    cam.get_target_width_height = lambda t: (16, 16, 8)  # (W, H, D) of the layer: reversed to (D, H, W)
+    with cam:
+        ref = cam(input_tensor=x, targets=[ClassifierOutputTarget(2), ClassifierOutputTarget(2)])
+    assert ref.shape == (2, 8, 16, 16)
+    err = np.abs(exp.maps[:, 0].numpy() - ref).max()
+    assert err < 2e-5, err
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "layercam", "cam"])
+def test_map_mass_lies_in_the_sub_volume_the_score_reads(method):
+    """Ground truth: channel 0 is ReLU(x), channel 1 ReLU(-x); the score is the mean of channel 0
+    over a known box, and the volume is positive there only: the map must sit in the box."""
+
+    class Box(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(1, 2, 1, bias=False)
+            with torch.no_grad():
+                self.conv.weight[:] = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1, 1)
+            self.act = nn.ReLU()
+            self.fc = nn.Linear(2, 2)
+            with torch.no_grad():
+                self.fc.weight[:] = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+                self.fc.bias.zero_()
+
+        def forward(self, x):
+            return self.fc(self.act(self.conv(x)).mean((2, 3, 4)))
+
+    torch.manual_seed(0)
+    x = -torch.rand(1, 1, 8, 16, 16) - 0.1
+    box = (slice(2, 6), slice(4, 10), slice(8, 14))
+    x[(0, 0, *box)] = torch.rand(4, 6, 6) + 0.5
+    exp = camlens.explain(Box(), x, targets=0, method=method, layer="act")
+    m = exp.maps[0, 0]
+    inside = m[box].sum() / m.sum()
+    assert inside > 0.999, inside.item()
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam", "occlusion", "guided_backprop", "attention_rollout",
+                                    "random"])
+def test_methods_without_volume_support_are_refused_clearly(med, method):
+    if method not in camlens.methods.available_methods():
+        pytest.skip(f"{method} not registered")
+    with pytest.raises(ConfigError, match=r"does not explain volumes.*gradcam"):
+        camlens.explain(med, _vol(1), method=method)
+
+
+def test_options_without_volume_support_are_refused(med):
+    with pytest.raises(ConfigError, match="aug_smooth"):
+        camlens.explain(med, _vol(1), aug_smooth=True)
+    with pytest.raises(ConfigError, match="tile="):
+        camlens.explain(med, _vol(1), tile=16)
+
+
+def test_a_4d_layer_of_a_volume_input_is_a_clear_error(med):
+    class Squash(nn.Module):  # (B, C, D, H, W) -> (B, C*D, H, W): not a 3-D map
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            self.flat = nn.Flatten(1, 2)
+
+        def forward(self, x):
+            return self.net.fc(self.flat(self.net.features(x)).mean((2, 3)).view(x.shape[0], 8, -1).mean(-1))
+
+    with pytest.raises(CamlensError, match="5-D"):
+        camlens.explain(Squash(med), _vol(1), layer="flat")
+
+
+def test_model_state_restored(med):
+    med.train()
+    med.features[0].weight.requires_grad_(False)
+    med.fc.weight.grad = torch.ones_like(med.fc.weight)
+    hooks = [len(m._forward_hooks) for m in med.modules()]
+    before = {k: v.clone() for k, v in med.state_dict().items()}
+    camlens.explain(med, _vol(1), method="gradcampp")
+    assert med.training and all(m.training for m in med.modules())
+    assert not med.features[0].weight.requires_grad and med.features[3].weight.requires_grad
+    assert torch.equal(med.fc.weight.grad, torch.ones_like(med.fc.weight))
+    assert med.features[3].weight.grad is None
+    assert [len(m._forward_hooks) for m in med.modules()] == hooks
+    assert all(torch.equal(before[k], v) for k, v in med.state_dict().items())
+    with pytest.raises(ConfigError):  # also after an error
+        camlens.explain(med, _vol(1), method="scorecam")
+    assert med.training and not med.features[0].weight.requires_grad
+
+
+@pytest.mark.parametrize("size", [(16, 32, 32), (5, 7, 9), (3, 2, 4)])
+def test_numpy_trilinear_resize_matches_interpolate(size):
+    m = torch.randn(2, 3, 4, 5, 6, dtype=torch.float64)
+    ref = F.interpolate(m, size=size, mode="trilinear", align_corners=False).numpy()
+    ours = NumpyOps().resize(m.numpy(), size)
+    assert ours.shape == (2, 3, *size) and np.abs(ours - ref).max() < 1e-12
+    from camlens.backends.base import ops_for
+
+    assert (ops_for(m).resize(m, size) - torch.from_numpy(ref)).abs().max() < 1e-12
+
+
+def test_save_load_round_trip_of_volume_maps(med, tmp_path):
+    exp = camlens.explain(med, _vol(2, torch.float32).to(torch.float64), targets=[0, 1])
+    path = exp.save(tmp_path / "vol.npz")
+    back = camlens.load(path)
+    assert back.maps.shape == (2, 2, 16, 32, 32) and torch.equal(back.maps, exp.maps)
+    assert back.raw.shape == (2, 2, 8, 16, 16) and torch.equal(back.raw, exp.raw)
+    assert back.layers == exp.layers and back.labels == exp.labels
+
+
+@pytest.mark.parametrize("arch", ["r3d_18", "mc3_18", "r2plus1d_18"])
+def test_torchvision_video_models_default_layer_is_layer4(arch):
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = getattr(tv.models.video, arch)(weights=None).eval()
+    x = torch.randn(1, 3, 8, 56, 56)
+    exp = camlens.explain(net, x, targets=3)
+    assert exp.layers == ["layer4"]
+    # r3d_18 / r2plus1d_18 stride time by 8 (one frame left), mc3_18 keeps its 8 frames (2-D convs after the stem)
+    assert exp.maps.shape == (1, 1, 8, 56, 56) and exp.raw.shape == (1, 1, 8 if arch == "mc3_18" else 1, 4, 4)
+    assert float(exp.maps.max()) == 1.0
