@@ -237,3 +237,15 @@ def test_torchvision_video_models_default_layer_is_layer4(arch):
     # r3d_18 / r2plus1d_18 stride time by 8 (one frame left), mc3_18 keeps its 8 frames (2-D convs after the stem)
     assert exp.maps.shape == (1, 1, 8, 56, 56) and exp.raw.shape == (1, 1, 8 if arch == "mc3_18" else 1, 4, 4)
     assert float(exp.maps.max()) == 1.0
+
+
+def test_one_volume_without_batch_axis_is_batch_one(med):
+    x = _vol(1)
+    one = camlens.explain(med, x[0], targets=1)
+    full = camlens.explain(med, x, targets=1)
+    assert one.maps.shape == (1, 1, 16, 32, 32) and torch.equal(one.maps, full.maps)
+    from camlens.backends.base import get_backend
+
+    bk = get_backend(med)
+    assert bk.input_rank(med) == 5 and bk.input_rank(nn.Sequential(nn.Conv2d(3, 4, 3))) == 4
+    assert bk.input_rank(nn.Linear(3, 4)) is None

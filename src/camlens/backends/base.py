@@ -206,6 +206,11 @@ class Backend(Protocol):
         """The input array of a plain model: the framework's float array (a clear error otherwise);
         arrays that cannot record a graph (torch inference tensors) are copied."""
 
+    def input_rank(self, model: Any) -> Optional[int]:
+        """The rank of a batch ``model`` takes where its layers say (5: a 3-D CNN taking
+        ``(B, C, D, H, W)``, so a 4-D input is one volume; 4: images), else ``None``; cheap after the
+        first call (optional: the engine reads inputs by their own rank without it)."""
+
     def to_model_input(self, model: Any, x: Any, precision: str) -> Any:
         """``x`` on the model's device in the dtype of its weights (``precision`` may leave it to autocast)."""
 

@@ -59,6 +59,9 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
             preprocesses. Integer tensors for a plain module, and NaN/Inf pixels, are errors naming
             the cause (and the images). Inference tensors and ``torch.inference_mode()`` around the
             call are fine: camlens runs with inference mode off and clones such inputs.
+            Volumes / video clips ``(B, C, D, H, W)`` (or one ``(C, D, H, W)`` for a 3-D CNN) give
+            maps ``(B, T, D, H, W)`` (trilinear upsampling, min-max per volume) for the methods
+            listed by :func:`camlens.engine.volumes.volume_methods` (:mod:`camlens.engine.volumes`).
         targets: an int, ``"head:class"``, ``(head, class)``, :class:`camlens.Target`, callable
             ``output -> (B,)``, a flat list of these (same targets for every image), a list of B
             lists (per image), or ``"all"`` / ``"head:all"`` (every class of the first

@@ -50,11 +50,14 @@ def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
         layer = layer if layer is not None else getattr(model, "default_layer", None)
         categories = categories if categories is not None else getattr(model, "categories", None)
         model = model.model
-    inputs = get_backend(model).check_inputs(inputs)
+    bk = get_backend(model)
+    inputs = bk.check_inputs(inputs)
     if inputs.ndim == 3:
         inputs = inputs[None]
         if display is not None and display.ndim == 3:
             display = display[None]
+    elif inputs.ndim == 4 and display is None and getattr(bk, "input_rank", _no_rank)(model) == 5:
+        inputs = inputs[None]  # one volume (C, D, H, W) for a 3-D model
     if inputs.ndim != 4 and inputs.ndim != 5:
         raise InputError(f"inputs must have shape (B, C, H, W) (images) or (B, C, D, H, W) (volumes, video clips), "
                          f"got {tuple(inputs.shape)}")
@@ -67,6 +70,11 @@ def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
             raise InputError(f"inputs contain NaN/Inf in image(s) {bad}: their maps and scores would be NaN; fix or "
                              "drop those images (e.g. torch.nan_to_num) before explaining")
     return model, inputs, layer, categories, display
+
+
+def _no_rank(model: Any) -> None:
+    """A backend without ``input_rank``: inputs are read by their own rank."""
+    return None
 
 
 def unwrap_model(model: Any) -> Any:

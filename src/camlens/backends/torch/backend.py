@@ -56,6 +56,12 @@ class TorchBackend:
     def check_inputs(self, inputs: Any) -> Tensor:
         return check_input_tensor(inputs)
 
+    def input_rank(self, model: nn.Module) -> Optional[int]:
+        """5 for a 3-D CNN (a single ``(C, D, H, W)`` volume is then batch 1), 4 for a 2-D one, or ``None``."""
+        from .volume_probe import input_rank
+
+        return input_rank(model)
+
     def to_model_input(self, model: nn.Module, x: Tensor, precision: str) -> Tensor:
         return to_model_input(model, x, precision)
 

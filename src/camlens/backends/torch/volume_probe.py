@@ -4,12 +4,41 @@
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Optional
 
 from torch import nn
 
 from .probing import LayerProbe, _is_attention, _strict_ancestors, _tensor_leaves
 
-__all__ = ["choose_volume_layer"]
+__all__ = ["choose_volume_layer", "input_rank"]
+
+_RANKS: "weakref.WeakKeyDictionary[nn.Module, Optional[int]]" = weakref.WeakKeyDictionary()
+_BY_DIMS = (((nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d, nn.MaxPool3d, nn.AvgPool3d), 5),
+            ((nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.MaxPool2d, nn.AvgPool2d), 4),
+            ((nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d), 3))
+
+
+def input_rank(model: nn.Module) -> Optional[int]:
+    """The rank of a batch the model's first spatial module takes: 5 for a 3-D CNN (its first
+    convolution / norm / pooling module is 3-D: ``Conv3d``, ``BatchNorm3d``, ...), 4 for a 2-D one, 3
+    for 1-D; ``None`` when it has none. Memoised per model (a module swapped in later is not seen)."""
+    try:
+        return _RANKS[model]
+    except KeyError:
+        pass
+    except TypeError:  # cannot be weakly referenced
+        return _first_rank(model)
+    rank = _RANKS[model] = _first_rank(model)
+    return rank
+
+
+def _first_rank(model: nn.Module) -> Optional[int]:
+    for m in model.modules():
+        for kinds, rank in _BY_DIMS:
+            if isinstance(m, kinds):
+                return rank
+    return None
 
 
 def choose_volume_layer(p: LayerProbe, named: dict[str, nn.Module]) -> None:
