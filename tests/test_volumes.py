@@ -249,3 +249,26 @@ def test_one_volume_without_batch_axis_is_batch_one(med):
     bk = get_backend(med)
     assert bk.input_rank(med) == 5 and bk.input_rank(nn.Sequential(nn.Conv2d(3, 4, 3))) == 4
     assert bk.input_rank(nn.Linear(3, 4)) is None
+
+
+def test_viz_slice_grid_and_gif_have_the_right_frames(med, tmp_path):
+    from PIL import Image
+
+    exp = camlens.explain(med, _vol(2, torch.float32).double(), targets=[0, 2])
+    assert camlens.viz.volume_slices(16, 4) == [2, 6, 10, 14] and camlens.viz.volume_slices(16, [0, -1]) == [0, 15]
+    png = camlens.viz.volume_grid(exp, tmp_path / "grid.png", b=1, t=1, slices=6, cols=3, gap=2)
+    with Image.open(png) as im:
+        assert im.size == (3 * 32 + 2 * 2, 2 * 32 + 2)
+    idx, tiles = camlens.viz.volume_overlays(exp.inputs[1], exp.maps[1, 1], [5])
+    want = camlens.viz.overlay(np.repeat(((exp.inputs[1, 0, 5] - exp.inputs[1].min()) / (exp.inputs[1].max()
+                                          - exp.inputs[1].min())).numpy()[..., None], 3, -1), exp.maps[1, 1, 5])
+    assert idx == [5] and np.array_equal(tiles[0], want)
+    gif = camlens.viz.volume_gif(exp, tmp_path / "clip.gif", b=0, t=0)
+    with Image.open(gif) as im:
+        assert im.n_frames == 16 and im.size == (32, 32)
+    with pytest.raises(CamlensError, match="not volume maps"):
+        camlens.viz.volume_grid(camlens.explain(_tiny2d(), torch.randn(1, 3, 16, 16)), tmp_path / "x.png")
+
+
+def _tiny2d() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
