@@ -272,3 +272,12 @@ def test_viz_slice_grid_and_gif_have_the_right_frames(med, tmp_path):
 
 def _tiny2d() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_stream_yields_one_explanation_per_volume(med):
+    x = _vol(3)
+    full = camlens.explain(med, x, targets=1)
+    out = list(camlens.stream(med, [x[0], x[1:3]], targets=1, batch_size=2))
+    assert len(out) == 3 and all(e.maps.shape == (1, 1, 16, 32, 32) for e in out)
+    for b, e in enumerate(out):
+        assert (e.maps - full.maps[b:b + 1]).abs().max() < 1e-6

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Optional
 
-from ..backends.base import Backend, MapLayout, namespace
+from ..backends.base import Backend, MapLayout, get_backend, namespace
 from ..core.errors import ConfigError
 from ..core.explanation import Deferred, Explanation
 from ..core.postprocess import fuse as fuse_maps
@@ -29,9 +29,16 @@ from .passes import run_pass
 
 Tensor = Any  # an array of the model's backend
 
-__all__ = ["volume_methods", "check_volume_call", "unflatten_raws", "process_volume", "explain_volume"]
+__all__ = ["takes_volumes", "volume_methods", "check_volume_call", "unflatten_raws", "process_volume", "explain_volume"]
 
 VOLUME = MapLayout("volume")
+
+
+def takes_volumes(model: Any) -> bool:
+    """Is ``model`` (a framework model) a 3-D CNN, so that a 4-D input ``(C, D, H, W)`` is one volume?
+    (:meth:`Backend.input_rank`; a backend without it: never.)"""
+    rank = getattr(get_backend(model), "input_rank", None)
+    return rank is not None and rank(model) == 5
 
 
 def volume_methods() -> list[str]:

@@ -21,6 +21,7 @@ from .layout import Layout
 from .ops import TorchOps
 from .probing import guess_layer, token_prefix
 from .runner import Runner
+from .volume_probe import input_rank
 from .state import model_state, resolve_layers
 
 __all__ = ["TorchBackend", "BACKEND", "reinitialise"]
@@ -58,8 +59,6 @@ class TorchBackend:
 
     def input_rank(self, model: nn.Module) -> Optional[int]:
         """5 for a 3-D CNN (a single ``(C, D, H, W)`` volume is then batch 1), 4 for a 2-D one, or ``None``."""
-        from .volume_probe import input_rank
-
         return input_rank(model)
 
     def to_model_input(self, model: nn.Module, x: Tensor, precision: str) -> Tensor:
