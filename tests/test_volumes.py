@@ -281,3 +281,12 @@ def test_stream_yields_one_explanation_per_volume(med):
     assert len(out) == 3 and all(e.maps.shape == (1, 1, 16, 32, 32) for e in out)
     for b, e in enumerate(out):
         assert (e.maps - full.maps[b:b + 1]).abs().max() < 1e-6
+
+
+def test_metrics_and_image_grids_refuse_volumes_naming_what_to_use(med):
+    x = _vol(1)
+    exp = camlens.explain(med, x)
+    with pytest.raises(ConfigError, match="volume"):
+        camlens.evaluate(med, x, exp)
+    with pytest.raises(CamlensError, match="volume_grid"):
+        camlens.viz.explanation_grid(exp)
