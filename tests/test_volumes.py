@@ -290,3 +290,32 @@ def test_metrics_and_image_grids_refuse_volumes_naming_what_to_use(med):
         camlens.evaluate(med, x, exp)
     with pytest.raises(CamlensError, match="volume_grid"):
         camlens.viz.explanation_grid(exp)
+
+
+def test_eigencam_is_pytorch_grad_cams_projection_over_the_whole_volume_up_to_sign(med):
+    pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    x = _vol()
+    exp = camlens.explain(med, x, targets=0, method="eigencam", layer="features.5")
+    a, _ = _acts_grads(med, med.features[5], x, [0, 0])
+    ref = torch.from_numpy(get_2d_projection(a.numpy()))  # (B, d, h, w): the SVD over all d*h*w positions
+    assert exp.raw.shape == (2, 1, 8, 16, 16)
+    for b in range(2):  # SVD's sign is arbitrary (camlens fixes it towards the channel sum)
+        err = min((exp.raw[b, 0] - s * ref[b]).abs().max().item() for s in (1, -1))
+        assert err < 1e-4 * ref[b].abs().max().item(), err
+
+
+def test_two_layers_of_different_grids_fuse_as_for_images(med):
+    x = _vol(1)
+    exp = camlens.explain(med, x, targets=1, layer=["features.2", "features.8"], fuse="max")
+    assert exp.raws["features.2"].shape == (1, 1, 16, 32, 32) and exp.raws["features.8"].shape == (1, 1, 8, 16, 16)
+
+    def norm(m):
+        f = m.flatten(1)
+        return ((f - f.amin(1, keepdim=True)) / (f.amax(1, keepdim=True) - f.amin(1, keepdim=True))).view_as(m)
+
+    per = [F.interpolate(norm(exp.raws[n][0].clamp_min(0))[None], size=(16, 32, 32), mode="trilinear",
+                         align_corners=False)[0] for n in ["features.2", "features.8"]]
+    want = norm(torch.maximum(per[0], per[1]))
+    assert (exp.maps[0] - want).abs().max() < 1e-6
