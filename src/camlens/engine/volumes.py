@@ -98,9 +98,12 @@ def process_volume(raws: list[Tensor], size: Optional[tuple[int, int, int]], *, 
 def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Method, opts: dict, layer: Any,
                    categories: Categories, top_k: Optional[int], fuse: str, relu: bool, upsample: bool,
                    eval_mode: bool, combine: str, precision: str, channels_last: Optional[bool], heads: Any,
-                   sign: int, activation: Any, display: Any = None, **unsupported: bool) -> Explanation:
+                   sign: int, activation: Any, display: Any = None, differentiable: bool = False,
+                   **unsupported: bool) -> Explanation:
     """:func:`camlens.explain` for ``x`` ``(B, C, D, H, W)``: maps ``(B, T, D, H, W)``, raws ``(B, T, d, h, w)``.
 
+    ``differentiable``: as :func:`camlens.explain`'s (maps keep their graph back to the model's
+    parameters and input; the model keeps its own mode and ``requires_grad``).
     ``unsupported``: option name -> whether it was given (an error names those that were).
     """
     check_volume_call(meth, tuple(x.shape), **unsupported)
@@ -108,17 +111,19 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
     names = [n for n, _ in layers]
     read = {n: VOLUME for n in names}
     out_size = tuple(int(s) for s in x.shape[-3:]) if upsample else None
-    with bk.session(net, eval_mode=eval_mode):
+    with bk.session(net, eval_mode=eval_mode, freeze=not differentiable, restore_buffers=not differentiable):
         fwd = bk.layout(net, channels_last, precision)
         p = run_pass(net, x, targets, layers, meth, opts, categories, top_k, combine, fwd, head_keys=heads,
-                     backend=bk, read=read, sign=sign, activation=activation)
-    grids = {n: lay.grid for n, lay in (p.layouts or {}).items() if lay.kind == "volume"}
-    raws = unflatten_raws(p.result.raws or {}, grids)
-    maps = process_volume(list(raws.values()), out_size, relu=relu, fuse=fuse)  # type: ignore[arg-type]
+                     differentiable=differentiable, backend=bk, read=read, sign=sign, activation=activation)
+        grids = {n: lay.grid for n, lay in (p.layouts or {}).items() if lay.kind == "volume"}
+        raws = unflatten_raws(p.result.raws or {}, grids)
+        with bk.graph(differentiable):
+            maps = process_volume(list(raws.values()), out_size, relu=relu, fuse=fuse)  # type: ignore[arg-type]
     detach = bk.ops.detach
     detached = {k: detach(v) for k, v in p.heads.items()}
     return Explanation(maps=maps, raw=next(iter(raws.values())), raws=raws, scores=p.scores,
                        probs=Deferred(functools.partial(target_probabilities, p.rows, detached, like=p.scores)),
-                       targets=p.rows, inputs=detach(x), heads=detached, layers=names, method=meth.name,
+                       targets=p.rows, inputs=x if differentiable else detach(x),
+                       heads=p.heads if differentiable else detached, layers=names, method=meth.name,
                        display=display, components=p.components if combine != "separate" else None,
                        options=dict(opts))
