@@ -348,3 +348,19 @@ def test_differentiable_volume_maps_carry_the_graph_as_a_hand_written_create_gra
     assert exp.maps.dtype == torch.float64 and (exp.maps.detach() - ref.detach()).abs().max() < 1e-12
     (g_ref,) = torch.autograd.grad((ref * R).sum(), m.body[0].weight)
     assert (g_ours - g_ref).abs().max() < 1e-10 * g_ref.abs().max()  # float64 throughout: 0 measured
+
+
+def test_noise_smoothing_of_volumes_averages_the_raws_of_noisy_copies(med):
+    from camlens.backends.base import ops_for
+
+    x = _vol(2)
+    exp = camlens.explain(med, x, targets=[1], noise_smooth=3, noise_sigma=0.2, seed=5)
+    ops = ops_for(x)
+    noise = ops.random((6, *x.shape[1:]), ops.generator(5, x), x, normal=True)
+    span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(2, 1, 1, 1, 1)
+    noisy = x.repeat(3, 1, 1, 1, 1) + noise * (0.2 * span).repeat(3, 1, 1, 1, 1)
+    raws = camlens.explain(med, noisy, targets=[1]).raw  # (6, 1, d, h, w): copy i of volume b at i * 2 + b
+    want = raws.view(3, 2, *raws.shape[1:]).mean(0)
+    assert exp.raw.shape == (2, 1, 8, 16, 16)
+    assert (exp.raw - want).abs().max() < 1e-6 * want.abs().max()
+    assert (exp.raw - camlens.explain(med, x, targets=[1]).raw).abs().max() > 1e-3 * want.abs().max()

@@ -8,9 +8,10 @@ How: the layer's 3-D map ``(B, C, d, h, w)`` is read as ``(B, C, d, h*w)``
 volume's own (a mean or sum over ``d*h*w`` positions, or element-wise); its raw maps
 ``(B, T, d, h*w)`` are read back as ``(B, T, d, h, w)``, then ReLU → trilinear upsampling to
 ``(D, H, W)`` (``align_corners=False``, as ``F.interpolate(mode="trilinear")``) → min-max per map
-over the whole volume. Methods that perturb or tile the input in 2-D (Score-CAM, Ablation-CAM,
-occlusion, guided backprop, attention methods, D-RISE, the baselines) are refused with an error
-naming the ones that work.
+over the whole volume. ``differentiable=True`` and ``noise_smooth=`` work as for images. Methods that
+perturb or tile the input in 2-D (Score-CAM, Ablation-CAM, occlusion, guided backprop, attention
+methods, D-RISE, the baselines), and ``tile=``, ``aug_smooth=``, ``layout=``, ``reshape=``, are refused
+with an error naming what works.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..core.postprocess import normalize, relu as relu_maps
 from ..core.targets import Categories, target_probabilities
 from ..methods import Method, available_methods
 from .passes import run_pass
+from .wrappers import noise_smoothed
 
 Tensor = Any  # an array of the model's backend
 
@@ -99,11 +101,14 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
                    categories: Categories, top_k: Optional[int], fuse: str, relu: bool, upsample: bool,
                    eval_mode: bool, combine: str, precision: str, channels_last: Optional[bool], heads: Any,
                    sign: int, activation: Any, display: Any = None, differentiable: bool = False,
+                   noise_smooth: int = 0, noise_sigma: float = 0.15, seed: int = 0,
                    **unsupported: bool) -> Explanation:
     """:func:`camlens.explain` for ``x`` ``(B, C, D, H, W)``: maps ``(B, T, D, H, W)``, raws ``(B, T, d, h, w)``.
 
     ``differentiable``: as :func:`camlens.explain`'s (maps keep their graph back to the model's
-    parameters and input; the model keeps its own mode and ``requires_grad``).
+    parameters and input; the model keeps its own mode and ``requires_grad``). ``noise_smooth``,
+    ``noise_sigma``, ``seed``: SmoothGrad-style averaging of the raw maps over noisy copies of each
+    volume (:func:`camlens.engine.wrappers.noise_smoothed`), as for images.
     ``unsupported``: option name -> whether it was given (an error names those that were).
     """
     check_volume_call(meth, tuple(x.shape), **unsupported)
@@ -115,8 +120,11 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
         fwd = bk.layout(net, channels_last, precision)
         p = run_pass(net, x, targets, layers, meth, opts, categories, top_k, combine, fwd, head_keys=heads,
                      differentiable=differentiable, backend=bk, read=read, sign=sign, activation=activation)
+        result = p.result
+        if noise_smooth:
+            result = noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed, fwd, read=read)
         grids = {n: lay.grid for n, lay in (p.layouts or {}).items() if lay.kind == "volume"}
-        raws = unflatten_raws(p.result.raws or {}, grids)
+        raws = unflatten_raws(result.raws or {}, grids)
         with bk.graph(differentiable):
             maps = process_volume(list(raws.values()), out_size, relu=relu, fuse=fuse)  # type: ignore[arg-type]
     detach = bk.ops.detach
