@@ -364,3 +364,10 @@ def test_noise_smoothing_of_volumes_averages_the_raws_of_noisy_copies(med):
     assert exp.raw.shape == (2, 1, 8, 16, 16)
     assert (exp.raw - want).abs().max() < 1e-6 * want.abs().max()
     assert (exp.raw - camlens.explain(med, x, targets=[1]).raw).abs().max() > 1e-3 * want.abs().max()
+
+
+def test_a_volume_for_a_2d_model_is_a_clear_error():
+    from camlens.core.errors import InputError
+
+    with pytest.raises(InputError, match=r"first spatial layer is 2-D.*slices"):
+        camlens.explain(_tiny2d(), torch.randn(1, 3, 4, 16, 16))

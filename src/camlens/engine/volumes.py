@@ -20,7 +20,7 @@ import functools
 from typing import Any, Optional
 
 from ..backends.base import Backend, MapLayout, get_backend, namespace
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, InputError
 from ..core.explanation import Deferred, Explanation
 from ..core.postprocess import fuse as fuse_maps
 from ..core.postprocess import normalize, relu as relu_maps
@@ -112,6 +112,11 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
     ``unsupported``: option name -> whether it was given (an error names those that were).
     """
     check_volume_call(meth, tuple(x.shape), **unsupported)
+    rank = getattr(bk, "input_rank", None)
+    if rank is not None and rank(net) == 4:
+        raise InputError(f"the input has shape {tuple(x.shape)} (B, C, D, H, W), but the model's first spatial "
+                         f"layer is 2-D ({type(net).__name__} takes (B, C, H, W) images); pass images, e.g. the "
+                         "slices / frames x.movedim(2, 1).flatten(0, 1), or a 3-D model")
     layers = bk.resolve_layers(net, layer if layer is not None else bk.default_layer(net, x))
     names = [n for n, _ in layers]
     read = {n: VOLUME for n in names}
