@@ -78,7 +78,9 @@ class Ops(Protocol):
     """Array operations the maths needs beyond the array API standard (arrays of one backend)."""
 
     def resize(self, maps: Any, size: tuple[int, int], mode: str = "bilinear") -> Any:
-        """``(..., h, w) -> (..., H, W)``; bilinear with ``align_corners=False`` (half-pixel centres)."""
+        """``(..., h, w) -> (..., H, W)``; bilinear with ``align_corners=False`` (half-pixel centres).
+        A 3-entry ``size`` ``(D, H, W)`` resizes volumes ``(..., d, h, w)`` trilinearly (the same
+        convention along each axis, as ``F.interpolate(mode="trilinear")``; ``mode`` is ignored)."""
 
     def resize_matrices(self, h: int, w: int, H: int, W: int, like: Any) -> tuple[Any, Any]:
         """``(Ry (H, h), Rx^T (w, W))`` in ``like``'s dtype and device (read-only, cached): a bilinear
@@ -203,6 +205,11 @@ class Backend(Protocol):
     def check_inputs(self, inputs: Any) -> Any:
         """The input array of a plain model: the framework's float array (a clear error otherwise);
         arrays that cannot record a graph (torch inference tensors) are copied."""
+
+    def input_rank(self, model: Any) -> Optional[int]:
+        """The rank of a batch ``model`` takes where its layers say (5: a 3-D CNN taking
+        ``(B, C, D, H, W)``, so a 4-D input is one volume; 4: images), else ``None``; cheap after the
+        first call (optional: the engine reads inputs by their own rank without it)."""
 
     def to_model_input(self, model: Any, x: Any, precision: str) -> Any:
         """``x`` on the model's device in the dtype of its weights (``precision`` may leave it to autocast)."""
@@ -473,12 +480,14 @@ class MapLayout:
     ``kind``: ``"nhwc"`` (``(B, h, w, C)``, e.g. Swin / ConvNeXt blocks) or ``"tokens"``
     (``(B, N, C)``: ``prefix`` class / distillation / register tokens first, then the ``grid``
     patches row by row, e.g. ViT, DeiT, Mixer), or ``"reshape"`` (a user's ``fn(a) -> (B, C, h, w)``,
-    e.g. a pytorch-grad-cam ``reshape_transform``). :func:`camlens.core.layouts.to_map` reads it as
-    ``(B, C, h, w)``. Given to ``explain(layout=...)``, ``grid`` and ``prefix`` may be left ``None``
+    e.g. a pytorch-grad-cam ``reshape_transform``), or ``"volume"`` (a 3-D map ``(B, C, d, h, w)`` of a
+    volume / clip input, ``grid`` = ``(d, h, w)``: read as ``(B, C, d, h*w)``, which the methods that
+    only reduce over all positions or work element-wise treat exactly as the volume).
+    :func:`camlens.core.layouts.to_map` reads it as ``(B, C, h, w)``. Given to ``explain(layout=...)``, ``grid`` and ``prefix`` may be left ``None``
     (found from the output's shape, see :func:`override_layout`)."""
 
     kind: str
-    grid: Optional[tuple[int, int]] = None
+    grid: Optional[tuple[int, ...]] = None
     prefix: Optional[int] = None
     fn: Optional[Callable[[Any], Any]] = field(default=None, compare=False)
 
@@ -533,7 +542,7 @@ def override_layout(spec: Any, shape: Sequence[int], batch: int, size: tuple[int
     :class:`~camlens.core.errors.LayerError` saying what was seen."""
     shape = tuple(int(d) for d in shape)
     lay = MapLayout(spec) if isinstance(spec, str) else spec
-    if not isinstance(lay, MapLayout) or lay.kind not in (*LAYOUT_KINDS, "reshape"):
+    if not isinstance(lay, MapLayout) or lay.kind not in (*LAYOUT_KINDS, "reshape", "volume"):
         raise ConfigError(f"layout= takes one of {LAYOUT_KINDS} or a camlens.MapLayout(kind, grid, prefix), "
                           f"got {spec!r}")
     where = f"layer {layer!r}" if layer else "the layer"
@@ -542,9 +551,11 @@ def override_layout(spec: Any, shape: Sequence[int], batch: int, size: tuple[int
                          f"so no layout reads it as one map per image")
     if lay.kind == "reshape":
         return lay
-    need = {"nchw": 4, "nhwc": 4, "tokens": 3}[lay.kind]
+    need = {"nchw": 4, "nhwc": 4, "tokens": 3, "volume": 5}[lay.kind]
     if len(shape) != need:
         raise LayerError(f"layout={lay.kind!r} needs a {need}-D output for {where}, got shape {shape}")
+    if lay.kind == "volume":
+        return MapLayout("volume", (shape[2], shape[3], shape[4]), 0)
     if lay.kind == "nchw":
         return MapLayout("nchw", (shape[2], shape[3]), 0)
     if lay.kind == "nhwc":

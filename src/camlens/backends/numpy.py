@@ -29,6 +29,11 @@ class NumpyOps:
     def resize(self, maps: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
         if tuple(maps.shape[-2:]) == tuple(size):
             return maps
+        if len(size) == 3:  # volumes (..., d, h, w): trilinear, separable along each axis
+            m = maps if maps.dtype in (np.float32, np.float64) else maps.astype(np.float32)
+            d, h, w = m.shape[-3:]
+            rd, ry, rx = (bilinear_matrix(n, int(N)).astype(m.dtype) for n, N in zip((d, h, w), size))
+            return np.einsum("Dd,Hh,Ww,...dhw->...DHW", rd, ry, rx, m, optimize=True)
         if mode != "bilinear":
             import cv2
 

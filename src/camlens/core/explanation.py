@@ -169,8 +169,9 @@ class Explanation:
         return out
 
     def __repr__(self) -> str:
-        B, T, H, W = self.maps.shape
-        return (f"Explanation(method={self.method!r}, layers={self.layers}, maps=(B={B}, T={T}, H={H}, W={W}), "
+        B, T, *rest = self.maps.shape
+        dims = ", ".join(f"{k}={v}" for k, v in zip("DHW"[3 - len(rest):], rest))  # (D,) H, W
+        return (f"Explanation(method={self.method!r}, layers={self.layers}, maps=(B={B}, T={T}, {dims}), "
                 f"targets={self.labels[0] if B else []}{' ...' if B > 1 else ''})")
 
 

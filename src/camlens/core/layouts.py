@@ -1,5 +1,6 @@
-"""Feature maps held in other layouts, read as ``(..., C, h, w)``: channels-last ``(..., h, w, C)``
-and tokens ``(..., N, C)`` (prefix tokens dropped, patches row by row on their grid).
+"""Feature maps held in other layouts, read as ``(..., C, h, w)``: channels-last ``(..., h, w, C)``,
+tokens ``(..., N, C)`` (prefix tokens dropped, patches row by row on their grid) and volumes
+``(..., C, d, h, w)`` (as ``(..., C, d, h*w)``).
 
 The engine takes gradients of the layer's own output and reads activations and gradients with
 the same linear map (a slice, a reshape, a permutation), so every method's maths is unchanged:
@@ -25,6 +26,8 @@ def to_map(x: Any, layout: MapLayout, lead: int = 1) -> Any:
         return x
     xp = namespace(x)
     head = tuple(x.shape[:lead])
+    if layout.kind == "volume":  # (..., C, d, h, w) -> (..., C, d, h*w): a view
+        return xp.reshape(x, (*x.shape[:-2], x.shape[-2] * x.shape[-1]))
     if layout.kind == "reshape":  # the user's fn on (B, ...) rows: gradients (B, T, ...) as B*T rows
         n = math.prod(head)
         out = layout.fn(xp.reshape(x, (n, *x.shape[lead:])) if lead != 1 else x)
@@ -50,6 +53,8 @@ def from_map(maps: Any, layout: MapLayout, like: Any) -> Any:
     if layout.kind == "nchw":
         return maps
     xp = namespace(maps)
+    if layout.kind == "volume":  # (k, C, d, h*w) -> (k, C, d, h, w)
+        return xp.reshape(maps, (*maps.shape[:-1], *layout.grid[1:]))
     k = maps.shape[0]
     x = xp.permute_dims(maps, (0, 2, 3, 1))  # (k, h, w, C)
     if layout.kind == "nhwc":

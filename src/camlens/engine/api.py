@@ -15,6 +15,7 @@ from ..methods import Method, get_method
 from .finish import finish, finish_maps
 from .passes import match_dtype, outside_inference_mode, prepare, run_pass
 from .tiling import check_tiling, explain_tiled
+from .volumes import explain_volume
 from .wrappers import aug_smoothed, noise_smoothed
 
 __all__ = ["explain"]
@@ -58,6 +59,9 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
             preprocesses. Integer tensors for a plain module, and NaN/Inf pixels, are errors naming
             the cause (and the images). Inference tensors and ``torch.inference_mode()`` around the
             call are fine: camlens runs with inference mode off and clones such inputs.
+            Volumes / video clips ``(B, C, D, H, W)`` (or one ``(C, D, H, W)`` for a 3-D CNN) give
+            maps ``(B, T, D, H, W)`` (trilinear upsampling, min-max per volume) for the methods
+            listed by :func:`camlens.engine.volumes.volume_methods` (:mod:`camlens.engine.volumes`).
         targets: an int, ``"head:class"``, ``(head, class)``, :class:`camlens.Target`, callable
             ``output -> (B,)``, a flat list of these (same targets for every image), a list of B
             lists (per image), or ``"all"`` / ``"head:all"`` (every class of the first
@@ -163,6 +167,14 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
         eval_mode = not differentiable
     x = match_dtype(net, x, precision)
     bk = get_backend(net)
+    if x.ndim == 5:  # volumes / clips (B, C, D, H, W)
+        return explain_volume(net, x, targets, bk=bk, meth=meth, opts=opts, layer=layer, categories=categories,
+                              top_k=top_k, fuse=fuse, relu=relu, upsample=upsample, eval_mode=eval_mode,
+                              combine=combine, precision=precision, channels_last=channels_last, heads=heads,
+                              sign=sign, activation=activation, display=display, differentiable=differentiable,
+                              noise_smooth=noise_smooth, noise_sigma=noise_sigma, seed=seed,
+                              **{"tile=": tile is not None, "aug_smooth=True": aug_smooth,
+                                 "layout=": layout is not None, "reshape=": reshape is not None})
     if tile is not None:  # large images: tile by tile with bounded memory (the layer is guessed on a tile)
         check_tiling(tile, overlap, tile_batch)
         with bk.session(net, eval_mode=eval_mode):

@@ -106,6 +106,9 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
     The model is left as it came (modes, ``requires_grad``, hooks, ``.grad``).
     """
     net, x, _, categories, _ = prepare(model, inputs, None, None)
+    if x.ndim == 5:
+        raise ConfigError(f"the metrics do not score volume / clip maps yet (inputs {tuple(x.shape)} are (B, C, D, H, W)): "
+                          "their perturbations (deletion, insertion, ROAD, ...) work on (B, C, H, W) images")
     checked = _checked_options(options, metrics)  # before the model runs
     bk = get_backend(net)
     x = match_dtype(net, x, "fp32")

@@ -39,7 +39,7 @@ def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
 
     Also checks the input array (through the model's backend): floating point (a uint8 tensor given
     with a LoadedModel is preprocessed as images), finite, not an inference tensor (copied), shape
-    ``(B, C, H, W)``. Returns ``(model, inputs, layer, categories, display)``.
+    ``(B, C, H, W)`` or ``(B, C, D, H, W)`` (volumes). Returns ``(model, inputs, layer, categories, display)``.
     """
     display = None
     if is_loaded(model):
@@ -50,13 +50,17 @@ def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
         layer = layer if layer is not None else getattr(model, "default_layer", None)
         categories = categories if categories is not None else getattr(model, "categories", None)
         model = model.model
-    inputs = get_backend(model).check_inputs(inputs)
+    bk = get_backend(model)
+    inputs = bk.check_inputs(inputs)
     if inputs.ndim == 3:
         inputs = inputs[None]
         if display is not None and display.ndim == 3:
             display = display[None]
-    if inputs.ndim != 4:
-        raise InputError(f"inputs must have shape (B, C, H, W), got {tuple(inputs.shape)}")
+    elif inputs.ndim == 4 and display is None and getattr(bk, "input_rank", _no_rank)(model) == 5:
+        inputs = inputs[None]  # one volume (C, D, H, W) for a 3-D model
+    if inputs.ndim != 4 and inputs.ndim != 5:
+        raise InputError(f"inputs must have shape (B, C, H, W) (images) or (B, C, D, H, W) (volumes, video clips), "
+                         f"got {tuple(inputs.shape)}")
     # NaN/Inf make the sum non-finite (one cheap reduction); only then (or on overflow) the full test
     xp, ops = namespace(inputs), ops_for(inputs)
     if not math.isfinite(float(xp.sum(ops.detach(inputs)))):
@@ -66,6 +70,11 @@ def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
             raise InputError(f"inputs contain NaN/Inf in image(s) {bad}: their maps and scores would be NaN; fix or "
                              "drop those images (e.g. torch.nan_to_num) before explaining")
     return model, inputs, layer, categories, display
+
+
+def _no_rank(model: Any) -> None:
+    """A backend without ``input_rank``: inputs are read by their own rank."""
+    return None
 
 
 def unwrap_model(model: Any) -> Any:
@@ -188,13 +197,15 @@ def target_scores(rows: list[list[ResolvedTarget]], heads: dict, output: Any) ->
 
 @dataclass
 class Pass:
-    """One engine pass: the method's output, the scores (B, T), the resolved targets, the heads."""
+    """One engine pass: the method's output, the scores (B, T), the resolved targets, the heads,
+    and how each layer not in ``(B, C, h, w)`` was read (layer name -> :class:`MapLayout`)."""
 
     result: MethodOutput
     scores: Tensor
     rows: list[list[ResolvedTarget]]
     heads: dict
     components: list[list[ResolvedTarget]]
+    layouts: Optional[dict] = None
 
 
 def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts: dict,
@@ -276,4 +287,4 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
         if m is not None and m.shape[0] != x.shape[0]:  # never maps for proposals/windows instead of images
             raise RuntimeError(f"method {meth.name!r} returned maps {tuple(m.shape)} for {key!r}, but the input "
                                f"has a batch of {x.shape[0]}: its leading dimension must be the batch")
-    return Pass(result, scores, rows, heads, components)
+    return Pass(result, scores, rows, heads, components, layouts)

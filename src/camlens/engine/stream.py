@@ -27,6 +27,7 @@ from ..core.errors import PER_INPUT_ERRORS, CamlensError, ConfigError, InputErro
 from ..core.explanation import Explanation
 from ..core.targets import is_framework_array
 from .passes import is_loaded
+from .volumes import takes_volumes
 
 __all__ = ["stream", "Failure"]
 
@@ -187,10 +188,11 @@ def _concat(xs: list) -> Any:
 def _prepare(model: Any, obj: Any, loaded: bool, max_pixels: Optional[int], load_image: Callable) -> tuple:
     """One input -> ``(x (N, C, H, W) float tensor, display (N, H, W, 3) uint8 or None)``."""
     if is_framework_array(obj):
-        if obj.ndim == 3:
-            obj = obj[None, ...]
-        if obj.ndim != 4:
-            raise InputError(f"a tensor input must be (C, H, W) or (B, C, H, W), got shape {tuple(obj.shape)}")
+        if obj.ndim == 3 or (obj.ndim == 4 and not loaded and takes_volumes(model)):
+            obj = obj[None, ...]  # one image, or one volume (C, D, H, W) of a 3-D CNN
+        if obj.ndim != 4 and (obj.ndim != 5 or loaded):
+            raise InputError(f"a tensor input must be (C, H, W) or (B, C, H, W) (volumes: (C, D, H, W) or "
+                             f"(B, C, D, H, W)), got shape {tuple(obj.shape)}")
         xp = namespace(obj)
         if loaded and not xp.isdtype(obj.dtype, "real floating"):  # uint8 (B, 3, H, W) images: preprocess them
             arrays = list(ops_for(obj).to_numpy(xp.permute_dims(obj, (0, 2, 3, 1))))

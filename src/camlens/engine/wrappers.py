@@ -28,11 +28,12 @@ def noise_smoothed(net: Any, x: Tensor, p: Pass, layers: list, meth: Method, opt
     B = x.shape[0]
     xp, ops = namespace(x), ops_for(x)
     gen = gen if gen is not None else ops.generator(seed, x)
+    ones = (1,) * (x.ndim - 1)  # (B, C, H, W) images or (B, C, D, H, W) volumes
     if span is None:
         flat = xp.reshape(x, (B, -1))
-        span = xp.reshape(xp.max(flat, axis=1) - xp.min(flat, axis=1), (B, 1, 1, 1))
-    noisy = xp.tile(x, (n, 1, 1, 1))  # copy i of image b at index i * B + b
-    noisy = noisy + ops.random(noisy.shape, gen, x, normal=True) * xp.tile(sigma * span, (n, 1, 1, 1))
+        span = xp.reshape(xp.max(flat, axis=1) - xp.min(flat, axis=1), (B, *ones))
+    noisy = xp.tile(x, (n, *ones))  # copy i of image b at index i * B + b
+    noisy = noisy + ops.random(noisy.shape, gen, x, normal=True) * xp.tile(sigma * span, (n, *ones))
     q = run_pass(net, noisy, p.rows * n, layers, meth, opts, None, None, layout=layout, read=read).result
 
     def avg(t: Optional[Tensor]) -> Optional[Tensor]:

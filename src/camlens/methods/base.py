@@ -144,6 +144,9 @@ class Method:
             w.r.t. them (``ctx.attention_grads``); for transformers only.
         options: option name -> :class:`camlens.registry.Option` (default, check, doc) or a plain
             default; accepted as keyword arguments by ``camlens.explain``.
+        volumes: it explains volume / clip inputs ``(B, C, D, H, W)``: its maths only reduces over
+            all positions of a map or works position by position, so the engine may hand it a 3-D
+            map ``(B, C, d, h, w)`` read as ``(B, C, d, h*w)`` (:mod:`camlens.engine.volumes`).
     """
 
     name: str
@@ -155,6 +158,7 @@ class Method:
     differentiable: bool = False
     needs_linear_head: bool = False
     needs_attention: bool = False
+    volumes: bool = False
 
     def compute(self, ctx: MethodContext) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError(f"method {self.name!r} has no compute()")
@@ -181,6 +185,7 @@ class GradientMethod(Method):
 
     fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None
     differentiable: bool = True
+    volumes: bool = True
 
     def raw(self, acts: Tensor, grads: Tensor) -> Tensor:
         assert self.fn is not None
@@ -197,6 +202,7 @@ class ActivationMethod(Method):
 
     fn: Optional[Callable[[Tensor, int], Tensor]] = None
     needs_grads: bool = False
+    volumes: bool = True
 
     def compute(self, ctx: MethodContext) -> MethodOutput:
         assert self.fn is not None

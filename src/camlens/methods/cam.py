@@ -71,4 +71,5 @@ CAM = register(CamMethod(
     cost="1 forward, no backward; all classes at once",
     needs_grads=False,
     needs_linear_head=True,
+    volumes=True,  # GAP over (d, h, w) of a 3-D map, read as (B, C, d, h*w): the same mean
 ))

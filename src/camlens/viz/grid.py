@@ -205,7 +205,8 @@ def display_from_inputs(inputs: ArrayLike) -> np.ndarray:
     """Min-max rescale model inputs (B, C, H, W) per image to uint8 (B, H, W, C)."""
     x = to_numpy(inputs).astype(np.float64)
     if x.ndim != 4:
-        raise InputError(f"exp.inputs must be (B, C, H, W), got shape {x.shape}")
+        hint = ": a volume / clip; draw it with camlens.viz.volume_grid or volume_gif" if x.ndim == 5 else ""
+        raise InputError(f"exp.inputs must be (B, C, H, W), got shape {x.shape}{hint}")
     lo = x.min(axis=(1, 2, 3), keepdims=True)
     span = x.max(axis=(1, 2, 3), keepdims=True) - lo
     x = np.where(span > 0, (x - lo) / np.where(span > 0, span, 1.0), 0.0)

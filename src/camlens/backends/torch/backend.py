@@ -21,6 +21,7 @@ from .layout import Layout
 from .ops import TorchOps
 from .probing import guess_layer, token_prefix
 from .runner import Runner
+from .volume_probe import input_rank
 from .state import model_state, resolve_layers
 
 __all__ = ["TorchBackend", "BACKEND", "reinitialise"]
@@ -55,6 +56,10 @@ class TorchBackend:
 
     def check_inputs(self, inputs: Any) -> Tensor:
         return check_input_tensor(inputs)
+
+    def input_rank(self, model: nn.Module) -> Optional[int]:
+        """5 for a 3-D CNN (a single ``(C, D, H, W)`` volume is then batch 1), 4 for a 2-D one, or ``None``."""
+        return input_rank(model)
 
     def to_model_input(self, model: nn.Module, x: Tensor, precision: str) -> Tensor:
         return to_model_input(model, x, precision)

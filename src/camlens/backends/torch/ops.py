@@ -36,6 +36,8 @@ class TorchOps:
         by ``F.interpolate``."""
         if tuple(maps.shape[-2:]) == tuple(size):
             return maps
+        if len(size) == 3:  # volumes (..., d, h, w): trilinear
+            return self._resize_volume(maps, size)
         if mode != "bilinear":
             kw = {"align_corners": False} if mode == "bicubic" else {}
             return F.interpolate(maps.float(), size=tuple(size), mode=mode, **kw)
@@ -44,6 +46,18 @@ class TorchOps:
         if m.ndim >= 2 and m.numel() == m.shape[-2] * m.shape[-1]:  # one map: two plain 2-D products
             return (ry @ (m.reshape(m.shape[-2:]) @ rxt)).reshape(*m.shape[:-2], *ry.shape[:1], rxt.shape[1])
         return ry @ (m @ rxt)
+
+    @staticmethod
+    def _resize_volume(maps: Tensor, size: tuple[int, ...]) -> Tensor:
+        """``(..., d, h, w) -> (..., D, H, W)`` by ``F.interpolate(mode="trilinear", align_corners=False)``
+        on the maps as channels of one volume ``(1, N, d, h, w)``."""
+        *lead, d, h, w = maps.shape
+        size = (int(size[0]), int(size[1]), int(size[2]))
+        if (d, h, w) == size:
+            return maps
+        m = maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
+        out = F.interpolate(m.reshape(1, -1, d, h, w), size=size, mode="trilinear", align_corners=False)
+        return out.reshape(*lead, *size)
 
     def resize_matrices(self, h: int, w: int, H: int, W: int, like: Tensor) -> tuple[Tensor, Tensor]:
         return resize_pair(h, w, H, W, like.device, like.dtype)

@@ -172,7 +172,12 @@ def probe_layers(model: nn.Module, x: Tensor) -> LayerProbe:
         out, B = run(x[:1]), 1
     recs = sorted(records.values(), key=lambda r: r.order)
     p = LayerProbe(out, B, size, recs)
-    _choose(p, named)
+    if x.ndim == 5:  # volumes / clips (B, C, D, H, W): 3-D maps
+        from .volume_probe import choose_volume_layer
+
+        choose_volume_layer(p, named)
+    else:
+        _choose(p, named)
     if _is_detections(out):
         p.layer = _detector_layer(p) or p.layer
     return p

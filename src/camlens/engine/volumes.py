@@ -1,0 +1,142 @@
+"""Volumes and video clips: inputs ``(B, C, D, H, W)`` (3-D medical volumes, or clips whose T frames
+are the D axis) explained by the layer methods that only reduce over all positions of a map or work
+position by position (Grad-CAM, Grad-CAM++, XGrad-CAM, HiResCAM, LayerCAM, Eigen-CAM, Eigen-Grad-CAM,
+CAM: those that declare ``volumes=True``).
+
+How: the layer's 3-D map ``(B, C, d, h, w)`` is read as ``(B, C, d, h*w)``
+(:class:`~camlens.backends.base.MapLayout` kind ``"volume"``), so every such method's maths is the
+volume's own (a mean or sum over ``d*h*w`` positions, or element-wise); its raw maps
+``(B, T, d, h*w)`` are read back as ``(B, T, d, h, w)``, then ReLU → trilinear upsampling to
+``(D, H, W)`` (``align_corners=False``, as ``F.interpolate(mode="trilinear")``) → min-max per map
+over the whole volume. ``differentiable=True`` and ``noise_smooth=`` work as for images. Methods that
+perturb or tile the input in 2-D (Score-CAM, Ablation-CAM, occlusion, guided backprop, attention
+methods, D-RISE, the baselines), and ``tile=``, ``aug_smooth=``, ``layout=``, ``reshape=``, are refused
+with an error naming what works.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+from ..backends.base import Backend, MapLayout, get_backend, namespace
+from ..core.errors import ConfigError, InputError
+from ..core.explanation import Deferred, Explanation
+from ..core.postprocess import fuse as fuse_maps
+from ..core.postprocess import normalize, relu as relu_maps
+from ..core.targets import Categories, target_probabilities
+from ..methods import Method, available_methods
+from .passes import run_pass
+from .wrappers import noise_smoothed
+
+Tensor = Any  # an array of the model's backend
+
+__all__ = ["takes_volumes", "volume_methods", "check_volume_call", "unflatten_raws", "process_volume", "explain_volume"]
+
+VOLUME = MapLayout("volume")
+
+
+def takes_volumes(model: Any) -> bool:
+    """Is ``model`` (a framework model) a 3-D CNN, so that a 4-D input ``(C, D, H, W)`` is one volume?
+    (:meth:`Backend.input_rank`; a backend without it: never.)"""
+    rank = getattr(get_backend(model), "input_rank", None)
+    return rank is not None and rank(model) == 5
+
+
+def volume_methods() -> list[str]:
+    """Names of the registered methods that explain volumes (``Method.volumes``)."""
+    return sorted(n for n, m in available_methods().items() if m.volumes)
+
+
+def check_volume_call(meth: Method, shape: tuple, **unsupported: bool) -> None:
+    """A clear error for a method or an option that does not take a volume input of ``shape``."""
+    seen = f"the input has shape {tuple(shape)} (B, C, D, H, W): a volume or video clip"
+    if not meth.volumes:
+        raise ConfigError(f"method {meth.name!r} does not explain volumes yet ({seen}); methods that do: "
+                          f"{', '.join(volume_methods())}. For a 2-D method, explain slices / frames as "
+                          "(B, C, H, W) images with a 2-D model")
+    on = [k for k, v in unsupported.items() if v]
+    if on:
+        raise ConfigError(f"{', '.join(on)} do(es) not combine with volume inputs yet ({seen}); drop "
+                          f"{'them' if len(on) > 1 else 'it'}")
+
+
+def unflatten_raws(raws: dict[str, Tensor], grids: dict[str, tuple[int, int, int]]) -> dict[str, Tensor]:
+    """Raw maps ``(B, T, d, h*w)`` of each layer -> ``(B, T, d, h, w)`` (``grids``: layer -> ``(d, h, w)``)."""
+    out = {}
+    for name, m in raws.items():
+        d, h, w = grids[name]
+        out[name] = namespace(m).reshape(m, (*m.shape[:-2], d, h, w))
+    return out
+
+
+def _normalize_volume(maps: Tensor, warn: bool = True) -> Tensor:
+    """Min-max of ``(B, T, D, H, W)`` per ``(b, t)`` over the whole volume (read as ``(B, T, D*H, W)``)."""
+    xp = namespace(maps)
+    *lead, D, H, W = maps.shape
+    return xp.reshape(normalize(xp.reshape(maps, (*lead, D * H, W)), warn=warn), maps.shape)
+
+
+def process_volume(raws: list[Tensor], size: Optional[tuple[int, int, int]], *, relu: bool = True,
+                   fuse: str = "mean") -> Tensor:
+    """Raw volume maps ``(B, T, d, h, w)`` of one or more layers -> maps ``(B, T, D, H, W)`` in [0, 1].
+
+    One layer: ReLU → trilinear upsample to ``size`` (``None``: the largest layer's grid) → min-max
+    over each whole volume. Several: each ReLU'd and min-maxed, upsampled, fused (mean / max) and
+    min-maxed again, as :func:`camlens.core.postprocess.process` does for images.
+    """
+    from ..backends.base import ops_for
+
+    if size is None:
+        size = max((tuple(r.shape[-3:]) for r in raws), key=lambda s: s[0] * s[1] * s[2])
+    ops = ops_for(raws[0])
+    if len(raws) == 1:
+        m = relu_maps(raws[0]) if relu else raws[0]
+        return _normalize_volume(ops.resize(m, size))
+    per = [ops.resize(_normalize_volume(relu_maps(r) if relu else r, warn=False), size) for r in raws]
+    return _normalize_volume(fuse_maps(per, fuse))  # type: ignore[arg-type]
+
+
+def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Method, opts: dict, layer: Any,
+                   categories: Categories, top_k: Optional[int], fuse: str, relu: bool, upsample: bool,
+                   eval_mode: bool, combine: str, precision: str, channels_last: Optional[bool], heads: Any,
+                   sign: int, activation: Any, display: Any = None, differentiable: bool = False,
+                   noise_smooth: int = 0, noise_sigma: float = 0.15, seed: int = 0,
+                   **unsupported: bool) -> Explanation:
+    """:func:`camlens.explain` for ``x`` ``(B, C, D, H, W)``: maps ``(B, T, D, H, W)``, raws ``(B, T, d, h, w)``.
+
+    ``differentiable``: as :func:`camlens.explain`'s (maps keep their graph back to the model's
+    parameters and input; the model keeps its own mode and ``requires_grad``). ``noise_smooth``,
+    ``noise_sigma``, ``seed``: SmoothGrad-style averaging of the raw maps over noisy copies of each
+    volume (:func:`camlens.engine.wrappers.noise_smoothed`), as for images.
+    ``unsupported``: option name -> whether it was given (an error names those that were).
+    """
+    check_volume_call(meth, tuple(x.shape), **unsupported)
+    rank = getattr(bk, "input_rank", None)
+    if rank is not None and rank(net) == 4:
+        raise InputError(f"the input has shape {tuple(x.shape)} (B, C, D, H, W), but the model's first spatial "
+                         f"layer is 2-D ({type(net).__name__} takes (B, C, H, W) images); pass images, e.g. the "
+                         "slices / frames x.movedim(2, 1).flatten(0, 1), or a 3-D model")
+    layers = bk.resolve_layers(net, layer if layer is not None else bk.default_layer(net, x))
+    names = [n for n, _ in layers]
+    read = {n: VOLUME for n in names}
+    out_size = tuple(int(s) for s in x.shape[-3:]) if upsample else None
+    with bk.session(net, eval_mode=eval_mode, freeze=not differentiable, restore_buffers=not differentiable):
+        fwd = bk.layout(net, channels_last, precision)
+        p = run_pass(net, x, targets, layers, meth, opts, categories, top_k, combine, fwd, head_keys=heads,
+                     differentiable=differentiable, backend=bk, read=read, sign=sign, activation=activation)
+        result = p.result
+        if noise_smooth:
+            result = noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed, fwd, read=read)
+        grids = {n: lay.grid for n, lay in (p.layouts or {}).items() if lay.kind == "volume"}
+        raws = unflatten_raws(result.raws or {}, grids)
+        with bk.graph(differentiable):
+            maps = process_volume(list(raws.values()), out_size, relu=relu, fuse=fuse)  # type: ignore[arg-type]
+    detach = bk.ops.detach
+    detached = {k: detach(v) for k, v in p.heads.items()}
+    return Explanation(maps=maps, raw=next(iter(raws.values())), raws=raws, scores=p.scores,
+                       probs=Deferred(functools.partial(target_probabilities, p.rows, detached, like=p.scores)),
+                       targets=p.rows, inputs=x if differentiable else detach(x),
+                       heads=p.heads if differentiable else detached, layers=names, method=meth.name,
+                       display=display, components=p.components if combine != "separate" else None,
+                       options=dict(opts))
