@@ -1,6 +1,8 @@
 """Layers in other layouts read as (B, C, h, w): channels-last (Swin) and tokens with prefix tokens
 (ViT, DeiT, register tokens). Grad-CAM agrees with pytorch-grad-cam + its usual reshape_transform."""
 
+import contextlib
+
 import pytest
 import torch
 import torchvision
@@ -248,3 +250,29 @@ def test_patch_grid_from_the_model_on_rectangular_dynamic_inputs():
     assert exp.layers == ["blocks.11.norm1"] and exp.raw.shape == (1, 2, 6, 10)
     hand = camlens.explain(vit, x, targets=[1, 2], reshape=_tokens_to_map((6, 10)))
     assert torch.allclose(exp.raw, hand.raw, atol=1e-6)
+
+
+def test_row_sparse_products_give_the_same_gradients(vit64, monkeypatch):
+    """A class-token head's gradients after the last block's attention live on one token row per image:
+    the backward's large products skip the zero rows (SparseRows), with the same maps as dense ones."""
+    import importlib
+
+    grads_mod = importlib.import_module("camlens.backends.torch.gradients")
+    sparse_mod = importlib.import_module("camlens.backends.torch.sparse")
+    seen = []
+
+    class Counting(sparse_mod.SparseRows):
+        def __exit__(self, *exc):
+            seen.append(self.saved)
+            return super().__exit__(*exc)
+
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    monkeypatch.setattr(sparse_mod, "MIN_ROWS", 8)  # the 64x64 test ViT's products are small
+    monkeypatch.setattr(grads_mod, "SparseRows", Counting)
+    got = camlens.explain(vit64, x, targets=list(range(10)), layer="blocks.11.norm1")
+    assert seen and seen[0] > 0  # rows were skipped
+    monkeypatch.setattr(grads_mod, "SparseRows", contextlib.nullcontext)  # dense products
+    want = camlens.explain(vit64, x, targets=list(range(10)), layer="blocks.11.norm1")
+    assert torch.allclose(got.raw, want.raw, rtol=1e-5, atol=1e-7 * float(want.raw.abs().max()))
+    ref = _pgc(vit64, vit64.blocks[11].norm1, x, [0, 5, 9], _tokens_to_map((4, 4)))
+    assert (got.maps[:, [0, 5, 9]].double() - ref).abs().max() < TOL64

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ...core.errors import LayerRuntimeError
+from .sparse import SparseRows
 
 def _is_vmap_error(err: BaseException) -> bool:
     """An error from vmap's batching of the backward (an op without a batching rule)."""
@@ -32,6 +34,9 @@ def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str]
     Uses ``grad_outputs = e_t`` (one-hot over T, broadcast over B) batched with vmap; since
     images are independent, summing over B in the vector-Jacobian product is exact. One score
     (B = T = 1) takes autograd's implicit ones, as a hand-written ``autograd.grad(score, act)`` does.
+    For token layers ``(B, N, C)`` the backward's large matrix products skip their zero rows
+    (:class:`~camlens.backends.torch.sparse.SparseRows`: a class-token head's gradient lives on one
+    token per image after the last block's attention).
     """
     if not scores.requires_grad:
         raise LayerRuntimeError("the explained scores do not depend on any captured layer through autograd "
@@ -40,11 +45,14 @@ def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str]
     if T > 1:
         eye = torch.eye(T, dtype=scores.dtype, device=scores.device)[:, None, :].expand(T, B, T)
     batched = T > 1  # vmap's grads come (T, B, ...)
+    # token layers (B, N, C): the products behind a class-token head are row-sparse (see .sparse)
+    sparse = SparseRows() if not create_graph and T * B > 1 and any(a.ndim == 3 for a in acts) else None
     try:
         # retain_graph when batched: if vmap fails half-way, the per-target fallback needs the graph
-        grads = torch.autograd.grad(scores, list(acts), grad_outputs=eye if T > 1 else None if B == 1 else torch.ones_like(scores),
-                                    is_grads_batched=T > 1, allow_unused=True,
-                                    retain_graph=T > 1 or create_graph, create_graph=create_graph)
+        with sparse if sparse is not None else contextlib.nullcontext():
+            grads = torch.autograd.grad(scores, list(acts), grad_outputs=eye if T > 1 else None if B == 1 else torch.ones_like(scores),
+                                        is_grads_batched=T > 1, allow_unused=True,
+                                        retain_graph=T > 1 or create_graph, create_graph=create_graph)
         if T == 1:  # (B, ...) -> (B, 1, ...)
             grads = [None if g is None else g.unsqueeze(1) for g in grads]
     except RuntimeError as err:  # an op without a vmap rule: fall back to a loop over targets
