@@ -158,8 +158,7 @@ def test_map_mass_lies_in_the_sub_volume_the_score_reads(method):
     assert inside > 0.999, inside.item()
 
 
-@pytest.mark.parametrize("method", ["scorecam", "ablationcam", "occlusion", "guided_backprop", "attention_rollout",
-                                    "random"])
+@pytest.mark.parametrize("method", ["ablationcam", "occlusion", "guided_backprop", "attention_rollout", "random"])
 def test_methods_without_volume_support_are_refused_clearly(med, method):
     if method not in camlens.methods.available_methods():
         pytest.skip(f"{method} not registered")
@@ -202,7 +201,7 @@ def test_model_state_restored(med):
     assert [len(m._forward_hooks) for m in med.modules()] == hooks
     assert all(torch.equal(before[k], v) for k, v in med.state_dict().items())
     with pytest.raises(ConfigError):  # also after an error
-        camlens.explain(med, _vol(1), method="scorecam")
+        camlens.explain(med, _vol(1), method="ablationcam")
     assert med.training and not med.features[0].weight.requires_grad
 
 
@@ -371,3 +370,35 @@ def test_a_volume_for_a_2d_model_is_a_clear_error():
 
     with pytest.raises(InputError, match=r"first spatial layer is 2-D.*slices"):
         camlens.explain(_tiny2d(), torch.randn(1, 3, 4, 16, 16))
+
+
+def test_scorecam_on_volumes_equals_the_formula(med):
+    """Score-CAM on a volume: each channel of the (C, d, h, w) layer upsampled TRILINEARLY with
+    align_corners=True to (D, H, W), min-maxed (eps 1e-8), masking the input; softmax over the channels
+    of the target's scores on the masked inputs; raw = sum_c w_c A_c. By hand, channel by channel."""
+    x = _vol(2)
+    cls = [1, 2]
+    exp = camlens.explain(med, x, targets=[[1], [2]], method="scorecam", layer="features.8", batch_size=3)
+    assert exp.raw.shape == (2, 1, 8, 16, 16) and exp.maps.shape == (2, 1, 16, 32, 32)
+    a, _ = _acts_grads(med, med.features[8], x, cls)
+    for b in range(2):
+        up = F.interpolate(a[b:b + 1], size=x.shape[-3:], mode="trilinear", align_corners=True)[0]  # (C, D, H, W)
+        flat = up.flatten(1)
+        masks = (up - flat.min(1).values[:, None, None, None]) / (
+            flat.max(1).values - flat.min(1).values + 1e-8)[:, None, None, None]
+        with torch.no_grad():
+            s = torch.stack([med(x[b:b + 1] * m[None, None])[0, cls[b]] for m in masks])  # (C,)
+        w = torch.softmax(s, 0)
+        ref = (w[:, None, None, None] * a[b]).sum(0)
+        assert torch.allclose(exp.raw[b, 0].double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())), b
+
+
+@pytest.mark.parametrize("size", [(16, 32, 32), (3, 2, 5)])
+def test_corner_aligned_trilinear_resize_numpy_and_torch(size):
+    """Score-CAM's masks: trilinear with align_corners=True, NumPy (separable) = torch = F.interpolate."""
+    from camlens.backends.torch.ops import TorchOps
+
+    m = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    want = F.interpolate(m[None], size=size, mode="trilinear", align_corners=True)[0]
+    assert np.abs(NumpyOps().resize_corners(m.numpy(), size) - want.numpy()).max() < 1e-12
+    assert (TorchOps().resize_corners(m, size) - want).abs().max() < 1e-12

@@ -137,9 +137,13 @@ class NumpyOps:
         return x
 
     def resize_corners(self, maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """Bilinear with ``align_corners=True`` (:func:`camlens.backends.base.corner_matrix`), separable."""
+        """Bilinear with ``align_corners=True`` (:func:`camlens.backends.base.corner_matrix`), separable;
+        a 3-entry ``size``: trilinear on ``(..., d, h, w)``."""
         m = np.asarray(maps)
         dt = m.dtype if m.dtype in (np.float32, np.float64) else np.float32
+        if len(size) == 3:
+            rd, ry, rx = (corner_matrix(n, int(N)).astype(dt) for n, N in zip(m.shape[-3:], size))
+            return np.einsum("Dd,Hh,Ww,...dhw->...DHW", rd, ry, rx, m.astype(dt, copy=False), optimize=True)
         ry = corner_matrix(m.shape[-2], int(size[0])).astype(dt)
         rx = corner_matrix(m.shape[-1], int(size[1])).astype(dt)
         return ry @ m.astype(dt, copy=False) @ rx.T

@@ -13,6 +13,9 @@ The masked inputs depend on the channel only, never on the target: one batch of 
 forwards gives the scores of all T targets of image b. Masked inputs are built chunk by chunk
 (``batch_size x 3 x H x W``); nothing of size ``C x 3 x H x W`` is ever held.
 
+Volumes and clips (inputs ``(1, 3, D, H, W)``, layer maps ``(C, d, h, w)``): the same with
+trilinear upsampling (``align_corners=True``) to ``(D, H, W)``.
+
 Exact shortcut: a channel whose upsampled map is constant (e.g. a dead, all-zero channel) gets
 the mask 0 (``0 / (0 + 1e-8)``), i.e. the all-zero input, whichever channel it is. Its score is
 computed once per image and shared, so a layer with many dead channels costs fewer forwards with
@@ -56,8 +59,9 @@ def channel_masks(acts: Tensor, size: tuple[int, int], ops: Any = None) -> Tenso
     ops = ops_for(acts) if ops is None else ops
     up = ops.resize_corners(xp.astype(acts, xp.float32, copy=False), size)  # (k, H, W)
     flat = xp.reshape(up, (up.shape[0], -1))
-    lo = xp.min(flat, axis=1)[:, None, None]
-    hi = xp.max(flat, axis=1)[:, None, None]
+    one = (up.shape[0],) + (1,) * (up.ndim - 1)  # (k, 1, 1) or, for volumes, (k, 1, 1, 1)
+    lo = xp.reshape(xp.min(flat, axis=1), one)
+    hi = xp.reshape(xp.max(flat, axis=1), one)
     return (up - lo) / (hi - lo + MASK_EPS)
 
 
@@ -69,7 +73,7 @@ def _scatter(xp: Any, C: int, idx: Tensor, values: Tensor, dev: Any) -> Tensor:
 
 
 def scorecam_image(ctx: MethodContext, acts: Tensor, b: int, batch_size: int = 64,
-                   max_channels: Optional[int] = None) -> Tensor:
+                   max_channels: Optional[int] = None, grid: Optional[tuple[int, int, int]] = None) -> Tensor:
     """Raw Score-CAM maps of image ``b`` for one layer: acts ``(C, h, w)`` -> ``(T, h, w)``.
 
     Runs ``ceil(K / batch_size)`` forwards through ``ctx.runner.scores``, K = number of scored
@@ -82,6 +86,10 @@ def scorecam_image(ctx: MethodContext, acts: Tensor, b: int, batch_size: int = 6
     size = (int(x_b.shape[-2]), int(x_b.shape[-1]))
     C, h, w = acts.shape
     flat = xp.reshape(acts, (C, h * w))
+    spatial = acts  # what the masks upsample: (C, h, w), or a volume's (C, d, h', w') (acts: (C, d, h'*w'))
+    if grid is not None:
+        spatial = xp.reshape(acts, (C, *grid))
+        size = tuple(int(v) for v in x_b.shape[-3:])  # type: ignore[assignment]
     dev = array_api_compat.device(acts)
 
     # the channels that take part in the softmax
@@ -97,7 +105,7 @@ def scorecam_image(ctx: MethodContext, acts: Tensor, b: int, batch_size: int = 6
     zero_mask = xp.zeros(C, dtype=xp.bool, device=dev)
     for i in range(0, candidates.shape[0], batch_size):
         idx = candidates[i:i + batch_size]
-        m = channel_masks(xp.take(acts, idx, axis=0), size, ops)
+        m = channel_masks(xp.take(spatial, idx, axis=0), size, ops)
         zero_mask = zero_mask | _scatter(xp, C, idx, xp.max(xp.reshape(m, (m.shape[0], -1)), axis=1) == 0, dev)
     scored_mask = selected & ~zero_mask
     scored = xp.nonzero(scored_mask)[0]  # one sync
@@ -108,7 +116,7 @@ def scorecam_image(ctx: MethodContext, acts: Tensor, b: int, batch_size: int = 6
     def chunks() -> Iterator[Tensor]:
         for i in range(0, n_rows, batch_size):
             idx = scored[i:min(i + batch_size, K)]
-            parts = [x_b * xp.astype(channel_masks(xp.take(acts, idx, axis=0), size, ops)[:, None], x_b.dtype,
+            parts = [x_b * xp.astype(channel_masks(xp.take(spatial, idx, axis=0), size, ops)[:, None], x_b.dtype,
                                      copy=False)] if idx.shape[0] else []
             if need_zero and i + batch_size >= n_rows:
                 parts.append(xp.zeros_like(x_b))
@@ -134,7 +142,10 @@ class ScoreCam(Method):
         raws = {}
         for name in ctx.layers:
             a = ctx.spatial_acts(name, "Score-CAM")
-            raws[name] = namespace(a).stack([scorecam_image(ctx, a[b], b, bs, max_ch) for b in range(a.shape[0])])
+            lay = ctx.layouts.get(name)
+            grid = tuple(lay.grid) if lay is not None and lay.kind == "volume" else None  # masks are 3-D
+            raws[name] = namespace(a).stack([scorecam_image(ctx, a[b], b, bs, max_ch, grid)
+                                             for b in range(a.shape[0])])
         return MethodOutput(raws=raws)
 
 
@@ -144,6 +155,7 @@ SCORECAM = register(ScoreCam(
     cost="1 forward + C masked forwards per image and layer, batched; all targets share them "
          "(max_channels=N: N forwards)",
     needs_grads=False,
+    volumes=True,
     options={"batch_size": Option(32, positive_int, "masked inputs per forward"),
              "max_channels": Option(None, optional(positive_int, "all channels"),
                                     "score only the N channels of highest activation variance")},

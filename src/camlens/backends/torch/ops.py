@@ -159,7 +159,12 @@ class TorchOps:
     # --- for methods/
     def resize_corners(self, maps: Tensor, size: tuple[int, int]) -> Tensor:
         """``F.interpolate(..., mode="bilinear", align_corners=True)`` on the maps as channels of one
-        image ``(1, N, h, w)``."""
+        image ``(1, N, h, w)``; a 3-entry ``size``: ``mode="trilinear"`` on ``(..., d, h, w)`` maps."""
+        if len(size) == 3:
+            *lead, d, h, w = maps.shape
+            size3 = tuple(int(v) for v in size)
+            out = F.interpolate(maps.reshape(1, -1, d, h, w), size=size3, mode="trilinear", align_corners=True)
+            return out.reshape(*lead, *size3)
         *lead, h, w = maps.shape
         size = (int(size[0]), int(size[1]))
         out = F.interpolate(maps.reshape(1, -1, h, w), size=size, mode="bilinear", align_corners=True)
