@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
 from ..backends.base import get_backend
 from ..core.errors import ConfigError
-from ..core.explanation import Deferred, Explanation
+from ..core.explanation import Explanation
 from ..core.layouts import layer_reads
-from ..core.targets import Categories, target_probabilities
+from ..core.targets import Categories
 from ..methods import Method, get_method
 from .finish import finish, finish_maps
-from .passes import match_dtype, outside_inference_mode, prepare, run_pass
+from .passes import match_dtype, outside_inference_mode, pass_explanation, prepare, run_pass
 from .tiling import check_tiling, explain_tiled
 from .volumes import explain_volume
 from .wrappers import aug_smoothed, noise_smoothed
@@ -203,13 +202,5 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
         maps = finish_maps(result, out_size, relu, fuse) if differentiable else finish(result, out_size, relu, fuse)
         if aug_smooth:
             maps = aug_smoothed(net, x, p, layers, meth, opts, maps, out_size, relu, fuse, fwd, read=read)
-    raws = result.raws or {}
-    detach = bk.ops.detach
-    detached = {k: detach(v) for k, v in p.heads.items()}
-    first = next(iter(raws.values())) if raws else result.saliency
-    return Explanation(maps=maps, raw=first, raws=dict(raws), scores=p.scores,
-                       probs=Deferred(functools.partial(target_probabilities, p.rows, detached, like=p.scores)), targets=p.rows,
-                       inputs=x if differentiable else detach(x), heads=p.heads if differentiable else detached,
-                       layers=names, method=meth.name, display=display, pixel=result.pixel,
-                       components=p.components if combine != "separate" else None, options=dict(opts))
-
+    return pass_explanation(p, maps, result.raws or {}, x, names, meth, opts, display, combine, differentiable, bk,
+                            saliency=result.saliency, pixel=result.pixel)

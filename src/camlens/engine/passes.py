@@ -18,14 +18,16 @@ from ..backends.base import Backend, get_backend, namespace, ops_for
 from ..core.errors import CamlensError, InputError, NonFiniteScoresError, TargetError
 from ..core.activations import model_activation
 from ..core.layouts import from_map, to_map
+from ..core.explanation import Deferred, Explanation
 from ..core.postprocess import as_float, to_float32
-from ..core.targets import Categories, ResolvedTarget, combine_targets, is_framework_array, resolve_targets, split_outputs
+from ..core.targets import (Categories, ResolvedTarget, combine_targets, is_framework_array, resolve_targets,
+                           split_outputs, target_probabilities)
 from ..methods import Method, MethodContext, MethodOutput
 
 Tensor = Any  # an array of the model's backend
 
 __all__ = ["is_loaded", "unwrap_model", "prepare", "outside_inference_mode", "match_dtype", "check_scores",
-           "class_scores", "target_scores", "Pass", "run_pass"]
+           "class_scores", "target_scores", "Pass", "run_pass", "pass_explanation"]
 
 
 def is_loaded(model: Any) -> bool:
@@ -288,3 +290,20 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
             raise RuntimeError(f"method {meth.name!r} returned maps {tuple(m.shape)} for {key!r}, but the input "
                                f"has a batch of {x.shape[0]}: its leading dimension must be the batch")
     return Pass(result, scores, rows, heads, components, layouts)
+
+
+def pass_explanation(p: Pass, maps: Tensor, raws: dict, x: Tensor, names: list, meth: Method, opts: dict,
+                     display: Any, combine: str, differentiable: bool, bk: Backend, saliency: Optional[Tensor] = None,
+                     pixel: Optional[Tensor] = None) -> Explanation:
+    """The :class:`~camlens.Explanation` of one pass with its finished ``maps`` and raw maps ``raws``
+    (``exp.raw``: the first layer's, else ``saliency``), for images and volumes alike. Heads and
+    inputs are detached unless ``differentiable``; ``probs`` are computed on first access."""
+    detach = bk.ops.detach
+    detached = {k: detach(v) for k, v in p.heads.items()}
+    first = next(iter(raws.values())) if raws else saliency
+    return Explanation(maps=maps, raw=first, raws=dict(raws), scores=p.scores,
+                       probs=Deferred(functools.partial(target_probabilities, p.rows, detached, like=p.scores)),
+                       targets=p.rows, inputs=x if differentiable else detach(x),
+                       heads=p.heads if differentiable else detached, layers=names, method=meth.name,
+                       display=display, pixel=pixel, components=p.components if combine != "separate" else None,
+                       options=dict(opts))

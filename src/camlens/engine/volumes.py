@@ -16,17 +16,16 @@ with an error naming what works.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 from ..backends.base import Backend, MapLayout, get_backend, namespace
 from ..core.errors import ConfigError, InputError
-from ..core.explanation import Deferred, Explanation
+from ..core.explanation import Explanation
 from ..core.postprocess import fuse as fuse_maps
 from ..core.postprocess import normalize, relu as relu_maps
-from ..core.targets import Categories, target_probabilities
+from ..core.targets import Categories
 from ..methods import Method, available_methods
-from .passes import run_pass
+from .passes import pass_explanation, run_pass
 from .wrappers import noise_smoothed
 
 Tensor = Any  # an array of the model's backend
@@ -132,11 +131,4 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
         raws = unflatten_raws(result.raws or {}, grids)
         with bk.graph(differentiable):
             maps = process_volume(list(raws.values()), out_size, relu=relu, fuse=fuse)  # type: ignore[arg-type]
-    detach = bk.ops.detach
-    detached = {k: detach(v) for k, v in p.heads.items()}
-    return Explanation(maps=maps, raw=next(iter(raws.values())), raws=raws, scores=p.scores,
-                       probs=Deferred(functools.partial(target_probabilities, p.rows, detached, like=p.scores)),
-                       targets=p.rows, inputs=x if differentiable else detach(x),
-                       heads=p.heads if differentiable else detached, layers=names, method=meth.name,
-                       display=display, components=p.components if combine != "separate" else None,
-                       options=dict(opts))
+    return pass_explanation(p, maps, raws, x, names, meth, opts, display, combine, differentiable, bk)
