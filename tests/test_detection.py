@@ -455,3 +455,29 @@ def test_nested_outputs_keep_their_top_level_tensor_heads():
     assert aux.scores[:, 0].tolist() == pytest.approx(net(x)[1]["aux"][0].tolist(), rel=1e-5)
     with pytest.raises(TargetError, match=r"no output head 'aux'.*a tuple.*callable"):
         camlens.explain(net, x, "aux:0", layer="body")
+
+
+def test_evaluate_scores_a_detection_map_by_the_matched_detection_score(quad, xq):
+    """camlens.evaluate on a detector: the 'probability' of a box target is the score of the detection
+    matched again on each perturbed input (detectors give scores as probabilities). Average Drop of the
+    quadrant's own mask and of its complement equals the formula on the model's detections by hand."""
+    box = QUADS[1]
+    target = camlens.Target.box(box, cls=2)
+    inside = torch.zeros(2, 1, S, S)
+    inside[:, :, 0:16, 16:32] = 1.0
+    maps = torch.cat([inside, 1 - inside], dim=1)  # (B, 2, H, W): the quadrant, and everything else
+    scores = camlens.evaluate(quad, xq, maps, metrics=["average_drop", "deletion"], targets=[target, target])
+
+    def matched(x):  # the class-2 detection on the quadrant's box, per image
+        out = _dets(quad, x)
+        return torch.stack([d["scores"][[i for i, (bx, lb) in enumerate(zip(d["boxes"].tolist(), d["labels"].tolist()))
+                                         if tuple(bx) == box and lb == 2][0]] for d in out])
+
+    Y = matched(xq)
+    for t in range(2):
+        O = matched(xq * maps[:, t:t + 1])
+        want = (Y - O).clamp_min(0) / Y * 100
+        assert scores["average_drop"][:, t].tolist() == pytest.approx(want.tolist(), abs=1e-4)
+    # the quadrant's own mask keeps the detection (only the 1-pixel rim changes); its complement does not
+    assert (scores["average_drop"][:, 0] < scores["average_drop"][:, 1]).all()
+    assert (scores["deletion"][:, 0] < scores["deletion"][:, 1]).all()

@@ -93,7 +93,7 @@ def test_cli_lists_methods_and_metrics():
     ("scorecam", {"max_channels": 2.5}, ConfigError, r"max_channels must be a positive int or None \(all channels\)"),
     ("ablationcam", {"ratio": 1.5}, ConfigError, r"ablationcam ratio must be a number in \(0, 1\], got 1.5"),
     ("ablationcam", {"ablation_value": "x"}, ConfigError, "ablation_value must be a number or None"),
-    ("occlusion", {"patch": (4, 0)}, TypeError, r"occlusion patch must be a positive int or a pair \(h, w\)"),
+    ("occlusion", {"patch": (4, 0)}, TypeError, r"occlusion patch must be a positive int, or \(h, w\) / \(d, h, w\)"),
     ("occlusion", {"baseline": "mean"}, ConfigError, "a number, a tensor or 'blur'"),
     ("occlusion", {"blur_sigma": -1}, ConfigError, "blur_sigma must be a number > 0"),
     ("guided_backprop", {"clip": 0}, ConfigError, r"clip must be a number in \(0, 1\], got 0 \(a quantile"),

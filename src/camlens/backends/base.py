@@ -80,7 +80,8 @@ class Ops(Protocol):
     def resize(self, maps: Any, size: tuple[int, int], mode: str = "bilinear") -> Any:
         """``(..., h, w) -> (..., H, W)``; bilinear with ``align_corners=False`` (half-pixel centres).
         A 3-entry ``size`` ``(D, H, W)`` resizes volumes ``(..., d, h, w)`` trilinearly (the same
-        convention along each axis, as ``F.interpolate(mode="trilinear")``; ``mode`` is ignored)."""
+        convention along each axis, as ``F.interpolate(mode="trilinear")``), or with ``mode="nearest"``
+        as ``F.interpolate(mode="nearest")`` (source index ``floor(i * d / D)``); other modes: trilinear."""
 
     def resize_matrices(self, h: int, w: int, H: int, W: int, like: Any) -> tuple[Any, Any]:
         """``(Ry (H, h), Rx^T (w, W))`` in ``like``'s dtype and device (read-only, cached): a bilinear

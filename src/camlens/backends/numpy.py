@@ -32,6 +32,11 @@ class NumpyOps:
         if len(size) == 3:  # volumes (..., d, h, w): trilinear, separable along each axis
             m = maps if maps.dtype in (np.float32, np.float64) else maps.astype(np.float32)
             d, h, w = m.shape[-3:]
+            if mode == "nearest":  # torch's "nearest": source index floor(i * n / N), along each axis
+                for ax, (n, N) in enumerate(zip((d, h, w), size)):
+                    m = np.take(m, np.minimum((np.arange(int(N)) * (n / int(N))).astype(np.int64), n - 1),
+                                axis=m.ndim - 3 + ax)
+                return m
             rd, ry, rx = (bilinear_matrix(n, int(N)).astype(m.dtype) for n, N in zip((d, h, w), size))
             return np.einsum("Dd,Hh,Ww,...dhw->...DHW", rd, ry, rx, m, optimize=True)
         if mode != "bilinear":

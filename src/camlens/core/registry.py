@@ -25,7 +25,8 @@ from typing import Any, Callable, Generic, Optional, TypeVar
 from .errors import ConfigError, ConfigTypeError
 
 __all__ = ["Registry", "normalise_name", "Option", "check_options", "defaults", "positive_int", "positive_number",
-           "number", "fraction", "one_of", "optional", "int_or_pair"]
+           "number", "fraction", "one_of", "optional", "int_or_pair",
+           "int_or_sides"]
 
 T = TypeVar("T")
 
@@ -165,6 +166,13 @@ def int_or_pair(v: Any) -> Optional[str]:
     vals = (v, v) if _is_int(v) else tuple(v) if isinstance(v, (tuple, list)) else ()
     ok = len(vals) == 2 and all(_is_int(a) and a > 0 for a in vals)
     return None if ok else "a positive int or a pair (h, w) of them"
+
+
+def int_or_sides(v: Any) -> Optional[str]:
+    """A positive int, or a tuple of 2 (``(h, w)``: images) or 3 (``(d, h, w)``: volumes) of them."""
+    vals = (v,) if _is_int(v) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    ok = len(vals) in (1, 2, 3) and (len(vals) > 1 or _is_int(v)) and all(_is_int(a) and a > 0 for a in vals)
+    return None if ok else "a positive int, or (h, w) / (d, h, w) of them"
 
 
 def defaults(options: Mapping[str, Any]) -> dict[str, Any]:

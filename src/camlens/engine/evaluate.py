@@ -71,9 +71,10 @@ def _probability(tg: ResolvedTarget, heads: Mapping, output: Any) -> Tensor:
     """Probability of ``tg``'s class on its head under the head's activation (softmax by default,
     sigmoid for multi-label heads: :mod:`camlens.core.activations`), ``(N,)``; ``1 - p`` for a
     ``sign=-1`` target (what it explains is less of the class: for sigmoid ``sigmoid(-z)``); the
-    explained raw score for targets without a probability (score functions, regions, values)."""
-    h = heads[tg.head]
+    explained raw score for targets without a probability (score functions, regions, values; a
+    detection's score, which detectors already give as a probability)."""
     if tg.fn is None:
+        h = heads[tg.head]
         p = activate(tg.activation or default_activation(h), h)
         c = 0 if tg.cls is None else tg.cls
         if p is not None and 0 <= c < p.shape[1]:

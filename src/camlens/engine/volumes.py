@@ -1,16 +1,18 @@
 """Volumes and video clips: inputs ``(B, C, D, H, W)`` (3-D medical volumes, or clips whose T frames
-are the D axis) explained by the layer methods that only reduce over all positions of a map or work
-position by position (Grad-CAM, Grad-CAM++, XGrad-CAM, HiResCAM, LayerCAM, Eigen-CAM, Eigen-Grad-CAM,
-CAM: those that declare ``volumes=True``).
+are the D axis), explained by the methods that declare ``volumes=True``.
 
 How: the layer's 3-D map ``(B, C, d, h, w)`` is read as ``(B, C, d, h*w)``
-(:class:`~camlens.backends.base.MapLayout` kind ``"volume"``), so every such method's maths is the
-volume's own (a mean or sum over ``d*h*w`` positions, or element-wise); its raw maps
-``(B, T, d, h*w)`` are read back as ``(B, T, d, h, w)``, then ReLU → trilinear upsampling to
-``(D, H, W)`` (``align_corners=False``, as ``F.interpolate(mode="trilinear")``) → min-max per map
-over the whole volume. ``differentiable=True`` and ``noise_smooth=`` work as for images. Methods that
-perturb or tile the input in 2-D (Score-CAM, Ablation-CAM, occlusion, guided backprop, attention
-methods, D-RISE, the baselines), and ``tile=``, ``aug_smooth=``, ``layout=``, ``reshape=``, are refused
+(:class:`~camlens.backends.base.MapLayout` kind ``"volume"``), so the maths of every method that only
+reduces over all positions of a map or works position by position (the Grad-CAM family, Eigen-CAM,
+CAM, Score-CAM, the random baseline) is the volume's own; its raw maps ``(B, T, d, h*w)`` are read back
+as ``(B, T, d, h, w)``, then ReLU → trilinear upsampling to ``(D, H, W)`` (``align_corners=False``, as
+``F.interpolate(mode="trilinear")``) → min-max per map over the whole volume. Ablation-CAM feeds its
+ablated copies back into the layer as ``(k, C, d, h, w)``. Methods with maps at input resolution
+(occlusion with 3-D boxes, guided backprop, Guided Grad-CAM, the centre prior) give saliency
+``(B, T, D, H, W)``: ReLU → capped at a quantile of the whole volume → min-max per volume
+(:func:`finish_saliency_volume`). ``differentiable=True``, ``noise_smooth=`` and ``aug_smooth=`` (H, W
+flipped and rescaled, D kept) work as for images. Attention methods, D-RISE, ``tile=``, ``layout=`` and
+``reshape=`` are refused
 with an error naming what works.
 """
 
@@ -22,15 +24,16 @@ from ..backends.base import Backend, MapLayout, get_backend, namespace
 from ..core.errors import ConfigError, InputError
 from ..core.explanation import Explanation
 from ..core.postprocess import fuse as fuse_maps
-from ..core.postprocess import normalize, relu as relu_maps
+from ..core.postprocess import clip_quantile, normalize, relu as relu_maps, to_float32
 from ..core.targets import Categories
-from ..methods import Method, available_methods
+from ..methods import Method, MethodOutput, available_methods
 from .passes import pass_explanation, run_pass
-from .wrappers import noise_smoothed
+from .wrappers import aug_smoothed, noise_smoothed
 
 Tensor = Any  # an array of the model's backend
 
-__all__ = ["takes_volumes", "volume_methods", "check_volume_call", "unflatten_raws", "process_volume", "explain_volume"]
+__all__ = ["takes_volumes", "volume_methods", "check_volume_call", "unflatten_raws", "process_volume", "finish_saliency_volume",
+           "explain_volume"]
 
 VOLUME = MapLayout("volume")
 
@@ -96,11 +99,22 @@ def process_volume(raws: list[Tensor], size: Optional[tuple[int, int, int]], *, 
     return _normalize_volume(fuse_maps(per, fuse))  # type: ignore[arg-type]
 
 
+def finish_saliency_volume(sal: Tensor, relu: bool = True, clip: float = 1.0) -> Tensor:
+    """Saliency volumes ``(B, T, D, H, W)`` at input resolution (occlusion, guided backprop) -> maps in
+    [0, 1]: ReLU (optional) → capped at the ``clip`` quantile of each whole volume → min-max per volume,
+    as :func:`camlens.engine.finish.finish` does for images."""
+    xp = namespace(sal)
+    *lead, D, H, W = sal.shape
+    flat = xp.reshape(to_float32(sal), (*lead, D * H, W))  # per volume: quantile and min-max over all voxels
+    flat = clip_quantile(xp.clip(flat, min=0) if relu else flat, clip)
+    return xp.reshape(normalize(flat), sal.shape)
+
+
 def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Method, opts: dict, layer: Any,
                    categories: Categories, top_k: Optional[int], fuse: str, relu: bool, upsample: bool,
                    eval_mode: bool, combine: str, precision: str, channels_last: Optional[bool], heads: Any,
                    sign: int, activation: Any, display: Any = None, differentiable: bool = False,
-                   noise_smooth: int = 0, noise_sigma: float = 0.15, seed: int = 0,
+                   noise_smooth: int = 0, noise_sigma: float = 0.15, seed: int = 0, aug_smooth: bool = False,
                    **unsupported: bool) -> Explanation:
     """:func:`camlens.explain` for ``x`` ``(B, C, D, H, W)``: maps ``(B, T, D, H, W)``, raws ``(B, T, d, h, w)``.
 
@@ -116,7 +130,10 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
         raise InputError(f"the input has shape {tuple(x.shape)} (B, C, D, H, W), but the model's first spatial "
                          f"layer is 2-D ({type(net).__name__} takes (B, C, H, W) images); pass images, e.g. the "
                          "slices / frames x.movedim(2, 1).flatten(0, 1), or a 3-D model")
-    layers = bk.resolve_layers(net, layer if layer is not None else bk.default_layer(net, x))
+    if meth.needs_layer:
+        layers = bk.resolve_layers(net, layer if layer is not None else bk.default_layer(net, x))
+    else:
+        layers = []
     names = [n for n, _ in layers]
     read = {n: VOLUME for n in names}
     out_size = tuple(int(s) for s in x.shape[-3:]) if upsample else None
@@ -127,8 +144,23 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
         result = p.result
         if noise_smooth:
             result = noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed, fwd, read=read)
-        grids = {n: lay.grid for n, lay in (p.layouts or {}).items() if lay.kind == "volume"}
-        raws = unflatten_raws(result.raws or {}, grids)
-        with bk.graph(differentiable):
-            maps = process_volume(list(raws.values()), out_size, relu=relu, fuse=fuse)  # type: ignore[arg-type]
-    return pass_explanation(p, maps, raws, x, names, meth, opts, display, combine, differentiable, bk)
+
+        def finished(res: MethodOutput, size: Optional[tuple[int, int, int]], layouts: Optional[dict]
+                     ) -> tuple[Tensor, dict]:  # raws (B, T, d, h*w) on the pass's grids -> maps, raws
+            grids = {n: lay.grid for n, lay in (layouts or {}).items() if lay.kind == "volume"}
+            raws = unflatten_raws(res.raws or {}, grids)
+            with bk.graph(differentiable):
+                if raws:
+                    return process_volume(list(raws.values()), size, relu=relu, fuse=fuse), raws
+                return finish_saliency_volume(res.saliency, relu, res.clip), raws
+
+        maps, raws = finished(result, out_size, p.layouts)
+        if aug_smooth:
+            def maps_of(xa: Tensor) -> Tensor:  # one pass on an augmented batch, maps at its own size
+                q = run_pass(net, xa, p.rows, layers, meth, opts, None, None, layout=fwd, read=read)
+                return finished(q.result, tuple(int(s) for s in xa.shape[-3:]) if upsample else None, q.layouts)[0]
+
+            maps = aug_smoothed(net, x, p, layers, meth, opts, maps, out_size, relu, fuse, fwd, maps_of=maps_of,
+                                read=read, norm=_normalize_volume)
+    return pass_explanation(p, maps, raws, x, names, meth, opts, display, combine, differentiable, bk,
+                            saliency=result.saliency, pixel=result.pixel)

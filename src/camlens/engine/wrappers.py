@@ -48,13 +48,18 @@ AUG_SCALES = (1.0, 1.1, 0.9)
 
 def aug_smoothed(net: Any, x: Tensor, p: Pass, layers: list, meth: Method, opts: dict, maps: Tensor,
                   size: Optional[tuple[int, int]], relu: bool, fuse: str, layout: Optional[Any] = None,
-                  maps_of: Optional[Any] = None, read: Optional[dict] = None) -> Tensor:
+                  maps_of: Optional[Any] = None, read: Optional[dict] = None,
+                  norm: Optional[Any] = None) -> Tensor:
     """Test-time augmentation: maps of horizontally flipped and rescaled (x1.1, x0.9) inputs, each
     mapped back in place (resized back, flipped back), averaged with the plain maps and min-maxed.
 
     ``maps_of(xa) -> (B, T, h, w)`` computes the maps of an augmented batch (default: one pass and
-    :func:`finish`; tiling passes its own tiled explanation, so the two compose)."""
+    :func:`finish`; tiling passes its own tiled explanation, so the two compose). Volumes / clips
+    ``(B, C, D, H, W)`` (maps ``(B, T, D, H, W)``): only H and W are flipped and rescaled (the
+    depth / time axis is kept), ``maps_of`` gives volume maps and ``norm`` min-maxes whole volumes
+    (default: :func:`camlens.core.postprocess.normalize`, per ``(H, W)`` map)."""
     H, W = maps.shape[-2:]
+    full = tuple(int(s) for s in maps.shape[2:])  # (H, W) or (D, H, W)
     xp, ops = namespace(x), ops_for(x)
     total = xp.asarray(maps, copy=True)
     count = 1
@@ -65,13 +70,13 @@ def aug_smoothed(net: Any, x: Tensor, p: Pass, layers: list, meth: Method, opts:
             xa = xp.flip(x, axis=-1) if flip else x
             if scale != 1.0:
                 hw = (max(8, round(x.shape[-2] * scale)), max(8, round(x.shape[-1] * scale)))
-                xa = ops.resize(xa, hw)
+                xa = ops.resize(xa, (*x.shape[2:-2], *hw))  # volumes: (D, h', w'), D unchanged
             if maps_of is not None:
                 m = maps_of(xa)
             else:
                 q = run_pass(net, xa, p.rows, layers, meth, opts, None, None, layout=layout, read=read).result
                 m = finish(q, tuple(xa.shape[-2:]) if size is not None else None, relu, fuse)
-            m = ops.resize(m, (H, W)) if tuple(m.shape[-2:]) != (H, W) else m
+            m = ops.resize(m, full) if tuple(m.shape[2:]) != full else m
             total = total + (xp.flip(m, axis=-1) if flip else m)
             count += 1
-    return normalize(total / count, warn=False)
+    return (normalize if norm is None else norm)(total / count, warn=False)

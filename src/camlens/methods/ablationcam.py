@@ -26,6 +26,10 @@ Conventions of pytorch-grad-cam's ``AblationLayer``:
   ranking are broken by channel index; pytorch-grad-cam uses numpy's unstable sort, so with equal
   scores at the cut (common on 2 x 2 maps) the two may ablate different channels.
 
+Volumes and clips: a 3-D layer ``(C, d, h, w)`` is read as ``(C, d, h*w)``; the ablated copies go
+back into the layer as ``(k, C, d, h, w)`` (:func:`camlens.core.layouts.from_map`), and ``raw[b, t]`` is
+``(T, d, h, w)``. The principal-component ranking of ``ratio < 1`` is over all ``d*h*w`` positions.
+
 Exact shortcut: an all-zero channel adds ``w * 0`` to the map whatever its weight, so it is not
 ablated (no forward; weight 0). When ``S[b, t] == 0`` the division is skipped
 (``w = S - S_c``) instead of returning inf / NaN.
@@ -148,6 +152,7 @@ ABLATIONCAM = register(AblationCam(
     cost="1 forward + C forwards from the layer on per image and layer, batched; all targets share them "
          "(ratio<1: fewer)",
     needs_grads=False,
+    volumes=True,  # channels of a 3-D map (C, d, h, w), read as (C, d, h*w): ablated and fed back as (C, d, h, w)
     options={"batch_size": Option(32, positive_int, "ablated copies per forward"),
              "ratio": Option(1.0, fraction, "share of channels to ablate"),
              "ablation_value": Option(None, optional(number, "pytorch-grad-cam's rule"), "what ablated channels are set to")},

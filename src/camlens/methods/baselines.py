@@ -2,7 +2,8 @@
 
 * ``random``: RandomCAM-style — the layer's activations ``A`` ``(B, C, h, w)`` weighted by random
   channel weights ``w[b, t, c] ~ U(-1, 1)``: ``raw[b, t] = sum_c w[b, t, c] A[b, c] - mean_hw(...)``
-  ``(B, T, h, w)``, then the usual ReLU → bilinear upsampling → min-max. Seeded by the option
+  ``(B, T, h, w)`` (volumes: the mean over all ``d*h*w`` positions), then the usual ReLU → upsampling →
+  min-max. Seeded by the option
   ``random_seed`` (not ``seed``, which is ``camlens.explain``'s own argument for ``noise_smooth``),
   drawn on the CPU so every device gives the same map, and keyed on the target's class index: a
   target's map does not depend on the batch or on the other targets explained with it (so targets
@@ -13,7 +14,7 @@
   exists to avoid.
 * ``center``: a centre prior, ``exp(-((y - yc)^2 / (2 (s H)^2) + (x - xc)^2 / (2 (s W)^2)))`` with
   ``s`` the option ``sigma`` (a fraction of the image size, default 0.25), the same for every
-  image and target ``(B, T, H, W)``. Objects in photos sit near the centre more often than not, so
+  image and target ``(B, T, H, W)``; for volumes / clips also along D (``s D``): ``(B, T, D, H, W)``. Objects in photos sit near the centre more often than not, so
   this is the baseline a localisation score should beat.
 
 **Why the random map is smooth.** A map of per-pixel noise orders pixels at random, so deletion
@@ -105,18 +106,22 @@ class CenterPrior(Method):
     """A centred Gaussian at input resolution, the same for every image and target."""
 
     def compute(self, ctx: MethodContext) -> MethodOutput:
-        B, _, H, W = ctx.inputs.shape
+        B, _, *sides = ctx.inputs.shape
         T = ctx.scores.shape[1]
         xp = namespace(ctx.inputs)
-        g = center_map(xp, H, W, float(ctx.options["sigma"]), array_api_compat.device(ctx.inputs))
-        return MethodOutput(saliency=xp.asarray(xp.broadcast_to(g, (B, T, H, W)), copy=True))
+        dev = array_api_compat.device(ctx.inputs)
+        sigma = float(ctx.options["sigma"])
+        g = center_map(xp, sides[-2], sides[-1], sigma, dev)
+        if len(sides) == 3:  # volumes / clips: times the Gaussian along D (a separable 3-D Gaussian)
+            g = center_map(xp, sides[0], 1, sigma, dev)[:, :, None] * g[None]
+        return MethodOutput(saliency=xp.asarray(xp.broadcast_to(g, (B, T, *sides)), copy=True))
 
 
 RANDOM = register(RandomCAM(
     name="random", description="Baseline: random channel weights on the layer's activations (smooth chance map)",
-    cost="1 forward, no backward", needs_grads=False,
+    cost="1 forward, no backward", needs_grads=False, volumes=True,
     options={"random_seed": Option(0, lambda v: None if isinstance(v, int) and not isinstance(v, bool) else "an int")}))
 CENTER = register(CenterPrior(
     name="center", description="Baseline: a centred Gaussian (centre prior), independent of the model",
-    cost="1 forward (for the targets), no backward", needs_grads=False, needs_layer=False,
+    cost="1 forward (for the targets), no backward", needs_grads=False, needs_layer=False, volumes=True,
     options={"sigma": Option(0.25, positive_number, "std as a fraction of the image size")}))

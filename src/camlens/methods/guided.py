@@ -35,6 +35,11 @@ map of the chosen layer upsampled to the input size,
 
 with the un-normalised Grad-CAM and ``nearest`` upsampling by default, exactly as captum's
 ``GuidedGradCam``; ``interpolate="bilinear"`` follows the Grad-CAM paper (``align_corners=False``).
+
+Volumes and clips ``(B, C, D, H, W)``: the guided gradients are ``(B, T, C, D, H, W)`` and the
+saliency ``max_c |pixel|`` ``(B, T, D, H, W)``; Guided Grad-CAM takes the Grad-CAM of the 3-D layer
+over all ``d*h*w`` positions and upsamples it to ``(D, H, W)`` (nearest, or trilinear for
+``interpolate="bilinear"``), as captum's ``GuidedGradCam`` on a 3-D layer.
 """
 
 from __future__ import annotations
@@ -67,18 +72,20 @@ def guided_gradients(ctx: MethodContext) -> Tensor:
 
 
 def channel_saliency(pixel: Tensor) -> Tensor:
-    """``(B, T, C, H, W)`` per-channel attributions -> ``(B, T, H, W)`` maps, ``max_c |pixel|``."""
+    """``(B, T, C, ...)`` per-channel attributions -> ``(B, T, ...)`` maps, ``max_c |pixel|``
+    (``...``: ``(H, W)``, or ``(D, H, W)`` for volumes)."""
     xp = namespace(pixel)
     return xp.max(xp.abs(pixel), axis=2)
 
 
-def upsample_cam(cam: Tensor, size: tuple[int, int], mode: str = "nearest", ops: Any = None) -> Tensor:
+def upsample_cam(cam: Tensor, size: tuple[int, ...], mode: str = "nearest", ops: Any = None) -> Tensor:
     """Resize maps ``(B, T, h, w)`` to ``(B, T, *size)`` with the backend's ``Ops.resize`` (``ops``;
     default: the Ops of ``cam``): ``nearest``, or ``bilinear`` with ``align_corners=False`` (captum's
-    ``LayerAttribution.interpolate`` convention)."""
+    ``LayerAttribution.interpolate`` convention). Volumes ``(B, T, d, h, w)`` and a 3-entry ``size``:
+    nearest, or trilinear for ``"bilinear"``."""
     if mode not in _INTERPOLATE:
         raise ConfigError(f"interpolate must be one of {_INTERPOLATE}, got {mode!r}")
-    if tuple(cam.shape[-2:]) == tuple(size):
+    if tuple(cam.shape[-len(size):]) == tuple(size):
         return cam
     return (ops_for(cam) if ops is None else ops).resize(cam, tuple(size), mode)
 
@@ -106,10 +113,13 @@ class GuidedGradCam(Method):
         name = ctx.layers[0]
         acts = ctx.spatial_acts(name, "guided_gradcam")
         xp = namespace(acts)
-        cam = xp.clip(gradcam(acts, ctx.grads[name]), min=0)  # (B, T, h, w)
-        size = (int(ctx.inputs.shape[-2]), int(ctx.inputs.shape[-1]))
-        cam = upsample_cam(cam, size, ctx.options["interpolate"], ctx.ops)  # (B, T, H, W)
-        guided = guided_gradients(ctx)  # (B, T, C, H, W)
+        cam = xp.clip(gradcam(acts, ctx.grads[name]), min=0)  # (B, T, h, w); volumes: (B, T, d, h*w)
+        size = tuple(int(s) for s in ctx.inputs.shape[2:])  # (H, W), or (D, H, W) for volumes
+        lay = ctx.layouts.get(name)
+        if len(size) == 3 and lay is not None and lay.kind == "volume":
+            cam = xp.reshape(cam, (*cam.shape[:2], *lay.grid))  # (B, T, d, h, w)
+        cam = upsample_cam(cam, size, ctx.options["interpolate"], ctx.ops)  # (B, T, H, W) / (B, T, D, H, W)
+        guided = guided_gradients(ctx)  # (B, T, C, H, W) / (B, T, C, D, H, W)
         pixel = guided * xp.astype(cam[:, :, None], guided.dtype, copy=False)
         return MethodOutput(saliency=channel_saliency(pixel), pixel=pixel,
                             clip=ctx.options["clip"])
@@ -121,6 +131,7 @@ GUIDED_BACKPROP = register(GuidedBackprop(
     cost="1 forward + 1 batched backward to the input for all targets",
     needs_grads=False,
     needs_layer=False,
+    volumes=True,
     options={"clip": Option(0.995, fraction, "a quantile: maps are capped there before min-max"),
              "non_relu": _NON_RELU},
 ))
@@ -131,6 +142,7 @@ GUIDED_GRADCAM = register(GuidedGradCam(
     cost="2 forwards + 2 batched backwards (layer gradients, guided input gradients) for all targets",
     needs_grads=True,
     needs_layer=True,
+    volumes=True,
     options={"interpolate": Option("nearest", one_of(*_INTERPOLATE), "how Grad-CAM is upsampled"),
              "clip": Option(0.995, fraction, "a quantile: maps are capped there before min-max"),
              "non_relu": _NON_RELU},

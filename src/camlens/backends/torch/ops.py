@@ -36,8 +36,8 @@ class TorchOps:
         by ``F.interpolate``."""
         if tuple(maps.shape[-2:]) == tuple(size):
             return maps
-        if len(size) == 3:  # volumes (..., d, h, w): trilinear
-            return self._resize_volume(maps, size)
+        if len(size) == 3:  # volumes (..., d, h, w): trilinear (or nearest)
+            return self._resize_volume(maps, size, mode)
         if mode != "bilinear":
             kw = {"align_corners": False} if mode == "bicubic" else {}
             return F.interpolate(maps.float(), size=tuple(size), mode=mode, **kw)
@@ -48,15 +48,19 @@ class TorchOps:
         return ry @ (m @ rxt)
 
     @staticmethod
-    def _resize_volume(maps: Tensor, size: tuple[int, ...]) -> Tensor:
+    def _resize_volume(maps: Tensor, size: tuple[int, ...], mode: str = "bilinear") -> Tensor:
         """``(..., d, h, w) -> (..., D, H, W)`` by ``F.interpolate(mode="trilinear", align_corners=False)``
-        on the maps as channels of one volume ``(1, N, d, h, w)``."""
+        (``mode="nearest"``: ``F.interpolate``'s nearest) on the maps as channels of one volume
+        ``(1, N, d, h, w)``."""
         *lead, d, h, w = maps.shape
         size = (int(size[0]), int(size[1]), int(size[2]))
         if (d, h, w) == size:
             return maps
         m = maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
-        out = F.interpolate(m.reshape(1, -1, d, h, w), size=size, mode="trilinear", align_corners=False)
+        if mode == "nearest":
+            out = F.interpolate(m.reshape(1, -1, d, h, w), size=size, mode="nearest")
+        else:
+            out = F.interpolate(m.reshape(1, -1, d, h, w), size=size, mode="trilinear", align_corners=False)
         return out.reshape(*lead, *size)
 
     def resize_matrices(self, h: int, w: int, H: int, W: int, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,15 +10,17 @@ from camlens.fronts.cli.base import command
 
 @command()
 def methods() -> None:
-    """List the available methods, what they do and what they cost."""
+    """List the available methods, what they do, what they cost, and whether they explain volumes /
+    video clips (B, C, D, H, W)."""
     import camlens
 
     table = Table()
     table.add_column("method", no_wrap=True)
     for col in ("what it does", "cost per call"):
         table.add_column(col)
+    table.add_column("volumes", no_wrap=True)
     for name, m in sorted(camlens.available_methods().items()):
-        table.add_row(name, m.description, m.cost)
+        table.add_row(name, m.description, m.cost, "yes" if m.volumes else "no")
     Console().print(table)
 
 
