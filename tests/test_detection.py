@@ -481,3 +481,95 @@ def test_evaluate_scores_a_detection_map_by_the_matched_detection_score(quad, xq
     # the quadrant's own mask keeps the detection (only the 1-pixel rim changes); its complement does not
     assert (scores["average_drop"][:, 0] < scores["average_drop"][:, 1]).all()
     assert (scores["deletion"][:, 0] < scores["deletion"][:, 1]).all()
+
+
+def _fpn_transform(x, take_abs: bool = True, to: str = "pool"):
+    """pytorch-grad-cam's ``fasterrcnn_reshape_transform`` (its Faster R-CNN tutorial's), written out:
+    every FPN level (``abs`` of it) resized bilinearly to the 'pool' level's grid, concatenated."""
+    size = x[to].shape[-2:]
+    return torch.cat([torch.nn.functional.interpolate(v.abs() if take_abs else v, size, mode="bilinear")
+                      for v in x.values()], dim=1)
+
+
+@pytest.mark.slow
+def test_fpn_dict_output_with_pgc_reshape_transform_eigencam_matches_pytorch_grad_cam():
+    """The layer ``backbone`` returns an OrderedDict of FPN levels: pgc's tutorial's reshape_transform
+    works unchanged, and Eigen-CAM equals pgc's EigenCAM (its tutorial's method) at the layer grid, up to
+    the SVD's sign."""
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    m = _faster_rcnn()
+    torch.manual_seed(4)
+    x = torch.rand(1, 3, 128, 128, dtype=torch.float64)
+    out = _dets(m, x)
+    target = camlens.Target.box(out[0]["boxes"][0].tolist(), cls=int(out[0]["labels"][0]))
+    exp = camlens.explain(m, x, [target], method="eigencam", layer="backbone", reshape=_fpn_transform)
+    store = {}
+    h = m.backbone.register_forward_hook(lambda mod, i, o: store.__setitem__("a", _fpn_transform(o)))
+    try:
+        _dets(m, x)
+    finally:
+        h.remove()
+    ref = torch.from_numpy(get_2d_projection(store["a"].numpy()))  # pgc's EigenCAM before its scaling
+    assert exp.raw.shape == (1, 1, *ref.shape[-2:]) and float(ref.abs().max()) > 0
+    err = min((exp.raw[0, 0].double() - s * ref[0]).abs().max().item() for s in (1, -1))
+    assert err < 1e-4 * ref.abs().max().item(), err
+
+
+@pytest.mark.slow
+def test_fpn_dict_output_gradcam_equals_per_level_gradients_read_by_the_transform():
+    """Grad-CAM on a dict layer: each level's gradient of the box score (one batched backward; the 'pool'
+    level only feeds the detached proposals: zero), read by the same function as the activations."""
+    m = _faster_rcnn()
+    torch.manual_seed(5)
+    x = torch.rand(1, 3, 128, 128, dtype=torch.float64)
+    out = _dets(m, x)
+    box, cls = out[0]["boxes"][0].tolist(), int(out[0]["labels"][0])
+    # linear (no abs), so gradients read alike; on the finest level's grid, where this small box's RoI
+    # pooling puts its whole gradient
+    linear = lambda d: _fpn_transform(d, take_abs=False, to="0")  # noqa: E731
+    exp = camlens.explain(m, x, [camlens.Target.box(box, cls=cls)], layer="backbone", reshape=linear)
+    store = {}
+    h = m.backbone.register_forward_hook(lambda mod, i, o: store.__setitem__("a", o))
+    try:
+        d = m(x)
+    finally:
+        h.remove()
+    score = BoxScore(tuple(box), cls)(d)[0]
+    levels = dict(store["a"])
+    grads = torch.autograd.grad(score, list(levels.values()), allow_unused=True)
+    g = {k: torch.zeros_like(v) if gk is None else gk for (k, v), gk in zip(levels.items(), grads)}
+    A, G = linear({k: v.detach() for k, v in levels.items()}), linear(g)
+    ref = (G.mean((2, 3), keepdim=True) * A).sum(1)[0]
+    assert float(ref.abs().max()) > 0
+    assert (exp.raw[0, 0].double() - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+def test_a_dict_layer_without_reshape_is_a_clear_error():
+    class TwoLevels(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 3)
+
+        def body(self, x):
+            return {"fine": self.conv(x), "coarse": self.conv(x)[..., ::2, ::2]}
+
+        def forward(self, x):
+            return self.fc(self.levels(x)["coarse"].mean((2, 3)))
+
+    net = TwoLevels()
+    net.levels = _Levels(net)
+    with pytest.raises(camlens.core.errors.LayerError, match=r"dict of 2 tensors.*'fine': \(1, 4, 8, 8\).*reshape="):
+        camlens.explain(net, torch.rand(1, 3, 8, 8), targets=0, layer="levels")
+    exp = camlens.explain(net, torch.rand(1, 3, 8, 8), targets=0, layer="levels", reshape=lambda d: d["coarse"])
+    assert exp.raw.shape == (1, 1, 4, 4)
+
+
+class _Levels(nn.Module):
+    def __init__(self, owner: nn.Module) -> None:
+        super().__init__()
+        self._owner = [owner]  # not a submodule
+
+    def forward(self, x):
+        return self._owner[0].body(x)

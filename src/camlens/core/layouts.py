@@ -24,6 +24,8 @@ def to_map(x: Any, layout: MapLayout, lead: int = 1) -> Any:
     and the layer's trailing dims in ``layout`` -> ``(*lead dims, C, h, w)`` (a view where it can be)."""
     if layout.kind == "nchw":  # explain(layout="nchw"): as it is
         return x
+    if isinstance(x, dict):  # a layer's dict output (FPN levels): the user's fn reads the dict
+        return _dict_to_map(x, layout, lead)
     xp = namespace(x)
     head = tuple(x.shape[:lead])
     if layout.kind == "volume":  # (..., C, d, h, w) -> (..., C, d, h*w): a view
@@ -44,6 +46,25 @@ def to_map(x: Any, layout: MapLayout, lead: int = 1) -> Any:
     elif layout.kind != "nhwc":
         raise LayerError(f"unknown map layout {layout.kind!r}; camlens reads 'nhwc', 'tokens' and 'reshape'")
     return xp.permute_dims(x, (*range(lead), lead + 2, lead, lead + 1))
+
+
+def _dict_to_map(x: dict, layout: MapLayout, lead: int) -> Any:
+    """A ``reshape=`` function on a dict of arrays ``{key: (*lead dims, ...)}``: activations (``lead=1``)
+    as they are; gradients ``(B, T, ...)`` as ``B*T`` rows of every value, the result read back to
+    ``(B, T, C, h, w)``."""
+    if layout.kind != "reshape":
+        raise LayerError(f"a layer with a dict output is read by a reshape= function only, not layout={layout.kind!r}")
+    first = next(iter(x.values()))
+    xp = namespace(first)
+    head = tuple(first.shape[:lead])
+    n = math.prod(head)
+    rows = x if lead == 1 else {k: xp.reshape(v, (n, *v.shape[lead:])) for k, v in x.items()}
+    out = layout.fn(rows)
+    if not hasattr(out, "shape") or len(out.shape) != 4 or out.shape[0] != n:
+        seen = tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
+        raise LayerError(f"reshape= must turn the layer's dict output into (B, C, h, w) with the same B = {n}; it "
+                         f"returned {seen}")
+    return out if lead == 1 else xp.reshape(out, (*head, *out.shape[1:]))
 
 
 def from_map(maps: Any, layout: MapLayout, like: Any) -> Any:

@@ -138,6 +138,9 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
         reshape: a function ``a (B, ...) -> (B, C, h, w)`` applied to the layer's activations and,
             alike, to each target's gradients (so it must be linear: slices, reshapes, permutations);
             a pytorch-grad-cam ``reshape_transform`` works unchanged. A dict ``{layer: fn}`` per layer.
+            A layer whose output is a dict of tensors (an FPN backbone's levels) is read by ``fn(dict)``
+            (pytorch-grad-cam's ``fasterrcnn_reshape_transform``); each value's gradients come from the
+            same batched backward (zeros for a value the targets do not read) and go through ``fn`` alike.
             Methods that feed maps back into the layer (Ablation-CAM) need ``layout=`` instead.
         sign: ``+1`` (default) explains an increase of each target's score S; ``-1`` a decrease
             (the score ``-S``: regression outputs, "what lowers this logit"), for every method and

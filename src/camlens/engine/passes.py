@@ -197,6 +197,12 @@ def target_scores(rows: list[list[ResolvedTarget]], heads: dict, output: Any) ->
     return namespace(*cols).stack(cols, axis=1)
 
 
+def _each(fn: Any, a: Any) -> Any:
+    """``fn`` of an array, or of each value of a dict of arrays (a layer whose output is a dict, e.g.
+    an FPN's levels, read by a ``reshape=`` function)."""
+    return {k: fn(v) for k, v in a.items()} if isinstance(a, dict) else fn(a)
+
+
 @dataclass
 class Pass:
     """One engine pass: the method's output, the scores (B, T), the resolved targets, the heads,
@@ -249,8 +255,8 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
         grads, att_grads = None, None
         cast = as_float if differentiable else to_float32
         if meth.needs_grads:
-            gs = [cast(g) for g in bk.target_gradients(scores, acts + att, names + [f"attention call {i}" for i in
-                  range(len(att))], [t.label for t in rows[0]], create_graph=differentiable)]
+            gs = [_each(cast, g) for g in bk.target_gradients(scores, acts + att, names + [f"attention call {i}" for i
+                  in range(len(att))], [t.label for t in rows[0]], create_graph=differentiable)]
             grads, att_grads = dict(zip(names, gs)), gs[len(names):] if attn else None
     scores = as_float(scores) if differentiable else to_float32(bk.ops.detach(scores))
 
@@ -259,7 +265,8 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
         cols = [tg.score(hs, out) for tg in rows[b]]
         return namespace(*cols).stack(cols, axis=1)
 
-    acts_f = {n: as_float(a) if differentiable else to_float32(bk.ops.detach(a)) for n, a in zip(names, acts)}
+    acts_f = {n: _each(as_float if differentiable else lambda t: to_float32(bk.ops.detach(t)), a)
+              for n, a in zip(names, acts)}
     layouts = getattr(cap, "layouts", None) or {}
     own = {n: acts_f[n] for n in layouts}  # the layer's own layout, for arrays fed back into it
     for n, lay in layouts.items():  # channels-last / token layers: read as (B, C, h, w), their gradients alike

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
@@ -113,9 +113,26 @@ class TorchBackend:
         if cap.attentions is not None:
             cap.attention_layout = check_attention(cap.attentions, model, x, token_prefix(model))
 
-    def target_gradients(self, scores: Tensor, acts: Sequence[Tensor], names: Sequence[str], labels: Sequence[str], *,
-                         create_graph: bool = False) -> list[Tensor]:
-        return layer_gradients(scores, acts, names, labels, create_graph=create_graph)
+    def target_gradients(self, scores: Tensor, acts: Sequence[Any], names: Sequence[str], labels: Sequence[str], *,
+                         create_graph: bool = False) -> list[Any]:
+        """:func:`layer_gradients`; a dict of activations (a layer with a dict output) gets a dict of
+        gradients ``(B, T, ...)``, its values taken in the same batched backward (zeros for a value
+        the scores do not read, e.g. the FPN level only the detached proposals use)."""
+        flat, where = [], []  # every tensor, and (layer index, dict key or None) for each
+        for i, a in enumerate(acts):
+            items = a.items() if isinstance(a, Mapping) else [(None, a)]
+            for k, v in items:
+                flat.append(v)
+                where.append((i, k))
+        gs = layer_gradients(scores, flat, [f"{names[i]}[{k!r}]" if k is not None else names[i] for i, k in where],
+                             labels, create_graph=create_graph, unused_zero=[i if k is not None else None for i, k in where])
+        out: list[Any] = [None] * len(acts)
+        for (i, k), g in zip(where, gs):
+            if k is None:
+                out[i] = g
+            else:
+                out[i] = {**(out[i] or {}), k: g}
+        return out
 
     def runner(self, model: nn.Module, score_image: Callable[[Any, int], Tensor], layout: Layout) -> Runner:
         return Runner(model, score_image, layout)

@@ -68,8 +68,11 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, grad: 
         def hook(module: nn.Module, inputs: Any, out: Any) -> Any:
             cap.calls[name] = cap.calls.get(name, 0) + 1
             t = first_tensor(out)
+            if t is None and _tensor_dict(out):  # e.g. an FPN's OrderedDict of levels: read by a reshape= function
+                return _capture_dict(cap, name, out, grad, full_graph)
             if t is None:
-                raise LayerTypeError(f"layer {name!r} returned {type(out).__name__}; camlens needs a tensor output")
+                raise LayerTypeError(f"layer {name!r} returned {type(out).__name__}; camlens needs a tensor output "
+                                     "(or a dict of tensors read by reshape=)")
             if not grad:
                 cap.activations[name] = t.detach()
                 return None
@@ -108,6 +111,28 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, grad: 
             h.remove()
         torch.set_grad_enabled(grad_mode)
         stack.close()
+
+
+def _tensor_dict(out: Any) -> bool:
+    """A non-empty mapping whose values are all tensors (an FPN backbone's ``OrderedDict`` of levels)."""
+    return isinstance(out, Mapping) and len(out) > 0 and all(isinstance(v, Tensor) for v in out.values())
+
+
+def _capture_dict(cap: Capture, name: str, out: Mapping, grad: bool, full_graph: bool) -> Any:
+    """Record a dict output as a dict of activations (each value as a single tensor output would be:
+    detached, or a graph leaf whose clone flows on); the model gets the clones in a mapping of its
+    output's own type. Only a ``reshape=`` function reads it (:func:`check_layer_outputs`)."""
+    if not grad:
+        cap.activations[name] = {k: v.detach() for k, v in out.items()}
+        return None
+    if not full_graph:
+        torch.set_grad_enabled(True)
+    leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in out.items()}
+    cap.activations[name] = leaves
+    try:
+        return type(out)((k, v.clone()) for k, v in leaves.items())
+    except TypeError:  # a mapping type that cannot be built from pairs: a plain dict
+        return {k: v.clone() for k, v in leaves.items()}
 
 
 def _math_attention() -> contextlib.AbstractContextManager:
@@ -196,6 +221,19 @@ def check_layer_outputs(cap: Capture, layers: Sequence[tuple[str, nn.Module]], m
         t = cap.activations.get(name)
         if t is None:
             continue
+        if isinstance(t, Mapping):  # a dict of tensors (FPN levels): only a reshape= function reads it
+            lay = read.get(name) if read is not None else None
+            if isinstance(lay, MapLayout) and lay.kind == "reshape":
+                if any(v.ndim == 0 or v.shape[0] != B for v in t.values()):
+                    raise LayerError(f"layer {name!r} returned a dict whose tensors do not all lead with the batch "
+                                     f"({B}): {_dict_shapes(t)}")
+                cap.layouts[name] = lay
+                continue
+            raise LayerError(f"layer {name!r} ({type(mod).__name__}) returned a dict of {len(t)} tensors "
+                             f"({_dict_shapes(t)}), not a (B, C, h, w) map. Give reshape= a function of that dict "
+                             "returning (B, C, h, w) (a pytorch-grad-cam reshape_transform such as its "
+                             "fasterrcnn_reshape_transform works unchanged), or explain one of the modules that "
+                             "produce its tensors")
         if read is not None and name in read:  # explain(layout=..., reshape=...): the user's reading
             cap.layouts[name] = override_layout(read[name], tuple(t.shape), B, size, token_prefix(model), name)
             continue
@@ -222,3 +260,8 @@ def check_layer_outputs(cap: Capture, layers: Sequence[tuple[str, nn.Module]], m
                 else f"no layer of this model qualifies: {err}" if err else "pick a convolutional feature layer")
         raise LayerError(f"layer {name!r} ({type(mod).__name__}) output has shape {tuple(t.shape)}: {why}. camlens "
                          f"needs a (B, C, h, w) feature map with B = {B} (the input batch); {hint}")
+
+
+def _dict_shapes(d: Mapping) -> str:
+    """``'0': (1, 256, 32, 32), 'pool': (1, 256, 4, 4)`` for an error message."""
+    return ", ".join(f"{k!r}: {tuple(v.shape)}" for k, v in d.items())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -18,7 +19,7 @@ def _is_vmap_error(err: BaseException) -> bool:
 
 
 def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str], labels: Sequence[str], *,
-                    create_graph: bool = False) -> list[Tensor]:
+                    create_graph: bool = False, unused_zero: Sequence[Optional[int]] = ()) -> list[Tensor]:
     """Gradients of each target score w.r.t. each activation, in one batched backward.
 
     Args:
@@ -27,6 +28,10 @@ def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str]
         names, labels: layer names and target labels, for error messages.
         create_graph: keep the backward's graph, so the gradients (and maps made of them) are
             differentiable themselves (``explain(differentiable=True)``).
+        unused_zero: per activation, a group id (the values of one layer's dict output, e.g. FPN
+            levels) or ``None``: an activation of a group with no path to the scores gets zero
+            gradients (the level only the detached proposals read) as long as another of its group
+            has one; otherwise (and by default, for every activation) no path is an error.
 
     Returns:
         per activation, gradients ``(B, T, *act.shape[1:])``.
@@ -63,7 +68,13 @@ def layer_gradients(scores: Tensor, acts: Sequence[Tensor], names: Sequence[str]
                                      allow_unused=True, create_graph=create_graph) for t in range(T)]
         grads = [None if per_t[0][i] is None else torch.stack([g[i] for g in per_t], dim=1) for i in range(len(acts))]
     out = []
-    for g, name in zip(grads, names):
+    group = list(unused_zero) + [None] * (len(acts) - len(unused_zero))
+    reached = {k for k, g in zip(group, grads) if k is not None and g is not None}
+    zero_ok = [k is not None and k in reached for k in group]  # a group none of whose values is reached: an error
+    for g, name, a, ok in zip(grads, names, acts, zero_ok):
+        if g is None and ok:
+            out.append(a.new_zeros((a.shape[0], T, *a.shape[1:])))
+            continue
         if g is None:
             raise LayerRuntimeError(f"the target scores {list(labels)} do not depend on layer {name!r}: no gradient "
                                "path from this layer to the explained output (is it on another branch?)")
