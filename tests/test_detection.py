@@ -18,6 +18,7 @@ import camlens
 from camlens.core.detection import BoxScore, box_iou
 from camlens.core.errors import TargetError
 from camlens.core.targets import RawHeads, split_outputs
+from reference import forward_capturing
 
 S = 32  # the synthetic detector's input side
 QUADS = [(0.0, 0.0, 16.0, 16.0), (16.0, 0.0, 32.0, 16.0), (0.0, 16.0, 16.0, 32.0), (16.0, 16.0, 32.0, 32.0)]
@@ -504,13 +505,9 @@ def test_fpn_dict_output_with_pgc_reshape_transform_eigencam_matches_pytorch_gra
     out = _dets(m, x)
     target = camlens.Target.box(out[0]["boxes"][0].tolist(), cls=int(out[0]["labels"][0]))
     exp = camlens.explain(m, x, [target], method="eigencam", layer="backbone", reshape=_fpn_transform)
-    store = {}
-    h = m.backbone.register_forward_hook(lambda mod, i, o: store.__setitem__("a", _fpn_transform(o)))
-    try:
-        _dets(m, x)
-    finally:
-        h.remove()
-    ref = torch.from_numpy(get_2d_projection(store["a"].numpy()))  # pgc's EigenCAM before its scaling
+    with torch.no_grad():
+        _, a = forward_capturing(m, m.backbone, x, read=_fpn_transform)
+    ref = torch.from_numpy(get_2d_projection(a.numpy()))  # pgc's EigenCAM before its scaling
     assert exp.raw.shape == (1, 1, *ref.shape[-2:]) and float(ref.abs().max()) > 0
     err = min((exp.raw[0, 0].double() - s * ref[0]).abs().max().item() for s in (1, -1))
     assert err < 1e-4 * ref.abs().max().item(), err
@@ -529,14 +526,8 @@ def test_fpn_dict_output_gradcam_equals_per_level_gradients_read_by_the_transfor
     # pooling puts its whole gradient
     linear = lambda d: _fpn_transform(d, take_abs=False, to="0")  # noqa: E731
     exp = camlens.explain(m, x, [camlens.Target.box(box, cls=cls)], layer="backbone", reshape=linear)
-    store = {}
-    h = m.backbone.register_forward_hook(lambda mod, i, o: store.__setitem__("a", o))
-    try:
-        d = m(x)
-    finally:
-        h.remove()
+    d, levels = forward_capturing(m, m.backbone, x, read=dict)
     score = BoxScore(tuple(box), cls)(d)[0]
-    levels = dict(store["a"])
     grads = torch.autograd.grad(score, list(levels.values()), allow_unused=True)
     g = {k: torch.zeros_like(v) if gk is None else gk for (k, v), gk in zip(levels.items(), grads)}
     A, G = linear({k: v.detach() for k, v in levels.items()}), linear(g)

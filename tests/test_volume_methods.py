@@ -14,6 +14,7 @@ from torch import nn
 
 import camlens
 from camlens.core.errors import ConfigError
+from reference import forward_capturing
 from test_volumes import Med3d, _acts_grads, _vol
 
 
@@ -30,12 +31,8 @@ def med():
 
 def _scores_with(net: nn.Module, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The model's outputs with ``layer``'s output replaced by ``out`` (a forward hook)."""
-    h = layer.register_forward_hook(lambda m, i, o: out)
-    try:
-        with torch.no_grad():
-            return net(x.expand(out.shape[0], *x.shape[1:]))
-    finally:
-        h.remove()
+    with torch.no_grad():
+        return forward_capturing(net, layer, x.expand(out.shape[0], *x.shape[1:]), replace=out)[0]
 
 
 def test_ablationcam_on_volumes_equals_the_formula(med):

@@ -1,0 +1,26 @@
+"""Reference computations the tests share: a layer's output captured by a plain forward hook (removed
+afterwards, also on an error), for hand-written autograd references of camlens' maps."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+
+def forward_capturing(model: nn.Module, layer: nn.Module, x: Any, *, read: Optional[Callable[[Any], Any]] = None,
+                      replace: Any = None) -> tuple[Any, Any]:
+    """``(model(x), layer's output)`` from one forward with a forward hook on ``layer``; ``read`` is applied
+    to the captured output (e.g. an FPN transform); ``replace``: the layer's output is replaced by it."""
+    store: dict = {}
+
+    def hook(mod: nn.Module, inputs: Any, out: Any) -> Any:
+        store["a"] = out if read is None else read(out)
+        return replace
+
+    h = layer.register_forward_hook(hook)
+    try:
+        out = model(x)
+    finally:
+        h.remove()
+    return out, store["a"]
