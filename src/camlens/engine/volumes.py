@@ -1,15 +1,19 @@
 """Volumes and video clips: inputs ``(B, C, D, H, W)`` (3-D medical volumes, or clips whose T frames
 are the D axis) explained by the layer methods that only reduce over all positions of a map or work
 position by position (Grad-CAM, Grad-CAM++, XGrad-CAM, HiResCAM, LayerCAM, Eigen-CAM, Eigen-Grad-CAM,
-CAM: those that declare ``volumes=True``).
+CAM, Score-CAM: those that declare ``volumes=True``).
 
 How: the layer's 3-D map ``(B, C, d, h, w)`` is read as ``(B, C, d, h*w)``
-(:class:`~camlens.backends.base.MapLayout` kind ``"volume"``), so every such method's maths is the
+(:class:`~camlens.backends.base.MapLayout` kind ``"volume"``; video transformers' channels-last maps
+``(B, d, h, w, C)``, kind ``"volume-last"``, e.g. Swin3D, and clip tokens ``(B, P + d*h*w, C)``, kind
+``"volume-tokens"``, e.g. MViT, are permuted to it: the backend's ``volume_layouts``, see
+:mod:`camlens.backends.torch.volume_probe`), so every such method's maths is the
 volume's own (a mean or sum over ``d*h*w`` positions, or element-wise); its raw maps
 ``(B, T, d, h*w)`` are read back as ``(B, T, d, h, w)``, then ReLU → trilinear upsampling to
 ``(D, H, W)`` (``align_corners=False``, as ``F.interpolate(mode="trilinear")``) → min-max per map
-over the whole volume. ``differentiable=True`` and ``noise_smooth=`` work as for images. Methods that
-perturb or tile the input in 2-D (Score-CAM, Ablation-CAM, occlusion, guided backprop, attention
+over the whole volume (Score-CAM masks the volume with each channel upsampled trilinearly).
+``differentiable=True`` and ``noise_smooth=`` work as for images. Methods that
+perturb or tile the input in 2-D (Ablation-CAM, occlusion, guided backprop, attention
 methods, D-RISE, the baselines), and ``tile=``, ``aug_smooth=``, ``layout=``, ``reshape=``, are refused
 with an error naming what works.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..backends.base import Backend, MapLayout, get_backend, namespace
+from ..backends.base import VOLUME_KINDS, Backend, MapLayout, get_backend, namespace
 from ..core.errors import ConfigError, InputError
 from ..core.explanation import Explanation
 from ..core.postprocess import fuse as fuse_maps
@@ -118,7 +122,8 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
                          "slices / frames x.movedim(2, 1).flatten(0, 1), or a 3-D model")
     layers = bk.resolve_layers(net, layer if layer is not None else bk.default_layer(net, x))
     names = [n for n, _ in layers]
-    read = {n: VOLUME for n in names}
+    layouts = getattr(bk, "volume_layouts", None)  # (B, C, d, h, w), channels-last or clip tokens
+    read = layouts(net, x, names) if layouts is not None else {n: VOLUME for n in names}
     out_size = tuple(int(s) for s in x.shape[-3:]) if upsample else None
     with bk.session(net, eval_mode=eval_mode, freeze=not differentiable, restore_buffers=not differentiable):
         fwd = bk.layout(net, channels_last, precision)
@@ -127,7 +132,7 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
         result = p.result
         if noise_smooth:
             result = noise_smoothed(net, x, p, layers, meth, opts, noise_smooth, noise_sigma, seed, fwd, read=read)
-        grids = {n: lay.grid for n, lay in (p.layouts or {}).items() if lay.kind == "volume"}
+        grids = {n: lay.grid for n, lay in (p.layouts or {}).items() if lay.kind in VOLUME_KINDS}
         raws = unflatten_raws(result.raws or {}, grids)
         with bk.graph(differentiable):
             maps = process_volume(list(raws.values()), out_size, relu=relu, fuse=fuse)  # type: ignore[arg-type]
