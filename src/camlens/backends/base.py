@@ -212,6 +212,11 @@ class Backend(Protocol):
         ``(B, C, D, H, W)``, so a 4-D input is one volume; 4: images), else ``None``; cheap after the
         first call (optional: the engine reads inputs by their own rank without it)."""
 
+    def volume_layouts(self, model: Any, x: Any, names: list[str]) -> dict[str, MapLayout]:
+        """For a volume input ``x`` ``(B, C, D, H, W)``: layer name -> how its output holds the 3-D map
+        (a :class:`MapLayout` of a :data:`VOLUME_KINDS` kind, with its grid where known); optional:
+        without it every layer is read as ``(B, C, d, h, w)``."""
+
     def to_model_input(self, model: Any, x: Any, precision: str) -> Any:
         """``x`` on the model's device in the dtype of its weights (``precision`` may leave it to autocast)."""
 
@@ -471,7 +476,8 @@ def _layout_problem(shape: tuple[int, ...], batch: int, size: tuple[int, int]) -
     return None
 
 
-__all__ += ["MapLayout", "read_layout", "override_layout", "LAYOUT_KINDS"]
+__all__ += ["MapLayout", "read_layout", "override_layout", "LAYOUT_KINDS", "VOLUME_KINDS", "volume_readings",
+            "token_volume_grids"]
 
 
 @dataclass(frozen=True)
@@ -483,7 +489,12 @@ class MapLayout:
     patches row by row, e.g. ViT, DeiT, Mixer), or ``"reshape"`` (a user's ``fn(a) -> (B, C, h, w)``,
     e.g. a pytorch-grad-cam ``reshape_transform``), or ``"volume"`` (a 3-D map ``(B, C, d, h, w)`` of a
     volume / clip input, ``grid`` = ``(d, h, w)``: read as ``(B, C, d, h*w)``, which the methods that
-    only reduce over all positions or work element-wise treat exactly as the volume).
+    only reduce over all positions or work element-wise treat exactly as the volume), or
+    ``"volume-last"`` (a channels-last 3-D map ``(B, d, h, w, C)``, e.g. torchvision Swin3D stages:
+    ``grid`` = ``(d, h, w)``, read as ``(B, C, d, h*w)`` by a permutation), or ``"volume-tokens"``
+    (tokens ``(B, P + d*h*w, C)`` of a clip: ``prefix`` = P class tokens first, then the ``grid``
+    ``(d, h, w)`` patches in ``(t, h, w)`` raster order, e.g. torchvision MViT blocks; read as
+    ``(B, C, d, h*w)``).
     :func:`camlens.core.layouts.to_map` reads it as ``(B, C, h, w)``. Given to ``explain(layout=...)``, ``grid`` and ``prefix`` may be left ``None``
     (found from the output's shape, see :func:`override_layout`)."""
 
@@ -530,6 +541,37 @@ def _read_layout(shape: tuple[int, ...], batch: int, size: tuple[int, int],
 
 
 LAYOUT_KINDS = ("nchw", "nhwc", "tokens")
+VOLUME_KINDS = ("volume", "volume-last", "volume-tokens")  # 3-D maps of a (B, C, D, H, W) input
+
+
+def volume_readings(shape: Sequence[int], size: tuple[int, int, int]) -> tuple[bool, bool]:
+    """Which readings of a 5-D output fit a volume input of ``size`` ``(D, H, W)``:
+    ``(B, C, d, h, w)`` (first) and channels-last ``(B, d, h, w, C)`` (second). A reading fits when
+    its ``d <= D`` (clips are often strided in time unlike in space, so ``d`` has its own stride) and
+    its ``(h, w)`` is ``(H, W)`` at one stride (:func:`grid_fits`). E.g. Swin3D-T's last stage on a
+    8x64x64 clip, ``(B, 4, 2, 2, 768)``: only channels-last fits (``(h, w) = (2, 768)`` does not)."""
+    D, H, W = (int(s) for s in size)
+    s = tuple(int(v) for v in shape)
+    if len(s) != 5:
+        return False, False
+    return (1 <= s[2] <= D and grid_fits(s[3], s[4], (H, W)),
+            1 <= s[1] <= D and grid_fits(s[2], s[3], (H, W)))
+
+
+def token_volume_grids(n: int, size: tuple[int, int, int],
+                       prefix: Optional[int] = None) -> tuple[Optional[int], list[tuple[int, int, int]]]:
+    """The shape search for tokens ``(B, n, C)`` of a clip of ``size`` ``(D, H, W)``: the first prefix
+    count ``P`` (``prefix``, else 0..8) for which some ``(t, h, w)`` with ``t*h*w = n - P``, ``t <= D``
+    and ``(h, w)`` = ``(H, W)`` at one stride exists, and all such grids (more than one: ambiguous,
+    e.g. 392 tokens on 16x224x224 are 8x7x7 or 2x14x14); ``(None, [])`` when none."""
+    D, H, W = (int(s) for s in size)
+    for P in ([prefix] if prefix is not None else range(MAX_PREFIX_TOKENS + 1)):
+        m = n - P
+        found = [(t, h, m // (t * h)) for t in range(1, min(D, m) + 1) if m % t == 0
+                 for h in range(1, min(m // t, H + 1) + 1) if (m // t) % h == 0 and grid_fits(h, m // (t * h), (H, W))]
+        if found:
+            return P, found
+    return None, []
 
 
 def override_layout(spec: Any, shape: Sequence[int], batch: int, size: tuple[int, int],
@@ -543,7 +585,7 @@ def override_layout(spec: Any, shape: Sequence[int], batch: int, size: tuple[int
     :class:`~camlens.core.errors.LayerError` saying what was seen."""
     shape = tuple(int(d) for d in shape)
     lay = MapLayout(spec) if isinstance(spec, str) else spec
-    if not isinstance(lay, MapLayout) or lay.kind not in (*LAYOUT_KINDS, "reshape", "volume"):
+    if not isinstance(lay, MapLayout) or lay.kind not in (*LAYOUT_KINDS, "reshape", *VOLUME_KINDS):
         raise ConfigError(f"layout= takes one of {LAYOUT_KINDS} or a camlens.MapLayout(kind, grid, prefix), "
                           f"got {spec!r}")
     where = f"layer {layer!r}" if layer else "the layer"
@@ -552,11 +594,23 @@ def override_layout(spec: Any, shape: Sequence[int], batch: int, size: tuple[int
                          f"so no layout reads it as one map per image")
     if lay.kind == "reshape":
         return lay
-    need = {"nchw": 4, "nhwc": 4, "tokens": 3, "volume": 5}[lay.kind]
+    need = {"nchw": 4, "nhwc": 4, "tokens": 3, "volume": 5, "volume-last": 5, "volume-tokens": 3}[lay.kind]
     if len(shape) != need:
         raise LayerError(f"layout={lay.kind!r} needs a {need}-D output for {where}, got shape {shape}")
     if lay.kind == "volume":
         return MapLayout("volume", (shape[2], shape[3], shape[4]), 0)
+    if lay.kind == "volume-last":
+        return MapLayout("volume-last", (shape[1], shape[2], shape[3]), 0)
+    if lay.kind == "volume-tokens":
+        if lay.grid is None or len(lay.grid) != 3:
+            raise LayerError(f"layout='volume-tokens' for {where} (shape {shape}) needs its grid: "
+                             "MapLayout('volume-tokens', grid=(t, h, w), prefix=P)")
+        t, h, w = (int(g) for g in lay.grid)
+        P = shape[1] - t * h * w if lay.prefix is None else int(lay.prefix)
+        if P < 0 or P + t * h * w != shape[1]:
+            raise LayerError(f"volume token grid {t}x{h}x{w}" + (f" with {P} prefix tokens" if lay.prefix is not None
+                             else "") + f" does not hold the {shape[1]} tokens of {where} (shape {shape})")
+        return MapLayout("volume-tokens", (t, h, w), P)
     if lay.kind == "nchw":
         return MapLayout("nchw", (shape[2], shape[3]), 0)
     if lay.kind == "nhwc":

@@ -1,6 +1,9 @@
 """Feature maps held in other layouts, read as ``(..., C, h, w)``: channels-last ``(..., h, w, C)``,
 tokens ``(..., N, C)`` (prefix tokens dropped, patches row by row on their grid) and volumes
-``(..., C, d, h, w)`` (as ``(..., C, d, h*w)``).
+``(..., C, d, h, w)`` (as ``(..., C, d, h*w)``), channels-last volumes ``(..., d, h, w, C)`` (Swin3D:
+permuted to ``(..., C, d, h*w)``) and clip tokens ``(..., P + d*h*w, C)`` (MViT: the P prefix tokens
+dropped, the patches in ``(t, h, w)`` raster order reshaped to ``(..., d, h*w, C)`` and permuted to
+``(..., C, d, h*w)``).
 
 The engine takes gradients of the layer's own output and reads activations and gradients with
 the same linear map (a slice, a reshape, a permutation), so every method's maths is unchanged:
@@ -30,6 +33,12 @@ def to_map(x: Any, layout: MapLayout, lead: int = 1) -> Any:
     head = tuple(x.shape[:lead])
     if layout.kind == "volume":  # (..., C, d, h, w) -> (..., C, d, h*w): a view
         return xp.reshape(x, (*x.shape[:-2], x.shape[-2] * x.shape[-1]))
+    if layout.kind in ("volume-last", "volume-tokens"):  # (..., d, h, w, C) / (..., P + d*h*w, C) -> (..., C, d, h*w)
+        d, h, w = layout.grid
+        if layout.kind == "volume-tokens" and layout.prefix:
+            x = x[(slice(None),) * lead + (slice(layout.prefix, None),)]
+        x = xp.reshape(x, (*head, d, h * w, x.shape[-1]))
+        return xp.permute_dims(x, (*range(lead), lead + 2, lead, lead + 1))
     if layout.kind == "reshape":  # the user's fn on (B, ...) rows: gradients (B, T, ...) as B*T rows
         n = math.prod(head)
         out = layout.fn(xp.reshape(x, (n, *x.shape[lead:])) if lead != 1 else x)
@@ -70,13 +79,24 @@ def _dict_to_map(x: dict, layout: MapLayout, lead: int) -> Any:
 def from_map(maps: Any, layout: MapLayout, like: Any) -> Any:
     """The inverse read: maps ``(k, C, h, w)`` (e.g. Ablation-CAM's ablated copies) -> the layer's own
     layout, ``(k, h, w, C)`` or tokens ``(k, N, C)`` whose prefix tokens are those of ``like``
-    (one image's own output, ``(1, N, C)``), unchanged: only the patch tokens carry the map."""
+    (one image's own output, ``(1, N, C)``), unchanged: only the patch tokens carry the map. Volume
+    kinds take ``(k, C, d, h*w)``: back to ``(k, C, d, h, w)``, ``(k, d, h, w, C)`` or ``(k, P + d*h*w, C)``."""
     if layout.kind == "nchw":
         return maps
     xp = namespace(maps)
     if layout.kind == "volume":  # (k, C, d, h*w) -> (k, C, d, h, w)
         return xp.reshape(maps, (*maps.shape[:-1], *layout.grid[1:]))
     k = maps.shape[0]
+    if layout.kind in ("volume-last", "volume-tokens"):  # (k, C, d, h*w) -> (k, d, h, w, C) / (k, P + d*h*w, C)
+        d, h, w = layout.grid
+        x = xp.permute_dims(maps, (0, 2, 3, 1))  # (k, d, h*w, C)
+        if layout.kind == "volume-last":
+            return xp.reshape(x, (k, d, h, w, maps.shape[1]))
+        x = xp.reshape(x, (k, d * h * w, maps.shape[1]))
+        if layout.prefix:
+            pre = xp.broadcast_to(like[:, :layout.prefix], (k, layout.prefix, like.shape[-1]))
+            x = xp.concat([xp.astype(pre, x.dtype, copy=False), x], axis=1)
+        return x
     x = xp.permute_dims(maps, (0, 2, 3, 1))  # (k, h, w, C)
     if layout.kind == "nhwc":
         return x

@@ -2,17 +2,20 @@
 are the D axis), explained by the methods that declare ``volumes=True``.
 
 How: the layer's 3-D map ``(B, C, d, h, w)`` is read as ``(B, C, d, h*w)``
-(:class:`~camlens.backends.base.MapLayout` kind ``"volume"``), so the maths of every method that only
-reduces over all positions of a map or works position by position (the Grad-CAM family, Eigen-CAM,
-CAM, Score-CAM, the random baseline) is the volume's own; its raw maps ``(B, T, d, h*w)`` are read back
-as ``(B, T, d, h, w)``, then ReLU → trilinear upsampling to ``(D, H, W)`` (``align_corners=False``, as
-``F.interpolate(mode="trilinear")``) → min-max per map over the whole volume. Ablation-CAM feeds its
-ablated copies back into the layer as ``(k, C, d, h, w)``. Methods with maps at input resolution
-(occlusion with 3-D boxes, guided backprop, Guided Grad-CAM, the centre prior) give saliency
-``(B, T, D, H, W)``: ReLU → capped at a quantile of the whole volume → min-max per volume
-(:func:`finish_saliency_volume`). ``differentiable=True``, ``noise_smooth=`` and ``aug_smooth=`` (H, W
-flipped and rescaled, D kept) work as for images. Attention methods, D-RISE, ``tile=``, ``layout=`` and
-``reshape=`` are refused
+(:class:`~camlens.backends.base.MapLayout` kind ``"volume"``; video transformers' channels-last maps
+``(B, d, h, w, C)``, kind ``"volume-last"``, e.g. Swin3D, and clip tokens ``(B, P + d*h*w, C)``, kind
+``"volume-tokens"``, e.g. MViT, are permuted to it: the backend's ``volume_layouts``, see
+:mod:`camlens.backends.torch.volume_probe`), so the maths of every method that only reduces over all
+positions of a map or works position by position (the Grad-CAM family, Eigen-CAM, CAM, Score-CAM, the
+random baseline) is the volume's own; its raw maps ``(B, T, d, h*w)`` are read back as
+``(B, T, d, h, w)``, then ReLU → trilinear upsampling to ``(D, H, W)`` (``align_corners=False``, as
+``F.interpolate(mode="trilinear")``) → min-max per map over the whole volume (Score-CAM masks the
+volume with each channel upsampled trilinearly). Ablation-CAM feeds its ablated copies back into the
+layer in its own layout. Methods with maps at input resolution (occlusion with 3-D boxes, guided
+backprop, Guided Grad-CAM, the centre prior) give saliency ``(B, T, D, H, W)``: ReLU → capped at a
+quantile of the whole volume → min-max per volume (:func:`finish_saliency_volume`).
+``differentiable=True``, ``noise_smooth=`` and ``aug_smooth=`` (H, W flipped and rescaled, D kept) work
+as for images. Attention methods, D-RISE, ``tile=``, ``layout=`` and ``reshape=`` are refused
 with an error naming what works.
 """
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..backends.base import Backend, MapLayout, get_backend, namespace
+from ..backends.base import VOLUME_KINDS, Backend, MapLayout, get_backend, namespace
 from ..core.errors import ConfigError, InputError
 from ..core.explanation import Explanation
 from ..core.postprocess import fuse as fuse_maps
@@ -135,7 +138,8 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
     else:
         layers = []
     names = [n for n, _ in layers]
-    read = {n: VOLUME for n in names}
+    layouts = getattr(bk, "volume_layouts", None)  # (B, C, d, h, w), channels-last or clip tokens
+    read = layouts(net, x, names) if layouts is not None else {n: VOLUME for n in names}
     out_size = tuple(int(s) for s in x.shape[-3:]) if upsample else None
     with bk.session(net, eval_mode=eval_mode, freeze=not differentiable, restore_buffers=not differentiable):
         fwd = bk.layout(net, channels_last, precision)
@@ -147,7 +151,7 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
 
         def finished(res: MethodOutput, size: Optional[tuple[int, int, int]], layouts: Optional[dict]
                      ) -> tuple[Tensor, dict]:  # raws (B, T, d, h*w) on the pass's grids -> maps, raws
-            grids = {n: lay.grid for n, lay in (layouts or {}).items() if lay.kind == "volume"}
+            grids = {n: lay.grid for n, lay in (layouts or {}).items() if lay.kind in VOLUME_KINDS}
             raws = unflatten_raws(res.raws or {}, grids)
             with bk.graph(differentiable):
                 if raws:
@@ -157,7 +161,8 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
         maps, raws = finished(result, out_size, p.layouts)
         if aug_smooth:
             def maps_of(xa: Tensor) -> Tensor:  # one pass on an augmented batch, maps at its own size
-                q = run_pass(net, xa, p.rows, layers, meth, opts, None, None, layout=fwd, read=read)
+                ra = layouts(net, xa, names) if layouts is not None else read  # token grids follow the size
+                q = run_pass(net, xa, p.rows, layers, meth, opts, None, None, layout=fwd, read=ra)
                 return finished(q.result, tuple(int(s) for s in xa.shape[-3:]) if upsample else None, q.layouts)[0]
 
             maps = aug_smoothed(net, x, p, layers, meth, opts, maps, out_size, relu, fuse, fwd, maps_of=maps_of,

@@ -47,7 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..backends.base import namespace, ops_for
+from ..backends.base import VOLUME_KINDS, namespace, ops_for
 from ..core.errors import ConfigError
 from ..core.registry import Option, fraction, one_of
 from .base import Method, MethodContext, MethodOutput, Tensor, register
@@ -116,7 +116,7 @@ class GuidedGradCam(Method):
         cam = xp.clip(gradcam(acts, ctx.grads[name]), min=0)  # (B, T, h, w); volumes: (B, T, d, h*w)
         size = tuple(int(s) for s in ctx.inputs.shape[2:])  # (H, W), or (D, H, W) for volumes
         lay = ctx.layouts.get(name)
-        if len(size) == 3 and lay is not None and lay.kind == "volume":
+        if len(size) == 3 and lay is not None and lay.kind in VOLUME_KINDS:
             cam = xp.reshape(cam, (*cam.shape[:2], *lay.grid))  # (B, T, d, h, w)
         cam = upsample_cam(cam, size, ctx.options["interpolate"], ctx.ops)  # (B, T, H, W) / (B, T, D, H, W)
         guided = guided_gradients(ctx)  # (B, T, C, H, W) / (B, T, C, D, H, W)

@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 import array_api_compat
 
-from ..backends.base import namespace, ops_for
+from ..backends.base import VOLUME_KINDS, namespace, ops_for
 from ..core.registry import Option, optional, positive_int
 from .base import Method, MethodContext, MethodOutput, Tensor, register
 
@@ -143,7 +143,7 @@ class ScoreCam(Method):
         for name in ctx.layers:
             a = ctx.spatial_acts(name, "Score-CAM")
             lay = ctx.layouts.get(name)
-            grid = tuple(lay.grid) if lay is not None and lay.kind == "volume" else None  # masks are 3-D
+            grid = tuple(lay.grid) if lay is not None and lay.kind in VOLUME_KINDS else None  # masks are 3-D
             raws[name] = namespace(a).stack([scorecam_image(ctx, a[b], b, bs, max_ch, grid)
                                              for b in range(a.shape[0])])
         return MethodOutput(raws=raws)

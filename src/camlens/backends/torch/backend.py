@@ -21,7 +21,7 @@ from .layout import Layout
 from .ops import TorchOps
 from .probing import guess_layer, token_prefix
 from .runner import Runner
-from .volume_probe import input_rank
+from .volume_probe import input_rank, volume_layouts
 from .state import model_state, resolve_layers
 
 __all__ = ["TorchBackend", "BACKEND", "reinitialise"]
@@ -60,6 +60,11 @@ class TorchBackend:
     def input_rank(self, model: nn.Module) -> Optional[int]:
         """5 for a 3-D CNN (a single ``(C, D, H, W)`` volume is then batch 1), 4 for a 2-D one, or ``None``."""
         return input_rank(model)
+
+    def volume_layouts(self, model: nn.Module, x: Tensor, names: list[str]) -> dict:
+        """:func:`~camlens.backends.torch.volume_probe.volume_layouts`: (B, C, d, h, w), channels-last
+        (B, d, h, w, C) or clip tokens (B, P + t*h*w, C), from one memoised probe forward."""
+        return volume_layouts(model, x, names)
 
     def to_model_input(self, model: nn.Module, x: Tensor, precision: str) -> Tensor:
         return to_model_input(model, x, precision)

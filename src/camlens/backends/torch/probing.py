@@ -29,6 +29,9 @@ class LayerRecord:
         reason: why it cannot be the default CAM layer; ``None``: a candidate.
         fragment: a candidate inside a block whose output has no grid left (h*w = 1): used only
             when no other candidate exists.
+        grids: for a volume input, the ``(t, h, w)`` integer triples the module took as arguments or
+            returned (inputs first), e.g. the ``thw`` torchvision MViT's blocks pass along: the grid
+            of their tokens (:mod:`.volume_probe`).
     """
 
     name: str
@@ -38,6 +41,7 @@ class LayerRecord:
     order: int
     reason: Optional[str] = None
     fragment: bool = False
+    grids: tuple[tuple[int, int, int], ...] = ()
 
     def describe(self) -> str:
         shape = "no tensor" if self.shape is None else str(tuple(self.shape))
@@ -57,6 +61,7 @@ class LayerProbe:
     records: list[LayerRecord]
     layer: Optional[str] = None
     error: Optional[str] = None
+    volume_size: Optional[tuple[int, int, int]] = None  # a volume input's (D, H, W)
     family: str = "cnn"  # how it was picked: "cnn", "vit", "vit-pooled", "swin" or "tokens" (see _transformer_layer)
 
     def candidates(self, n: int = 5) -> list[str]:
@@ -75,6 +80,18 @@ class LayerProbe:
         out = [r for r in reversed(self.records) if r.shape is not None and len(r.shape) in (3, 4)
                and not r.kind.startswith("Adaptive")]
         return out[:n]
+
+
+def _int_triples(v: Any, depth: int = 2) -> tuple[tuple[int, int, int], ...]:
+    """The triples of positive ints in ``v`` (tuples / lists nested ``depth`` deep), in order, once each."""
+    out: list[tuple[int, int, int]] = []
+    if isinstance(v, (tuple, list)):
+        if len(v) == 3 and all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v):
+            return ((int(v[0]), int(v[1]), int(v[2])),)
+        if depth > 0:
+            for e in v:
+                out.extend(g for g in _int_triples(e, depth - 1) if g not in out)
+    return tuple(out)
 
 
 def _strict_ancestors(name: str) -> Iterator[str]:
@@ -144,6 +161,7 @@ def probe_layers(model: nn.Module, x: Tensor) -> LayerProbe:
     size = (int(x.shape[-2]), int(x.shape[-1]))
     named = dict(model.named_modules())
     records: dict[str, LayerRecord] = {}
+    volume = x.ndim == 5
 
     def hook(name: str) -> Callable:
         def f(m: nn.Module, i: Any, o: Any) -> None:
@@ -153,7 +171,7 @@ def probe_layers(model: nn.Module, x: Tensor) -> LayerProbe:
                 return
             t = first_tensor(o)
             records[name] = LayerRecord(name, type(m).__name__, 1, None if t is None else tuple(t.shape),
-                                        len(records))
+                                        len(records), grids=_int_triples((i, o)) if volume else ())
         return f
 
     def run(xb: Tensor) -> Any:
@@ -172,7 +190,8 @@ def probe_layers(model: nn.Module, x: Tensor) -> LayerProbe:
         out, B = run(x[:1]), 1
     recs = sorted(records.values(), key=lambda r: r.order)
     p = LayerProbe(out, B, size, recs)
-    if x.ndim == 5:  # volumes / clips (B, C, D, H, W): 3-D maps
+    if volume:
+        p.volume_size = (int(x.shape[-3]), int(x.shape[-2]), int(x.shape[-1]))  # volumes / clips (B, C, D, H, W): 3-D maps
         from .volume_probe import choose_volume_layer
 
         choose_volume_layer(p, named)
@@ -326,7 +345,12 @@ def map_layout(shape: Optional[tuple[int, ...]], batch: int, size: tuple[int, in
     return (read_layout(shape, batch, size, prefix) if prefix is not None else None) or read_layout(shape, batch, size)
 
 
-def _transformer_layer(p: LayerProbe, named: dict[str, nn.Module]) -> Optional[tuple[str, str, str]]:
+_TOKEN_KINDS = ("tokens", "volume-tokens")
+
+
+def _transformer_layer(p: LayerProbe, named: dict[str, nn.Module],
+                       reader: Optional[Callable[[LayerRecord], Optional[MapLayout]]] = None
+                       ) -> Optional[tuple[str, str, str]]:
     """The default layer of a token-based network, its family and its last attention block (the
     block's record decides whether the network ends in transformer blocks), or ``None``.
 
@@ -344,7 +368,11 @@ def _transformer_layer(p: LayerProbe, named: dict[str, nn.Module]) -> Optional[t
     Candidates run once, keep the batch axis, are not inside an attention block and read as a map
     (:func:`map_layout`). The last attention block is the nearest ancestor of the last attention
     module to run whose output is such a map (Swin's windowed blocks are ``(B*nW, n, C)`` inside but
-    ``(B, h, w, C)`` outside)."""
+    ``(B, h, w, C)`` outside).
+
+    ``reader``: how a record reads as a map (default: :func:`map_layout` of its shape); volumes
+    pass theirs (:mod:`.volume_probe`: channels-last ``(B, d, h, w, C)`` and clip tokens), and the
+    same rules pick Swin3D's last stage and MViT's last ``norm1``."""
     B, size = p.batch, p.size
     prefix, grid = token_prefix(named[""]), patch_grid(named[""], size)
     by_name = {r.name: r for r in p.records}
@@ -354,7 +382,7 @@ def _transformer_layer(p: LayerProbe, named: dict[str, nn.Module]) -> Optional[t
             return None
         if _is_attention(named[r.name]):
             return None
-        return map_layout(r.shape, B, size, prefix, grid)
+        return reader(r) if reader is not None else map_layout(r.shape, B, size, prefix, grid)
 
     maps = {r.name: lay for r in p.records if (lay := readable(r)) is not None}
     for r in p.records:  # such layers are candidates now (error hints list them)
@@ -369,19 +397,19 @@ def _transformer_layer(p: LayerProbe, named: dict[str, nn.Module]) -> Optional[t
         return last.name, "tokens", last.name
     last = attn[-1]
     parent = last.name.rpartition(".")[0]  # the last attention block (its input norm: a child that runs before)
-    kids = [by_name[n] for n in maps if n.rpartition(".")[0] == parent and maps[n].kind == "tokens"]
+    kids = [by_name[n] for n in maps if n.rpartition(".")[0] == parent and maps[n].kind in _TOKEN_KINDS]
     norms = [r for r in kids if "norm" in r.kind.lower() and r.order < last.order]
     if norms and parent:  # ViT-like (also CaiT / XCiT class-attention blocks, whose own output is the class token)
         norm = min(norms, key=lambda r: r.order)
         if maps[norm.name].prefix == 0:  # no class token: the head pools every token, the deepest token layer
-            deepest = max((by_name[n] for n in maps if maps[n].kind == "tokens"), key=lambda r: r.order)
+            deepest = max((by_name[n] for n in maps if maps[n].kind in _TOKEN_KINDS), key=lambda r: r.order)
             return deepest.name, "vit-pooled", parent
         return norm.name, "vit", parent
     block = next((a for a in _strict_ancestors(last.name) if a in maps), None)
     if block is None:
         return None
-    if maps[block].kind == "tokens":  # no input norm (LeViT): the deepest token layer, as for pooled heads
-        deepest = max((by_name[n] for n in maps if maps[n].kind == "tokens"), key=lambda r: r.order)
+    if maps[block].kind in _TOKEN_KINDS:  # no input norm (LeViT): the deepest token layer, as for pooled heads
+        deepest = max((by_name[n] for n in maps if maps[n].kind in _TOKEN_KINDS), key=lambda r: r.order)
         return deepest.name, "vit-pooled", block
     stage = block  # channels-last: climb to the stage holding the block (same shape, finishing right after it)
     for a in _strict_ancestors(block):
@@ -414,7 +442,12 @@ def guess_layer(model: nn.Module, x: Tensor) -> str:
 
     torchvision ResNets give ``layer4``, VGG ``features``, timm EfficientNets ``bn2``.
     """
-    p = probe_layers(model, x)
+    if x.ndim == 5:  # volumes: the probe is memoised (its layouts are read again by every call)
+        from .volume_probe import probe_volume
+
+        p = probe_volume(model, x)
+    else:
+        p = probe_layers(model, x)
     if p.layer is None:
         raise LayerError(f"cannot pick a CAM layer of {type(model).__name__}: {p.error}")
     return p.layer
