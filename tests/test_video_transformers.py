@@ -259,6 +259,9 @@ def test_token_layer_whose_grid_cannot_be_found_is_a_clear_error():
     with pytest.raises(LayerError, match=r"cannot tell their \(t, h, w\) grid.*(8x8x8|2x16x16)") as err:
         camlens.explain(net, x, layer="mix")
     assert isinstance(err.value, CamlensError) and "proj" in str(err.value)
+    assert "grid=(t, h, w)" in str(err.value)  # the override it names works:
+    exp = camlens.explain(net, x, layer="mix", layout=camlens.MapLayout("tokens", grid=(8, 8, 8), prefix=0))
+    assert exp.raw.shape == (1, 1, 8, 8, 8)
     assert camlens.explain(net, x).layers == ["proj"]  # layer=None: the 3-D map it has
 
 

@@ -244,3 +244,59 @@ def test_numpy_nearest_resize_of_volumes_matches_interpolate():
         want = F.interpolate(m.reshape(1, -1, 4, 5, 6), size=size, mode="nearest").reshape(2, 3, *size)
         assert np.array_equal(NumpyOps().resize(m.numpy(), size, "nearest"), want.numpy())
         assert torch.equal(TorchOps().resize(m, size, "nearest"), want)
+
+
+def test_layout_and_reshape_override_the_reading_of_a_volume_layer(med):
+    """layout='nchw' / 'volume' reads a 3-D map as it is (the same raws as camlens' own reading); a
+    reshape= function returning (B, C, d, h, w) (here: a channels-last copy permuted back) is read like
+    one, its gradients alike; a wrong rank is a clear error."""
+    x = _vol(1)
+    own = camlens.explain(med, x, targets=[0, 1], layer="features.8")
+    for lay in ("nchw", "volume", camlens.MapLayout("volume"), {"features.8": "nchw"}):
+        same = camlens.explain(med, x, targets=[0, 1], layer="features.8", layout=lay)
+        assert torch.equal(same.raw, own.raw)
+    twice = camlens.explain(med, x, targets=[0, 1], layer="features.8", reshape=lambda a: a.flip(2).flip(2))
+    assert torch.allclose(twice.raw, own.raw, atol=1e-7 * own.raw.abs().max().item())
+    half = camlens.explain(med, x, targets=[0, 1], layer="features.8", reshape=lambda a: a[:, :, ::2])  # every 2nd slice
+    a, g = _acts_grads(med, med.features[8], x, [1])
+    a, g = a[:, :, ::2], g[:, :, ::2]
+    ref = (g.mean((2, 3, 4), keepdim=True) * a).sum(1)[0]
+    assert half.raw.shape == (1, 2, 4, 16, 16)
+    assert (half.raw[0, 1].double() - ref).abs().max() < 1e-5 * ref.abs().max()
+    with pytest.raises(camlens.core.errors.LayerError, match=r"\(B, C, d, h, w\).*returned \(1, 8, 16, 16\)"):
+        camlens.explain(med, x, targets=0, layer="features.8", reshape=lambda a: a[:, :, 0])
+    with pytest.raises(ConfigError, match="does not read a volume layer"):
+        camlens.explain(med, x, targets=0, layer="features.8", layout=camlens.MapLayout("reshape"))
+
+
+def test_tokens_layout_of_a_volume_layer_takes_a_3d_grid():
+    """A clip model whose layer emits tokens (B, 1 + t*h*w, C) camlens cannot place: layout= with the
+    (t, h, w) grid reads it; the raws equal the hand-made reshape."""
+
+    class ClipTokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv3d(3, 6, (2, 4, 4), stride=(2, 4, 4))
+            self.cls = nn.Parameter(torch.randn(1, 1, 6))
+            self.mix = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 4)
+
+        def forward(self, x):
+            t = self.embed(x).flatten(2).transpose(1, 2)  # (B, t*h*w, C)
+            t = self.mix(torch.cat([self.cls.expand(len(t), 1, 6), t], 1)).relu()
+            return self.head(t.mean(1))
+
+    torch.manual_seed(0)
+    net = ClipTokens().double().eval()
+    x = torch.randn(1, 3, 4, 16, 16, dtype=torch.float64)
+    grid = camlens.MapLayout("tokens", grid=(2, 4, 4), prefix=1)
+    exp = camlens.explain(net, x, targets=2, layer="mix", layout=grid)
+    a, g = _acts_grads(net, net.mix, x, [2])
+    read = lambda t: t[:, 1:].transpose(1, 2).reshape(1, 6, 2, 4, 4)  # noqa: E731
+    ref = (read(g).mean((2, 3, 4), keepdim=True) * read(a)).sum(1)[0]
+    assert exp.raw.shape == (1, 1, 2, 4, 4)
+    assert (exp.raw[0, 0].double() - ref).abs().max() < 1e-5 * ref.abs().max()
+    by_fn = camlens.explain(net, x, targets=2, layer="mix", reshape=read)
+    assert torch.allclose(by_fn.raw, exp.raw)
+    with pytest.raises(camlens.core.errors.LayerError, match=r"grid=\(t, h, w\)"):
+        camlens.explain(net, x, targets=2, layer="mix", layout="tokens")

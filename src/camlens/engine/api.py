@@ -175,8 +175,7 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
                               combine=combine, precision=precision, channels_last=channels_last, heads=heads,
                               sign=sign, activation=activation, display=display, differentiable=differentiable,
                               noise_smooth=noise_smooth, noise_sigma=noise_sigma, seed=seed, aug_smooth=aug_smooth,
-                              **{"tile=": tile is not None,
-                                 "layout=": layout is not None, "reshape=": reshape is not None})
+                              layout=layout, reshape=reshape, **{"tile=": tile is not None})
     if tile is not None:  # large images: tile by tile with bounded memory (the layer is guessed on a tile)
         check_tiling(tile, overlap, tile_batch)
         with bk.session(net, eval_mode=eval_mode):

@@ -15,17 +15,19 @@ layer in its own layout. Methods with maps at input resolution (occlusion with 3
 backprop, Guided Grad-CAM, the centre prior) give saliency ``(B, T, D, H, W)``: ReLU → capped at a
 quantile of the whole volume → min-max per volume (:func:`finish_saliency_volume`).
 ``differentiable=True``, ``noise_smooth=`` and ``aug_smooth=`` (H, W flipped and rescaled, D kept) work
-as for images. Attention methods, D-RISE, ``tile=``, ``layout=`` and ``reshape=`` are refused
+as for images; ``layout=`` / ``reshape=`` override the reading (:func:`volume_reads`). Attention
+methods, D-RISE and ``tile=`` are refused
 with an error naming what works.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..backends.base import VOLUME_KINDS, Backend, MapLayout, get_backend, namespace
-from ..core.errors import ConfigError, InputError
+from ..core.errors import ConfigError, InputError, LayerError
 from ..core.explanation import Explanation
+from ..core.layouts import layer_reads
 from ..core.postprocess import fuse as fuse_maps
 from ..core.postprocess import clip_quantile, normalize, relu as relu_maps, to_float32
 from ..core.targets import Categories
@@ -36,7 +38,7 @@ from .wrappers import aug_smoothed, noise_smoothed
 Tensor = Any  # an array of the model's backend
 
 __all__ = ["takes_volumes", "volume_methods", "check_volume_call", "unflatten_raws", "process_volume", "finish_saliency_volume",
-           "explain_volume"]
+           "explain_volume", "volume_reads", "VolumeReshape"]
 
 VOLUME = MapLayout("volume")
 
@@ -102,6 +104,69 @@ def process_volume(raws: list[Tensor], size: Optional[tuple[int, int, int]], *, 
     return _normalize_volume(fuse_maps(per, fuse))  # type: ignore[arg-type]
 
 
+_VOLUME_OF = {"nchw": "volume", "nhwc": "volume-last", "tokens": "volume-tokens"}  # explain(layout=...) on volumes
+
+
+class VolumeReshape:
+    """A user's ``reshape=`` function for a volume layer: ``fn(a) -> (B, C, d, h, w)``, read as
+    ``(B, C, d, h*w)`` like any 3-D map; ``grid`` is the ``(d, h, w)`` of its latest result (the raws
+    of the pass that just ran are read back on it)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.grid: Optional[tuple[int, int, int]] = None
+
+    def __call__(self, a: Tensor) -> Tensor:
+        out = self.fn(a)
+        if not hasattr(out, "shape") or len(out.shape) != 5:
+            seen = tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
+            raise LayerError(f"for a volume / clip input, reshape= must return the layer's 3-D map (B, C, d, h, w); "
+                             f"it returned {seen}")
+        self.grid = tuple(int(v) for v in out.shape[-3:])  # type: ignore[assignment]
+        return namespace(out).reshape(out, (*out.shape[:-2], out.shape[-2] * out.shape[-1]))
+
+
+def volume_reads(layout: Any, reshape: Any, names: list[str],
+                 auto: Callable[[list[str]], dict[str, MapLayout]]) -> dict[str, MapLayout]:
+    """How to read each layer of a volume pass: ``explain(layout=..., reshape=...)`` where the user gave
+    one, else camlens' own reading ``auto(layer names)`` (the backend's ``volume_layouts``, asked only
+    for the layers it must read).
+
+    ``layout``: ``"nchw"`` / ``"volume"`` (``(B, C, d, h, w)`` as is), ``"nhwc"`` / ``"volume-last"``
+    (``(B, d, h, w, C)``), ``"tokens"`` / ``"volume-tokens"`` (``(B, P + t*h*w, C)``), or a
+    :class:`MapLayout` of those kinds with ``grid=(t, h, w)`` and ``prefix=P`` (a token reading without
+    a grid takes the model's, when camlens finds it); per layer as a dict. ``reshape``: ``fn(a) ->
+    (B, C, d, h, w)`` (:class:`VolumeReshape`), applied alike to the gradients (so linear)."""
+    user = layer_reads(layout, reshape, names) or {}
+    out = auto([n for n in names if n not in user]) if len(user) < len(names) else {}
+    for n, spec in user.items():
+        if isinstance(spec, MapLayout) and spec.kind == "reshape" and callable(spec.fn):
+            out[n] = MapLayout("reshape", fn=VolumeReshape(spec.fn))
+            continue
+        lay = MapLayout(spec) if isinstance(spec, str) else spec
+        if not isinstance(lay, MapLayout):
+            raise ConfigError(f"layout= takes a kind name or a camlens.MapLayout, got {spec!r}")
+        kind = _VOLUME_OF.get(lay.kind, lay.kind)
+        if kind not in VOLUME_KINDS:
+            raise ConfigError(f"layout={lay.kind!r} does not read a volume layer; for volumes / clips use one of "
+                              f"{sorted(_VOLUME_OF)} or {list(VOLUME_KINDS)}")
+        grid, prefix = lay.grid, lay.prefix
+        if kind == "volume-tokens" and grid is None:
+            try:
+                found: Optional[MapLayout] = auto([n]).get(n)
+            except LayerError as err:
+                raise LayerError(f"layout='tokens' for the volume layer {n!r} needs its grid: "
+                                 f"camlens.MapLayout('tokens', grid=(t, h, w), prefix=P). ({err})") from None
+            if found is None or found.kind != "volume-tokens":
+                raise LayerError(f"layout='tokens' for the volume layer {n!r} needs its grid: "
+                                 "camlens.MapLayout('tokens', grid=(t, h, w), prefix=P)")
+            grid, prefix = found.grid, found.prefix if prefix is None else prefix
+        if grid is not None and len(grid) != 3:
+            raise ConfigError(f"a volume layer's grid is (t, h, w), got {grid!r} for layer {n!r}")
+        out[n] = MapLayout(kind, None if grid is None else tuple(int(g) for g in grid), prefix)
+    return out
+
+
 def finish_saliency_volume(sal: Tensor, relu: bool = True, clip: float = 1.0) -> Tensor:
     """Saliency volumes ``(B, T, D, H, W)`` at input resolution (occlusion, guided backprop) -> maps in
     [0, 1]: ReLU (optional) → capped at the ``clip`` quantile of each whole volume → min-max per volume,
@@ -118,13 +183,14 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
                    eval_mode: bool, combine: str, precision: str, channels_last: Optional[bool], heads: Any,
                    sign: int, activation: Any, display: Any = None, differentiable: bool = False,
                    noise_smooth: int = 0, noise_sigma: float = 0.15, seed: int = 0, aug_smooth: bool = False,
-                   **unsupported: bool) -> Explanation:
+                   layout: Any = None, reshape: Any = None, **unsupported: bool) -> Explanation:
     """:func:`camlens.explain` for ``x`` ``(B, C, D, H, W)``: maps ``(B, T, D, H, W)``, raws ``(B, T, d, h, w)``.
 
     ``differentiable``: as :func:`camlens.explain`'s (maps keep their graph back to the model's
     parameters and input; the model keeps its own mode and ``requires_grad``). ``noise_smooth``,
     ``noise_sigma``, ``seed``: SmoothGrad-style averaging of the raw maps over noisy copies of each
-    volume (:func:`camlens.engine.wrappers.noise_smoothed`), as for images.
+    volume (:func:`camlens.engine.wrappers.noise_smoothed`), as for images. ``layout``, ``reshape``:
+    how to read the layers (:func:`volume_reads`).
     ``unsupported``: option name -> whether it was given (an error names those that were).
     """
     check_volume_call(meth, tuple(x.shape), **unsupported)
@@ -139,7 +205,13 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
         layers = []
     names = [n for n, _ in layers]
     layouts = getattr(bk, "volume_layouts", None)  # (B, C, d, h, w), channels-last or clip tokens
-    read = layouts(net, x, names) if layouts is not None else {n: VOLUME for n in names}
+
+    def reads(xs: Tensor) -> dict[str, MapLayout]:  # the user's reading of each layer, or camlens' at xs' size
+        def auto(ns: list[str]) -> dict[str, MapLayout]:
+            return layouts(net, xs, ns) if layouts is not None else {n: VOLUME for n in ns}
+        return volume_reads(layout, reshape, names, auto)
+
+    read = reads(x)
     out_size = tuple(int(s) for s in x.shape[-3:]) if upsample else None
     with bk.session(net, eval_mode=eval_mode, freeze=not differentiable, restore_buffers=not differentiable):
         fwd = bk.layout(net, channels_last, precision)
@@ -151,7 +223,8 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
 
         def finished(res: MethodOutput, size: Optional[tuple[int, int, int]], layouts: Optional[dict]
                      ) -> tuple[Tensor, dict]:  # raws (B, T, d, h*w) on the pass's grids -> maps, raws
-            grids = {n: lay.grid for n, lay in (layouts or {}).items() if lay.kind in VOLUME_KINDS}
+            grids = {n: lay.grid if lay.kind in VOLUME_KINDS else lay.fn.grid for n, lay in (layouts or {}).items()
+                     if lay.kind in VOLUME_KINDS or isinstance(lay.fn, VolumeReshape)}
             raws = unflatten_raws(res.raws or {}, grids)
             with bk.graph(differentiable):
                 if raws:
@@ -161,8 +234,7 @@ def explain_volume(net: Any, x: Tensor, targets: Any, *, bk: Backend, meth: Meth
         maps, raws = finished(result, out_size, p.layouts)
         if aug_smooth:
             def maps_of(xa: Tensor) -> Tensor:  # one pass on an augmented batch, maps at its own size
-                ra = layouts(net, xa, names) if layouts is not None else read  # token grids follow the size
-                q = run_pass(net, xa, p.rows, layers, meth, opts, None, None, layout=fwd, read=ra)
+                q = run_pass(net, xa, p.rows, layers, meth, opts, None, None, layout=fwd, read=reads(xa))
                 return finished(q.result, tuple(int(s) for s in xa.shape[-3:]) if upsample else None, q.layouts)[0]
 
             maps = aug_smoothed(net, x, p, layers, meth, opts, maps, out_size, relu, fuse, fwd, maps_of=maps_of,

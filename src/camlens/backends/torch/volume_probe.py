@@ -276,7 +276,7 @@ def volume_layouts(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[
             cands = ", ".join(repr(c) for c in p.candidates(3)) if p.layer is not None else ""
             raise LayerError(f"layer {name!r} ({r.kind}) outputs {_why_unreadable(r, size, prefix)}. Pick a layer "
                              "whose output is a 3-D map (B, C, d, h, w) or (B, d, h, w, C)"
-                             + (f", e.g. {cands}" if cands else "") + ", or have the model pass its (t, h, w) "
-                             "grid along with the tokens (as torchvision MViT's blocks do)")
+                             + (f", e.g. {cands}" if cands else "") + ", or give its grid: layout=camlens."
+                             "MapLayout('tokens', grid=(t, h, w), prefix=P)")
         out[name] = lay if lay is not None else MapLayout("volume")
     return out
