@@ -80,6 +80,7 @@ class Arch:
     hand: Reshape = None  # the reshape written by hand, the peer's way (None: from camlens' layout)
     want: Optional[str] = None  # the layer the literature recommends, where one is documented
     note: str = ""  # what the table should say about this row
+    clip: Optional[tuple[int, int, int]] = None  # a video / volume model: the input's (D, H, W); size unused
 
 
 def _tv(name: str, **kw: Any) -> Callable[[], nn.Module]:
@@ -87,6 +88,25 @@ def _tv(name: str, **kw: Any) -> Callable[[], nn.Module]:
         import torchvision
         return getattr(torchvision.models, name)(weights=None, **kw)
     return build
+
+
+def _video(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision.models.video as tvv
+        return getattr(tvv, name)(weights=None, **kw)
+    return build
+
+
+def _ncdhw_last(t: Tensor) -> Tensor:
+    """Swin3D's channels-last stages (B, d, h, w, C) -> (B, C, d, h, w), by hand."""
+    return t.permute(0, 4, 1, 2, 3)
+
+
+def _clip_tokens(prefix: int, grid: tuple[int, int, int]) -> Callable[[Tensor], Tensor]:
+    """Clip tokens (B, P + t*h*w, C) -> (B, C, t, h, w), by hand."""
+    def rt(t: Tensor) -> Tensor:
+        return t[:, prefix:, :].reshape(t.size(0), *grid, t.size(2)).permute(0, 4, 1, 2, 3)
+    return rt
 
 
 def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
@@ -167,6 +187,19 @@ def architectures(smoke: bool) -> list[Arch]:
         Arch("timm mobilevit_xs (256²)", "MobileViT", _timm("mobilevit_xs"), 256),
         Arch("timm fastvit_t8", "FastViT", _timm("fastvit_t8")),
         Arch("timm efficientvit_b0", "EfficientViT", _timm("efficientvit_b0")),
+        # volumes and video clips (B, 3, D, H, W): maps (B, T, D, H, W), trilinear
+        Arch("r3d_18 (tv video)", "3-D CNN", _video("r3d_18"), clip=(8, 112, 112), want="layer4"),
+        Arch("mc3_18 (tv video)", "3-D CNN", _video("mc3_18"), clip=(8, 112, 112), want="layer4"),
+        Arch("r2plus1d_18 (tv video)", "3-D CNN", _video("r2plus1d_18"), clip=(8, 112, 112), want="layer4"),
+        Arch("s3d (tv video)", "3-D CNN", _video("s3d"), clip=(16, 224, 224),
+             note="random weights: the features reaching the head are ~1e-9 (the signal fades through the random "
+                  "inception blocks), so the logits are the head's biases and the top class's Grad-CAM is negative "
+                  "everywhere: a flat map, as the plain-torch reference agrees (Eigen-CAM on the same layer: std "
+                  "0.34); needs trained weights"),
+        Arch("swin3d_t (tv video)", "Swin3D", _video("swin3d_t"), clip=(8, 112, 112), hand=_ncdhw_last,
+             want="features.6"),
+        Arch("mvit_v2_s (tv video)", "MViT", _video("mvit_v2_s"), clip=(16, 224, 224),
+             hand=_clip_tokens(1, (8, 7, 7)), want="blocks.15.norm1"),
     ]
 
 
@@ -177,13 +210,13 @@ def _redraw_zero_heads(net: nn.Module) -> int:
     map of any method is flat) set to 1."""
     n = 0
     g = torch.Generator().manual_seed(1)
-    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
     with torch.no_grad():
         for m in net.modules():
             w = getattr(m, "weight", None)
             if not isinstance(w, Tensor) or not w.numel() or w.any():
                 continue
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
                 w.copy_(torch.randn(w.shape, generator=g) * 0.02)
                 n += 1
             elif isinstance(m, norms):
@@ -195,6 +228,16 @@ def _redraw_zero_heads(net: nn.Module) -> int:
 def _layout(net: nn.Module, name: str, x: Tensor) -> tuple[str, Reshape]:
     """How camlens reads ``name``'s output on ``x`` (the same rule as the engine), and that reading as
     a pytorch-grad-cam ``reshape_transform``."""
+    if x.ndim == 5:  # volumes / clips: the backend's reading of 3-D maps
+        from camlens.backends.torch.volume_probe import volume_layouts
+
+        lay = volume_layouts(net, x, [name])[name]
+        grid = "x".join(map(str, lay.grid)) if lay.grid else "?"
+        if lay.kind == "volume-last":
+            return f"channels-last 3-D (grid {grid})", _ncdhw_last
+        if lay.kind == "volume-tokens":
+            return f"clip tokens (prefix {lay.prefix}, grid {grid})", _clip_tokens(lay.prefix, lay.grid)
+        return "ncdhw", None
     out: dict[str, Any] = {}
     h = net.get_submodule(name).register_forward_hook(lambda m, i, o: out.setdefault("o", o))
     try:
@@ -251,14 +294,17 @@ def _by_hand(net: nn.Module, layer: nn.Module, x: Tensor, cls: int, reshape: Res
         h.remove()
     g, = torch.autograd.grad(out[0, cls], store["a"])
     a, g = (store["v"], g) if reshape is None else (reshape(store["v"]), reshape(g))
-    cam = torch.relu((g.double().mean((2, 3), keepdim=True) * a.double()).sum(1, keepdim=True))
-    cam = torch.nn.functional.interpolate(cam, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
+    dims = tuple(range(2, a.ndim))  # (h, w), or (d, h, w) for volumes
+    cam = torch.relu((g.double().mean(dims, keepdim=True) * a.double()).sum(1, keepdim=True))
+    mode = "trilinear" if a.ndim == 5 else "bilinear"
+    cam = torch.nn.functional.interpolate(cam, size=tuple(x.shape[2:]), mode=mode, align_corners=False)[0, 0]
     lo, hi = cam.min(), cam.max()
     return ((cam - lo) / (hi - lo)).float() if hi > lo else torch.zeros_like(cam).float()
 
 
 def run_one(a: Arch) -> dict[str, Any]:
-    row: dict[str, Any] = {"arch": a.name, "family": a.family, "size": a.size, "layer": None, "layout": None,
+    size = "x".join(map(str, a.clip)) if a.clip else f"{a.size}²"
+    row: dict[str, Any] = {"arch": a.name, "family": a.family, "size": size, "layer": None, "layout": None,
                            "want": a.want, "check": "hand" if a.hand is not None else "layout", "diff": None,
                            "diff_pgc": None, "std": None, "coverage": None, "time_s": None, "ok": False,
                            "error": None, "redrawn": 0, "note": a.note}
@@ -266,7 +312,8 @@ def run_one(a: Arch) -> dict[str, Any]:
         torch.manual_seed(0)
         net = a.build().eval()
         row["redrawn"] = _redraw_zero_heads(net)
-        x = torch.randn(1, 3, a.size, a.size, generator=torch.Generator().manual_seed(0))
+        shape = (1, 3, *a.clip) if a.clip else (1, 3, a.size, a.size)
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             exp = camlens.explain(net, x)  # nothing but the model and the input
@@ -281,12 +328,13 @@ def run_one(a: Arch) -> dict[str, Any]:
         mod = net.get_submodule(layer)
         row["diff"] = float((maps - _by_hand(net, mod, x, cls, reshape)).abs().max())
         k = 1.0 / max(float(exp.raw.abs().max()), 1e-30)
-        row["diff_pgc"] = float((maps - _pgc(net, mod, x, cls, reshape, k)[0].float()).abs().max())
+        if a.clip is None:  # (pytorch-grad-cam resizes volumes with cubic splines: not comparable at full size)
+            row["diff_pgc"] = float((maps - _pgc(net, mod, x, cls, reshape, k)[0].float()).abs().max())
         t = time.perf_counter()
         camlens.explain(net, x)
         row["time_s"] = time.perf_counter() - t
         row["ok"] = (bool(torch.isfinite(exp.maps).all()) and row["std"] > 0.05 and row["coverage"] > 0.05
-                     and row["diff"] < TOL and (a.hand is None or row["diff_pgc"] < TOL)
+                     and row["diff"] < TOL and (a.hand is None or a.clip is not None or row["diff_pgc"] < TOL)
                      and (a.want is None or layer == a.want))
     except Exception as err:  # one architecture's failure is a row, not the end of the sweep
         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
@@ -304,7 +352,9 @@ def _md(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "reshape written by hand the peer's way (check *hand*: ViT, DeiT, Swin, ...) or built from camlens' "
              "reading (*layout*). pytorch-grad-cam is given the model's outputs scaled so its raw maps are of "
              "order 1 (it divides by max + 1e-7); on DenseNet it differs because the model's in-place ReLU "
-             "after `features` changes the activations its hook stored (it explains the ReLU's output).", "",
+             "after `features` changes the activations its hook stored (it explains the ReLU's output). Video / "
+             "volume rows (input D x H x W): 3-D maps, trilinear upsampling, compared with plain torch only "
+             "(pytorch-grad-cam resizes volumes with cubic splines).", "",
              f"**{ok} / {len(rows)} ok ({100 * ok / len(rows):.0f} %).** {meta['machine']}; torch {meta['torch']}, "
              f"timm {meta['timm']}, torchvision {meta['torchvision']}; {meta['date']}.", "",
              "| architecture | family | input | layer picked | layout | check | max diff: plain torch | "
@@ -312,12 +362,13 @@ def _md(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     notes = [f"* {r['arch']}: {r['note']}" for r in rows if r.get("note")]
     for r in rows:
         if r["error"]:
-            lines.append(f"| {r['arch']} | {r['family']} | {r['size']}² | {r['layer'] or '—'} | — | — | — | — | — | — "
+            lines.append(f"| {r['arch']} | {r['family']} | {r['size']} | {r['layer'] or '—'} | — | — | — | — | — | — "
                          f"| no: {r['error'].replace('|', '/')[:160]} |")
             continue
         want = "" if r["want"] is None or r["want"] == r["layer"] else f" (want {r['want']})"
-        lines.append(f"| {r['arch']} | {r['family']} | {r['size']}² | `{r['layer']}`{want} | {r['layout']} | "
-                     f"{r['check']} | {r['diff']:.1e} | {r['diff_pgc']:.1e} | {r['std']:.2f} | {r['time_s']:.2f} | "
+        pgc = "—" if r["diff_pgc"] is None else f"{r['diff_pgc']:.1e}"
+        lines.append(f"| {r['arch']} | {r['family']} | {r['size']} | `{r['layer']}`{want} | {r['layout']} | "
+                     f"{r['check']} | {r['diff']:.1e} | {pgc} | {r['std']:.2f} | {r['time_s']:.2f} | "
                      f"{'yes' if r['ok'] else 'no'} |")
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 

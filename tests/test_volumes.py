@@ -280,11 +280,11 @@ def test_stream_yields_one_explanation_per_volume(med):
         assert (e.maps - full.maps[b:b + 1]).abs().max() < 1e-6
 
 
-def test_metrics_and_image_grids_refuse_volumes_naming_what_to_use(med):
+def test_image_only_metrics_and_image_grids_refuse_volumes_naming_what_to_use(med):
     x = _vol(1)
     exp = camlens.explain(med, x)
-    with pytest.raises(ConfigError, match="volume"):
-        camlens.evaluate(med, x, exp)
+    with pytest.raises(ConfigError, match="images only.*volumes are .*deletion"):
+        camlens.evaluate(med, x, exp, ["road_morf"])
     with pytest.raises(CamlensError, match="volume_grid"):
         camlens.viz.explanation_grid(exp)
 
@@ -400,3 +400,42 @@ def test_corner_aligned_trilinear_resize_numpy_and_torch(size):
     want = F.interpolate(m[None], size=size, mode="trilinear", align_corners=True)[0]
     assert np.abs(NumpyOps().resize_corners(m.numpy(), size) - want.numpy()).max() < 1e-12
     assert (TorchOps().resize_corners(m, size) - want).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("codec", [None, "mpeg4"])
+def test_volume_video_mp4_decodes_to_the_gif_frames(med, tmp_path, codec):
+    """An MP4 of a clip of odd height: PyAV reads back one frame per slice, padded to even size, close to
+    the overlays volume_gif writes (yuv420p halves the colour resolution, so not equal)."""
+    av = pytest.importorskip("av")
+    x = torch.randn(1, 1, 6, 15, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    exp = camlens.explain(med, x, targets=[0, 2])
+    path = camlens.viz.volume_video(exp, tmp_path / "sub" / "clip.mp4", t=1, fps=5, codec=codec)
+    _, want = camlens.viz.volume_overlays(exp.inputs[0], exp.maps[0, 1])
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        # the decoder's name: h264 for libx264's stream
+        assert stream.codec_context.name == (codec or ("h264" if "libx264" in av.codecs_available else "mpeg4"))
+        got = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(got) == 6 and all(g.shape == (16, 20, 3) for g in got)
+    for g, w in zip(got, want):
+        even = camlens.viz.volume.even_frame(w)
+        assert np.array_equal(even[15], w[14]) and np.array_equal(even[:15], w)  # the padded row repeats the last
+        # yuv420p's own round trip (half-resolution colour) vs what the encoder adds to it
+        rt = av.VideoFrame.from_ndarray(even, format="rgb24").reformat(format="yuv420p").to_ndarray(format="rgb24")
+        assert np.abs(g.astype(float) - rt).mean() < 6  # crf 18 on 16 x 20 frames: about 3.5
+        assert np.abs(g[:15].astype(float) - w).mean() < 16
+    if "libx264" in av.codecs_available and codec is None:  # full colour: close to the overlays themselves
+        path = camlens.viz.volume_video(exp, tmp_path / "full.mp4", t=1, pix_fmt="yuv444p", crf=10)
+        with av.open(str(path)) as c:
+            got = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        assert [g.shape for g in got] == [(15, 20, 3)] * 6
+        assert max(np.abs(g.astype(float) - w).mean() for g, w in zip(got, want)) < 8  # of 255
+
+
+def test_volume_video_without_pyav_names_the_install(med, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "av", None)  # import av raises ImportError
+    exp = camlens.explain(med, _vol(1))
+    with pytest.raises(camlens.errors.MissingDependencyError, match=r"pip install \"camlens\[video\]\".*pip install av"):
+        camlens.viz.volume_video(exp, tmp_path / "clip.mp4")

@@ -1,4 +1,10 @@
-"""``camlens.evaluate``: score maps with faithfulness, localisation, complexity and sanity metrics."""
+"""``camlens.evaluate``: score maps with faithfulness, localisation, complexity and sanity metrics.
+
+Images ``(B, C, H, W)`` with maps ``(B, T, H, W)``, or volumes / video clips ``(B, C, D, H, W)`` with
+maps ``(B, T, D, H, W)``: the metrics registered with ``volumes=True`` (:func:`volume_metrics`: all
+but ROAD, whose imputation is 2-D) score those over all ``D H W`` voxels; see
+:mod:`camlens.metrics.faithfulness` and :mod:`camlens.metrics.localisation`.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +18,11 @@ from ..core.explanation import Explanation
 from ..core.registry import check_options
 from ..core.activations import activate, default_activation, model_activation
 from ..core.targets import ResolvedTarget, resolve_targets, split_outputs
-from ..metrics import EvalContext, Metric, get_metric, mean_sem
+from ..metrics import EvalContext, Metric, available_metrics, get_metric, mean_sem
 from .api import explain
 from .passes import match_dtype, outside_inference_mode, prepare
 
-__all__ = ["evaluate", "Scores", "DEFAULT_METRICS"]
+__all__ = ["evaluate", "Scores", "DEFAULT_METRICS", "volume_metrics"]
 
 Tensor = Any  # an array of the model's backend
 
@@ -82,6 +88,11 @@ def _probability(tg: ResolvedTarget, heads: Mapping, output: Any) -> Tensor:
     return to_float32(tg.score(heads, output))
 
 
+def volume_metrics() -> list[str]:
+    """Names of the registered metrics that score volume / clip maps (``Metric.volumes``)."""
+    return sorted(name for name, m in available_metrics().items() if m.volumes)
+
+
 @outside_inference_mode
 def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
              metrics: Sequence[str] = DEFAULT_METRICS, *, targets: Any = None, masks: Any = None, boxes: Any = None,
@@ -91,12 +102,16 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
 
     Args:
         model: ``nn.Module`` or :class:`camlens.models.LoadedModel`.
-        inputs: ``(B, C, H, W)`` (or images, with a LoadedModel).
+        inputs: ``(B, C, H, W)`` (or images, with a LoadedModel); or volumes / clips
+            ``(B, C, D, H, W)`` for a 3-D model (then only :func:`volume_metrics`).
         explanation: a :class:`camlens.Explanation`, or a plain map tensor ``(B, T, H, W)``
-            (higher = more important) with ``targets=`` naming what each map explains.
+            (volumes: ``(B, T, D, H, W)``; higher = more important) with ``targets=`` naming what
+            each map explains.
         metrics: metric names (``camlens.metrics.available_metrics()``).
         masks, boxes: ground truth for localisation metrics: ``(B, H, W)`` / ``(B, 4)`` for every
             target, or ``(B, T, H, W)`` / ``(B, T, 4)`` per target; boxes are ``(x0, y0, x1, y1)``.
+            Volumes: masks ``(B, D, H, W)`` / ``(B, T, D, H, W)``, boxes ``(B, 6)`` / ``(B, T, 6)``
+            ``(x0, y0, z0, x1, y1, z1)`` with z along depth / time.
         batch_size: perturbed inputs per forward.
         options: per-metric options, e.g. ``{"deletion": {"step": 448}}``.
         heads: with a plain map tensor, which outputs are classification heads for ``targets=``
@@ -108,8 +123,12 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
     """
     net, x, _, categories, _ = prepare(model, inputs, None, None)
     if x.ndim == 5:
-        raise ConfigError(f"the metrics do not score volume / clip maps yet (inputs {tuple(x.shape)} are (B, C, D, H, W)): "
-                          "their perturbations (deletion, insertion, ROAD, ...) work on (B, C, H, W) images")
+        refused = [get_metric(n).name for n in metrics if not get_metric(n).volumes]
+        if refused:
+            raise ConfigError(f"metric(s) {refused} score images only, and the inputs {tuple(x.shape)} are volumes / "
+                              f"clips (B, C, D, H, W) (ROAD's noisy linear imputation is a 2-D system); the metrics "
+                              f"that score volumes are {volume_metrics()}: pass metrics= among them, or score the "
+                              "slices / frames as images with a 2-D model")
     checked = _checked_options(options, metrics)  # before the model runs
     bk = get_backend(net)
     x = match_dtype(net, x, "fp32")
@@ -133,9 +152,11 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
                 out = net(x)
             rows = resolve_targets(targets, split_outputs(out), out, categories=categories, head_keys=heads,
                                    activation=model_activation(net, None))
-        if maps.ndim != 4 or maps.shape[0] != x.shape[0] or maps.shape[-2:] != x.shape[-2:]:
-            raise InputError(f"maps must be (B, T, H, W) = ({x.shape[0]}, T, {x.shape[-2]}, {x.shape[-1]}) at input "
-                             f"resolution; got {tuple(maps.shape)}")
+        grid = tuple(x.shape[2:])  # (H, W), or (D, H, W) for volumes
+        if maps.ndim != 2 + len(grid) or maps.shape[0] != x.shape[0] or tuple(maps.shape[2:]) != grid:
+            names = ("B", "T", "D", "H", "W") if len(grid) == 3 else ("B", "T", "H", "W")
+            raise InputError(f"maps must be ({', '.join(names)}) = ({x.shape[0]}, T, {', '.join(map(str, grid))}) at "
+                             f"input resolution; got {tuple(maps.shape)}")
         B, T = maps.shape[:2]
         if len(rows) != B or any(len(r) != T for r in rows):
             raise TargetError(f"targets resolve to {[len(r) for r in rows]} per image, but maps have T={T}")
@@ -153,8 +174,8 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
         ctx = EvalContext(model=net, inputs=x, maps=to_float32(ops.asarray(maps, like=x)), targets=rows, backend=bk,
                           probs=lambda xs, b: prob_runner.scores(xs, b, batch_size),
                           scores=lambda xs, b: score_runner.scores(xs, b, batch_size),
-                          masks=_per_target(masks, B, T, "masks", tuple(x.shape[-2:]), x),
-                          boxes=_per_target(boxes, B, T, "boxes", (4,), x), batch_size=batch_size,
+                          masks=_per_target(masks, B, T, "masks", grid, x),
+                          boxes=_per_target(boxes, B, T, "boxes", (2 * len(grid),), x), batch_size=batch_size,
                           explain=explain_fn, options=checked)
         result = Scores(values={})
         for name in metrics:

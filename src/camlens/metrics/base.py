@@ -14,6 +14,7 @@ backend, ``ctx.model_backend()``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -26,7 +27,7 @@ from ..core.registry import Registry
 from ..core.registry import defaults as option_defaults
 
 __all__ = ["Metric", "MetricResult", "EvalContext", "register_metric", "get_metric", "available_metrics", "auc",
-           "order_pixels", "mean_sem", "as_array_like"]
+           "order_pixels", "mean_sem", "as_array_like", "flat_spatial"]
 
 _METRICS: "Registry[Metric]" = Registry("metric", "camlens.metrics")
 
@@ -36,6 +37,11 @@ Tensor = Any  # an array of the model's backend (a torch.Tensor for PyTorch mode
 @dataclass
 class EvalContext:
     """What a metric may use. B images, T targets per image, maps ``(B, T, H, W)`` in [0, 1].
+
+    For volumes / clips every ``H, W`` below reads ``D, H, W``: inputs ``(B, C, D, H, W)``, maps
+    ``(B, T, D, H, W)``, masks ``(B, T, D, H, W)``, boxes ``(B, T, 6)`` ``(x0, y0, z0, x1, y1, z1)``
+    (z along depth / time); ``ctx.spatial`` is 2 or 3. Only metrics registered with
+    ``volumes=True`` are run on them (:attr:`Metric.volumes`).
 
     Attributes:
         model: the model (an ``nn.Module`` for PyTorch; eval mode, frozen, for the duration of the evaluation).
@@ -68,6 +74,11 @@ class EvalContext:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     backend: Optional[Backend] = None
 
+    @property
+    def spatial(self) -> int:
+        """How many trailing axes of the maps are spatial: 2 for images ``(H, W)``, 3 for volumes / clips ``(D, H, W)``."""
+        return self.maps.ndim - 2
+
     def model_backend(self) -> Backend:
         """``backend``, else the backend that owns ``model`` (:func:`camlens.backends.base.get_backend`)."""
         return self.backend if self.backend is not None else get_backend(self.model)
@@ -99,6 +110,9 @@ class Metric:
         requires: what beyond model + maps it needs: subset of ``{"masks", "boxes", "explain"}``
             (``"masks|boxes"`` means either).
         defaults: option name -> :class:`camlens.registry.Option` (default, check, doc) or a plain default.
+        volumes: whether it also scores volume / clip maps ``(B, T, D, H, W)`` (its maths over all
+            ``D H W`` voxels); ``camlens.evaluate`` refuses the others on volumes. Off by default, so a
+            plug-in metric written for images is not run on volumes unawares.
     """
 
     name: str
@@ -107,6 +121,7 @@ class Metric:
     description: str
     requires: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    volumes: bool = False
 
     def __call__(self, ctx: EvalContext) -> MetricResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -167,14 +182,23 @@ def mean_sem(values: Tensor) -> tuple[float, float, int]:
     return mean, sem, n
 
 
-def order_pixels(maps: Tensor, generator: Any = None, tie_noise: float = 0.0) -> Tensor:
+def flat_spatial(x: Tensor, spatial: int = 2) -> Tensor:
+    """``(..., *S) -> (..., prod(S))``: the last ``spatial`` axes (``H, W``, or ``D, H, W`` for volumes)
+    flattened in raster order."""
+    lead = x.shape[:x.ndim - spatial]
+    return namespace(x).reshape(x, (*lead, math.prod(x.shape[x.ndim - spatial:])))
+
+
+def order_pixels(maps: Tensor, generator: Any = None, tie_noise: float = 0.0, spatial: int = 2) -> Tensor:
     """Pixel indices ``(B, T, H*W)`` by descending saliency (stable; optional tiny noise breaks ties).
+    ``spatial=3``: voxel indices ``(B, T, D*H*W)`` of volume maps ``(B, T, D, H, W)`` (raster order:
+    depth, then row, then column).
 
     ``tie_noise``: ``tie_noise * U[0, 1)`` added to the (float32) maps first, drawn from
     ``generator`` (``ops.generator(seed, like=maps)``; ``None``: the global stream on the maps' device).
     """
     xp = namespace(maps)
-    flat = xp.astype(xp.reshape(maps, (*maps.shape[:-2], maps.shape[-2] * maps.shape[-1])), xp.float32, copy=False)
+    flat = xp.astype(flat_spatial(maps, spatial), xp.float32, copy=False)
     if tie_noise:
         flat = flat + tie_noise * ops_for(flat).random(flat.shape, generator, flat)
     return xp.argsort(flat, axis=-1, descending=True, stable=True)

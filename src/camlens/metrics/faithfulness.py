@@ -11,6 +11,14 @@ its own targets) and builds its perturbed inputs chunk by chunk, ``ctx.batch_siz
 model's device; the chunks' results are joined once at the end, with no host synchronisation. The
 maths is array-API code (:func:`camlens.backends.base.namespace`); the blur's convolution is the
 backend's (``Ops.separable_filter``).
+
+**Volumes and clips.** Inputs ``(B, C, D, H, W)`` with maps ``(B, T, D, H, W)`` are scored by the
+same formulas over all ``D H W`` voxels: deletion / insertion rank the voxels of the whole volume
+(raster order depth, row, column for ties) and move ``step`` voxels per step, every channel of a
+voxel together; the ``"blur"`` substrate blurs each slice / frame in ``(H, W)`` (not along depth or
+time: a frame of a clip is an image, and its neighbours in time need not be alike), ``"mean"`` is
+each channel's mean over the volume; Average Drop & co. multiply the input by the map min-maxed over
+the volume, voxel by voxel; sparseness is the Gini index over all voxels.
 """
 
 from __future__ import annotations
@@ -40,13 +48,18 @@ Substrate = Union[float, int, str, Tensor]
 def _substrate(x: Tensor, spec: Substrate, kernel: int, sigma: float) -> Tensor:
     """The reference images ``(B, C, H, W)``: a constant (in the normalised input space), ``"blur"``
     (Gaussian blur of each image), ``"mean"`` (each image's per-channel mean), or a tensor
-    broadcastable to ``x``."""
+    broadcastable to ``x``. Volumes ``(B, C, D, H, W)``: ``"blur"`` blurs every slice / frame in
+    ``(H, W)`` alone (:func:`gaussian_blur` on ``(B, C D, H, W)``), ``"mean"`` is over ``D, H, W``."""
     xp = namespace(x)
+    spatial = tuple(range(2 - x.ndim, 0))  # (-2, -1), or (-3, -2, -1) for volumes
     if isinstance(spec, str):
         if spec == "blur":
+            if x.ndim == 5:
+                B, C, D, H, W = x.shape
+                return xp.reshape(gaussian_blur(xp.reshape(x, (B, C * D, H, W)), kernel, sigma), x.shape)
             return gaussian_blur(x, kernel, sigma)
         if spec == "mean":
-            return xp.asarray(xp.broadcast_to(xp.mean(x, axis=(-2, -1), keepdims=True), x.shape), copy=True)
+            return xp.asarray(xp.broadcast_to(xp.mean(x, axis=spatial, keepdims=True), x.shape), copy=True)
         raise ConfigError(f"substrate must be a number, 'blur', 'mean' or a tensor; got {spec!r}")
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
         return xp.full_like(x, float(spec))
@@ -60,6 +73,8 @@ def causal_curves(ctx: EvalContext, start: Tensor, finish: Tensor, step: int) ->
 
     Args:
         start, finish: ``(B, C, H, W)``; deletion goes image -> substrate, insertion the reverse.
+            Volumes: ``(B, C, D, H, W)`` with maps ``(B, T, D, H, W)``, where every ``H W`` below
+            reads ``D H W`` (voxels ranked over the whole volume, ties in raster order).
         step: pixels moved per step (all channels of a pixel move together).
 
     Returns:
@@ -75,11 +90,12 @@ def causal_curves(ctx: EvalContext, start: Tensor, finish: Tensor, step: int) ->
         raise ConfigError(f"step must be a positive number of pixels, got {step}")
     step = int(step)
     xp = namespace(start, finish)
-    B, T, H, W = ctx.maps.shape
-    C, hw, dev = start.shape[1], H * W, array_api_compat.device(start)
+    B, T = ctx.maps.shape[:2]
+    grid = tuple(ctx.maps.shape[2:])  # (H, W), or (D, H, W)
+    C, hw, dev = start.shape[1], math.prod(grid), array_api_compat.device(start)
     n = math.ceil(hw / step)
     counts = xp.clip(xp.arange(n + 1, device=dev) * step, max=hw)  # pixels moved after step i
-    order = order_pixels(ctx.maps)  # (B, T, HW), descending, stable
+    order = order_pixels(ctx.maps, spatial=len(grid))  # (B, T, HW), descending, stable
     rank = xp.argsort(order, axis=-1)  # the inverse permutation: rank[b, t, p] = place of pixel p in the order
     n_jobs = T * (n - 1)  # interior steps i = 1 .. n-1 for every target; job j -> (t, i) = (j % T, 1 + j // T)
     bs = max(1, int(ctx.batch_size))
@@ -92,7 +108,7 @@ def causal_curves(ctx: EvalContext, start: Tensor, finish: Tensor, step: int) ->
             j = xp.arange(lo, min(lo + bs, n_jobs), device=dev)
             t, i = j % T, 1 + j // T
             moved = xp.take(rank[b], t, axis=0) < xp.take(counts, i)[:, None]  # (N, HW)
-            xs = xp.reshape(xp.where(moved[:, None, :], f_flat, s_flat), (-1, C, H, W))
+            xs = xp.reshape(xp.where(moved[:, None, :], f_flat, s_flat), (-1, C, *grid))
             inner.append(xp.take_along_axis(ctx.probs(xs, b), t[:, None], axis=1)[:, 0])
         mid = (xp.reshape(xp.astype(xp.concat(inner), xp.float32, copy=False), (n - 1, T)).T if inner
                else xp.zeros((T, 0), dtype=xp.float32, device=dev))  # (T, n - 1)
@@ -108,8 +124,14 @@ def mult_image_probs(ctx: EvalContext, normalize: bool = True) -> tuple[Tensor, 
 
     ``M`` is the map min-maxed per ``(b, t)`` to [0, 1] when ``normalize`` (a constant map becomes
     all zero); camlens' own maps are already min-maxed, so this only matters for plain map tensors.
+    Volumes: ``x`` ``(B, C, D, H, W)`` times maps ``(B, T, D, H, W)`` voxel by voxel, each map
+    min-maxed over its whole volume.
     """
-    maps = postprocess.normalize(ctx.maps, warn=False) if normalize else ctx.maps
+    maps = ctx.maps
+    if normalize:
+        xp = namespace(maps)
+        maps = xp.reshape(postprocess.normalize(xp.reshape(maps, (*maps.shape[:2], -1, maps.shape[-1])), warn=False),
+                          maps.shape)  # min-max over all of (H, W), or (D, H, W)
     B, T = maps.shape[:2]
     x = ctx.inputs
     xp, dev = namespace(x), array_api_compat.device(x)
@@ -121,7 +143,7 @@ def mult_image_probs(ctx: EvalContext, normalize: bool = True) -> tuple[Tensor, 
         for lo in range(0, T, bs):
             hi = min(lo + bs, T)
             t = xp.arange(lo, hi, device=dev)
-            xs = x[b][None] * xp.astype(maps[b, lo:hi], x.dtype)[:, None]  # (N, C, H, W)
+            xs = x[b][None] * xp.astype(maps[b, lo:hi], x.dtype)[:, None]  # (N, C, H, W) or (N, C, D, H, W)
             o.append(xp.take_along_axis(ctx.probs(xs, b), t[:, None], axis=1)[:, 0])
         O.append(xp.concat(o))
     return xp.astype(xp.stack(Y), xp.float32, copy=False), xp.astype(xp.stack(O), xp.float32, copy=False)
@@ -156,7 +178,8 @@ class CausalMetric(Metric):
     substrate (default ``0.0``, i.e. zero in the normalised input space — the dataset mean for
     mean/std-normalised inputs; or ``"blur"``, ``"mean"``, a number, a tensor); insertion starts
     from the substrate (default ``"blur"``: Gaussian blur, kernel 11, sigma 5) and reveals the
-    image's pixels. ``n = ceil(H W / step)`` steps; the curve ``(B, T, n + 1)`` holds the target's
+    image's pixels. ``n = ceil(H W / step)`` steps (volumes: ``ceil(D H W / step)``, ``step`` voxels each;
+``"blur"`` per slice / frame: see the module docstring); the curve ``(B, T, n + 1)`` holds the target's
     probability at step 0 (no pixel moved), after each step, and in the final state; the value is
     its trapezoidal area ``(Σ_i s_i - s_0 / 2 - s_n / 2) / n`` (:func:`~camlens.metrics.auc`), as
     RISE's ``CausalMetric``. ``extra["fractions"]`` ``(n + 1,)``: fraction of pixels moved.
@@ -210,11 +233,11 @@ class ConfidenceChange(Metric):
 class Sparseness(Metric):
     """Sparseness: the Gini index of each map's absolute values over its H W pixels (Chalasani et
     al., ICML 2020; as Quantus' ``Sparseness``, without its ``1e-7`` offset), ``(B, T)`` in
-    ``[0, (HW - 1) / HW]``; higher = a more concentrated map."""
+    ``[0, (HW - 1) / HW]``; higher = a more concentrated map. Volume maps: over all ``D H W`` voxels."""
 
     def __call__(self, ctx: EvalContext) -> MetricResult:
         maps = ctx.maps
-        return MetricResult(values=gini(namespace(maps).reshape(maps, (*maps.shape[:-2], -1))))
+        return MetricResult(values=gini(namespace(maps).reshape(maps, (*maps.shape[:2], -1))))
 
 
 _NORMALISE = Option(True, lambda v: None if isinstance(v, bool) else "True or False", "min-max the map first")
@@ -229,30 +252,32 @@ def _substrate_check(v: Any) -> Optional[str]:
     return None if ok else "a number, 'blur', 'mean' or a tensor"
 
 
-_CAUSAL_OPTS: dict[str, Any] = {"step": Option(224, positive_number, "pixels removed / revealed per step"),
+_CAUSAL_OPTS: dict[str, Any] = {"step": Option(224, positive_number, "pixels (voxels) removed / revealed per step"),
                                 "blur_kernel": Option(11, _odd_positive, "Gaussian kernel for 'blur'"),
                                 "blur_sigma": Option(5.0, positive_number, "Gaussian std for 'blur'")}
 
 register_metric(CausalMetric(
     name="deletion", higher_is_better=False, category="faithfulness",
     description="Deletion AUC: probability as the most salient pixels are removed (Petsiuk et al., RISE, 2018)",
-    defaults={**_CAUSAL_OPTS, "substrate": Option(0.0, _substrate_check, "what removed pixels become")}, mode="deletion"))
+    defaults={**_CAUSAL_OPTS, "substrate": Option(0.0, _substrate_check, "what removed pixels become")}, mode="deletion",
+    volumes=True))
 register_metric(CausalMetric(
     name="insertion", higher_is_better=True, category="faithfulness",
     description="Insertion AUC: probability as the most salient pixels are revealed on a blurred image (RISE, 2018)",
-    defaults={**_CAUSAL_OPTS, "substrate": Option("blur", _substrate_check, "the start image")}, mode="insertion"))
+    defaults={**_CAUSAL_OPTS, "substrate": Option("blur", _substrate_check, "the start image")}, mode="insertion",
+    volumes=True))
 register_metric(ConfidenceChange(
     name="average_drop", higher_is_better=False, category="faithfulness",
     description="Average Drop %: max(0, Y - O) / Y on image x map (Chattopadhay et al., Grad-CAM++, 2018)",
-    defaults={"normalize": _NORMALISE}, kind="drop"))
+    defaults={"normalize": _NORMALISE}, kind="drop", volumes=True))
 register_metric(ConfidenceChange(
     name="increase_in_confidence", higher_is_better=True, category="faithfulness",
     description="Increase in Confidence: 1[O > Y] on image x map (Chattopadhay et al., Grad-CAM++, 2018)",
-    defaults={"normalize": _NORMALISE}, kind="increase"))
+    defaults={"normalize": _NORMALISE}, kind="increase", volumes=True))
 register_metric(ConfidenceChange(
     name="average_gain", higher_is_better=True, category="faithfulness",
     description="Average Gain %: max(0, O - Y) / (1 - Y) on image x map (Zhang et al., Opti-CAM, 2023)",
-    defaults={"normalize": _NORMALISE}, kind="gain"))
+    defaults={"normalize": _NORMALISE}, kind="gain", volumes=True))
 register_metric(Sparseness(
     name="sparseness", higher_is_better=True, category="complexity",
-    description="Sparseness: Gini index of the map (Chalasani et al., 2020)"))
+    description="Sparseness: Gini index of the map (Chalasani et al., 2020)", volumes=True))

@@ -41,6 +41,10 @@ returns the mean change, i.e. ``values - base``.
 pytorch-grad-cam's ``ROADCombined`` (the base probability cancels). Its curve is the per-``p``
 half gap.
 
+**Images only.** The imputation is a 2-D system over a pixel's 8 neighbours; ROAD's metrics are
+not registered for volumes, and ``camlens.evaluate`` on ``(B, C, D, H, W)`` inputs refuses them
+with a ConfigError naming the metrics that do score volumes.
+
 Cost: ``B * T * P`` forwards per order and ``B * T * P`` systems of up to ``0.9 H W`` unknowns.
 When several ROAD metrics are evaluated together, each order's curves are computed once per
 evaluation (cached on the :class:`EvalContext`, keyed by the options).

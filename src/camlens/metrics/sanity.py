@@ -9,6 +9,9 @@ with the maps of the intact copy by the Spearman rank correlation, per image and
 
     rho_s[b, t] = Pearson(rank(m_0[b, t]), rank(m_s[b, t]))        over the H*W pixels,
 
+(over the D*H*W voxels for volume / clip maps ``(B, T, D, H, W)``: the re-explanations go through
+:func:`camlens.explain`, which explains volumes with the same method and layers),
+
 with average ranks for ties (ReLU'd maps have many zeros). A map that is constant in one of the
 two has no ranking to share: rho = 0 (1 when both are constant). Low rho = the method depends on
 the weights (↓ better); a model-independent map (an edge detector) stays at 1.
@@ -38,6 +41,7 @@ or prefixes; ``"a … b"`` for merged blocks). Cost: ``S + 1`` explanations of t
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -59,16 +63,17 @@ def average_ranks(x: Tensor) -> Tensor:
     return ops_for(x).average_ranks(x)
 
 
-def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation of maps ``a``, ``b`` ``(..., H, W)`` over pixels -> ``(...)``.
+def spearman(a: Tensor, b: Tensor, spatial: int = 2) -> Tensor:
+    """Spearman rank correlation of maps ``a``, ``b`` ``(..., H, W)`` over pixels -> ``(...)``
+    (``spatial=3``: ``(..., D, H, W)`` over voxels).
 
     Pearson correlation of average ranks; 0 when exactly one of the two maps is constant, 1 when
     both are.
     """
     xp = namespace(a, b)
-    lead = a.shape[:-2]
-    ra = average_ranks(xp.astype(xp.reshape(a, (-1, a.shape[-2] * a.shape[-1])), xp.float64))
-    rb = average_ranks(xp.astype(xp.reshape(b, (-1, b.shape[-2] * b.shape[-1])), xp.float64))
+    lead = a.shape[:a.ndim - spatial]
+    ra = average_ranks(xp.astype(xp.reshape(a, (-1, math.prod(a.shape[a.ndim - spatial:]))), xp.float64))
+    rb = average_ranks(xp.astype(xp.reshape(b, (-1, math.prod(b.shape[b.ndim - spatial:]))), xp.float64))
     ra = ra - xp.mean(ra, axis=1, keepdims=True)
     rb = rb - xp.mean(rb, axis=1, keepdims=True)
     na, nb = xp.linalg.vector_norm(ra, axis=1), xp.linalg.vector_norm(rb, axis=1)
@@ -142,13 +147,13 @@ class MPRT(Metric):
         rhos = []
         for s, (_, layers) in enumerate(steps):
             bk.reinitialise_layers(net, layers, seed + 1000 * s)  # the j-th layer of step s: seed + 1000 s + j
-            rhos.append(spearman(ref, _explain(ctx, net)))
+            rhos.append(spearman(ref, _explain(ctx, net), ctx.spatial))
         xp = namespace(ctx.maps)
         B, T = ctx.maps.shape[:2]
         curves = xp.stack(rhos, axis=-1) if rhos else xp.ones((B, T, 0))
         values = curves[..., -1] if rhos else xp.ones((B, T))
         return MetricResult(values=values, curves=curves,
-                            extra={"steps": [n for n, _ in steps], "reference_correlation": spearman(ctx.maps, ref)})
+                            extra={"steps": [n for n, _ in steps], "reference_correlation": spearman(ctx.maps, ref, ctx.spatial)})
 
 
 MPRT_METRIC = register_metric(MPRT(
@@ -157,4 +162,5 @@ MPRT_METRIC = register_metric(MPRT(
                 "those of the model re-initialised top-down, after the last step",
     requires=("explain",), defaults={"max_steps": Option(12, optional(positive_int, "every layer"), "randomisation steps"),
                                      "seed": Option(0, lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                                    else "an int >= 0", "of the random weights")}))
+                                                    else "an int >= 0", "of the random weights")},
+    volumes=True))
