@@ -106,7 +106,7 @@ def test_cli_top_k_layer_and_method(tmp_path):
 
 
 def test_cli_methods_and_unknown_layer(tmp_path):
-    res = CliRunner().invoke(app, ["methods"], terminal_width=400)
+    res = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "300"})
     assert res.exit_code == 0 and "gradcam" in res.output and "cam" in res.output
     rows = {ln.split("│")[1].strip(): ln.split("│")[-2].strip() for ln in res.output.splitlines()
             if ln.count("│") >= 5 and ln.split("│")[1].strip()}

@@ -79,11 +79,14 @@ def test_entry_point_plugins_register_and_a_broken_one_only_warns(plugin):
 def test_cli_lists_methods_and_metrics():
     from camlens.fronts.cli import app
 
-    res = CliRunner().invoke(app, ["metrics"], terminal_width=200)
+    res = CliRunner().invoke(app, ["metrics"], env={"COLUMNS": "300"})  # Rich's width: rows on one line
     assert res.exit_code == 0, res.output
     for name, m in camlens.metrics.available_metrics().items():
         assert name in res.output
     assert "masks or boxes" in res.output and "↓" in res.output and "↑" in res.output
+    last = {ln.split("│")[1].strip(): ln.split("│")[-2].strip() for ln in res.output.splitlines()
+            if ln.count("│") >= 6 and ln.split("│")[1].strip()}
+    assert last["road"] == "no" and last["deletion"] == "yes"  # the volumes column
     res = CliRunner().invoke(app, ["methods"], terminal_width=200)
     assert res.exit_code == 0 and all(n in res.output for n in camlens.available_methods())
 

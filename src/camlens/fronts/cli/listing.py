@@ -26,16 +26,18 @@ def methods() -> None:
 
 @command()
 def metrics() -> None:
-    """List the available metrics: direction, kind, what they need beyond the model and maps."""
+    """List the available metrics: direction, kind, what they need beyond the model and maps, and whether
+    they score volume / clip maps."""
     import camlens
 
     table = Table()
     table.add_column("metric", no_wrap=True)
     for col in ("", "kind", "needs", "what it measures"):
         table.add_column(col)
+    table.add_column("volumes", no_wrap=True)
     for name, m in sorted(camlens.metrics.available_metrics().items()):
         needs = ", ".join(r.replace("|", " or ") for r in m.requires) or "-"
-        table.add_row(name, m.arrow, m.category, needs, m.description)
+        table.add_row(name, m.arrow, m.category, needs, m.description, "yes" if getattr(m, "volumes", False) else "no")
     Console().print(table)
 
 
