@@ -245,7 +245,7 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
         heads = split_outputs(output)
         components = resolve_targets(targets, heads, output, top_k=top_k, categories=categories, head_keys=head_keys,
                                      sign=sign, activation=model_activation(net, activation),
-                                     input_size=tuple(x.shape[-2:]))
+                                     input_size=tuple(x.shape[2:]))
         rows = combine_targets(components, heads, combine)
         acts = [cap.activations[n] for n in names]
         att = list(cap.attentions) if attn else []  # (B, heads, N, N) per attention call
