@@ -114,7 +114,7 @@ class TorchBackend:
             cap.attention_layout = check_attention(cap.attentions, model, x, token_prefix(model))
 
     def target_gradients(self, scores: Tensor, acts: Sequence[Tensor], names: Sequence[str], labels: Sequence[str], *,
-                         create_graph: bool = False) -> list[Tensor]:
+                         create_graph: bool = False, targets: Any = None) -> list[Tensor]:
         return layer_gradients(scores, acts, names, labels, create_graph=create_graph)
 
     def runner(self, model: nn.Module, score_image: Callable[[Any, int], Tensor], layout: Layout) -> Runner:

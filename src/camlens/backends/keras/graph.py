@@ -1,0 +1,213 @@
+"""Walking a Keras 3 graph model: its layers by path, and one forward that reads (or replaces) layer
+outputs and bypasses a final softmax / sigmoid — without cloning or editing the model.
+
+Keras has no forward hooks. A side model ``keras.Model(model.inputs, [layer.output, ...])`` works
+for top-level layers but not for a layer inside a nested model (its ``.output`` belongs to the
+inner model's own graph: "graph disconnected"). So the forward here runs the model's own graph,
+node by node, as ``Functional.call`` does (``Function._run_through_graph``), with our callable
+around each layer call; a nested Functional / Sequential model holding a wanted layer is run
+through its own graph the same way (recursively), so ``"inner/conv"`` is reached from the outer
+input. Layer calls get ``training=False`` (inference: BatchNorm reads its moving statistics and
+never updates them, Dropout is off), exactly as ``model(x, training=False)``.
+
+Layer paths: the layer's ``name``, prefixed by the names of the nested models it sits in, joined
+by ``/`` (Keras' own separator in variable paths): ``"resnet50/conv5_block3_out"``. A bare name
+that is unique across all nesting levels is accepted for the nested layer too.
+
+Pre-activation scores: when a model output comes from a ``Dense`` layer with ``activation="softmax"``
+/ ``"sigmoid"``, or from an ``Activation("softmax" / "sigmoid")`` / ``Softmax`` layer, the output is
+computed without that activation (``x @ kernel + bias``, or the activation's input): the gradients
+explain the logit, not a saturated probability. The model itself is not touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import keras
+from keras.src.models.functional import Functional
+from keras.src.models.functional import operation_fn as _call_with_context
+from keras.src import tree
+
+from ...core.errors import LayerError, ModelTypeError
+
+__all__ = ["SEP", "graph_of", "is_graph_model", "layer_index", "GraphRun", "run_graph", "output_activation",
+           "output_names"]
+
+#: The separator of nested layer paths.
+SEP = "/"
+
+_BYPASSED = ("softmax", "sigmoid")
+
+
+def graph_of(model: Any) -> Optional[Functional]:
+    """The :class:`Functional` graph a model runs: itself (a Functional model whose ``call`` is
+    Functional's own), a built ``Sequential``'s inner one, else ``None`` (a subclassed model, or a
+    Sequential never built on an input shape)."""
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    if isinstance(model, Functional) and type(model).call is Functional.call:
+        return model
+    return None
+
+
+def is_graph_model(model: Any) -> bool:
+    return graph_of(model) is not None
+
+
+def require_graph(model: Any) -> Functional:
+    """:func:`graph_of`, or a clear error saying which Keras models work."""
+    g = graph_of(model)
+    if g is not None:
+        return g
+    kind = type(model).__name__
+    if isinstance(model, keras.Sequential):
+        raise ModelTypeError(f"this Sequential model has no graph yet (it was never built on an input shape); "
+                             "start it with keras.Input((H, W, C)) or call model.build((None, H, W, C)) first")
+    raise ModelTypeError(f"camlens' Keras backend reads layer outputs from the model's graph, so it takes Functional "
+                         f"and Sequential models (also nested ones); {kind} is a subclassed model (its own call()), "
+                         "which has no graph to read yet. Wrap its layers functionally, e.g. "
+                         "inputs = keras.Input(shape); outputs = model.body(inputs) ...; keras.Model(inputs, outputs)")
+
+
+def _operations(g: Functional) -> list:
+    """The graph's operations in execution order (input layers left out)."""
+    return [op for op in g.operations if not isinstance(op, keras.layers.InputLayer)]
+
+
+def layer_index(model: Any) -> dict[str, Any]:
+    """Every layer of ``model`` by path (``"inner/conv"``), nested models' layers included, in
+    execution order; a nested model appears under its own name and its layers under it."""
+    out: dict[str, Any] = {}
+
+    def walk(g: Functional, prefix: str) -> None:
+        for op in _operations(g):
+            path = prefix + op.name
+            out[path] = op
+            inner = graph_of(op)
+            if inner is not None:
+                walk(inner, path + SEP)
+
+    walk(require_graph(model), "")
+    return out
+
+
+def output_activation(op: Any) -> Optional[str]:
+    """``"softmax"`` / ``"sigmoid"`` when ``op``'s output is that activation of something we can
+    compute without it (a ``Dense`` layer's activation, an ``Activation`` / ``Softmax`` layer), else
+    ``None``."""
+    if isinstance(op, keras.layers.Softmax):
+        return "softmax"
+    if isinstance(op, (keras.layers.Activation, keras.layers.Dense)):
+        name = getattr(getattr(op, "activation", None), "__name__", None)
+        if name in _BYPASSED and not (isinstance(op, keras.layers.Dense) and getattr(op, "quantization_mode", None)):
+            return name
+    return None
+
+
+def _pre_activation(op: Any, args: tuple) -> Any:
+    """``op``'s output without its final softmax / sigmoid (:func:`output_activation`)."""
+    x = args[0]
+    if isinstance(op, keras.layers.Dense):
+        y = keras.ops.matmul(x, op.kernel)
+        return y + op.bias if op.bias is not None else y
+    return x  # Activation / Softmax: the activation's input
+
+
+def output_names(model: Any) -> Optional[list[str]]:
+    """The names of the layers producing ``model``'s outputs (in output order), when they are unique."""
+    g = require_graph(model)
+    names = [t._keras_history.operation.name for t in g.outputs]
+    return names if len(set(names)) == len(names) else None
+
+
+@dataclass
+class GraphRun:
+    """What one forward through the graph records: for each wanted path, its outputs (one per call)."""
+
+    wanted: frozenset
+    outputs: dict = field(default_factory=dict)  # path -> [output tensor per call]
+    replace: dict = field(default_factory=dict)  # path -> tensor fed instead of the layer's output
+    on_output: Optional[Callable[[str, Any], None]] = None  # called with (path, output) for wanted layers
+    bypassed: dict = field(default_factory=dict)  # output position -> activation bypassed
+    every: bool = False  # record every layer (probing)
+
+
+def run_graph(model: Any, x: Any, run: GraphRun, logits: bool = True) -> Any:
+    """``model(x, training=False)`` with the layers in ``run.wanted`` recorded (``run.replace``: fed
+    instead), ``logits``: a final softmax / sigmoid left out. Returns the output structure as the
+    model does (a tensor, list, or dict)."""
+    g = require_graph(model)
+    return _run(g, [x], run, "", logits)
+
+
+def _needs_entry(prefix: str, run: GraphRun) -> bool:
+    return run.every or any(p.startswith(prefix) for p in (*run.wanted, *run.replace))
+
+
+def _run(g: Functional, inputs: list, run: GraphRun, prefix: str, logits: bool) -> Any:
+    final = {id(t._keras_history.operation): i for i, t in enumerate(g.outputs)} if logits else {}
+
+    def wrap(op: Any) -> Callable[..., Any]:
+        path = prefix + op.name
+        inner = graph_of(op)
+        pos = final.get(id(op))
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if path in run.replace:
+                out = run.replace[path]
+            elif inner is not None and (_needs_entry(path + SEP, run) or pos is not None):
+                out = _run(inner, tree.flatten(args[0]), run, path + SEP, pos is not None)
+                out = out[0] if isinstance(out, list) and len(out) == 1 else out
+            elif pos is not None and output_activation(op) is not None:
+                run.bypassed[pos] = output_activation(op)
+                out = _pre_activation(op, args)
+            else:
+                out = _call_with_context(op, training=False)(*args, **kwargs)
+            if path in run.wanted or run.every:
+                run.outputs.setdefault(path, []).append(out)
+                if run.on_output is not None and path in run.wanted:
+                    run.on_output(path, out)
+            return out
+        return call
+
+    return g._run_through_graph(inputs, operation_fn=wrap)
+
+
+def resolve_paths(model: Any, spec: Any) -> list[tuple[str, Any]]:
+    """Layer names / paths / layer objects (one or a list) -> ``(path, layer)``; an unknown name is a
+    :class:`~camlens.core.errors.LayerNotFoundError` listing close ones."""
+    from ...core.errors import LayerNotFoundError
+
+    index = layer_index(model)
+    specs: Sequence[Any] = spec if isinstance(spec, (list, tuple)) else [spec]
+    out = []
+    for s in specs:
+        if isinstance(s, str):
+            if s in index:
+                out.append((s, index[s]))
+                continue
+            bare = [p for p in index if p.rsplit(SEP, 1)[-1] == s]
+            if len(bare) == 1:
+                out.append((bare[0], index[bare[0]]))
+                continue
+            if len(bare) > 1:
+                raise LayerNotFoundError(f"layer name {s!r} is ambiguous in this Keras model: it is {bare}; give the "
+                                         f"full path (nested models' names joined by {SEP!r})")
+            import difflib
+
+            close = difflib.get_close_matches(s, list(index), n=8, cutoff=0.5)
+            close += [p for p in index if s.lower() in p.lower() and p not in close][:8 - len(close)]
+            hint = f"; close names: {close}" if close else ""
+            raise LayerNotFoundError(f"no layer {s!r} in Keras model {getattr(model, 'name', '')!r}{hint}. Its "
+                                     f"{len(index)} layers are named by path ({SEP!r} joins nested models' names, e.g. "
+                                     f"{next(iter(index), '')!r}); list them with camlens.backends.keras.graph."
+                                     "layer_index(model)")
+        found = [p for p, op in index.items() if op is s]
+        if not found:
+            raise LayerError(f"layer object {getattr(s, 'name', s)!r} ({type(s).__name__}) is not a layer of this "
+                             "Keras model's graph; pass its name")
+        out.append((found[0], s))
+    return out
