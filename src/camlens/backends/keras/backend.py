@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -36,7 +37,8 @@ from keras.src import tree
 from ...core.errors import ConfigError, InputError, InputTypeError, LayerError, ModelError
 from ..base import PRECISION_NAMES, layout_problem
 from ..numpy import NumpyOps
-from .graph import GraphRun, graph_of, layer_index, output_names, require_graph, resolve_paths, run_graph
+from .graph import (GraphRun, graph_of, layer_index, output_activations, output_names, require_graph,
+                    resolve_paths, run_graph)
 from .scores import tf_target_scores
 
 __all__ = ["KerasBackend", "BACKEND", "KerasCapture", "KerasLayout", "KerasRunner", "channels_last"]
@@ -89,6 +91,7 @@ class KerasCapture:
         self.tf_output: Any = None
         self.tape: Optional[tf.GradientTape] = None
         self.layouts: dict = {}
+        self.channels_last = True  # set by the forward that fills the capture
         self.attentions = None
         self.attention_layout = None
 
@@ -122,7 +125,7 @@ class KerasLayout:
         watch = cap.tape.watch if cap.tape is not None else None
         run = GraphRun(frozenset(cap.names), on_output=(lambda path, out: watch(out)) if watch else None)
         out = self.forward(x, run)
-        cap.tf_output = out
+        cap.tf_output, cap.channels_last = out, self.channels_last
         for name in cap.names:
             outs = run.outputs.get(name, [])
             cap.calls[name] = len(outs)
@@ -252,9 +255,13 @@ class KerasBackend:
         """The last layer (execution order, nested models entered) that runs once and outputs a map
         ``(B, h, w, C)`` with ``h * w > 1``, not producing a model output; one probe forward of
         ``x[:1]`` (memoised per model and input shape)."""
-        key = (id(model), tuple(x.shape[1:]))
-        if key in _DEFAULT:
-            return _DEFAULT[key]
+        key = tuple(x.shape[1:])
+        try:
+            memo = _DEFAULT.setdefault(model, {})
+        except TypeError:  # not weakly referenceable: no memo
+            memo = {}
+        if key in memo:
+            return memo[key]
         layout = KerasLayout(model)
         run = GraphRun(frozenset(), every=True)
         layout.forward(x[:1], run)
@@ -275,9 +282,9 @@ class KerasBackend:
         if best is None:
             raise LayerError(f"cannot pick a CAM layer of Keras model {model.name!r}: no layer outputs a spatial map "
                              "(B, h, w, C) with h*w > 1; pass layer= (a layer name)")
-        if len(_DEFAULT) > 64:
-            _DEFAULT.clear()
-        _DEFAULT[key] = best
+        if len(memo) >= 8:
+            memo.clear()
+        memo[key] = best
         return best
 
     def layout(self, model: Any, channels_last: Optional[bool], precision: str) -> KerasLayout:
@@ -364,11 +371,10 @@ class KerasBackend:
                     gs = tape.jacobian(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO,
                                        experimental_use_pfor=False)
                 gs = [g.numpy() for g in gs]  # (T, B, ...)
-        layout_last = KerasLayout(cap.model).channels_last
         out = []
         for g in gs:
             g = np.swapaxes(g, 0, 1)  # (B, T, ...)
-            if g.ndim == 5 and layout_last:
+            if g.ndim == 5 and cap.channels_last:
                 g = np.transpose(g, (0, 1, 4, 2, 3))  # (B, T, h, w, C) -> (B, T, C, h, w)
             out.append(np.ascontiguousarray(g, dtype=np.float32))
         return out
@@ -380,6 +386,11 @@ class KerasBackend:
         raise ModelError("CAM (the linear head's weights) is not on Keras models yet; use method='gradcam', which "
                          "equals CAM for a GAP + Dense head up to a positive factor")
 
+    def output_activations(self, model: Any) -> Optional[dict]:
+        """``{head: "softmax" / "sigmoid"}``: the final activations the forward leaves out (so
+        :func:`camlens.core.activations.model_activation` gives ``exp.probs`` the model's own)."""
+        return output_activations(model) if graph_of(model) is not None else None
+
     def randomized_copy(self, model: Any, layers: Sequence[str], seed: int) -> Any:
         raise ConfigError("randomised copies (MPRT) are not on Keras models yet")
 
@@ -390,6 +401,6 @@ class KerasBackend:
         raise ConfigError("re-initialising layers (MPRT) is not on Keras models yet")
 
 
-_DEFAULT: dict = {}
+_DEFAULT: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {input shape: layer}
 
 BACKEND = KerasBackend()

@@ -33,8 +33,8 @@ from keras.src import tree
 
 from ...core.errors import LayerError, ModelTypeError
 
-__all__ = ["SEP", "graph_of", "is_graph_model", "layer_index", "GraphRun", "run_graph", "output_activation",
-           "output_names"]
+__all__ = ["SEP", "graph_of", "is_graph_model", "require_graph", "layer_index", "GraphRun", "run_graph",
+           "output_activation", "output_activations", "output_names", "head_keys", "resolve_paths"]
 
 #: The separator of nested layer paths.
 SEP = "/"
@@ -114,6 +114,36 @@ def _pre_activation(op: Any, args: tuple) -> Any:
         y = keras.ops.matmul(x, op.kernel)
         return y + op.bias if op.bias is not None else y
     return x  # Activation / Softmax: the activation's input
+
+
+def head_keys(model: Any) -> list:
+    """The engine's head key of each of ``model``'s outputs, in ``model.outputs`` order: ``0`` for one
+    tensor, the dict keys of a dict output, the output layers' names of a list output
+    (:func:`output_names`, else positions)."""
+    g = require_graph(model)
+    struct = g._outputs_struct
+    if isinstance(struct, dict):
+        return [path[0] for path, _ in tree.flatten_with_path(struct)]
+    if isinstance(struct, (list, tuple)):
+        return output_names(model) or list(range(len(g.outputs)))
+    return [0]
+
+
+def _final_activation(t: Any) -> Optional[str]:
+    """The activation :func:`run_graph` leaves out of the output tensor ``t`` (nested models entered)."""
+    hist = t._keras_history
+    inner = graph_of(hist.operation)
+    if inner is not None:
+        return _final_activation(inner.outputs[hist.tensor_index]) if hist.tensor_index < len(inner.outputs) else None
+    return output_activation(hist.operation)
+
+
+def output_activations(model: Any) -> Optional[dict]:
+    """``{head key: "softmax" / "sigmoid"}`` for the outputs whose final activation the forward leaves
+    out, so ``exp.probs`` apply it to the logits (the model's own probabilities); ``None`` if none."""
+    g = require_graph(model)
+    found = {k: a for k, a in zip(head_keys(model), map(_final_activation, g.outputs)) if a is not None}
+    return found or None
 
 
 def output_names(model: Any) -> Optional[list[str]]:
