@@ -45,7 +45,7 @@ def _cnn(classes=5, softmax=False, name="cnn"):
 
 def _perturb_bn(model):
     """Non-trivial BatchNorm moving statistics (so a training-mode forward would differ)."""
-    for layer in model.layers:
+    for layer in model._flatten_layers():
         if isinstance(layer, L.BatchNormalization):
             mean, var = layer.moving_mean, layer.moving_variance
             mean.assign(np.linspace(-0.2, 0.3, mean.shape[0]).astype("float32"))
@@ -325,22 +325,92 @@ def test_an_unknown_layer_names_close_ones_and_what_to_do():
     assert "'backbone/con'" in msg and "backbone/conv" in msg and "/" in msg and "layer_index" in msg
 
 
-def test_a_subclassed_model_is_refused_clearly():
-    class Net(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.conv = L.Conv2D(4, 3)
-            self.gap = L.GlobalAveragePooling2D()
-            self.fc = L.Dense(3)
+class Block(keras.layers.Layer):
+    """A custom layer holding layers of its own: conv -> BatchNorm -> ReLU (keras.ops)."""
 
-        def call(self, x):
-            return self.fc(self.gap(self.conv(x)))
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.conv = L.Conv2D(6, 3, padding="same")
+        self.bn = L.BatchNormalization()
 
+    def call(self, x, training=None):
+        return keras.ops.relu(self.bn(self.conv(x), training=training))
+
+
+class Net(keras.Model):
+    """A subclassed model (its own call(), no graph) ending in a softmax."""
+
+    def __init__(self):
+        super().__init__(name="net")
+        self.block = Block(name="block")
+        self.gap = L.GlobalAveragePooling2D(name="gap")
+        self.fc = L.Dense(4, activation="softmax", name="fc")
+
+    def call(self, x, training=None):
+        return self.fc(self.gap(self.block(x, training=training)))
+
+
+def _net():
+    keras.utils.set_random_seed(7)
     net = Net()
-    net(_images())
+    net(_images(B=1))
+    _perturb_bn(net.block)
+    return net
+
+
+def _net_ref(net, x, targets):
+    def fn(xx, tape):
+        a = net.block.conv(xx)
+        tape.watch(a)
+        y = keras.ops.relu(net.block.bn(a, training=False))
+        return a, net.gap(y) @ net.fc.kernel + net.fc.bias  # the logits
+    return _tape_grads(fn, x, [lambda o, t=t: o[:, t] for t in targets])
+
+
+def test_a_subclassed_model_by_wrapping_its_layers_calls_for_the_block():
+    net = _net()
+    x = _images()
+    before = _state(net)
+    path = net.block.conv.name
+    exp = camlens.explain(net, x, targets=[0, 3], layer=f"block/{path}", method="gradcam", relu=False)
+    acts, grads = _net_ref(net, x, (0, 3))
+    _close(exp.raw, _gradcam_ref(acts, grads))
+    _close(exp.probs, net(x, training=False).numpy()[:, [0, 3]], tol=1e-5)  # logits explained, probs the model's
+    same = camlens.explain(net, x, targets=[0, 3], layer="block.conv", method="gradcam", relu=False)  # attributes
+    assert same.layers == [f"block/{path}"]
+    np.testing.assert_array_equal(same.raw, exp.raw)
+    assert camlens.explain(net, x).layers == ["block"]  # layer=None: the block, after its own layers
+    with pytest.raises(LayerNotFoundError):
+        camlens.explain(net, x, layer="block/conv9")
+    with pytest.raises(TargetError):
+        camlens.explain(net, x, targets=7, layer="block")
+    _same_state(before, _state(net))
+    assert not [l.name for l in net._flatten_layers() if "call" in l.__dict__]  # every wrapper removed
+
+
+def test_a_custom_layer_inside_a_functional_model_is_read_inside():
+    keras.utils.set_random_seed(8)
+    inp = keras.Input((16, 16, 3))
+    blk = Block(name="blk")
+    y = L.GlobalAveragePooling2D(name="gap")(blk(inp))
+    m = keras.Model(inp, L.Dense(3, name="fc")(y))
+    x = _images()
+    exp = camlens.explain(m, x, targets=[2], layer="blk/" + blk.conv.name, relu=False)
+
+    def fn(xx, tape):
+        a = blk.conv(xx)
+        tape.watch(a)
+        return a, m.get_layer("fc")(m.get_layer("gap")(keras.ops.relu(blk.bn(a, training=False))))
+
+    acts, grads = _tape_grads(fn, x, [lambda o: o[:, 2]])
+    _close(exp.raw, _gradcam_ref(acts, grads))
+    assert "call" not in blk.conv.__dict__
+
+
+def test_a_subclassed_model_never_called_is_refused_clearly():
     with pytest.raises(ModelTypeError) as err:
-        camlens.explain(net, _images(), layer="conv")
-    assert "subclassed" in str(err.value) and "Functional" in str(err.value)
+        camlens.explain(Net(), _images(), layer="block")
+    assert "never called" in str(err.value) and "model(x)" in str(err.value)
 
 
 def test_inputs_tf_tensors_and_nhwc_only():

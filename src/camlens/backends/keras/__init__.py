@@ -1,10 +1,11 @@
-"""Keras 3 backend (TensorFlow): Grad-CAM family and Eigen-CAM on Functional and Sequential models,
-nested models included, without torch.
+"""Keras 3 backend (TensorFlow): the Grad-CAM family, Eigen-CAM, Score-CAM, Ablation-CAM and occlusion
+on Functional and Sequential models (nested ones included) and subclassed models, without torch.
 
 * layers by path: a layer's name, prefixed by the nested models it sits in, joined by ``/``
   (``"resnet50/conv5_block3_out"``; a bare name unique across the nesting works too);
 * inputs: NHWC images ``(B, H, W, C)`` as Keras takes them (NumPy or TF); maps ``(B, T, H, W)``;
-* one forward through the model's own graph (no side model, no clone, no edit); every layer call
+* one forward through the model's own graph (no side model, no clone, no edit; a subclassed
+  model's layers read by wrapping their ``call`` for the block, :mod:`.eager`); every layer call
   ``training=False``; a final softmax / sigmoid is left out of the computation (not the model),
   so the scores are logits;
 * all T targets' gradients from one vectorised Jacobian under one ``tf.GradientTape``;

@@ -37,8 +37,8 @@ from keras.src import tree
 from ...core.errors import ConfigError, InputError, InputTypeError, LayerError, ModelError
 from ..base import PRECISION_NAMES, layout_problem
 from ..numpy import NumpyOps
-from .graph import (GraphRun, graph_of, layer_index, output_activations, output_names, require_graph,
-                    resolve_paths, run_graph)
+from .graph import (GraphRun, graph_of, layer_index, output_activations, output_names, require_model, resolve_paths,
+                    run_graph)
 from .scores import tf_target_scores
 
 __all__ = ["KerasBackend", "BACKEND", "KerasCapture", "KerasLayout", "KerasRunner", "channels_last"]
@@ -181,7 +181,8 @@ class KerasRunner:
 
 
 class KerasBackend:
-    """Keras 3 models (Functional and Sequential, nested ones too) on the TensorFlow backend."""
+    """Keras 3 models on the TensorFlow backend: Functional and Sequential (nested ones too), read
+    through their graph, and subclassed ones, read by wrapping their layers' calls for the block."""
 
     name = "keras"
     xp = np_xp
@@ -215,13 +216,14 @@ class KerasBackend:
         if precision != "fp32":
             raise ConfigError(f"precision={precision!r}: the Keras backend runs fp32 only for now "
                               f"(precisions: {PRECISION_NAMES}); set a keras mixed-precision policy on the model instead")
-        g = require_graph(model)
-        if len(g.inputs) != 1:
+        require_model(model)
+        g = graph_of(model)
+        if g is not None and len(g.inputs) != 1:
             raise InputError(f"this Keras model takes {len(g.inputs)} inputs; camlens explains models of one image input")
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 4 or not channels_last(model):
             return x
-        C = g.inputs[0].shape[-1]
+        C = g.inputs[0].shape[-1] if g is not None else None  # (a subclassed model: NHWC as Keras takes it)
         if C is None or x.shape[-1] == C:
             return _to_nchw(x)
         if x.shape[1] == C:
@@ -245,16 +247,17 @@ class KerasBackend:
         if not eval_mode:
             raise ConfigError("eval_mode=False: Keras models have no mode of their own; camlens calls every layer "
                               "with training=False (BatchNorm moving statistics, Dropout off)")
-        require_graph(model)
+        require_model(model)
         return contextlib.nullcontext()
 
     def resolve_layers(self, model: Any, spec: Any) -> list[tuple[str, Any]]:
         return resolve_paths(model, spec)
 
     def default_layer(self, model: Any, x: np.ndarray) -> str:
-        """The last layer (execution order, nested models entered) that runs once and outputs a map
-        ``(B, h, w, C)`` with ``h * w > 1``, not producing a model output; one probe forward of
-        ``x[:1]`` (memoised per model and input shape)."""
+        """The last layer to finish (execution order: a block after its own layers; nested graph
+        models entered, their leaves chosen) that runs once and outputs a map ``(B, h, w, C)`` with
+        ``h * w > 1``, not a model output; one probe forward of ``x[:1]`` (memoised per model and
+        input shape)."""
         key = tuple(x.shape[1:])
         try:
             memo = _DEFAULT.setdefault(model, {})
@@ -264,14 +267,12 @@ class KerasBackend:
             return memo[key]
         layout = KerasLayout(model)
         run = GraphRun(frozenset(), every=True)
-        layout.forward(x[:1], run)
-        g = require_graph(model)
-        final = {t._keras_history.operation.name for t in g.outputs}
+        final = {id(t) for t in tree.flatten(layout.forward(x[:1], run))}  # the model's outputs: not a CAM layer
         index = layer_index(model)
         best = None
         for path, outs in run.outputs.items():
             op = index.get(path)
-            if op is None or graph_of(op) is not None or len(outs) != 1 or path in final:
+            if op is None or graph_of(op) is not None or len(outs) != 1 or id(outs[0]) in final:
                 continue
             s = getattr(outs[0], "shape", None)
             if s is None or len(s) != 4:
@@ -328,7 +329,10 @@ class KerasBackend:
                 why = "did not run in the forward" if n == 0 else f"ran {n} times (a shared layer)"
                 raise LayerError(f"layer {name!r} {why}: camlens explains a layer that runs once per forward; pick "
                                  "another layer")
-            a = cap.activations[name]
+            a = cap.activations.get(name)
+            if a is None:
+                raise LayerError(f"layer {name!r} returns {type(cap.tf_acts.get(name, None)).__name__}, not one tensor: "
+                                 "camlens explains a layer with one (B, h, w, C) output; pick another layer")
             problem = layout_problem(a.shape, B, size)
             if problem is not None and a.ndim == 4 and a.shape[0] == B:
                 problem = None  # (B, C, h, w) from the channels-last output: read as it is
@@ -389,7 +393,7 @@ class KerasBackend:
     def output_activations(self, model: Any) -> Optional[dict]:
         """``{head: "softmax" / "sigmoid"}``: the final activations the forward leaves out (so
         :func:`camlens.core.activations.model_activation` gives ``exp.probs`` the model's own)."""
-        return output_activations(model) if graph_of(model) is not None else None
+        return output_activations(model)
 
     def randomized_copy(self, model: Any, layers: Sequence[str], seed: int) -> Any:
         raise ConfigError("randomised copies (MPRT) are not on Keras models yet")

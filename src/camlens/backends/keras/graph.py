@@ -22,6 +22,7 @@ explain the logit, not a saturated probability. The model itself is not touched.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -32,8 +33,9 @@ from keras.src.models.functional import operation_fn as _call_with_context
 from keras.src import tree
 
 from ...core.errors import LayerError, ModelTypeError
+from .eager import final_layers, recorder, run_eager, to_wrap, tree_index, wrapped_calls
 
-__all__ = ["SEP", "graph_of", "is_graph_model", "require_graph", "layer_index", "GraphRun", "run_graph",
+__all__ = ["SEP", "graph_of", "is_graph_model", "require_graph", "require_model", "layer_index", "GraphRun", "run_graph",
            "output_activation", "output_activations", "output_names", "head_keys", "resolve_paths"]
 
 #: The separator of nested layer paths.
@@ -57,6 +59,14 @@ def is_graph_model(model: Any) -> bool:
     return graph_of(model) is not None
 
 
+def require_model(model: Any) -> None:
+    """A model camlens can read: a graph model, or a subclassed one whose layers are built."""
+    if graph_of(model) is not None:
+        return
+    if isinstance(model, keras.Sequential) or not getattr(model, "built", False):
+        require_graph(model)  # the error saying what to do
+
+
 def require_graph(model: Any) -> Functional:
     """:func:`graph_of`, or a clear error saying which Keras models work."""
     g = graph_of(model)
@@ -66,10 +76,11 @@ def require_graph(model: Any) -> Functional:
     if isinstance(model, keras.Sequential):
         raise ModelTypeError(f"this Sequential model has no graph yet (it was never built on an input shape); "
                              "start it with keras.Input((H, W, C)) or call model.build((None, H, W, C)) first")
-    raise ModelTypeError(f"camlens' Keras backend reads layer outputs from the model's graph, so it takes Functional "
-                         f"and Sequential models (also nested ones); {kind} is a subclassed model (its own call()), "
-                         "which has no graph to read yet. Wrap its layers functionally, e.g. "
-                         "inputs = keras.Input(shape); outputs = model.body(inputs) ...; keras.Model(inputs, outputs)")
+    if not getattr(model, "built", False):
+        raise ModelTypeError(f"{kind} is a subclassed Keras model that was never called, so its layers have no "
+                             "weights yet; call it once on a batch (model(x)) or model.build((None, H, W, C)) first")
+    raise ModelTypeError(f"{kind} is a subclassed Keras model (its own call()): it has no graph; this needs a "
+                         "Functional or Sequential model")
 
 
 def _operations(g: Functional) -> list:
@@ -89,8 +100,14 @@ def layer_index(model: Any) -> dict[str, Any]:
             inner = graph_of(op)
             if inner is not None:
                 walk(inner, path + SEP)
+            else:  # a custom layer's own sub-layers (read by wrapping their calls, :mod:`.eager`)
+                out.update((p, layer) for p, layer in tree_index(op, path + SEP).items() if p not in out)
 
-    walk(require_graph(model), "")
+    require_model(model)
+    g = graph_of(model)
+    if g is None:  # a subclassed model: its layer tracking tree
+        return tree_index(model)
+    walk(g, "")
     return out
 
 
@@ -120,7 +137,9 @@ def head_keys(model: Any) -> list:
     """The engine's head key of each of ``model``'s outputs, in ``model.outputs`` order: ``0`` for one
     tensor, the dict keys of a dict output, the output layers' names of a list output
     (:func:`output_names`, else positions)."""
-    g = require_graph(model)
+    g = graph_of(model)
+    if g is None:
+        return []
     struct = g._outputs_struct
     if isinstance(struct, dict):
         return [path[0] for path, _ in tree.flatten_with_path(struct)]
@@ -141,14 +160,20 @@ def _final_activation(t: Any) -> Optional[str]:
 def output_activations(model: Any) -> Optional[dict]:
     """``{head key: "softmax" / "sigmoid"}`` for the outputs whose final activation the forward leaves
     out, so ``exp.probs`` apply it to the logits (the model's own probabilities); ``None`` if none."""
-    g = require_graph(model)
-    found = {k: a for k, a in zip(head_keys(model), map(_final_activation, g.outputs)) if a is not None}
+    g = graph_of(model)
+    if g is None:  # a subclassed model: what the first forward found (:func:`.eager.final_layers`)
+        found = {key: act for key, act in (final_layers(model) or {}).values()}
+    else:
+        found = {k: a for k, a in zip(head_keys(model), map(_final_activation, g.outputs)) if a is not None}
     return found or None
 
 
 def output_names(model: Any) -> Optional[list[str]]:
-    """The names of the layers producing ``model``'s outputs (in output order), when they are unique."""
-    g = require_graph(model)
+    """The names of the layers producing ``model``'s outputs (in output order), when they are unique
+    (``None`` for a subclassed model)."""
+    g = graph_of(model)
+    if g is None:
+        return None
     names = [t._keras_history.operation.name for t in g.outputs]
     return names if len(set(names)) == len(names) else None
 
@@ -164,12 +189,23 @@ class GraphRun:
     bypassed: dict = field(default_factory=dict)  # output position -> activation bypassed
     every: bool = False  # record every layer (probing)
 
+    def record(self, path: str, out: Any) -> Any:
+        """Keep ``out`` as layer ``path``'s output if it is wanted (``on_output`` called); returns ``out``."""
+        if path in self.wanted or self.every:
+            self.outputs.setdefault(path, []).append(out)
+            if self.on_output is not None and path in self.wanted:
+                self.on_output(path, out)
+        return out
+
 
 def run_graph(model: Any, x: Any, run: GraphRun, logits: bool = True) -> Any:
     """``model(x, training=False)`` with the layers in ``run.wanted`` recorded (``run.replace``: fed
     instead), ``logits``: a final softmax / sigmoid left out. Returns the output structure as the
     model does (a tensor, list, or dict)."""
-    g = require_graph(model)
+    g = graph_of(model)
+    if g is None:
+        require_model(model)
+        return run_eager(model, x, run, output_activation, _pre_activation)
     return _run(g, [x], run, "", logits)
 
 
@@ -195,15 +231,23 @@ def _run(g: Functional, inputs: list, run: GraphRun, prefix: str, logits: bool) 
                 run.bypassed[pos] = output_activation(op)
                 out = _pre_activation(op, args)
             else:
-                out = _call_with_context(op, training=False)(*args, **kwargs)
-            if path in run.wanted or run.every:
-                run.outputs.setdefault(path, []).append(out)
-                if run.on_output is not None and path in run.wanted:
-                    run.on_output(path, out)
-            return out
+                sub = to_wrap(tree_index(op, path + SEP), run) if _needs_entry(path + SEP, run) else {}
+                with wrapped_calls(sub, recorder(run)) if sub else contextlib.nullcontext():
+                    out = _call_with_context(op, training=False)(*args, **kwargs)
+            return run.record(path, out)
         return call
 
     return g._run_through_graph(inputs, operation_fn=wrap)
+
+
+def _attribute_path(model: Any, spec: str) -> Optional[Any]:
+    """The layer at attribute path ``spec`` (``"block.conv"`` or ``"block/conv"``: ``model.block.conv``), or ``None``."""
+    obj = model
+    for part in spec.replace(SEP, ".").split("."):
+        obj = obj.__dict__.get(part) if part and hasattr(obj, "__dict__") else None
+        if not isinstance(obj, keras.layers.Layer):
+            return None
+    return obj if obj is not model else None
 
 
 def resolve_paths(model: Any, spec: Any) -> list[tuple[str, Any]]:
@@ -219,6 +263,12 @@ def resolve_paths(model: Any, spec: Any) -> list[tuple[str, Any]]:
             if s in index:
                 out.append((s, index[s]))
                 continue
+            attr = _attribute_path(model, s)  # a subclassed model's attribute path, "block.conv"
+            if attr is not None:
+                found = [p for p, op in index.items() if op is attr]
+                if found:
+                    out.append((found[0], attr))
+                    continue
             bare = [p for p in index if p.rsplit(SEP, 1)[-1] == s]
             if len(bare) == 1:
                 out.append((bare[0], index[bare[0]]))
@@ -232,9 +282,9 @@ def resolve_paths(model: Any, spec: Any) -> list[tuple[str, Any]]:
             close += [p for p in index if s.lower() in p.lower() and p not in close][:8 - len(close)]
             hint = f"; close names: {close}" if close else ""
             raise LayerNotFoundError(f"no layer {s!r} in Keras model {getattr(model, 'name', '')!r}{hint}. Its "
-                                     f"{len(index)} layers are named by path ({SEP!r} joins nested models' names, e.g. "
-                                     f"{next(iter(index), '')!r}); list them with camlens.backends.keras.graph."
-                                     "layer_index(model)")
+                                     f"{len(index)} layers are named by path ({SEP!r} joins nested models' and blocks' "
+                                     f"names, e.g. {next(iter(index), '')!r}; a subclassed model's attribute path "
+                                     "'block.conv' works too); list them with camlens.backends.keras.layer_index(model)")
         found = [p for p, op in index.items() if op is s]
         if not found:
             raise LayerError(f"layer object {getattr(s, 'name', s)!r} ({type(s).__name__}) is not a layer of this "
