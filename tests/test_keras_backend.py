@@ -248,6 +248,28 @@ def test_a_list_output_model_names_heads_by_their_output_layers():
     _close(by_name.scores, np.stack([out[1][:, 1], out[0][:, 2]], axis=1))
 
 
+def test_the_target_language_is_the_same_as_on_torch():
+    m = _cnn()
+    x = _images()
+    sep = camlens.explain(m, x, targets=[1, 2], layer="conv2", relu=False)
+    mean = camlens.explain(m, x, targets=[1, 2], layer="conv2", relu=False, combine="mean")
+    _close(mean.raw[:, 0], sep.raw.mean(axis=1))  # Grad-CAM is linear in the gradients
+    diff = camlens.explain(m, x, targets=lambda out: out[:, 1] - out[:, 2], layer="conv2", relu=False)
+    _close(diff.raw[:, 0], sep.raw[:, 0] - sep.raw[:, 1])
+    names = camlens.explain(m, x, targets=["cat", "dog"], categories=["a", "cat", "dog", "e", "f"], layer="conv2",
+                            relu=False)
+    np.testing.assert_array_equal(names.raw, sep.raw)
+    per = camlens.explain(m, x, targets=[[1, 2], [2, 1]], layer="conv2", relu=False)  # per image
+    _close(per.raw[1], sep.raw[1, ::-1])
+    down = camlens.explain(m, x, targets=1, layer="conv2", relu=False, sign=-1)
+    _close(down.raw[:, 0], -sep.raw[:, 0])
+    conf = camlens.explain(m, x, targets=[1, 2], layer="conv2", relu=False, combine="confidence")
+    w = sep.probs / sep.probs.sum(axis=1, keepdims=True)  # each target weighted by its softmax confidence
+    _close(conf.raw[:, 0], (sep.raw * w[:, :, None, None]).sum(axis=1), tol=1e-4)
+    assert [t.label for t in camlens.explain(m, x, top_k=2, layer="conv2").targets[0]] == [
+        str(c) for c in np.argsort(-m(x[:1]).numpy()[0])[:2]]
+
+
 def test_a_final_softmax_is_bypassed_in_the_computation_not_in_the_model():
     soft = _cnn(softmax=True, name="soft")
     plain = _cnn(softmax=False, name="plain")
@@ -384,6 +406,9 @@ def test_a_subclassed_model_by_wrapping_its_layers_calls_for_the_block():
         camlens.explain(net, x, layer="block/conv9")
     with pytest.raises(TargetError):
         camlens.explain(net, x, targets=7, layer="block")
+    for method in ("scorecam", "ablationcam"):  # extra forwards: the layer replaced inside the block
+        maps = camlens.explain(net, x, targets=[0, 3], layer="block", method=method).maps
+        assert maps.shape == (2, 2, 16, 16) and 0 <= maps.min() and maps.max() <= 1
     _same_state(before, _state(net))
     assert not [l.name for l in net._flatten_layers() if "call" in l.__dict__]  # every wrapper removed
 
