@@ -339,9 +339,9 @@ def get_backend(model: Any) -> Backend:
                 _BY_TYPE[type(model)] = backend
                 return backend
     known = ", ".join(f"{n} ({'/'.join(r)})" for n, (r, _) in _BACKENDS.items())
-    raise ConfigTypeError(f"model must be an nn.Module, a Keras 3 keras.Model or a camlens LoadedModel (camlens.models.load(...)), got "
-                          f"{type(model).__module__}.{type(model).__name__}: no camlens backend takes it (backends: "
-                          f"{known})")
+    raise ConfigTypeError(f"model must be an nn.Module, a Keras 3 keras.Model or a camlens LoadedModel "
+                          f"(camlens.models.load(...)), got {type(model).__module__}.{type(model).__name__}: "
+                          f"no camlens backend takes it (backends: {known})")
 
 
 _OPS_BY_TYPE: dict[type, Ops] = {}
