@@ -22,7 +22,7 @@ from camlens.methods import gradcam_family as fam
 
 SRC = Path(camlens.__file__).parent
 FRAMEWORKS = {"torch", "torchvision", "timm", "tensorflow", "keras", "jax"}
-OWN_FRAMEWORK = ("backends/torch/", "models/")  # the only places that may import a framework
+OWN_FRAMEWORK = ("backends/torch/", "backends/keras/", "models/")  # the only places that may import a framework
 FRAMEWORK_FREE = sorted(str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
                         if not str(p.relative_to(SRC)).startswith(OWN_FRAMEWORK))
 

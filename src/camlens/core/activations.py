@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
-from ..backends.base import namespace, ops_for, to_float32
+from ..backends.base import get_backend, namespace, ops_for, to_float32
 from .errors import ConfigError, ConfigTypeError
 
 HeadKey = Union[int, str]
@@ -56,15 +56,29 @@ def model_activation(model: Any, activation: ActivationSpec) -> ActivationSpec:
     A model with ``model.config.problem_type`` (HuggingFace convention) gives ``"sigmoid"`` for
     ``"multi_label_classification"``, ``"softmax"`` for ``"single_label_classification"`` and
     ``"none"`` for ``"regression"``. ``config`` is read from the instance's ``__dict__`` first (a
-    framework module's attribute lookup raises on a miss, which costs microseconds per call).
+    framework module's attribute lookup raises on a miss, which costs microseconds per call). Without
+    it, the backend's ``output_activations(model)`` where it has one (Keras: a final sigmoid /
+    softmax left out of the computed scores gives that head's activation).
     """
     if activation is not None:
         return activation
     config = getattr(model, "__dict__", {}).get("config")
     if config is None:
-        return None
+        return _backend_activations(model)
     kind = getattr(config, "problem_type", None)
     return _PROBLEM_TYPES.get(kind) if isinstance(kind, str) else None
+
+
+def _backend_activations(model: Any) -> ActivationSpec:
+    """The activations the model's backend knows it applies to its outputs and leaves out of the
+    scores (``Backend.output_activations``, optional: the Keras backend's bypassed final softmax /
+    sigmoid), or ``None``."""
+    try:
+        bk = get_backend(model)
+    except Exception:  # not a framework model (the caller's own error follows)
+        return None
+    fn = getattr(bk, "output_activations", None)
+    return fn(model) if fn is not None else None
 
 
 def head_activations(spec: ActivationSpec, heads: Mapping[HeadKey, Tensor],

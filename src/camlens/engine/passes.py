@@ -256,7 +256,7 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
         cast = as_float if differentiable else to_float32
         if meth.needs_grads:
             gs = [_each(cast, g) for g in bk.target_gradients(scores, acts + att, names + [f"attention call {i}" for i
-                  in range(len(att))], [t.label for t in rows[0]], create_graph=differentiable)]
+                  in range(len(att))], [t.label for t in rows[0]], create_graph=differentiable, targets=rows)]
             grads, att_grads = dict(zip(names, gs)), gs[len(names):] if attn else None
     scores = as_float(scores) if differentiable else to_float32(bk.ops.detach(scores))
 

@@ -119,7 +119,7 @@ class TorchBackend:
             cap.attention_layout = check_attention(cap.attentions, model, x, token_prefix(model))
 
     def target_gradients(self, scores: Tensor, acts: Sequence[Any], names: Sequence[str], labels: Sequence[str], *,
-                         create_graph: bool = False) -> list[Any]:
+                         create_graph: bool = False, targets: Any = None) -> list[Any]:
         """:func:`layer_gradients`; a dict of activations (a layer with a dict output) gets a dict of
         gradients ``(B, T, ...)``, its values taken in the same batched backward (zeros for a value
         the scores do not read, e.g. the FPN level only the detached proposals use)."""
