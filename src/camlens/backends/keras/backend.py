@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src import tree
 
-from ...core.errors import ConfigError, InputError, InputTypeError, LayerError, ModelError
+from ...core.errors import ConfigError, InputError, InputTypeError, LayerError, LayerRuntimeError, ModelError
 from ..base import PRECISION_NAMES, layout_problem
 from ..numpy import NumpyOps
 from .graph import (GraphRun, graph_of, layer_index, output_activations, output_names, require_model, resolve_paths,
@@ -357,7 +357,7 @@ class KerasBackend:
             raise ConfigError("differentiable=True is not on Keras models yet")
         cap = next((c for c in reversed(_captures()) if c.tape is not None), None)
         if cap is None or targets is None:
-            raise RuntimeError("the Keras backend's target gradients need an open capture with grad=True and the "
+            raise LayerRuntimeError("the Keras backend's target gradients need an open capture with grad=True and the "
                                "resolved targets")
         tape = cap.tape
         s = tf_target_scores(targets, cap.tf_output)  # (B, T), recorded on the tape
