@@ -43,13 +43,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's Score-CAM progr
 import argparse
 import datetime
 import importlib.metadata
-import json
 import platform
-import re
-import statistics
 import sys
-import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import camlens
+
+from .timing import Sizes, plan, run_cases, _stats, _timed, _timeit
 
 GRAD_TOL = 1e-4  # max abs difference of final maps in [0, 1]
 SCORE_TOL = 1e-3  # Score-CAM: softmax of scores of masked inputs, more rounding
@@ -75,28 +72,16 @@ Fn = Callable[[], Any]
 
 
 @dataclass
-class Setup:
+class Setup(Sizes):
     """What every case shares: device, sizes, repeat counts and the models (built once, seeded)."""
 
-    device: torch.device
-    smoke: bool
-    quick: bool
+    device: torch.device = torch.device("cpu")
     models: dict[str, nn.Module] = field(default_factory=dict)
 
     @property
     def arch(self) -> str:
         """The main model: resnet50, or resnet18 for ``--smoke``."""
         return "resnet18" if self.smoke else "resnet50"
-
-    @property
-    def size(self) -> int:
-        return 64 if self.smoke else 224
-
-    def reps(self, kind: str = "normal") -> int:
-        """Timed repeats: ``normal`` cases, ``heavy`` ones (seconds per call) and ``scorecam``."""
-        if self.smoke:
-            return 1
-        return {"normal": (15, 3), "heavy": (5, 2), "scorecam": (5, 1)}[kind][int(self.quick)]
 
     @property
     def warmup(self) -> int:
@@ -169,52 +154,6 @@ class Concat(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat(list(self.net(x).values()), dim=1)
-
-
-def _timeit(fns: dict[str, Fn], repeats: int, sync: Callable[[], None], warmup: int = 1,
-            inner: int = 1) -> dict[str, list[float]]:
-    """Interleaved timing: each repeat runs every function once, in turn (noise hits all alike).
-
-    ``inner > 1``: each timed repeat is ``inner`` calls in a row and records their mean, for
-    millisecond calls whose single timings scatter with the machine's noise (the overhead case)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(warmup):
-        for fn in fns.values():
-            for _ in range(inner):
-                fn()
-    sync()
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(_timed(_repeated(fn, inner) if inner > 1 else fn, sync)[1] / inner)
-    return times
-
-
-def _repeated(fn: Fn, n: int) -> Fn:
-    def run() -> Any:
-        for _ in range(n - 1):
-            fn()
-        return fn()
-    return run
-
-
-def _timed(fn: Fn, sync: Callable[[], None]) -> tuple[Any, float]:
-    """``fn()`` and its duration in seconds."""
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - t0
-
-
-def _iqr(v: list[float]) -> Optional[float]:
-    """Interquartile range; None with fewer than 2 values."""
-    if len(v) < 2:
-        return None
-    q = statistics.quantiles(v, n=4)
-    return q[2] - q[0]
-
-
-def _stats(v: list[float]) -> dict[str, Any]:
-    return {"times_s": v, "median_s": statistics.median(v), "iqr_s": _iqr(v)}
 
 
 def _cpu(t: Any) -> Tensor:
@@ -866,15 +805,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*maps are constant.*")  # tiny --smoke maps can be all zero
     dev = torch.device(args.device)
-    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="camlens-bench-")) if args.smoke
-                           else Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = [n for n in CASES if args.only is None or args.only in n]
-    if not names:
-        print(f"no case matches {args.only!r}; cases: {', '.join(CASES)}", file=sys.stderr)
+    planned = plan(args.out, args.smoke, args.only, CASES, dev.type, Path(__file__).parent / "results")
+    if planned is None:
         return 2
-    stem = dev.type if args.only is None else f"{dev.type}-only-{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.only)}"
-    s = Setup(dev, smoke=args.smoke, quick=args.quick)
+    out_dir, names, stem = planned
+    s = Setup(smoke=args.smoke, quick=args.quick, device=dev)
     meta = {"device": dev.type, "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "versions": {k: importlib.metadata.version(d) for k, d in
@@ -889,16 +824,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)}
     if dev.type == "cuda":
         meta["processor"] += f", {torch.cuda.get_device_name(dev)}"
-    rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    for n in names:
-        print(f"[{n}]", flush=True)
-        rows += CASES[n](s)
-    meta["load_end"] = [round(v, 2) for v in os.getloadavg()]
-    meta["wall_s"] = time.perf_counter() - t0
-    res = {"meta": meta, "rows": rows}
-    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
-    write_markdown(res, out_dir / f"{stem}.md")
+    res = run_cases(CASES, names, s, meta, out_dir, stem, write_markdown)
+    meta, rows = res["meta"], res["rows"]
     from .chart import plot
 
     plot(res, out_dir / f"{stem}.png")

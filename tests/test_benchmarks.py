@@ -84,3 +84,24 @@ def test_sweep_smoke_picks_and_agrees(tmp_path):
         assert r["ok"] and r["diff"] < 1e-4 and r["std"] > 0.05, r
     table = (tmp_path / "sweep-cpu-smoke.md").read_text()
     assert "3 / 3 ok" in table and table.count("\n| ") == len(rows) + 1
+
+
+@pytest.mark.slow
+def test_keras_benchmark_smoke_agrees_without_torch(tmp_path):
+    """``python -m benchmarks.keras_bench --smoke``: tf-keras-vis' raw Grad-CAM / LayerCAM maps agree with
+    camlens' (1e-4 of the peak) on ResNet50 for 1 and 10 targets, the table is written, torch is never
+    imported, and the 10-target rows carry camlens' own 1-target time."""
+    pytest.importorskip("tf_keras_vis")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.keras_bench", "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "keras-cpu.json").read_text())
+    assert res["meta"]["torch_imported"] is False
+    rows = {r["case"]: r for r in res["rows"]}
+    assert {"keras-gradcam-1t", "keras-gradcam-10t", "keras-layercam-10t"} <= set(rows)
+    for r in rows.values():
+        e = r["peers"]["tf-keras-vis"]
+        assert e["ok"] and e["diff"] < 1e-4 and e["ratio"] > 0, (r["title"], e)
+    assert rows["keras-gradcam-1t"]["bound"]["name"] == "forward+tape"
+    assert rows["keras-gradcam-10t"]["camlens_T_over_1"] > 0
+    assert (tmp_path / "keras-cpu.md").read_text().count("\n| ") == len(res["rows"]) + 1

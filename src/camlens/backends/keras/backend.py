@@ -37,8 +37,8 @@ from keras.src import tree
 from ...core.errors import ConfigError, InputError, InputTypeError, LayerError, LayerRuntimeError, ModelError
 from ..base import PRECISION_NAMES, layout_problem
 from ..numpy import NumpyOps
-from .graph import (GraphRun, graph_of, layer_index, output_activations, output_names, require_model, resolve_paths,
-                    run_graph)
+from .graph import (Cut, GraphRun, downstream_cut, graph_of, layer_index, output_activations, output_names,
+                    require_model, resolve_paths, run_graph)
 from .scores import tf_target_scores
 
 __all__ = ["KerasBackend", "BACKEND", "KerasCapture", "KerasLayout", "KerasRunner", "channels_last"]
@@ -89,7 +89,10 @@ class KerasCapture:
         self.calls: dict[str, int] = {}
         self.tf_acts: dict[str, tf.Tensor] = {}
         self.tf_output: Any = None
-        self.tape: Optional[tf.GradientTape] = None
+        self.tape: Optional[tf.GradientTape] = None  # the full forward's tape (models without a cut)
+        self.cut: Optional[Cut] = None  # graph models: the gradients re-run only the part below the layers
+        self.kept: dict[str, list] = {}  # the cut's upstream outputs, recorded in the forward
+        self.model_input: Any = None  # the forward's TF input
         self.layouts: dict = {}
         self.channels_last = True  # set by the forward that fills the capture
         self.attentions = None
@@ -123,9 +126,12 @@ class KerasLayout:
         if cap is None or score_only:
             return _host(self.forward(x))
         watch = cap.tape.watch if cap.tape is not None else None
-        run = GraphRun(frozenset(cap.names), on_output=(lambda path, out: watch(out)) if watch else None)
-        out = self.forward(x, run)
+        keep = cap.cut.keep if cap.cut is not None else frozenset()
+        run = GraphRun(frozenset(cap.names) | keep, on_output=(lambda path, out: watch(out)) if watch else None)
+        cap.model_input = self.model_input(x)
+        out = _named(run_graph(self.model, cap.model_input, run), self.names)
         cap.tf_output, cap.channels_last = out, self.channels_last
+        cap.kept = {p: run.outputs.get(p, []) for p in keep}
         for name in cap.names:
             outs = run.outputs.get(name, [])
             cap.calls[name] = len(outs)
@@ -159,17 +165,34 @@ class KerasRunner:
 
     def scores_with_layer(self, layer: Any, acts: np.ndarray, x_b: np.ndarray, b: int,
                           batch_size: int = 32) -> np.ndarray:
-        """Scores ``(N, T)`` with ``layer``'s output replaced by each of ``acts`` ``(N, C, h, w)``; the
-        input ``x_b`` ``(1, C, H, W)`` is repeated to the chunk's size."""
+        """Scores ``(N, T)`` with ``layer``'s output replaced by each of ``acts`` ``(N, C, h, w)``. A graph
+        model runs only the part below the layer (:func:`~.graph.downstream_cut`; what it needs from
+        above, from one forward of ``x_b`` ``(1, C, H, W)``, tiled to the chunk); otherwise the whole
+        forward of ``x_b`` repeated to the chunk's size."""
         path = self._paths.get(id(layer))
         if path is None:
             raise LayerError(f"layer {getattr(layer, 'name', layer)!r} is not in this Keras model's graph")
+        cut = downstream_cut(self.model, [path])
+        kept: dict = {}
+        if cut is not None and cut.keep:
+            run0 = GraphRun(cut.keep)
+            self._forward(x_b, run0)
+            kept = {p: outs[0] for p, outs in run0.outputs.items() if len(outs) == 1}
+            if len(kept) != len(cut.keep):  # a shared layer above the cut: whole forwards
+                cut = None
         out = []
         for i in range(0, acts.shape[0], batch_size):
             chunk = acts[i:i + batch_size]
+            n = chunk.shape[0]
             a = np.transpose(chunk, (0, 2, 3, 1)) if self.layout.channels_last and chunk.ndim == 4 else chunk
-            run = GraphRun(frozenset(), replace={path: tf.convert_to_tensor(np.ascontiguousarray(a, dtype=np.float32))})
-            xs = np.repeat(x_b, chunk.shape[0], axis=0)
+            replace = {path: tf.convert_to_tensor(np.ascontiguousarray(a, dtype=np.float32))}
+            if cut is None:
+                run, xs = GraphRun(frozenset(), replace=replace), np.repeat(x_b, n, axis=0)
+            else:
+                replace.update((p, tree.map_structure(lambda t: tf.tile(t, [n] + [1] * (len(t.shape) - 1)), v))
+                               for p, v in kept.items())
+                run = GraphRun(frozenset(), replace=replace, only=cut)
+                xs = np.repeat(x_b, n, axis=0) if cut.input else x_b  # (the input is not read otherwise)
             out.append(np.asarray(self.score(self._forward(xs, run), b), dtype=np.float32))
         return np.concatenate(out)
 
@@ -309,8 +332,9 @@ class KerasBackend:
         if full_graph:
             raise ConfigError("differentiable=True is not on Keras models yet")
         cap = KerasCapture(model, [n for n, _ in layers], grad)
+        cap.cut = downstream_cut(model, cap.names) if grad else None
         stack = _captures()
-        tape = tf.GradientTape(persistent=True, watch_accessed_variables=False) if grad else None
+        tape = tf.GradientTape(persistent=True, watch_accessed_variables=False) if grad and cap.cut is None else None
         if tape is not None:
             tape.__enter__()
         cap.tape = tape
@@ -350,37 +374,26 @@ class KerasBackend:
 
     def target_gradients(self, scores: np.ndarray, acts: Sequence[np.ndarray], names: Sequence[str],
                          labels: Sequence[str], *, create_graph: bool = False, targets: Any = None) -> list[np.ndarray]:
-        """Per layer, ``dS[b, t] / dA[b]`` ``(B, T, C, h, w)`` for the T scores: the scores recomputed on
-        the TF outputs in the capture's tape (``targets``: the resolved rows), then one vectorised
-        Jacobian of ``sum_b S[b, :]`` ``(T,)`` w.r.t. the layers' outputs ``(B, h, w, C)``."""
+        """Per layer, ``dS[b, t] / dA[b]`` ``(B, T, C, h, w)`` for the T scores ``S (B, T)``.
+
+        Graph models (a :class:`~.graph.Cut` below the layers): the part of the graph below the layers
+        runs again on T tiled copies of the batch, ``A~ = [A; A; ...]`` ``(T*B, h, w, C)`` (the outputs
+        it needs from above the cut, recorded in the forward, tiled alike), copy t scored on target t
+        only; ONE backward of ``sum_t sum_b S_t(A~[t*B + b])`` to ``A~`` gives every target's gradient
+        (image b's score depends only on image b's activations: inference mode). Nothing above the
+        layers is recomputed; copies are taken ``_ROWS`` rows at a time. Other models: the scores
+        recomputed in the forward's tape, then one vectorised Jacobian (``tape.jacobian``, pfor)."""
         if create_graph:
             raise ConfigError("differentiable=True is not on Keras models yet")
-        cap = next((c for c in reversed(_captures()) if c.tape is not None), None)
+        cap = next((c for c in reversed(_captures()) if c.grad and c.tf_output is not None), None)
         if cap is None or targets is None:
             raise LayerRuntimeError("the Keras backend's target gradients need an open capture with grad=True and the "
-                               "resolved targets")
-        tape = cap.tape
-        s = tf_target_scores(targets, cap.tf_output)  # (B, T), recorded on the tape
-        got = s.numpy()
-        if got.shape != tuple(scores.shape) or not np.allclose(got, scores, rtol=1e-4, atol=1e-5):
-            raise ModelError(f"the target scores recomputed on the TensorFlow output {got.tolist()} differ from the "
-                             f"reported ones {np.asarray(scores).tolist()}; a score function that is not the same "
-                             "maths on NumPy and TensorFlow arrays cannot be explained")
-        sources = [cap.tf_acts[n] for n in names]
-        T = got.shape[1]
-        total = tf.reduce_sum(s) if T == 1 else tf.reduce_sum(s, axis=0)  # () or (T,), recorded
-        with tape.stop_recording():
-            if T == 1:
-                gs = tape.gradient(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                gs = [g.numpy()[None] for g in gs]  # (1, B, ...)
-            else:
-                try:
-                    gs = tape.jacobian(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                                       experimental_use_pfor=True)
-                except (ValueError, NotImplementedError, tf.errors.InvalidArgumentError):  # an op pfor lacks
-                    gs = tape.jacobian(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                                       experimental_use_pfor=False)
-                gs = [g.numpy() for g in gs]  # (T, B, ...)
+                                    "resolved targets")
+        scores = np.asarray(scores)
+        if cap.cut is not None and all(len(v) == 1 for v in cap.kept.values()):
+            gs = _cut_gradients(cap, scores, list(names), targets)  # (T, B, ...) each
+        else:
+            gs = _tape_gradients(cap, scores, list(names), targets)
         out = []
         for g in gs:
             g = np.swapaxes(g, 0, 1)  # (B, T, ...)
@@ -410,6 +423,82 @@ class KerasBackend:
     def reinitialise_layers(self, model: Any, layers: Sequence[str], seed: int) -> None:
         raise ConfigError("re-initialising layers (MPRT) is not on Keras models yet")
 
+
+_ROWS = 64  # the most tiled rows (T copies x B images) one backward of the cut takes
+
+
+def _check_scores(got: np.ndarray, want: np.ndarray) -> None:
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise ModelError(f"the target scores recomputed on the TensorFlow output {got.tolist()} differ from the "
+                         f"reported ones {want.tolist()}; a score function that is not the same maths on NumPy and "
+                         "TensorFlow arrays cannot be explained")
+
+
+def _cut_gradients(cap: KerasCapture, scores: np.ndarray, names: list[str], targets: Any) -> list[np.ndarray]:
+    """:meth:`KerasBackend.target_gradients` on a graph model: the part below the layers on tiled copies."""
+    cut = cap.cut
+    B, T = scores.shape
+    per = max(1, min(T, _ROWS // max(B, 1)))  # targets per backward
+    chunks: list[list[np.ndarray]] = []
+    for t0 in range(0, T, per):
+        n = min(per, T - t0)
+
+        def tile(a: Any, n: int = n) -> Any:
+            return tf.tile(a, [n] + [1] * (len(a.shape) - 1)) if n > 1 else a
+
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            replace = {p: tree.map_structure(tile, outs[0]) for p, outs in cap.kept.items()}
+            for p in cut.roots:
+                replace[p] = tile(cap.tf_acts[p])
+                tape.watch(replace[p])
+            run = GraphRun(frozenset(p for p in names if p not in cut.roots), replace=replace, only=cut)
+            x = tile(cap.model_input) if cut.input else cap.model_input
+            try:
+                out = _named(run_graph(cap.model, x, run), output_names(cap.model))
+            except ValueError as err:  # an output the cut did not reach: a graph camlens did not expect
+                raise LayerRuntimeError(f"the Keras graph below layers {names} could not be run on its own ({err})") from err
+            sources = [replace[p] if p in cut.roots else run.outputs[p][0] for p in names]
+            total = 0.0
+            got = []
+            for j in range(n):
+                block = tree.map_structure(lambda o, j=j: o[j * B:(j + 1) * B], out)
+                s = tf_target_scores([[targets[b][t0 + j]] for b in range(B)], block)  # (B, 1)
+                got.append(s)
+                total = total + tf.reduce_sum(s)
+        _check_scores(tf.concat(got, axis=1).numpy(), scores[:, t0:t0 + n])
+        gs = tape.gradient(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        chunks.append([g.numpy().reshape((n, B) + tuple(g.shape[1:])) for g in gs])
+    return [np.concatenate([c[i] for c in chunks]) if len(chunks) > 1 else chunks[0][i] for i in range(len(names))]
+
+
+def _tape_gradients(cap: KerasCapture, scores: np.ndarray, names: list[str], targets: Any) -> list[np.ndarray]:
+    """:meth:`KerasBackend.target_gradients` from the forward's tape (still recording; or, if the capture
+    had none, the forward again under one watching the layers): one vectorised Jacobian ``(T, B, ...)``."""
+    if cap.tape is not None:
+        s = tf_target_scores(targets, cap.tf_output)  # (B, T), recorded on the open tape
+        total = tf.reduce_sum(s) if s.shape[1] == 1 else tf.reduce_sum(s, axis=0)  # () or (T,)
+        with cap.tape.stop_recording():
+            return _jacobian(cap.tape, s, total, [cap.tf_acts[n] for n in names], scores)
+    tape = tf.GradientTape(persistent=True, watch_accessed_variables=False)  # a cut that does not fit: a shared layer
+    with tape:
+        run = GraphRun(frozenset(names), on_output=lambda path, out: tape.watch(out))
+        out = _named(run_graph(cap.model, cap.model_input, run), output_names(cap.model))
+        s = tf_target_scores(targets, out)
+        total = tf.reduce_sum(s) if s.shape[1] == 1 else tf.reduce_sum(s, axis=0)
+    return _jacobian(tape, s, total, [run.outputs[n][0] for n in names], scores)
+
+
+def _jacobian(tape: tf.GradientTape, s: tf.Tensor, total: tf.Tensor, sources: list, scores: np.ndarray) -> list:
+    """``d total / d sources`` as ``(T, B, ...)`` NumPy arrays (``total``: ``()`` for T = 1, else ``(T,)``)."""
+    _check_scores(s.numpy(), scores)
+    zero = tf.UnconnectedGradients.ZERO
+    if total.shape.rank == 0:
+        return [g.numpy()[None] for g in tape.gradient(total, sources, unconnected_gradients=zero)]
+    try:
+        gs = tape.jacobian(total, sources, unconnected_gradients=zero, experimental_use_pfor=True)
+    except (ValueError, NotImplementedError, tf.errors.InvalidArgumentError):  # an op pfor lacks
+        gs = tape.jacobian(total, sources, unconnected_gradients=zero, experimental_use_pfor=False)
+    return [g.numpy() for g in gs]
 
 _DEFAULT: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {input shape: layer}
 

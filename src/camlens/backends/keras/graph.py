@@ -36,7 +36,8 @@ from ...core.errors import LayerError, ModelTypeError
 from .eager import final_layers, recorder, run_eager, to_wrap, tree_index, wrapped_calls
 
 __all__ = ["SEP", "graph_of", "is_graph_model", "require_graph", "require_model", "layer_index", "GraphRun", "run_graph",
-           "output_activation", "output_activations", "output_names", "head_keys", "resolve_paths"]
+           "output_activation", "output_activations", "output_names", "head_keys", "resolve_paths", "Cut",
+           "downstream_cut"]
 
 #: The separator of nested layer paths.
 SEP = "/"
@@ -188,6 +189,7 @@ class GraphRun:
     on_output: Optional[Callable[[str, Any], None]] = None  # called with (path, output) for wanted layers
     bypassed: dict = field(default_factory=dict)  # output position -> activation bypassed
     every: bool = False  # record every layer (probing)
+    only: Optional["Cut"] = None  # run only the part of the graph downstream of the cut (the rest is skipped)
 
     def record(self, path: str, out: Any) -> Any:
         """Keep ``out`` as layer ``path``'s output if it is wanted (``on_output`` called); returns ``out``."""
@@ -224,6 +226,8 @@ def _run(g: Functional, inputs: list, run: GraphRun, prefix: str, logits: bool) 
         def call(*args: Any, **kwargs: Any) -> Any:
             if path in run.replace:
                 out = run.replace[path]
+            elif run.only is not None and not run.only.runs(path):
+                return _PLACEHOLDER  # upstream of the cut and not fed to it: not run (its consumers are not either)
             elif inner is not None and (_needs_entry(path + SEP, run) or pos is not None):
                 out = _run(inner, tree.flatten(args[0]), run, path + SEP, pos is not None)
                 out = out[0] if isinstance(out, list) and len(out) == 1 else out
@@ -238,6 +242,103 @@ def _run(g: Functional, inputs: list, run: GraphRun, prefix: str, logits: bool) 
         return call
 
     return g._run_through_graph(inputs, operation_fn=wrap)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The part of a graph model's forward that depends on some layers' outputs, to run again on its
+    own (on T tiled copies of a batch, for all targets' gradients in one backward; or with a layer's
+    output replaced, for Ablation-CAM) without the layers before them.
+
+    ``roots``: the layers whose outputs are fed (not computed); ``down``: the paths of the operations
+    to run (downstream of a root, and the nested models holding one); ``down_all``: prefixes of nested
+    models run whole (downstream, holding no root); ``keep``: the operations upstream of the cut
+    whose outputs the part needs (and the model outputs that do not depend on a root) — recorded in
+    a full forward and fed; ``input``: the model's input is needed too.
+    """
+
+    roots: frozenset
+    down: frozenset
+    down_all: tuple
+    keep: frozenset
+    input: bool
+
+    def runs(self, path: str) -> bool:
+        return path in self.down or path.startswith(self.down_all)
+
+
+def downstream_cut(model: Any, paths: Sequence[str]) -> Optional[Cut]:
+    """The :class:`Cut` of a graph model below the layers ``paths`` (operations of its graphs, nested
+    graph models entered), from the graphs' nodes; ``None`` for a subclassed model, a layer inside a
+    custom block, or a layer called more than once (those keep the full forward)."""
+    g0 = graph_of(model)
+    if g0 is None:
+        return None
+    wanted = set(paths)
+    roots: set = set()
+    down: set = set()
+    down_all: list = []
+    keep: set = set()
+    top_input = False
+    found: set = set()
+
+    def level(g: Functional, prefix: str) -> None:
+        nonlocal top_input
+        tainted: set = set()  # ids of this graph's tensors that depend on a root
+        crossing: list = []
+        calls: dict = {}
+        for depth in sorted(g._nodes_by_depth, reverse=True):
+            for node in g._nodes_by_depth[depth]:
+                op = node.operation
+                if not op or node.is_input or isinstance(op, keras.layers.InputLayer):
+                    continue
+                path = prefix + op.name
+                calls[path] = calls.get(path, 0) + 1
+                ins = node.input_tensors
+                hit = any(id(t) in tainted for t in ins)
+                inner = graph_of(op)
+                holds = any(w.startswith(path + SEP) for w in wanted)
+                if path in wanted:
+                    found.add(path)
+                    (down if hit else roots).add(path)
+                    if hit:
+                        crossing += [t for t in ins if id(t) not in tainted]
+                elif holds and inner is not None:
+                    down.add(path)
+                    crossing += [t for t in ins if id(t) not in tainted]
+                    level(inner, path + SEP)
+                elif hit:
+                    down.add(path)
+                    if inner is not None:
+                        down_all.append(path + SEP)
+                    crossing += [t for t in ins if id(t) not in tainted]
+                else:
+                    continue
+                tainted.update(id(t) for t in node.outputs)
+        if any(calls.get(p, 0) > 1 for p in (*roots, *down) if p.startswith(prefix) and SEP not in p[len(prefix):]):
+            raise _NoCut
+        crossing += [t for t in g.outputs if id(t) not in tainted]
+        for t in crossing:
+            op = t._keras_history.operation
+            if op is None or isinstance(op, keras.layers.InputLayer):
+                top_input |= prefix == ""  # (a nested graph's inputs are its call's arguments)
+            else:
+                keep.add(prefix + op.name)
+
+    try:
+        level(g0, "")
+    except _NoCut:
+        return None
+    if found != wanted:  # a layer inside a custom block (not a node of any graph)
+        return None
+    return Cut(frozenset(roots), frozenset(down), tuple(down_all), frozenset(keep - down - roots), top_input)
+
+
+_PLACEHOLDER = [None] * 64  # the outputs of a skipped operation (zipped with the node's outputs)
+
+
+class _NoCut(Exception):
+    pass
 
 
 def _attribute_path(model: Any, spec: str) -> Optional[Any]:
