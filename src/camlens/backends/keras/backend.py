@@ -156,9 +156,21 @@ class KerasRunner:
         return _host(self.layout.forward(x, run))
 
     def scores(self, x: np.ndarray, b: int, batch_size: int = 32) -> np.ndarray:
-        """Scores ``(N, T)`` of image ``b``'s targets for N inputs ``x`` ``(N, C, H, W)``, in chunks."""
-        return np.concatenate([np.asarray(self.score(self._forward(x[i:i + batch_size]), b), dtype=np.float32)
-                               for i in range(0, x.shape[0], batch_size)])
+        """Scores ``(N, T)`` of image ``b``'s targets for N inputs ``x`` ``(N, C, H, W)``, in chunks. A graph
+        model with many chunks (Score-CAM's masked copies, RISE, the deletion curves) runs them through
+        its forward compiled once as a ``tf.function`` (:func:`_compiled`: same layers and maths, no
+        per-layer Python dispatch; the trace is kept per model and input size)."""
+        n = -(-x.shape[0] // batch_size)
+        fn = _compiled(self.model, x.shape[1:], build=n >= _COMPILE_CHUNKS) if graph_of(self.model) is not None else None
+        out = []
+        for i in range(0, x.shape[0], batch_size):
+            if fn is None:
+                y = self._forward(x[i:i + batch_size])
+            else:
+                self.forwards += 1
+                y = _host(_named(fn(self.layout.model_input(x[i:i + batch_size])), self.layout.names))
+            out.append(np.asarray(self.score(y, b), dtype=np.float32))
+        return np.concatenate(out)
 
     def outputs(self, x: np.ndarray, fn: Callable[[Any], Any], batch_size: int = 32) -> list:
         return [fn(self._forward(x[i:i + batch_size])) for i in range(0, x.shape[0], batch_size)]
@@ -422,6 +434,25 @@ class KerasBackend:
 
     def reinitialise_layers(self, model: Any, layers: Sequence[str], seed: int) -> None:
         raise ConfigError("re-initialising layers (MPRT) is not on Keras models yet")
+
+
+_COMPILE_CHUNKS = 8  # a call with this many chunks of forwards compiles the model's forward (then kept)
+_COMPILED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {input shape: fn}
+
+
+def _compiled(model: Any, shape: tuple, build: bool) -> Optional[Callable[[tf.Tensor], Any]]:
+    """The graph model's forward (logits: a final softmax / sigmoid left out, every layer
+    ``training=False``) as a ``tf.function`` for inputs ``(N, *shape)`` (any N), if one was built —
+    or ``build`` it now (a trace: about two forwards' time)."""
+    try:
+        memo = _COMPILED.setdefault(model, {})
+    except TypeError:  # not weakly referenceable
+        return None
+    key = tuple(int(d) for d in shape)
+    if key not in memo and build:
+        ref = weakref.ref(model)  # (the memo must not keep the model alive)
+        memo[key] = tf.function(lambda t: run_graph(ref(), t, GraphRun(frozenset())), reduce_retracing=True)
+    return memo.get(key)
 
 
 _ROWS = 64  # the most tiled rows (T copies x B images) one backward of the cut takes

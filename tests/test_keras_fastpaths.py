@@ -1,12 +1,20 @@
-"""Issue 13: all T targets' gradients on a Keras graph model come from the part of the graph below the
+"""Issue 13, the Keras backend's fast paths, each equal to the plain way.
+
+1. All T targets' gradients on a Keras graph model come from the part of the graph below the
 layers, run once on T tiled copies of the batch (``backends/keras/graph.downstream_cut``), with ONE
 backward. The maths must equal the full forward's tape and its Jacobian (the path subclassed models
 take) on graphs with what can go wrong: a skip connection across the layer (an upstream output the
 part needs), the model input used below the layer, a head that does not depend on the layer, two
 layers one below the other, a nested model holding the layer, a shared layer, and more rows than one
-backward takes."""
+backward takes. Ablation-CAM's replaced-layer forwards run the same part.
+
+2. Many score-only forwards (Score-CAM, RISE, deletion curves) run the model's forward compiled
+once as a ``tf.function``: the same scores as the layer-by-layer forward."""
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -180,3 +188,29 @@ def test_ablation_cam_runs_only_below_the_layer(monkeypatch, layer):
         _full_tape(m)
         full = camlens.explain(model, x, targets=["cls:0", "cls:2"], layer=layer, method="ablationcam", relu=False)
     _close(got.raw, full.raw)
+
+
+@pytest.mark.parametrize("method", ["scorecam", "occlusion"])
+def test_compiled_forwards_equal_the_layer_by_layer_ones(monkeypatch, method):
+    model = _skip_model()
+    x = np.random.default_rng(8).random((2, 16, 16, 3), dtype=np.float32)
+    with monkeypatch.context() as m:
+        m.setattr(kb, "_COMPILE_CHUNKS", 10**9)  # never compiled
+        plain = camlens.explain(model, x, targets=["cls:0", "cls:3"], layer="conv2", method=method)
+    assert model not in kb._COMPILED or not kb._COMPILED[model]
+    with monkeypatch.context() as m:
+        m.setattr(kb, "_COMPILE_CHUNKS", 1)
+        fast = camlens.explain(model, x, targets=["cls:0", "cls:3"], layer="conv2", method=method)
+    assert kb._COMPILED[model]  # built, and kept for the next call
+    np.testing.assert_allclose(fast.maps, plain.maps, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fast.scores, plain.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_forward_does_not_keep_the_model_alive(monkeypatch):
+    monkeypatch.setattr(kb, "_COMPILE_CHUNKS", 1)
+    model = _skip_model()
+    camlens.explain(model, np.zeros((1, 16, 16, 3), np.float32), targets="cls:0", layer="conv2", method="scorecam")
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
