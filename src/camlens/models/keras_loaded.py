@@ -111,8 +111,11 @@ class KerasPreprocess:
         return np.asarray(self.preprocess_input(np.stack(arrays)), dtype=np.float32)
 
     def to_display(self, x: Any) -> np.ndarray:
-        """The model input ``(N, H, W, 3)`` (or one ``(H, W, 3)``) back as uint8 RGB images."""
+        """The model input ``(N, H, W, 3)`` (or one ``(H, W, 3)``; or the engine's ``(N, 3, H, W)``, as
+        ``Explanation.inputs`` holds it) back as uint8 RGB images ``(N, H, W, 3)``."""
         a = np.asarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.float64)
+        if a.ndim == 4 and a.shape[1] == 3 and a.shape[-1] != 3:  # the engine's (N, 3, H, W) (Explanation.inputs)
+            a = a.transpose(0, 2, 3, 1)
         if a.ndim not in (3, 4) or a.shape[-1] != 3:
             raise InputError(f"to_display expects Keras inputs (N, H, W, 3) or (H, W, 3), got {a.shape}")
         if self.affine is not None:

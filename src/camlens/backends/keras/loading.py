@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -83,12 +84,19 @@ def _load_weights(model: Any, weights: str) -> None:
     if not (p.name.endswith(".weights.h5") or p.suffix in (".h5", ".hdf5")):
         raise ConfigError(f"weights file {p} is not a Keras weights file: give a .weights.h5 (model.save_weights) or "
                           "a legacy .h5 file")
-    try:
-        model.load_weights(str(p))
-    except Exception as err:  # Keras raises ValueError / KeyError / OSError by case
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise ModelRuntimeError(f"weights from {p} do not fit Keras model {model.name!r} "
-                                f"({len(model.weights)} variables): {first}") from err
+    with warnings.catch_warnings(record=True) as caught:  # Keras warns (and goes on) for parts it skips
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(str(p))
+        except Exception as err:  # Keras raises ValueError / KeyError / OSError by case
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise ModelRuntimeError(f"weights from {p} do not fit Keras model {model.name!r} "
+                                    f"({len(model.weights)} variables): {first}") from err
+    skipped = [str(w.message) for w in caught if "skipping" in str(w.message).lower()
+               or "could not be loaded" in str(w.message).lower()]
+    if skipped:
+        raise ModelRuntimeError(f"weights from {p} do not fit Keras model {model.name!r}: Keras skipped part of the "
+                                f"file ({len(skipped)} warning(s), e.g. {skipped[0][:200]!r})")
 
 
 def load_keras(spec: str, weights: Optional[str] = None) -> KerasSpec:
