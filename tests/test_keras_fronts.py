@@ -30,6 +30,7 @@ import camlens  # noqa: E402
 from camlens.backends.keras.loading import affine_preprocessing  # noqa: E402
 from camlens.core.errors import ConfigError, MissingFileError, ModelRuntimeError  # noqa: E402
 from camlens.localize import boxes_from_maps, masks_from_maps  # noqa: E402
+from test_keras_backend import _NO_TORCH  # noqa: E402  (torch made unimportable, as on a machine without it)
 
 L = keras.layers
 TARGETS = [1, 2]
@@ -195,15 +196,6 @@ def test_evaluate_and_mprt_on_a_loaded_keras_model(files):
     s = camlens.evaluate(m, e.inputs, e, ["deletion", "mprt"], options={"deletion": {"step": 100}})
     assert s["deletion"].shape == (1, 2) and s.extra["mprt"]["steps"] == ["fc", "c2", "c1"]
     np.testing.assert_allclose(s.extra["mprt"]["reference_correlation"], 1.0, atol=1e-6)
-
-
-_NO_TORCH = ("import sys, importlib.abc\n"
-             "class _NoTorch(importlib.abc.MetaPathFinder):\n"
-             "    def find_spec(self, name, path=None, target=None):\n"
-             "        if name.split('.')[0] in ('torch', 'torchvision', 'timm'):\n"
-             "            raise ModuleNotFoundError(f'No module named {name!r} (blocked)', name=name)\n"
-             "        return None\n"
-             "sys.meta_path.insert(0, _NoTorch())\n")
 
 
 @pytest.mark.slow

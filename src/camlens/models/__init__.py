@@ -44,18 +44,33 @@ def load(name: str = "efficientnet-lite0", *, weights: Optional[Union[str, os.Pa
             raise ConfigError(f"device={device!r} is for PyTorch models; a Keras model runs where TensorFlow places "
                               "it (CUDA_VISIBLE_DEVICES / tf.device)")
         return load_keras(name[len(KERAS_PREFIX):], os.fspath(weights) if weights is not None else None, crop)
-    from .loading import load as load_torch
-
+    load_torch = _torch_side("loading", "load")
     return load_torch(name, weights=weights, device=device, crop=crop)
+
+
+def _torch_side(module: str, name: Optional[str]) -> Any:
+    """``name`` of the torch-backed submodule ``module``; without torch a MissingDependencyError naming
+    the extra (``pip install "camlens[torch]"``)."""
+    try:
+        mod = importlib.import_module(f".{module}", __name__) if not module.startswith(".") else \
+            importlib.import_module(module, __name__)
+    except ImportError as err:
+        from .. import _missing_dependency
+
+        missing = _missing_dependency(err, f"camlens.models.{name}")
+        if missing is None:
+            raise
+        raise missing from err
+    return mod if name is None else getattr(mod, name)
 
 
 def __getattr__(name: str) -> Any:
     mod = _LAZY.get(name)
     if mod is None and name in _SUBMODULES:  # camlens.models.loading etc. without importing them first
-        return importlib.import_module(f".{name}", __name__)
+        return _torch_side(name, None)
     if mod is None:
         raise AttributeError(f"module 'camlens.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod if mod.startswith(".") else f".{mod}", __name__), name)
+    value = _torch_side(mod, name)
     globals()[name] = value
     return value
 
