@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch._dynamo  # noqa: E402,F401  (before TensorFlow: importing dynamo after TF can crash the process)
 from keras_setup import import_keras  # noqa: E402
 
 keras = import_keras()
