@@ -148,8 +148,8 @@ def evaluate(model: Any, inputs: Any, explanation: Union[Explanation, Tensor],
             maps = ops.asarray(explanation, like=x)
             if targets is None:
                 raise ConfigError("a plain map tensor needs targets= (what each of its T maps explains)")
-            with bk.graph(False):
-                out = net(x)
+            with bk.graph(False):  # the backend's forward of the engine's (B, C, H, W) inputs (NHWC for Keras)
+                out = bk.layout(net, False, "fp32").run(x)
             rows = resolve_targets(targets, split_outputs(out), out, categories=categories, head_keys=heads,
                                    activation=model_activation(net, None))
         grid = tuple(x.shape[2:])  # (H, W), or (D, H, W) for volumes

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from ..backends.base import namespace, ops_for
+from ..backends.base import get_backend, namespace, ops_for
 from ..core.errors import PER_INPUT_ERRORS, CamlensError, ConfigError, InputError
 from ..core.explanation import Explanation
 from ..core.targets import is_framework_array
@@ -185,8 +185,24 @@ def _concat(xs: list) -> Any:
     return namespace(*xs).concat(xs, axis=0)
 
 
+def _takes_numpy(model: Any) -> bool:
+    """Does ``model``'s backend compute on NumPy arrays (Keras: its engine-side arrays are NumPy), so
+    NumPy batches are its inputs, not images to preprocess?"""
+    try:
+        bk = get_backend(model)
+    except CamlensError:
+        return False
+    return bk.xp is namespace(np.empty(0))
+
+
 def _prepare(model: Any, obj: Any, loaded: bool, max_pixels: Optional[int], load_image: Callable) -> tuple:
     """One input -> ``(x (N, C, H, W) float tensor, display (N, H, W, 3) uint8 or None)``."""
+    if not loaded and not isinstance(obj, (str, os.PathLike)) and _takes_numpy(model):
+        obj = get_backend(model).check_inputs(obj)  # Keras: NumPy / TF images (H, W, C) or (B, H, W, C) -> NumPy
+        if obj.ndim not in (3, 4):
+            raise InputError(f"an input of a {get_backend(model).name} model must be one image (H, W, C) or a batch "
+                             f"(B, H, W, C), got shape {tuple(obj.shape)}")
+        return (obj[None] if obj.ndim == 3 else obj), None
     if is_framework_array(obj):
         if obj.ndim == 3 or (obj.ndim == 4 and not loaded and takes_volumes(model)):
             obj = obj[None, ...]  # one image, or one volume (C, D, H, W) of a 3-D CNN

@@ -37,6 +37,7 @@ from keras.src import tree
 from ...core.errors import ConfigError, InputError, InputTypeError, LayerError, LayerRuntimeError, ModelError
 from ..base import PRECISION_NAMES, layout_problem
 from ..numpy import NumpyOps
+from . import randomise
 from .graph import (Cut, GraphRun, downstream_cut, graph_of, layer_index, output_activations, output_names,
                     require_model, resolve_paths, run_graph)
 from .scores import tf_target_scores
@@ -427,13 +428,25 @@ class KerasBackend:
         return output_activations(model)
 
     def randomized_copy(self, model: Any, layers: Sequence[str], seed: int) -> Any:
-        raise ConfigError("randomised copies (MPRT) are not on Keras models yet")
+        """A clone of ``model`` (``keras.models.clone_model`` + ``set_weights``) with ``layers``' own
+        variables re-drawn by their initializers (:mod:`.randomise`); the model is never modified
+        and the global random state is left as it was."""
+        return randomise.randomized_copy(model, layers, seed)
 
     def layer_order(self, model: Any, x: Any) -> list[str]:
-        return [p for p, op in layer_index(model).items() if op.weights and graph_of(op) is None]
+        """Paths of the layers owning variables of their own that run on ``x`` ``(B, C, H, W)``, in the
+        order their calls finish (input side first; a block after its sub-layers): one forward
+        recording every layer, ``training=False``, nothing written."""
+        index = layer_index(model)
+        run = GraphRun(frozenset(), every=True)
+        with randomise.preserved_rng():
+            KerasLayout(model).forward(np.asarray(x, dtype=np.float32), run)
+        return [p for p in run.outputs if p in index and randomise.own_variables(index[p])]
 
     def reinitialise_layers(self, model: Any, layers: Sequence[str], seed: int) -> None:
-        raise ConfigError("re-initialising layers (MPRT) is not on Keras models yet")
+        """Re-draw ``layers``' own variables of ``model`` in place (seed ``seed + i`` for the i-th);
+        for a copy from :meth:`randomized_copy` only."""
+        randomise.reinitialise_layers(model, layers, seed)
 
 
 _COMPILE_CHUNKS = 8  # a call with this many chunks of forwards compiles the model's forward (then kept)

@@ -33,7 +33,8 @@ from camlens.fronts.cli.base import _fatal, console
 # ------------------------------------------------------------------------------------------
 # shared option declarations
 # ------------------------------------------------------------------------------------------
-MODEL_HELP = "efficientnet-lite0 | shapes-2head | torchvision:NAME | timm:NAME | path/file.py:factory"
+MODEL_HELP = ("efficientnet-lite0 | shapes-2head | torchvision:NAME | timm:NAME | path/file.py:factory | "
+              "keras:path/model.keras (.h5) | keras:applications.NAME[@SIZE]")
 TARGET_HELP = ("head:class, e.g. 281, species:281, 1:3, a class name, or all / HEAD:all (every class "
                "of a head)")
 MAX_PIXELS_HELP = ("refuse image files larger than this many pixels (width x height) before decoding "
@@ -53,7 +54,7 @@ def _model_option() -> Any:
 
 def _weights_option() -> Any:
     """``--weights FILE``: a state dict for the model."""
-    return typer.Option(None, "--weights", help="state-dict file for the model")
+    return typer.Option(None, "--weights", help="state-dict file for the model (keras: models: a .weights.h5 / .h5 file)")
 
 
 def _device_option() -> Any:
@@ -165,13 +166,14 @@ def _check_view(cmap: str, alpha: float) -> None:
 def _check_common(*, device: Optional[str] = None, top_k: Optional[int] = None,
                   max_pixels: Optional[int] = None) -> None:
     """``--device``, ``--top-k`` and ``--max-pixels``, as every command takes them."""
-    from camlens.models.loading import check_device
-
     if top_k is not None and top_k < 1:
         raise typer.BadParameter(f"--top-k must be >= 1, got {top_k}")
     if max_pixels is not None and max_pixels < 0:
         raise typer.BadParameter(f"--max-pixels must be >= 0 (0: no limit), got {max_pixels}")
-    check_device(device)  # a ConfigError: one line, exit 2 (see command)
+    if device is not None:  # (torch's devices; imported only then, so keras: models run without torch)
+        from camlens.models.loading import check_device
+
+        check_device(device)  # a ConfigError: one line, exit 2 (see command)
 
 
 def _cli_targets(target: Optional[List[str]]) -> Any:
@@ -364,10 +366,14 @@ def _message(err: BaseException) -> str:
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
+# where a framework calls a model's layers: an error raised below one of these is the model's own
+_MODEL_CALLS = ("torch/nn/modules/module.py", "keras/src/layers/layer.py", "keras/src/ops/operation.py")
+
+
 def _is_model_error(err: BaseException) -> bool:
     """Whether ``err`` was raised inside the model's own forward (a module camlens called), not by
     camlens (layer names, targets, options): the innermost camlens frame of the traceback calls
-    into ``torch.nn.Module.__call__`` and the error comes from there. Followed through ``raise ...
+    into ``torch.nn.Module.__call__`` (or a Keras layer's ``__call__``) and the error comes from there. Followed through ``raise ...
     from`` chains."""
     import camlens
 
@@ -382,7 +388,7 @@ def _is_model_error(err: BaseException) -> bool:
                           else "")
             tb = tb.tb_next
         inner = max((i for i, f in enumerate(frames) if f.startswith(root)), default=-1)
-        if any(f.replace("\\", "/").endswith("torch/nn/modules/module.py") for f in frames[inner + 1:]):
+        if any(f.replace("\\", "/").endswith(_MODEL_CALLS) for f in frames[inner + 1:]):
             return True
         err = err.__cause__
     return False

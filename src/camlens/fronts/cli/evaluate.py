@@ -86,7 +86,7 @@ def evaluate(
     if not done:
         _fatal("no image could be evaluated", code=1)
     table_rows = write_evaluation(values, curves, {n: camlens.metrics.get_metric(n) for n in metrics}, out)
-    n_values = sum(int(v.numel()) for v in values[methods[0]][metrics[0]])
+    n_values = sum(int(v.size) for v in values[methods[0]][metrics[0]])
 
     def header(n: str) -> str:
         met = camlens.metrics.get_metric(n)
@@ -146,8 +146,8 @@ def _evaluate_items(m: Any, items: List[tuple], methods: List[str], metrics: Lis
                         _failed_image(errors, name, err, step=f"{meth}: evaluation")
                         failed.add(i)
                         continue
-                    scored[i][meth] = ({met: sc[met].flatten().cpu() for met in metrics},
-                                       {met: c.flatten(0, 1).cpu() for met, c in sc.curves.items()})
+                    scored[i][meth] = ({met: _host(sc[met]).reshape(-1) for met in metrics},  # (any backend's arrays)
+                                       {met: _host(c).reshape(-1, c.shape[-1]) for met, c in sc.curves.items()})
                     progress.advance(task)
     done = [s for i, s in enumerate(scored) if i not in failed]
     values = {meth: {met: [s[meth][0][met] for s in done] for met in metrics} for meth in methods}
@@ -200,6 +200,13 @@ def _check_option(kind: str, owner: str, spec: Mapping[str, Any], key: str, valu
         check_options(kind, owner, spec, {key: value})
     except ConfigError as err:
         raise typer.BadParameter(_first_line(err)) from None
+
+
+def _host(a: Any) -> Any:
+    """A NumPy copy of a backend's array (torch tensors, NumPy arrays)."""
+    from camlens.backends.base import ops_for
+
+    return ops_for(a).to_numpy(a)
 
 
 def torch_stack_masks(data: Any, b: int) -> Any:

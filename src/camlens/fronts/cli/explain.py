@@ -130,10 +130,12 @@ def _originals(m: Any, img: Any, exp: Any) -> Optional[list]:
     import numpy as np
     from PIL import Image
 
-    from camlens.models.preprocess import Preprocess
+    import sys
 
+    # camlens' own (torch) preprocessing only; not imported here, so a Keras model's run needs no torch
+    Preprocess = getattr(sys.modules.get("camlens.models.preprocess"), "Preprocess", None)
     pre = m.preprocess
-    if not isinstance(pre, Preprocess) or exp.maps.shape[0] != 1:
+    if Preprocess is None or not isinstance(pre, Preprocess) or exp.maps.shape[0] != 1:
         return None
     view = img
     if pre.crop:

@@ -49,3 +49,4 @@ def models() -> None:
     for name in camlens.models.list_models():
         print(name)
     print("torchvision:NAME  timm:NAME  path/to/file.py:factory  (random init unless --weights FILE)")
+    print("keras:path/to/model.keras (.h5)  keras:applications.NAME[@SIZE]  (random init unless --weights FILE.weights.h5)")

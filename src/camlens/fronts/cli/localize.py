@@ -48,7 +48,10 @@ def localize(
     NAME_boxes.png (every target's box on the image), with --cutout NAME_TT_LABEL_cutout.png
     (RGBA), and summary.json (with each image's list of files).
     """
+    import numpy as np
+
     from camlens.analysis.localize import boxes_from_maps, cutout as make_cutout, draw_boxes, masks_from_maps
+    from camlens.backends.base import ops_for
     from camlens.fronts.report import safe_name, stamp
     from camlens.viz import PALETTE, overlay, save_png
 
@@ -72,18 +75,19 @@ def localize(
     for path, img, exp, stem in _explained(m, images, "localising", errors, max_pixels, crop, stems, **kw):
         try:
             display = exp.display if exp.display is not None else m.to_display(exp.inputs)
-            boxes = boxes_from_maps(exp.maps, threshold, largest=not union)[0].cpu()
-            masks = masks_from_maps(exp.maps, mask_threshold, refine="grabcut" if grabcut else None,
-                                    images=display if grabcut else None, low=min(0.1, mask_threshold),
-                                    high=max(0.9, mask_threshold))[0].cpu()
-            maps = exp.maps[0].detach().float().cpu().numpy()
+            host = ops_for(exp.maps).to_numpy  # (torch tensors or NumPy arrays: a Keras model's)
+            boxes = host(boxes_from_maps(exp.maps, threshold, largest=not union)[0])
+            masks = host(masks_from_maps(exp.maps, mask_threshold, refine="grabcut" if grabcut else None,
+                                         images=display if grabcut else None, low=min(0.1, mask_threshold),
+                                         high=max(0.9, mask_threshold))[0])
+            maps = np.asarray(host(exp.maps[0]), dtype=np.float32)
             H, W = maps.shape[-2:]
             entry = {"image": str(path), "original_size": [img.height, img.width], "input_size": [H, W],
                      "targets": []}
             files = []
             for t, tg in enumerate(exp.targets[0]):
                 base = f"{stem}_{t:02d}_{safe_name(tg.label)}"
-                mask = masks[t].numpy()
+                mask = masks[t]
                 save_png(out / f"{base}_mask.png", (mask * 255).astype("uint8"))
                 save_png(out / f"{base}_box.png", mark(draw_boxes(overlay(display[0], maps[t], alpha=0.4),
                                                                   boxes[t:t + 1], [tg.label],
