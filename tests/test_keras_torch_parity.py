@@ -10,13 +10,15 @@ import pytest
 from keras_setup import import_keras
 
 torch = pytest.importorskip("torch")
+import torch._dynamo  # noqa: E402,F401  (before TensorFlow: torch's guided backprop imports it, and after TF it can segfault)
+
 keras = import_keras()
 
 import camlens  # noqa: E402
 
 L = keras.layers
 METHODS = ["gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam", "eigengradcam", "scorecam",
-           "ablationcam", "occlusion"]
+           "ablationcam", "occlusion", "cam", "guided_backprop", "guided_gradcam"]
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,7 @@ def to_wrap(index: dict[str, Any], run: Any, finals: Optional[dict] = None) -> d
     """The layers of ``index`` a forward must wrap for ``run`` (all of them when it records every layer)."""
     if run.every:
         return dict(index)
-    paths = set(run.wanted) | set(run.replace) | set(finals or ())
+    paths = set(run.wanted) | set(run.replace) | set(run.inputs_of) | set(finals or ())
     return {p: layer for p, layer in index.items() if p in paths}
 
 
@@ -132,6 +132,7 @@ def recorder(run: Any, finals: Optional[dict] = None,
     finals = finals or {}
 
     def fn(path: str, layer: Any, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        run.record_input(path, args)
         if path in run.replace:
             out = run.replace[path]
         elif path in finals and pre_activation is not None:
