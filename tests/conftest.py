@@ -45,3 +45,21 @@ def quantus():
             pytest.fail(f"quantus is not installed ({err}): pip install -e '.[dev]'")
         pytest.skip("quantus is not installed (pip install -e '.[dev]')")
     return q
+
+
+@pytest.fixture
+def input_gradient_method():
+    """The name of a method registered for the test that returns the runner's plain input gradients
+    ``(B, T, C, H, W)`` as ``exp.pixel`` (no registered method asks for plain ones)."""
+    from camlens.methods.base import _REGISTRY, Method, MethodOutput, register
+    from camlens.methods.guided import channel_saliency
+
+    class InputGradient(Method):
+        def compute(self, ctx):
+            g, _ = ctx.runner.input_gradients(ctx.inputs, ctx.score_all, guided=False)
+            return MethodOutput(saliency=channel_saliency(g), pixel=g)
+
+    m = register(InputGradient(name="test_input_gradient", description="d S / d x", cost="1 forward + 1 backward",
+                               needs_grads=False, needs_layer=False))
+    yield m.name
+    _REGISTRY.pop(m.name)
