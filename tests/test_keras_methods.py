@@ -246,3 +246,14 @@ def test_cam_refuses_heads_that_are_not_gap_and_dense():
     with pytest.raises(ModelError, match="straight from a keras.layers.Dense"):
         camlens.explain(scaled, x, targets=0, layer="c", method="cam")
     _same_state(before, _state(m))
+
+
+def test_the_readme_method_table_marks_what_runs_on_keras():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("| method | what | cost per call | Keras |")[1].split("\n\n")[0].splitlines()[2:]
+    keras_col = {row.split("|")[1].strip().strip("`"): row.split("|")[4].strip() for row in table}
+    assert {m for m, v in keras_col.items() if v.startswith("no")} == set(NOT_ON_KERAS)
+    assert all(v.startswith(("yes", "no")) for v in keras_col.values())
+    assert set(keras_col) <= set(_REGISTRY.available())

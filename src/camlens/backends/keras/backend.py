@@ -370,7 +370,9 @@ class KerasBackend:
         """Record ``layers``' outputs in the next forward of ``model``; with ``grad`` under one
         persistent ``tf.GradientTape`` watching only them. Closed (and the tape released) on exit."""
         if attention:
-            raise ConfigError("attention methods are not on Keras models yet")
+            raise ConfigError("attention methods (attention_rollout, attention_relevance) read a transformer's attention "
+                              "probabilities, which camlens captures on PyTorch models only: they are not on Keras "
+                              "models yet; explain a Keras model with a map method (gradcam, cam, scorecam, ...)")
         if full_graph:
             raise ConfigError("differentiable=True is not on Keras models yet")
         cap = KerasCapture(model, [n for n, _ in layers], grad, linear)
