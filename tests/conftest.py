@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import warnings
 
@@ -7,6 +8,10 @@ try:
     import torch
 except ImportError:  # an environment without torch (camlens[keras]): only the Keras tests run there
     torch = None
+if torch is not None and importlib.util.find_spec("tensorflow") is not None:
+    # torch._dynamo imported after TensorFlow can segfault the process; Keras test modules import TF at
+    # collection, and torch tests (guided backprop's dispatch mode, torch.compile) import dynamo later
+    import torch._dynamo  # noqa: F401
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 if torch is not None:
