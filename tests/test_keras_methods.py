@@ -167,6 +167,55 @@ def test_guided_backprop_refuses_relus_keras_cannot_see():
         camlens.explain(m, _images(H=8, W=8), targets=0, method="guided_backprop")
 
 
+def test_guided_backprop_refuses_prelu_and_restores_keras_after_an_error_in_the_forward():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    m = keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(L.PReLU()(L.Conv2D(4, 3)(inp)))))
+    with pytest.raises(ModelError, match="PReLU"):
+        camlens.explain(m, _images(H=8, W=8), targets=0, method="guided_backprop")
+
+    class Boom(L.Layer):
+        def call(self, x):
+            if getattr(self, "armed", False):
+                raise RuntimeError("boom")
+            return keras.ops.relu(x)
+
+    boom = Boom()
+    m = keras.Model(inp, L.Dense(3)(L.GlobalAveragePooling2D()(boom(L.Conv2D(4, 3)(inp)))))
+    nn = keras.src.backend.tensorflow.nn
+    saved = (nn.relu, nn.relu6, nn.gelu)
+    exp = camlens.explain(m, _images(H=8, W=8), targets=0, method="guided_backprop")  # keras.ops.relu: guided
+    assert np.isfinite(exp.pixel).all()
+    boom.armed = True
+    with pytest.raises(RuntimeError, match="boom"):
+        camlens.explain(m, _images(H=8, W=8), targets=0, method="guided_backprop")
+    assert (nn.relu, nn.relu6, nn.gelu) == saved
+
+
+def test_guided_backprop_on_a_subclassed_model_equals_its_functional_twin():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.c1 = L.Conv2D(5, 3, padding="same", activation="relu")
+            self.act = L.ReLU(6.0)
+            self.c2 = L.Conv2D(4, 3, strides=2, padding="same")
+            self.gap = L.GlobalAveragePooling2D()
+            self.fc = L.Dense(3)
+
+        def call(self, x):
+            return self.fc(self.gap(self.act(self.c2(self.c1(x)))))
+
+    keras.utils.set_random_seed(4)
+    net, x = Net(), _images() * 4
+    net(x)
+    inp = keras.Input((16, 16, 3))
+    twin = keras.Model(inp, net.fc(net.gap(net.act(net.c2(net.c1(inp))))))
+    a = camlens.explain(net, x, targets=[0, 2], method="guided_backprop")
+    b = camlens.explain(twin, x, targets=[0, 2], method="guided_backprop")
+    _close(a.pixel, b.pixel)
+    assert not np.allclose(a.pixel, _plain_grads(twin, x, [0, 2]), atol=1e-4)
+
+
 def test_guided_gradcam_is_guided_backprop_times_the_upsampled_gradcam():
     model, x = _cnn(), _images()
     gg = camlens.explain(model, x, targets=[1, 2], layer="r2", method="guided_gradcam")

@@ -13,12 +13,13 @@ layer. For the block of :func:`guided_relus`, those two functions of
 incoming gradient is positive (the deconvnet rule): Springenberg et al.'s guided backpropagation,
 as the torch backend's ``GuidedReLU`` (``threshold_backward`` / ``hardtanh_backward`` fed
 ``max(grad, 0)``). Nothing of the model is touched (no layer attribute, no weight); the module
-attributes are put back on exit, also after an error (a lock keeps two guided forwards apart).
+attributes are put back on exit, also after an error (a lock keeps two guided forwards apart; other threads get Keras' own functions meanwhile).
 
 The rule is defined for ReLU networks only. The block records every other activation the forward
 runs (the backend's ``gelu``, ``silu`` (swish), ``hard_silu`` (hard swish), ``hard_sigmoid``,
 ``elu``, ``selu``, ``celu``, ``softplus`` (also inside mish), ``leaky_relu``, ``tanh``; ``PReLU``
-layers, which are ``relu(x) - alpha * relu(-x)``), and ReLU ops that ran around those functions
+layers, which are ``relu(x) - alpha * relu(-x)``, and ``ReLU`` layers with a threshold or a negative
+slope), and ReLU ops that ran around those functions
 (``tf.nn.relu`` called directly in a custom layer, seen by a TensorFlow op callback), so the
 caller can refuse a result that would be a plain gradient under guided backprop's name.
 ``hard_sigmoid`` (``relu6(x + 3) / 6``) keeps its plain ReLU6 gradient: it is a gate, not a ReLU.
@@ -97,6 +98,8 @@ def _replacements(run: GuidedRun) -> dict[tuple[Any, str], Callable[..., Any]]:
 
     def recorded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
+            if getattr(_STATE, "run", None) is not run:  # another thread: Keras' own function
+                return fn(*args, **kwargs)
             run.unguided.add(NON_RELU[name])
             _STATE.plain = getattr(_STATE, "plain", 0) + 1  # inside it (hard_sigmoid's relu6): plain gradients
             try:
@@ -111,8 +114,16 @@ def _replacements(run: GuidedRun) -> dict[tuple[Any, str], Callable[..., Any]]:
     return out
 
 
-def _prelu_layers(model: Any) -> bool:
-    return any(isinstance(layer, keras.layers.PReLU) for layer in model._flatten_layers(include_self=False))
+def _unguided_layers(model: Any) -> set[str]:
+    """Layers whose ReLU-like maths the rule would get wrong: ``PReLU`` (``relu(x) - a relu(-x)``: both
+    would be guided), ``ReLU`` layers with a threshold (a ``where``, no ReLU) or a negative slope."""
+    out = set()
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.PReLU):
+            out.add("PReLU")
+        elif isinstance(layer, keras.layers.ReLU) and (layer.threshold or layer.negative_slope):
+            out.add(f"ReLU(threshold={layer.threshold}, negative_slope={layer.negative_slope})")
+    return out
 
 
 @contextlib.contextmanager
@@ -143,8 +154,7 @@ def guided_relus(model: Any) -> Iterator[GuidedRun]:
     what the forward ran (``unguided``: the activations the rule does not cover). The TF backend's
     functions are restored on exit, also after an error."""
     run = GuidedRun()
-    if _prelu_layers(model):
-        run.unguided.add("PReLU")
+    run.unguided |= _unguided_layers(model)
     with _LOCK:
         saved = []
         try:
