@@ -139,7 +139,8 @@ def test_guided_backprop_equals_the_rule_written_out_on_a_relu6_relu_network():
     assert not np.allclose(exp.pixel[:, 0], plain, atol=1e-3)  # the guided rule changed something
 
 
-@pytest.mark.parametrize("act, name", [("gelu", "GELU"), ("swish", "SiLU"), ("elu", "ELU"), ("hard_silu", "hard_swish")])
+@pytest.mark.parametrize("act, name", [("gelu", "GELU"), ("swish", "SiLU"), ("elu", "ELU"), ("hard_silu", "hard_swish"),
+                                       ("hard_sigmoid", "hard_sigmoid")])
 def test_guided_backprop_refuses_other_activations_unless_plain(act, name):
     keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 3))
@@ -147,8 +148,9 @@ def test_guided_backprop_refuses_other_activations_unless_plain(act, name):
     m = keras.Model(inp, L.Dense(3, name="fc")(L.GlobalAveragePooling2D()(x)))
     before, relu = _state(m), keras.src.backend.tensorflow.nn.relu
     x = _images(H=8, W=8)
-    with pytest.raises(ModelError, match=f"(?s)Keras model.*{name}.*non_relu='plain'"):
+    with pytest.raises(ModelError, match=f"(?s)Keras model.*{name}.*non_relu='plain'") as err:
         camlens.explain(m, x, targets=1, method="guided_backprop")
+    assert ("hard_sigmoid" in str(err.value)) == (act == "hard_sigmoid")  # hard swish's own gate not named twice
     _same_state(before, _state(m))
     assert keras.src.backend.tensorflow.nn.relu is relu  # Keras' own functions are back
     exp = camlens.explain(m, x, targets=1, method="guided_backprop", non_relu="plain")
@@ -306,3 +308,22 @@ def test_the_readme_method_table_marks_what_runs_on_keras():
     assert {m for m, v in keras_col.items() if v.startswith("no")} == set(NOT_ON_KERAS)
     assert all(v.startswith(("yes", "no")) for v in keras_col.values())
     assert set(keras_col) <= set(_REGISTRY.available())
+
+
+def test_graphs_with_bare_operations_work():
+    """``x + 3.0`` on Keras tensors (MobileNetV3's hard sigmoid) is an operation, not a layer."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, 3))
+    a = L.Conv2D(4, 3, padding="same", name="c")(inp)
+    a = L.ReLU(6.0, name="r6")(a + 3.0) * (1.0 / 6.0)
+    m = keras.Model(inp, L.Dense(3, name="fc")(L.GlobalAveragePooling2D()(a)))
+    x = _images()
+    exp = camlens.explain(m, x, targets=[0, 2], layer="c", method="gradcam", relu=False)
+    c, r6, fc = (m.get_layer(n) for n in ("c", "r6", "fc"))
+    A = c(tf.constant(x))
+    with tf.GradientTape(persistent=True) as tape:  # the same maths by hand
+        tape.watch(A)
+        y = fc(tf.reduce_mean(r6(A + 3.0) / 6.0, axis=(1, 2)))
+        s0, s2 = tf.reduce_sum(y[:, 0]), tf.reduce_sum(y[:, 2])
+    g = np.stack([tape.gradient(s0, A).numpy(), tape.gradient(s2, A).numpy()], axis=1)  # (B, T, h, w, C)
+    _close(exp.raw, np.einsum("btc,bhwc->bthw", g.mean(axis=(2, 3)), A.numpy()))

@@ -32,8 +32,10 @@ SEP = "/"
 
 
 def children(layer: Any) -> list:
-    """The layers ``layer`` tracks directly (its attributes), in tracking order."""
-    return list(layer._flatten_layers(include_self=False, recursive=False))
+    """The layers ``layer`` tracks directly (its attributes), in tracking order (none for a bare
+    operation of a graph, e.g. the ``Add`` of ``x + 3.0`` in MobileNetV3)."""
+    flatten = getattr(layer, "_flatten_layers", None)
+    return list(flatten(include_self=False, recursive=False)) if flatten is not None else []
 
 
 def tree_index(layer: Any, prefix: str = "") -> dict[str, Any]:

@@ -98,8 +98,8 @@ def _replacements(run: GuidedRun) -> dict[tuple[Any, str], Callable[..., Any]]:
 
     def recorded(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            if getattr(_STATE, "run", None) is not run:  # another thread: Keras' own function
-                return fn(*args, **kwargs)
+            if getattr(_STATE, "run", None) is not run or getattr(_STATE, "plain", 0):  # another thread, or
+                return fn(*args, **kwargs)  # inside another activation (hard_silu's hard_sigmoid): as it is
             run.unguided.add(NON_RELU[name])
             _STATE.plain = getattr(_STATE, "plain", 0) + 1  # inside it (hard_sigmoid's relu6): plain gradients
             try:
