@@ -13,7 +13,10 @@ outputs (so the layers before them are not recorded); the T target scores are ev
 the TF outputs inside the tape (:mod:`.scores`), and ONE vectorised Jacobian
 ``d (sum_b S[b, t]) / dA`` ``(T, B, h, w, C)`` (``tape.jacobian(..., experimental_use_pfor=True)``)
 gives all T targets' gradients; as in the torch backend, image b's score depends only on image
-b's activations (inference mode), so the batch sum separates them.
+b's activations (inference mode), so the batch sum separates them. Input gradients (guided
+backprop) are the same Jacobian w.r.t. the watched NHWC input (:meth:`KerasRunner.input_gradients`;
+Keras' ReLUs guided for the forward by :mod:`.guided`); CAM's linear head is the kernel of the
+``Dense`` the capture saw producing the head from ``GAP(layer)`` (:meth:`KerasBackend.linear_head`).
 
 State: every layer call gets ``training=False``; nothing is assigned to any variable and no layer
 attribute is set, so weights, BatchNorm moving statistics, ``trainable`` flags and activations are
