@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import warnings
 
@@ -7,6 +8,10 @@ try:
     import torch
 except ImportError:  # an environment without torch (camlens[keras]): only the Keras tests run there
     torch = None
+if torch is not None and importlib.util.find_spec("tensorflow") is not None:
+    # torch._dynamo imported after TensorFlow can segfault the process; Keras test modules import TF at
+    # collection, and torch tests (guided backprop's dispatch mode, torch.compile) import dynamo later
+    import torch._dynamo  # noqa: F401
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 if torch is not None:
@@ -45,3 +50,21 @@ def quantus():
             pytest.fail(f"quantus is not installed ({err}): pip install -e '.[dev]'")
         pytest.skip("quantus is not installed (pip install -e '.[dev]')")
     return q
+
+
+@pytest.fixture
+def input_gradient_method():
+    """The name of a method registered for the test that returns the runner's plain input gradients
+    ``(B, T, C, H, W)`` as ``exp.pixel`` (no registered method asks for plain ones)."""
+    from camlens.methods.base import _REGISTRY, Method, MethodOutput, register
+    from camlens.methods.guided import channel_saliency
+
+    class InputGradient(Method):
+        def compute(self, ctx):
+            g, _ = ctx.runner.input_gradients(ctx.inputs, ctx.score_all, guided=False)
+            return MethodOutput(saliency=channel_saliency(g), pixel=g)
+
+    m = register(InputGradient(name="test_input_gradient", description="d S / d x", cost="1 forward + 1 backward",
+                               needs_grads=False, needs_layer=False))
+    yield m.name
+    _REGISTRY.pop(m.name)

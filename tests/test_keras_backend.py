@@ -486,6 +486,9 @@ def test_explaining_a_keras_model_never_imports_torch(blocked):
             "m = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(f)))\n"
             "e = camlens.explain(m, np.random.rand(1, 8, 8, 3).astype('float32'), targets=[0, 1])\n"
             "assert e.maps.shape == (1, 2, 8, 8), e.maps.shape\n"
+            "for meth in ('cam', 'guided_backprop', 'guided_gradcam'):  # input gradients and the linear head too\n"
+            "    x = np.random.rand(1, 8, 8, 3).astype('float32')\n"
+            "    assert camlens.explain(m, x, targets=[0, 1], method=meth).maps.shape == (1, 2, 8, 8), meth\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'torchvision', 'timm')))\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

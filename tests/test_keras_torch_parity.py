@@ -1,6 +1,6 @@
 """Issue 13: the same small CNN built in Keras and in PyTorch with copied weights gives the same
-explanations — every gradient method, Eigen-CAM, Score-CAM, Ablation-CAM and occlusion — within
-1e-4. Runs where both torch and Keras (on TensorFlow) are importable; skipped elsewhere.
+explanations — every gradient method, Eigen-CAM, Score-CAM, Ablation-CAM, occlusion, CAM, guided
+backprop and Guided Grad-CAM — within 1e-4, and the same raw input gradients (plain and guided). Runs where both torch and Keras (on TensorFlow) are importable; skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -10,13 +10,15 @@ import pytest
 from keras_setup import import_keras
 
 torch = pytest.importorskip("torch")
+import torch._dynamo  # noqa: E402,F401  (before TensorFlow: torch's guided backprop imports it, and after TF it can segfault)
+
 keras = import_keras()
 
 import camlens  # noqa: E402
 
 L = keras.layers
 METHODS = ["gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam", "eigengradcam", "scorecam",
-           "ablationcam", "occlusion"]
+           "ablationcam", "occlusion", "cam", "guided_backprop", "guided_gradcam"]
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +79,29 @@ def test_maps_agree_with_the_torch_twin(pair, images, method):
     assert ek.maps.shape == tuple(et.maps.shape) == (2, 2, 20, 20)
     np.testing.assert_allclose(ek.maps, et.maps.numpy(), rtol=0, atol=1e-4)
     np.testing.assert_allclose(ek.scores, et.scores.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _pixels(exp):
+    return np.asarray(exp.pixel.numpy() if hasattr(exp.pixel, "numpy") else exp.pixel)
+
+
+@pytest.mark.parametrize("method", ["input_gradient", "guided_backprop", "guided_gradcam"])
+def test_raw_input_gradients_agree_with_the_torch_twin(pair, images, method, input_gradient_method):
+    km, tm = pair
+    name = input_gradient_method if method == "input_gradient" else method
+    ek = camlens.explain(km, images, targets=[0, 3], layer="c2", method=name)
+    et = camlens.explain(tm, torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), targets=[0, 3], layer="4",
+                         method=name)
+    want = _pixels(et)
+    assert _pixels(ek).shape == want.shape == (2, 2, 3, 20, 20)
+    np.testing.assert_allclose(_pixels(ek), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(ek.maps, et.maps.numpy(), rtol=0, atol=1e-4)
+
+
+def test_cam_raw_maps_agree_with_the_torch_twin(pair, images):
+    km, tm = pair
+    ek = camlens.explain(km, images, targets=[1, 2], layer="c2", method="cam", relu=False)
+    et = camlens.explain(tm, torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), targets=[1, 2], layer="4",
+                         method="cam", relu=False)
+    want = et.raw.numpy()
+    np.testing.assert_allclose(ek.raw, want, rtol=0, atol=1e-5 * np.abs(want).max())

@@ -33,9 +33,9 @@ from typing import Any, Optional, Protocol, runtime_checkable
 import array_api_compat  # (imports no array library itself)
 import numpy as np
 
-from ..core.errors import ConfigError, ConfigTypeError, LayerError, MissingDependencyError
+from ..core.errors import ConfigError, ConfigTypeError, LayerError, MissingDependencyError, ModelError
 
-__all__ = ["PRECISION_NAMES", "Backend", "Ops", "namespace", "ops_for", "to_float32", "bilinear_matrix", "extreme_rows", "get_backend", "register_backend", "available_backends", "layout_problem",
+__all__ = ["PRECISION_NAMES", "Backend", "Ops", "namespace", "ops_for", "to_float32", "bilinear_matrix", "extreme_rows", "get_backend", "register_backend", "available_backends", "layout_problem", "unguided_error",
            "looks_channels_last", "grid_fits"]
 
 
@@ -270,9 +270,11 @@ class Backend(Protocol):
         arrays are host copies without a graph (Keras: NumPy), which evaluates them again on its
         framework's outputs inside its tape; a backend whose scores carry their graph ignores it."""
 
-    def runner(self, model: Any, score_image: Callable[[Any, int], Any], layout: Any) -> Any:
+    def runner(self, model: Any, score_image: Callable[[Any, int], Any], layout: Any, targets: Any = None) -> Any:
         """Passes beyond the first: ``scores(x, b)``, ``scores_with_layer(layer, acts, x_b, b)``,
-        ``input_gradients(x, fn, guided)``."""
+        ``input_gradients(x, fn, guided)``. ``targets``: the resolved rows, as for
+        :meth:`target_gradients` (a backend without graphs on the engine's arrays needs them for
+        its input gradients)."""
 
     def linear_head(self, cap: Any, head: Any, acts: Any, layer: str, model: Any, head_name: str) -> Any:
         """The weight ``(K, C)`` of the dense layer that maps ``GAP(acts)`` to ``head`` (CAM); an error
@@ -451,6 +453,16 @@ def looks_channels_last(shape: Sequence[int], size: tuple[int, int]) -> bool:
     ``(h, w) = (7, 768)``. When both readings fit (small C), it is read as ``(B, C, h, w)``.
     """
     return len(shape) == 4 and grid_fits(shape[1], shape[2], size) and not grid_fits(shape[2], shape[3], size)
+
+
+def unguided_error(kinds: set, model: str = "model's backward") -> ModelError:
+    """The error of a guided backprop through activations other than ReLUs (``kinds``: their names),
+    for every backend: the rule is defined for ReLU networks, and the result would be a plain gradient."""
+    return ModelError(f"guided backpropagation is defined for ReLU networks (Springenberg et al.), but this {model} "
+                      f"also runs {', '.join(sorted(kinds))}: their gradients would pass unguided, a plain gradient "
+                      "under guided backprop's name. Use method='gradcam' (or another CAM), 'occlusion' or 'scorecam' "
+                      "on this model, or non_relu='plain' to guide only its ReLUs and pass the other activations' "
+                      "gradients as they are")
 
 
 def layout_problem(shape: Sequence[int], batch: int, size: tuple[int, int]) -> Optional[str]:

@@ -282,7 +282,7 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
         return bk.linear_head(cap, heads[head], acts_f[layer], layer, net, str(head))
 
     ctx = MethodContext(inputs=bk.ops.detach(x), layers=names, modules=dict(layers), acts=acts_f, grads=grads, scores=scores,
-                        targets=rows, runner=bk.runner(net, score_image, layout),
+                        targets=rows, runner=bk.runner(net, score_image, layout, targets=rows),
                         score_all=lambda out: target_scores(rows, split_outputs(out), out), options=opts,
                         xp=bk.xp, ops=bk.ops, heads=heads, layouts=dict(layouts), to_layer=to_layer,
                         linear_head=linear_head if meth.needs_linear_head else None,

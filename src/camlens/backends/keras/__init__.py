@@ -1,5 +1,7 @@
-"""Keras 3 backend (TensorFlow): the Grad-CAM family, Eigen-CAM, Score-CAM, Ablation-CAM and occlusion
-on Functional and Sequential models (nested ones included) and subclassed models, without torch.
+"""Keras 3 backend (TensorFlow): every map method of the registry (the Grad-CAM family, Eigen-CAM,
+Score-CAM, Ablation-CAM, occlusion, CAM, guided backprop, Guided Grad-CAM, D-RISE / RISE, the
+baselines; not the attention methods) on Functional and Sequential models (nested ones included)
+and subclassed models, without torch.
 
 * layers by path: a layer's name, prefixed by the nested models it sits in, joined by ``/``
   (``"resnet50/conv5_block3_out"``; a bare name unique across the nesting works too);
@@ -8,7 +10,9 @@ on Functional and Sequential models (nested ones included) and subclassed models
   model's layers read by wrapping their ``call`` for the block, :mod:`.eager`); every layer call
   ``training=False``; a final softmax / sigmoid is left out of the computation (not the model),
   so the scores are logits;
-* all T targets' gradients from one vectorised Jacobian under one ``tf.GradientTape``;
+* all T targets' gradients from one vectorised Jacobian under one ``tf.GradientTape`` (layer
+  gradients; input gradients likewise, with Keras' ReLUs guided for guided backprop, :mod:`.guided`);
+* CAM's linear head: the kernel of the ``Dense`` fed by ``GAP(layer)``, found on the forward;
 * the engine gets NumPy arrays (``NumpyOps``), converted once per pass.
 
 See :mod:`camlens.backends.keras.backend` and :mod:`camlens.backends.keras.graph`.

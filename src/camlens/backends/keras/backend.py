@@ -13,7 +13,10 @@ outputs (so the layers before them are not recorded); the T target scores are ev
 the TF outputs inside the tape (:mod:`.scores`), and ONE vectorised Jacobian
 ``d (sum_b S[b, t]) / dA`` ``(T, B, h, w, C)`` (``tape.jacobian(..., experimental_use_pfor=True)``)
 gives all T targets' gradients; as in the torch backend, image b's score depends only on image
-b's activations (inference mode), so the batch sum separates them.
+b's activations (inference mode), so the batch sum separates them. Input gradients (guided
+backprop) are the same Jacobian w.r.t. the watched NHWC input (:meth:`KerasRunner.input_gradients`;
+Keras' ReLUs guided for the forward by :mod:`.guided`); CAM's linear head is the kernel of the
+``Dense`` the capture saw producing the head from ``GAP(layer)`` (:meth:`KerasBackend.linear_head`).
 
 State: every layer call gets ``training=False``; nothing is assigned to any variable and no layer
 attribute is set, so weights, BatchNorm moving statistics, ``trainable`` flags and activations are
@@ -35,11 +38,12 @@ import tensorflow as tf
 from keras.src import tree
 
 from ...core.errors import ConfigError, InputError, InputTypeError, LayerError, LayerRuntimeError, ModelError
-from ..base import PRECISION_NAMES, layout_problem
+from ..base import PRECISION_NAMES, layout_problem, unguided_error
 from ..numpy import NumpyOps
 from . import randomise
 from .graph import (Cut, GraphRun, downstream_cut, graph_of, layer_index, output_activations, output_names,
                     require_model, resolve_paths, run_graph)
+from .guided import guided_relus
 from .scores import tf_target_scores
 
 __all__ = ["KerasBackend", "BACKEND", "KerasCapture", "KerasLayout", "KerasRunner", "channels_last"]
@@ -84,8 +88,12 @@ class KerasCapture:
     """One forward's captured layers: ``activations`` (path -> NumPy ``(B, C, h, w)``), ``calls``
     (path -> how many times it ran), and for the gradients the TF tensors and the tape."""
 
-    def __init__(self, model: Any, names: Sequence[str], grad: bool) -> None:
+    def __init__(self, model: Any, names: Sequence[str], grad: bool, linear: bool = False) -> None:
         self.model, self.names, self.grad = model, list(names), grad
+        # CAM: every Dense layer's (inputs, outputs) of the forward, one per call
+        self.dense_paths = frozenset(p for p, op in layer_index(model).items()
+                                     if isinstance(op, keras.layers.Dense)) if linear else frozenset()
+        self.dense_io: dict[str, tuple[list, list]] = {}
         self.activations: dict[str, np.ndarray] = {}
         self.calls: dict[str, int] = {}
         self.tf_acts: dict[str, tf.Tensor] = {}
@@ -119,18 +127,24 @@ class KerasLayout:
 
     def forward(self, x: np.ndarray, run: Optional[GraphRun] = None) -> Any:
         """The TF output of ``x`` (list outputs named), with ``run``'s layers recorded / replaced."""
-        run = run if run is not None else GraphRun(frozenset())
-        return _named(run_graph(self.model, self.model_input(x), run), self.names)
+        return self.forward_tensor(self.model_input(x), run)
+
+    def forward_tensor(self, xt: tf.Tensor, run: Optional[GraphRun] = None) -> Any:
+        """:meth:`forward` of the model's own TF input ``xt`` (NHWC for a channels-last model)."""
+        return _named(run_graph(self.model, xt, run if run is not None else GraphRun(frozenset())), self.names)
 
     def run(self, x: np.ndarray, score_only: bool = False) -> Any:
         cap = next((c for c in reversed(_captures()) if c.model is self.model), None)
         if cap is None or score_only:
             return _host(self.forward(x))
+        names = frozenset(cap.names)
         watch = cap.tape.watch if cap.tape is not None else None
         keep = cap.cut.keep if cap.cut is not None else frozenset()
-        run = GraphRun(frozenset(cap.names) | keep, on_output=(lambda path, out: watch(out)) if watch else None)
+        run = GraphRun(names | keep | cap.dense_paths, inputs_of=cap.dense_paths,
+                       on_output=(lambda path, out: watch(out) if path in names else None) if watch else None)
         cap.model_input = self.model_input(x)
         out = _named(run_graph(self.model, cap.model_input, run), self.names)
+        cap.dense_io = {p: (run.inputs.get(p, []), run.outputs.get(p, [])) for p in cap.dense_paths}
         cap.tf_output, cap.channels_last = out, self.channels_last
         cap.kept = {p: run.outputs.get(p, []) for p in keep}
         for name in cap.names:
@@ -144,11 +158,14 @@ class KerasLayout:
 
 
 class KerasRunner:
-    """Forwards beyond the first (Score-CAM, occlusion, Ablation-CAM): no tape, NumPy in and out.
-    ``score(output, b)`` gives image ``b``'s target scores ``(N, T)`` on N outputs."""
+    """Forwards beyond the first (Score-CAM, occlusion, Ablation-CAM: no tape; input gradients: a tape
+    on the input), NumPy in and out. ``score(output, b)`` gives image ``b``'s target scores ``(N, T)``
+    on N outputs; ``targets`` (B lists of T resolved targets) are evaluated again on the TF outputs
+    for the input gradients."""
 
-    def __init__(self, model: Any, score: Callable[[Any, int], Any], layout: KerasLayout) -> None:
-        self.model, self.score, self.layout = model, score, layout
+    def __init__(self, model: Any, score: Callable[[Any, int], Any], layout: KerasLayout,
+                 targets: Optional[list] = None) -> None:
+        self.model, self.score, self.layout, self.targets = model, score, layout, targets
         self.forwards = 0
         self._paths = {id(op): p for p, op in layer_index(model).items()}
 
@@ -209,11 +226,62 @@ class KerasRunner:
             out.append(np.asarray(self.score(self._forward(xs, run), b), dtype=np.float32))
         return np.concatenate(out)
 
-    def input_gradients(self, x: Any, b_scores: Callable[[Any], Any], guided: bool = False,
-                        non_relu: str = "error") -> tuple[Any, Any]:
-        raise ConfigError("input-gradient methods (saliency, guided backprop, integrated gradients, ...) are not on "
-                          "Keras models yet; use the Grad-CAM family (gradcam, gradcampp, xgradcam, hirescam, "
-                          "layercam) or eigencam")
+    def input_gradients(self, x: np.ndarray, b_scores: Callable[[Any], Any], guided: bool = False,
+                        non_relu: str = "error") -> tuple[np.ndarray, np.ndarray]:
+        """Gradients of the target scores w.r.t. the input pixels: ``(B, T, C, H, W)`` and the scores
+        ``(B, T)``, for ``x`` ``(B, C, H, W)``.
+
+        One forward of the NHWC input under a ``tf.GradientTape`` watching it; the T scores are the
+        runner's ``targets`` evaluated on the TF output (:mod:`.scores`, checked against
+        ``b_scores`` on its NumPy copy); ONE vectorised Jacobian ``d (sum_b S[b, :]) / dx``
+        ``(T, B, H, W, C)`` gives every target's gradient. ``guided``: every Keras ReLU / ReLU6 gets
+        guided backprop's backward for the forward (:func:`.guided.guided_relus`, nothing of the
+        model edited); other activations (GELU, SiLU, ...) are a :class:`ModelError` naming them
+        unless ``non_relu="plain"`` (they pass their plain gradient: guided only at the ReLUs).
+        """
+        if self.targets is None:
+            raise LayerRuntimeError("the Keras backend's input gradients need the resolved targets (runner(..., "
+                                    "targets=rows)) to recompute the scores on the TensorFlow output")
+        xt = self.layout.model_input(x)
+        self.forwards += 1
+        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+            tape.watch(xt)
+            with guided_relus(self.model) if guided else contextlib.nullcontext() as seen:
+                out = self.layout.forward_tensor(xt)
+            if guided and seen.unguided and non_relu != "plain":
+                raise unguided_error(seen.unguided, "Keras model")
+            s = tf_target_scores(self.targets, out)  # (B, T), recorded
+            scores = np.asarray(b_scores(_host(out)), dtype=np.float32)
+            _check_scores(s.numpy(), scores)
+            total = tf.reduce_sum(s) if s.shape[1] == 1 else tf.reduce_sum(s, axis=0)
+            (g,) = _jacobian(tape, total, [xt], int(s.shape[1]))  # (T, B, ...)
+        g = np.swapaxes(g, 0, 1)  # (B, T, H, W, C) / (B, T, C, H, W)
+        if self.layout.channels_last:
+            g = np.transpose(g, (0, 1, 4, 2, 3))
+        return np.ascontiguousarray(g, dtype=np.float32), scores
+
+
+def _check_scores(got: np.ndarray, want: np.ndarray) -> None:
+    """The scores recomputed on the TF output must equal the engine's (same maths, float rounding)."""
+    if got.shape != tuple(want.shape) or not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise ModelError(f"the target scores recomputed on the TensorFlow output {got.tolist()} differ from the "
+                         f"reported ones {np.asarray(want).tolist()}; a score function that is not the same "
+                         "maths on NumPy and TensorFlow arrays cannot be explained")
+
+
+def _jacobian(tape: tf.GradientTape, total: tf.Tensor, sources: list, T: int) -> list[np.ndarray]:
+    """Per source ``(B, ...)``, ``d total[t] / d source`` ``(T, B, ...)`` as NumPy: one gradient for
+    T = 1 (``total`` a scalar), else one vectorised Jacobian (pfor; a ``while_loop`` one if pfor
+    lacks an op). Sources the scores do not depend on get zeros."""
+    zero = tf.UnconnectedGradients.ZERO
+    with tape.stop_recording():
+        if T == 1:
+            return [g.numpy()[None] for g in tape.gradient(total, sources, unconnected_gradients=zero)]
+        try:
+            gs = tape.jacobian(total, sources, unconnected_gradients=zero, experimental_use_pfor=True)
+        except (ValueError, NotImplementedError, tf.errors.InvalidArgumentError):  # an op pfor lacks
+            gs = tape.jacobian(total, sources, unconnected_gradients=zero, experimental_use_pfor=False)
+        return [g.numpy() for g in gs]
 
 
 class KerasBackend:
@@ -341,10 +409,12 @@ class KerasBackend:
         """Record ``layers``' outputs in the next forward of ``model``; with ``grad`` under one
         persistent ``tf.GradientTape`` watching only them. Closed (and the tape released) on exit."""
         if attention:
-            raise ConfigError("attention methods are not on Keras models yet")
+            raise ConfigError("attention methods (attention_rollout, attention_relevance) read a transformer's attention "
+                              "probabilities, which camlens captures on PyTorch models only: they are not on Keras "
+                              "models yet; explain a Keras model with a map method (gradcam, cam, scorecam, ...)")
         if full_graph:
             raise ConfigError("differentiable=True is not on Keras models yet")
-        cap = KerasCapture(model, [n for n, _ in layers], grad)
+        cap = KerasCapture(model, [n for n, _ in layers], grad, linear)
         cap.cut = downstream_cut(model, cap.names) if grad else None
         stack = _captures()
         tape = tf.GradientTape(persistent=True, watch_accessed_variables=False) if grad and cap.cut is None else None
@@ -415,12 +485,40 @@ class KerasBackend:
             out.append(np.ascontiguousarray(g, dtype=np.float32))
         return out
 
-    def runner(self, model: Any, score_image: Callable[[Any, int], Any], layout: KerasLayout) -> KerasRunner:
-        return KerasRunner(model, score_image, layout)
+    def runner(self, model: Any, score_image: Callable[[Any, int], Any], layout: KerasLayout,
+               targets: Optional[list] = None) -> KerasRunner:
+        return KerasRunner(model, score_image, layout, targets)
 
-    def linear_head(self, cap: Any, head: Any, acts: Any, layer: str, model: Any, head_name: str) -> Any:
-        raise ModelError("CAM (the linear head's weights) is not on Keras models yet; use method='gradcam', which "
-                         "equals CAM for a GAP + Dense head up to a positive factor")
+    def linear_head(self, cap: KerasCapture, head: np.ndarray, acts: np.ndarray, layer: str, model: Any,
+                    head_name: str) -> np.ndarray:
+        """The kernel of the ``Dense`` layer whose output is ``head`` ``(B, K)`` and whose input is the
+        global average pool of ``acts`` ``(B, C, h, w)``, as ``(K, C)`` (Keras stores ``(C, K)``).
+
+        Found on the capture's forward, which recorded every Dense layer's input and output (nested
+        models and blocks included): the producer of ``head`` (a final softmax / sigmoid left out, so
+        ``head = GAP(A) @ W + b``), then its input checked against ``mean_ij A[:, :, i, j]`` —
+        ``GlobalAveragePooling2D``, a ``Flatten`` of a 1x1 map, a pooled nested backbone, Dropout in
+        between all pass; anything else is an error saying what was found."""
+        head = np.asarray(head)
+        producers = [p for p, (_, outs) in cap.dense_io.items()
+                     if len(outs) == 1 and tuple(outs[0].shape) == head.shape and np.array_equal(outs[0].numpy(), head)]
+        if not producers:
+            raise ModelError(f"CAM needs output {head_name!r} to come straight from a keras.layers.Dense layer; none of "
+                             f"this Keras model's Dense layers ({sorted(cap.dense_io) or 'none'}) produced it. Use "
+                             "method='gradcam', which works on any architecture.")
+        path = producers[-1]
+        inp = np.asarray(cap.dense_io[path][0][0], dtype=np.float32)
+        pooled = acts.astype(np.float32).mean(axis=(2, 3))
+        if inp.shape != pooled.shape or not np.allclose(inp, pooled, rtol=1e-4, atol=1e-5 * (1 + np.abs(pooled).max())):
+            raise ModelError(f"CAM needs the input of Dense {path!r} to be the global average pool of layer {layer!r}: "
+                             f"its input has shape {inp.shape}, while GAP({layer}) has shape {pooled.shape}"
+                             + ("" if inp.shape != pooled.shape else " but different values (other layers in between)")
+                             + ". Pick the layer right before the global pooling, or use method='gradcam'.")
+        dense = layer_index(model)[path]
+        if getattr(dense, "quantization_mode", None):
+            raise ModelError(f"CAM reads the kernel of Dense {path!r}, which is quantized "
+                             f"({dense.quantization_mode}); use method='gradcam'")
+        return np.ascontiguousarray(np.asarray(dense.kernel, dtype=np.float32).T)
 
     def output_activations(self, model: Any) -> Optional[dict]:
         """``{head: "softmax" / "sigmoid"}``: the final activations the forward leaves out (so
@@ -471,13 +569,6 @@ def _compiled(model: Any, shape: tuple, build: bool) -> Optional[Callable[[tf.Te
 _ROWS = 64  # the most tiled rows (T copies x B images) one backward of the cut takes
 
 
-def _check_scores(got: np.ndarray, want: np.ndarray) -> None:
-    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-5):
-        raise ModelError(f"the target scores recomputed on the TensorFlow output {got.tolist()} differ from the "
-                         f"reported ones {want.tolist()}; a score function that is not the same maths on NumPy and "
-                         "TensorFlow arrays cannot be explained")
-
-
 def _cut_gradients(cap: KerasCapture, scores: np.ndarray, names: list[str], targets: Any) -> list[np.ndarray]:
     """:meth:`KerasBackend.target_gradients` on a graph model: the part below the layers on tiled copies."""
     cut = cap.cut
@@ -519,30 +610,21 @@ def _tape_gradients(cap: KerasCapture, scores: np.ndarray, names: list[str], tar
     """:meth:`KerasBackend.target_gradients` from the forward's tape (still recording; or, if the capture
     had none, the forward again under one watching the layers): one vectorised Jacobian ``(T, B, ...)``."""
     if cap.tape is not None:
+        tape = cap.tape
         s = tf_target_scores(targets, cap.tf_output)  # (B, T), recorded on the open tape
         total = tf.reduce_sum(s) if s.shape[1] == 1 else tf.reduce_sum(s, axis=0)  # () or (T,)
-        with cap.tape.stop_recording():
-            return _jacobian(cap.tape, s, total, [cap.tf_acts[n] for n in names], scores)
-    tape = tf.GradientTape(persistent=True, watch_accessed_variables=False)  # a cut that does not fit: a shared layer
-    with tape:
-        run = GraphRun(frozenset(names), on_output=lambda path, out: tape.watch(out))
-        out = _named(run_graph(cap.model, cap.model_input, run), output_names(cap.model))
-        s = tf_target_scores(targets, out)
-        total = tf.reduce_sum(s) if s.shape[1] == 1 else tf.reduce_sum(s, axis=0)
-    return _jacobian(tape, s, total, [run.outputs[n][0] for n in names], scores)
-
-
-def _jacobian(tape: tf.GradientTape, s: tf.Tensor, total: tf.Tensor, sources: list, scores: np.ndarray) -> list:
-    """``d total / d sources`` as ``(T, B, ...)`` NumPy arrays (``total``: ``()`` for T = 1, else ``(T,)``)."""
+        sources = [cap.tf_acts[n] for n in names]
+    else:  # a cut whose recorded outputs do not fit (a shared layer above it)
+        tape = tf.GradientTape(persistent=True, watch_accessed_variables=False)
+        with tape:
+            run = GraphRun(frozenset(names), on_output=lambda path, out: tape.watch(out))
+            out = _named(run_graph(cap.model, cap.model_input, run), output_names(cap.model))
+            s = tf_target_scores(targets, out)
+            total = tf.reduce_sum(s) if s.shape[1] == 1 else tf.reduce_sum(s, axis=0)
+        sources = [run.outputs[n][0] for n in names]
     _check_scores(s.numpy(), scores)
-    zero = tf.UnconnectedGradients.ZERO
-    if total.shape.rank == 0:
-        return [g.numpy()[None] for g in tape.gradient(total, sources, unconnected_gradients=zero)]
-    try:
-        gs = tape.jacobian(total, sources, unconnected_gradients=zero, experimental_use_pfor=True)
-    except (ValueError, NotImplementedError, tf.errors.InvalidArgumentError):  # an op pfor lacks
-        gs = tape.jacobian(total, sources, unconnected_gradients=zero, experimental_use_pfor=False)
-    return [g.numpy() for g in gs]
+    return _jacobian(tape, total, sources, int(s.shape[1]))
+
 
 _DEFAULT: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {input shape: layer}
 

@@ -32,8 +32,10 @@ SEP = "/"
 
 
 def children(layer: Any) -> list:
-    """The layers ``layer`` tracks directly (its attributes), in tracking order."""
-    return list(layer._flatten_layers(include_self=False, recursive=False))
+    """The layers ``layer`` tracks directly (its attributes), in tracking order (none for a bare
+    operation of a graph, e.g. the ``Add`` of ``x + 3.0`` in MobileNetV3)."""
+    flatten = getattr(layer, "_flatten_layers", None)
+    return list(flatten(include_self=False, recursive=False)) if flatten is not None else []
 
 
 def tree_index(layer: Any, prefix: str = "") -> dict[str, Any]:
@@ -121,7 +123,7 @@ def to_wrap(index: dict[str, Any], run: Any, finals: Optional[dict] = None) -> d
     """The layers of ``index`` a forward must wrap for ``run`` (all of them when it records every layer)."""
     if run.every:
         return dict(index)
-    paths = set(run.wanted) | set(run.replace) | set(finals or ())
+    paths = set(run.wanted) | set(run.replace) | set(run.inputs_of) | set(finals or ())
     return {p: layer for p, layer in index.items() if p in paths}
 
 
@@ -132,6 +134,7 @@ def recorder(run: Any, finals: Optional[dict] = None,
     finals = finals or {}
 
     def fn(path: str, layer: Any, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        run.record_input(path, args)
         if path in run.replace:
             out = run.replace[path]
         elif path in finals and pre_activation is not None:

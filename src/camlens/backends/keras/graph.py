@@ -190,6 +190,8 @@ class GraphRun:
     bypassed: dict = field(default_factory=dict)  # output position -> activation bypassed
     every: bool = False  # record every layer (probing)
     only: Optional["Cut"] = None  # run only the part of the graph downstream of the cut (the rest is skipped)
+    inputs_of: frozenset = frozenset()  # paths whose first input is recorded too (CAM: the dense layers)
+    inputs: dict = field(default_factory=dict)  # path -> [first positional input per call]
 
     def record(self, path: str, out: Any) -> Any:
         """Keep ``out`` as layer ``path``'s output if it is wanted (``on_output`` called); returns ``out``."""
@@ -198,6 +200,11 @@ class GraphRun:
             if self.on_output is not None and path in self.wanted:
                 self.on_output(path, out)
         return out
+
+    def record_input(self, path: str, args: tuple) -> None:
+        """Keep layer ``path``'s first positional input if ``inputs_of`` names it."""
+        if path in self.inputs_of and args:
+            self.inputs.setdefault(path, []).append(args[0])
 
 
 def run_graph(model: Any, x: Any, run: GraphRun, logits: bool = True) -> Any:
@@ -212,7 +219,7 @@ def run_graph(model: Any, x: Any, run: GraphRun, logits: bool = True) -> Any:
 
 
 def _needs_entry(prefix: str, run: GraphRun) -> bool:
-    return run.every or any(p.startswith(prefix) for p in (*run.wanted, *run.replace))
+    return run.every or any(p.startswith(prefix) for p in (*run.wanted, *run.replace, *run.inputs_of))
 
 
 def _run(g: Functional, inputs: list, run: GraphRun, prefix: str, logits: bool) -> Any:
@@ -224,6 +231,7 @@ def _run(g: Functional, inputs: list, run: GraphRun, prefix: str, logits: bool) 
         pos = final.get(id(op))
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            run.record_input(path, args)
             if path in run.replace:
                 out = run.replace[path]
             elif run.only is not None and not run.only.runs(path):

@@ -139,7 +139,9 @@ class TorchBackend:
                 out[i] = {**(out[i] or {}), k: g}
         return out
 
-    def runner(self, model: nn.Module, score_image: Callable[[Any, int], Tensor], layout: Layout) -> Runner:
+    def runner(self, model: nn.Module, score_image: Callable[[Any, int], Tensor], layout: Layout,
+               targets: Any = None) -> Runner:
+        """The :class:`Runner` (``targets`` unused: torch scores carry their graph)."""
         return Runner(model, score_image, layout)
 
     def linear_head(self, cap: Any, head: Tensor, acts: Tensor, layer: str, model: nn.Module, head_name: str) -> Tensor:

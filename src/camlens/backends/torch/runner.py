@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ...core.errors import ModelError
+from ..base import unguided_error
 from .gradients import _is_vmap_error
 from .guided import GuidedReLU
 from .layout import Layout
@@ -100,10 +100,5 @@ class Runner:
                         g = torch.stack([torch.autograd.grad(scores[:, t].sum(), xi, retain_graph=t < T - 1)[0]
                                          for t in range(T)])
         if mode is not None and mode.unguided and non_relu != "plain":
-            kinds = ", ".join(sorted(mode.unguided))
-            raise ModelError(f"guided backpropagation is defined for ReLU networks (Springenberg et al.), but this "
-                             f"model's backward also runs {kinds}: their gradients would pass unguided, a plain "
-                             "gradient under guided backprop's name. Use method='gradcam' (or another CAM), "
-                             "'occlusion' or 'scorecam' on this model, or non_relu='plain' to guide only its ReLUs "
-                             "and pass the other activations' gradients as they are")
+            raise unguided_error(mode.unguided)
         return g.transpose(0, 1), scores.detach()
