@@ -610,21 +610,17 @@ def _tape_gradients(cap: KerasCapture, scores: np.ndarray, names: list[str], tar
     """:meth:`KerasBackend.target_gradients` from the forward's tape (still recording; or, if the capture
     had none, the forward again under one watching the layers): one vectorised Jacobian ``(T, B, ...)``."""
     if cap.tape is not None:
-        tape = cap.tape
         s = tf_target_scores(targets, cap.tf_output)  # (B, T), recorded on the open tape
+        _check_scores(s.numpy(), scores)
         total = tf.reduce_sum(s) if s.shape[1] == 1 else tf.reduce_sum(s, axis=0)  # () or (T,)
-        sources = [cap.tf_acts[n] for n in names]
-    else:  # a cut whose recorded outputs do not fit (a shared layer above it)
-        tape = tf.GradientTape(persistent=True, watch_accessed_variables=False)
-        with tape:
-            run = GraphRun(frozenset(names), on_output=lambda path, out: tape.watch(out))
-            out = _named(run_graph(cap.model, cap.model_input, run), output_names(cap.model))
-            s = tf_target_scores(targets, out)
-            total = tf.reduce_sum(s) if s.shape[1] == 1 else tf.reduce_sum(s, axis=0)
-        sources = [run.outputs[n][0] for n in names]
-    _check_scores(s.numpy(), scores)
-    return _jacobian(tape, total, sources, int(s.shape[1]))
-
+        return _jacobian(cap.tape, total, [cap.tf_acts[n] for n in names], int(s.shape[1]))
+    # a cut whose recorded outputs do not fit (a shared layer above it): the forward again, taped
+    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+        run = GraphRun(frozenset(names), on_output=lambda path, out: tape.watch(out))
+        s = tf_target_scores(targets, _named(run_graph(cap.model, cap.model_input, run), output_names(cap.model)))
+        _check_scores(s.numpy(), scores)
+        total = tf.reduce_sum(s) if s.shape[1] == 1 else tf.reduce_sum(s, axis=0)
+        return _jacobian(tape, total, [run.outputs[n][0] for n in names], int(s.shape[1]))
 
 _DEFAULT: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {input shape: layer}
 
