@@ -1,4 +1,4 @@
-"""The Keras 3 (TensorFlow) implementation of :class:`camlens.backends.base.Backend`.
+"""The Keras 3 implementation of :class:`camlens.backends.base.Backend` (on TensorFlow, JAX or PyTorch).
 
 Arrays handed to the engine are NumPy (``ops`` = :class:`~camlens.backends.numpy.NumpyOps`, ``xp`` =
 NumPy's array-API namespace): TensorFlow tensors are not array-API objects, so the method maths
@@ -8,12 +8,15 @@ The input convention inside the engine is the shared one, ``(B, C, H, W)``: a Ke
 NHWC images ``(B, H, W, C)`` (Keras' own layout), :meth:`KerasBackend.to_model_input` transposes
 them once, and every forward transposes back (a view for NumPy, a copy for TF).
 
-Gradients: the forward runs under one ``tf.GradientTape`` that watches only the captured layer
-outputs (so the layers before them are not recorded); the T target scores are evaluated again on
-the TF outputs inside the tape (:mod:`.scores`), and ONE vectorised Jacobian
-``d (sum_b S[b, t]) / dA`` ``(T, B, h, w, C)`` (``tape.jacobian(..., experimental_use_pfor=True)``)
-gives all T targets' gradients; as in the torch backend, image b's score depends only on image
-b's activations (inference mode), so the batch sum separates them.
+Gradients: one code path for every Keras backend; what differs is in :mod:`.autodiff` (chosen by
+``keras.backend.backend()``). On TensorFlow the forward runs under one ``tf.GradientTape`` that
+watches only the captured layer outputs (so the layers before them are not recorded); on JAX and
+PyTorch a zero probe is added to each captured output and differentiated. The T target scores are
+evaluated again on the backend's outputs (:mod:`.scores`), and ONE vectorised Jacobian
+``d (sum_b S[b, t]) / dA`` ``(T, B, h, w, C)`` (TF: ``tape.jacobian(..., experimental_use_pfor=True)``,
+JAX: ``jax.vmap`` of the model's VJP, torch: ``autograd.grad(..., is_grads_batched=True)``) gives all
+T targets' gradients; as in the torch backend, image b's score depends only on image b's
+activations (inference mode), so the batch sum separates them.
 
 State: every layer call gets ``training=False``; nothing is assigned to any variable and no layer
 attribute is set, so weights, BatchNorm moving statistics, ``trainable`` flags and activations are
@@ -31,15 +34,15 @@ from typing import Any, Optional
 import array_api_compat.numpy as np_xp
 import keras
 import numpy as np
-import tensorflow as tf
 from keras.src import tree
 
 from ...core.errors import ConfigError, InputError, InputTypeError, LayerError, LayerRuntimeError, ModelError
 from ..base import PRECISION_NAMES, layout_problem
 from ..numpy import NumpyOps
+from .autodiff import autodiff, host
 from .graph import (GraphRun, graph_of, layer_index, output_activations, output_names, require_model, resolve_paths,
                     run_graph)
-from .scores import tf_target_scores
+from .scores import target_scores
 
 __all__ = ["KerasBackend", "BACKEND", "KerasCapture", "KerasLayout", "KerasRunner", "channels_last"]
 
@@ -74,26 +77,31 @@ def _named(out: Any, names: Optional[list[str]]) -> Any:
     return out
 
 
-def _host(out: Any) -> Any:
-    """NumPy copies of an output structure's tensors."""
-    return tree.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else np.asarray(t), out)
+_host = host  # NumPy copies of an output structure's tensors
 
 
 class KerasCapture:
     """One forward's captured layers: ``activations`` (path -> NumPy ``(B, C, h, w)``), ``calls``
-    (path -> how many times it ran), and for the gradients the TF tensors and the tape."""
+    (path -> how many times it ran), and for the gradients the backend's tensors (``tf_acts``,
+    ``tf_output``: TF, JAX or torch, named so from the TensorFlow-only first slice) and ``grad_state``
+    (:mod:`.autodiff`: TF's tape, JAX's VJP, torch's probes)."""
 
     def __init__(self, model: Any, names: Sequence[str], grad: bool) -> None:
         self.model, self.names, self.grad = model, list(names), grad
         self.activations: dict[str, np.ndarray] = {}
         self.calls: dict[str, int] = {}
-        self.tf_acts: dict[str, tf.Tensor] = {}
+        self.tf_acts: dict[str, Any] = {}
         self.tf_output: Any = None
-        self.tape: Optional[tf.GradientTape] = None
+        self.grad_state: Any = None
         self.layouts: dict = {}
         self.channels_last = True  # set by the forward that fills the capture
         self.attentions = None
         self.attention_layout = None
+
+    @property
+    def tape(self) -> Any:
+        """TensorFlow's ``GradientTape`` of this capture (``None`` on other backends or without grad)."""
+        return self.grad_state if autodiff().name == "tensorflow" else None
 
 
 class KerasLayout:
@@ -108,30 +116,30 @@ class KerasLayout:
     def autocast(self, x: Any) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def model_input(self, x: np.ndarray) -> tf.Tensor:
-        """``(B, C, H, W)`` NumPy -> the model's TF input (NHWC for a channels-last model)."""
+    def model_input(self, x: np.ndarray) -> Any:
+        """``(B, C, H, W)`` NumPy -> the model's input tensor (NHWC for a channels-last model)."""
         a = np.transpose(x, (0, 2, 3, 1)) if self.channels_last else x
-        return tf.convert_to_tensor(np.ascontiguousarray(a, dtype=np.float32))
+        return autodiff().to_tensor(a)
 
     def forward(self, x: np.ndarray, run: Optional[GraphRun] = None) -> Any:
-        """The TF output of ``x`` (list outputs named), with ``run``'s layers recorded / replaced."""
+        """The backend's output of ``x`` (list outputs named), with ``run``'s layers recorded / replaced."""
         run = run if run is not None else GraphRun(frozenset())
         return _named(run_graph(self.model, self.model_input(x), run), self.names)
 
     def run(self, x: np.ndarray, score_only: bool = False) -> Any:
         cap = next((c for c in reversed(_captures()) if c.model is self.model), None)
+        ad = autodiff()
         if cap is None or score_only:
-            return _host(self.forward(x))
-        watch = cap.tape.watch if cap.tape is not None else None
-        run = GraphRun(frozenset(cap.names), on_output=(lambda path, out: watch(out)) if watch else None)
-        out = self.forward(x, run)
+            with ad.no_grad():
+                return _host(self.forward(x))
+        out, outputs = ad.forward(cap, lambda run: self.forward(x, run), tuple(x.shape))
         cap.tf_output, cap.channels_last = out, self.channels_last
         for name in cap.names:
-            outs = run.outputs.get(name, [])
+            outs = outputs.get(name, [])
             cap.calls[name] = len(outs)
-            if len(outs) == 1 and hasattr(outs[0], "numpy"):
+            if len(outs) == 1 and ad.is_tensor(outs[0]):
                 cap.tf_acts[name] = outs[0]
-                a = outs[0].numpy()
+                a = ad.to_numpy(outs[0])
                 cap.activations[name] = _to_nchw(a) if a.ndim == 4 and self.channels_last else a
         return _host(out)
 
@@ -147,7 +155,8 @@ class KerasRunner:
 
     def _forward(self, x: np.ndarray, run: Optional[GraphRun] = None) -> Any:
         self.forwards += 1
-        return _host(self.layout.forward(x, run))
+        with autodiff().no_grad():
+            return _host(self.layout.forward(x, run))
 
     def scores(self, x: np.ndarray, b: int, batch_size: int = 32) -> np.ndarray:
         """Scores ``(N, T)`` of image ``b``'s targets for N inputs ``x`` ``(N, C, H, W)``, in chunks."""
@@ -168,7 +177,7 @@ class KerasRunner:
         for i in range(0, acts.shape[0], batch_size):
             chunk = acts[i:i + batch_size]
             a = np.transpose(chunk, (0, 2, 3, 1)) if self.layout.channels_last and chunk.ndim == 4 else chunk
-            run = GraphRun(frozenset(), replace={path: tf.convert_to_tensor(np.ascontiguousarray(a, dtype=np.float32))})
+            run = GraphRun(frozenset(), replace={path: autodiff().to_tensor(a)})
             xs = np.repeat(x_b, chunk.shape[0], axis=0)
             out.append(np.asarray(self.score(self._forward(xs, run), b), dtype=np.float32))
         return np.concatenate(out)
@@ -181,8 +190,9 @@ class KerasRunner:
 
 
 class KerasBackend:
-    """Keras 3 models on the TensorFlow backend: Functional and Sequential (nested ones too), read
-    through their graph, and subclassed ones, read by wrapping their layers' calls for the block."""
+    """Keras 3 models on the TensorFlow, JAX or PyTorch backend of Keras: Functional and Sequential
+    (nested ones too), read through their graph, and subclassed ones, read by wrapping their layers'
+    calls for the block."""
 
     name = "keras"
     xp = np_xp
@@ -195,12 +205,13 @@ class KerasBackend:
         return inputs
 
     def check_inputs(self, inputs: Any) -> np.ndarray:
-        """NumPy / TF float images as a NumPy array (NHWC as given; transposed by :meth:`to_model_input`)."""
+        """NumPy / backend-tensor float images as a NumPy array (NHWC as given; transposed by
+        :meth:`to_model_input`)."""
         try:
-            a = inputs.numpy() if hasattr(inputs, "numpy") and not isinstance(inputs, np.ndarray) else np.asarray(inputs)
+            a = inputs if isinstance(inputs, np.ndarray) else autodiff().to_numpy(inputs)
         except Exception as err:
-            raise InputTypeError(f"inputs for a Keras model must be a NumPy array or a TensorFlow tensor of images "
-                                 f"(B, H, W, C), got {type(inputs).__name__}") from err
+            raise InputTypeError(f"inputs for a Keras model must be a NumPy array or a tensor of Keras' backend of "
+                                 f"images (B, H, W, C), got {type(inputs).__name__}") from err
         if not np.issubdtype(a.dtype, np.floating):
             raise InputTypeError(f"inputs must be floating point images preprocessed as the model expects, got dtype "
                                  f"{a.dtype}; e.g. x.astype('float32') / 255 or keras.applications' preprocess_input")
@@ -273,7 +284,8 @@ class KerasBackend:
             return memo[key]
         layout = KerasLayout(model)
         run = GraphRun(frozenset(), every=True)
-        final = {id(t) for t in tree.flatten(layout.forward(x[:1], run))}  # the model's outputs: not a CAM layer
+        with autodiff().no_grad():
+            final = {id(t) for t in tree.flatten(layout.forward(x[:1], run))}  # the model's outputs: not a CAM layer
         index = layer_index(model)
         best = None
         for path, outs in run.outputs.items():
@@ -302,26 +314,21 @@ class KerasBackend:
     @contextlib.contextmanager
     def capture(self, model: Any, layers: Sequence[tuple[str, Any]], *, grad: bool, linear: bool,
                 full_graph: bool, attention: bool = False):
-        """Record ``layers``' outputs in the next forward of ``model``; with ``grad`` under one
-        persistent ``tf.GradientTape`` watching only them. Closed (and the tape released) on exit."""
+        """Record ``layers``' outputs in the next forward of ``model``; with ``grad`` set up for
+        :meth:`target_gradients` (:mod:`.autodiff`: TF's tape watching only them, JAX's / torch's
+        probes). Closed (and the tape / graph released) on exit."""
         if attention:
             raise ConfigError("attention methods are not on Keras models yet")
         if full_graph:
             raise ConfigError("differentiable=True is not on Keras models yet")
         cap = KerasCapture(model, [n for n, _ in layers], grad)
         stack = _captures()
-        tape = tf.GradientTape(persistent=True, watch_accessed_variables=False) if grad else None
-        if tape is not None:
-            tape.__enter__()
-        cap.tape = tape
-        stack.append(cap)
-        try:
-            yield cap
-        finally:
-            stack.remove(cap)
-            if tape is not None:
-                tape.__exit__(None, None, None)
-            cap.tape = None
+        with autodiff().open(cap):
+            stack.append(cap)
+            try:
+                yield cap
+            finally:
+                stack.remove(cap)
 
     def check_capture(self, cap: KerasCapture, layers: Sequence[tuple[str, Any]], model: Any, x: np.ndarray,
                       read: Optional[Any] = None) -> None:
@@ -351,36 +358,24 @@ class KerasBackend:
     def target_gradients(self, scores: np.ndarray, acts: Sequence[np.ndarray], names: Sequence[str],
                          labels: Sequence[str], *, create_graph: bool = False, targets: Any = None) -> list[np.ndarray]:
         """Per layer, ``dS[b, t] / dA[b]`` ``(B, T, C, h, w)`` for the T scores: the scores recomputed on
-        the TF outputs in the capture's tape (``targets``: the resolved rows), then one vectorised
-        Jacobian of ``sum_b S[b, :]`` ``(T,)`` w.r.t. the layers' outputs ``(B, h, w, C)``."""
+        the backend's outputs of the capture's forward (``targets``: the resolved rows), then one
+        vectorised Jacobian of ``sum_b S[b, :]`` ``(T,)`` w.r.t. the layers' outputs ``(B, h, w, C)``
+        (:meth:`.autodiff.Autodiff.jacobians`)."""
         if create_graph:
             raise ConfigError("differentiable=True is not on Keras models yet")
-        cap = next((c for c in reversed(_captures()) if c.tape is not None), None)
+        cap = next((c for c in reversed(_captures()) if c.grad and c.grad_state is not None), None)
         if cap is None or targets is None:
             raise LayerRuntimeError("the Keras backend's target gradients need an open capture with grad=True and the "
-                               "resolved targets")
-        tape = cap.tape
-        s = tf_target_scores(targets, cap.tf_output)  # (B, T), recorded on the tape
-        got = s.numpy()
-        if got.shape != tuple(scores.shape) or not np.allclose(got, scores, rtol=1e-4, atol=1e-5):
-            raise ModelError(f"the target scores recomputed on the TensorFlow output {got.tolist()} differ from the "
-                             f"reported ones {np.asarray(scores).tolist()}; a score function that is not the same "
-                             "maths on NumPy and TensorFlow arrays cannot be explained")
-        sources = [cap.tf_acts[n] for n in names]
-        T = got.shape[1]
-        total = tf.reduce_sum(s) if T == 1 else tf.reduce_sum(s, axis=0)  # () or (T,), recorded
-        with tape.stop_recording():
-            if T == 1:
-                gs = tape.gradient(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                gs = [g.numpy()[None] for g in gs]  # (1, B, ...)
-            else:
-                try:
-                    gs = tape.jacobian(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                                       experimental_use_pfor=True)
-                except (ValueError, NotImplementedError, tf.errors.InvalidArgumentError):  # an op pfor lacks
-                    gs = tape.jacobian(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                                       experimental_use_pfor=False)
-                gs = [g.numpy() for g in gs]  # (T, B, ...)
+                                    "resolved targets")
+
+        def check(got: np.ndarray) -> None:
+            if got.shape != tuple(scores.shape) or not np.allclose(got, scores, rtol=1e-4, atol=1e-5):
+                raise ModelError(f"the target scores recomputed on the model's {keras.backend.backend()} output "
+                                 f"{got.tolist()} differ from the reported ones {np.asarray(scores).tolist()}; a score "
+                                 "function that is not the same maths on NumPy arrays and the backend's tensors cannot "
+                                 "be explained")
+
+        gs = autodiff().jacobians(cap, lambda out: target_scores(targets, out), names, check)  # (T, B, ...) each
         out = []
         for g in gs:
             g = np.swapaxes(g, 0, 1)  # (B, T, ...)
