@@ -148,11 +148,18 @@ def main(out: Path) -> None:
             camlens.explain(models["functional"], x, targets=bad, layer="c2")
         except TargetError as err:
             errors.append(type(err).__name__)
+    inference_mode_same = None
+    if keras.backend.backend() == "torch":  # explain inside torch.inference_mode(), as on torch models
+        import torch
+
+        with torch.inference_mode():
+            e = camlens.explain(models["functional"], x, **dict(PLAN[0][2]))
+        inference_mode_same = bool(np.array_equal(np.asarray(e.maps), np.load(out / f"{PLAN[0][0]}.npy")))
     after = {k: _state(keras, m) for k, m in models.items()}
     checks = {"keras_backend": keras.backend.backend(),
               "camlens_backends": sorted({get_backend(m).name for m in models.values()}),
               "untouched": {k: before[k] == after[k] for k in models},
-              "errors": errors, "layers": layers,
+              "errors": errors, "layers": layers, "inference_mode_same": inference_mode_same,
               "imported": sorted(k for k in ("tensorflow", "jax", "torch") if k in sys.modules)}
     (out / "checks.json").write_text(json.dumps(checks))
 

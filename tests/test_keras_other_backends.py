@@ -82,6 +82,8 @@ def test_the_child_ran_keras_on_its_backend_and_left_every_model_untouched(runs,
     assert checks["errors"] == ["TargetIndexError", "TargetError"]
     if backend != "tensorflow":
         assert "tensorflow" not in checks["imported"]
+    if backend == "torch":
+        assert checks["inference_mode_same"] is True  # explain inside torch.inference_mode()
 
 
 @pytest.mark.parametrize("backend", OTHERS)

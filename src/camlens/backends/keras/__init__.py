@@ -1,4 +1,4 @@
-"""Keras 3 backend (TensorFlow): the Grad-CAM family, Eigen-CAM, Score-CAM, Ablation-CAM and occlusion
+"""Keras 3 backend (on TensorFlow, JAX or PyTorch: :mod:`.autodiff`): the Grad-CAM family, Eigen-CAM, Score-CAM, Ablation-CAM and occlusion
 on Functional and Sequential models (nested ones included) and subclassed models, without torch.
 
 * layers by path: a layer's name, prefixed by the nested models it sits in, joined by ``/``
@@ -8,7 +8,8 @@ on Functional and Sequential models (nested ones included) and subclassed models
   model's layers read by wrapping their ``call`` for the block, :mod:`.eager`); every layer call
   ``training=False``; a final softmax / sigmoid is left out of the computation (not the model),
   so the scores are logits;
-* all T targets' gradients from one vectorised Jacobian under one ``tf.GradientTape``;
+* all T targets' gradients from one vectorised Jacobian (TF: one ``tf.GradientTape``; JAX: ``jax.vmap``
+  of the forward's VJP; torch: ``autograd.grad(..., is_grads_batched=True)``);
 * the engine gets NumPy arrays (``NumpyOps``), converted once per pass.
 
 See :mod:`camlens.backends.keras.backend` and :mod:`camlens.backends.keras.graph`.

@@ -69,6 +69,10 @@ class Autodiff:
         """The context of forwards that need no gradient (Score-CAM's, occlusion's batches)."""
         return contextlib.nullcontext()
 
+    def call_context(self) -> contextlib.AbstractContextManager:
+        """The framework's modes for one ``explain`` call (torch: inference mode off)."""
+        return contextlib.nullcontext()
+
     @contextlib.contextmanager
     def open(self, cap: Any) -> Iterator[None]:
         """The block of one capture (TF: its tape); what the capture holds is released on exit."""
@@ -220,6 +224,9 @@ class _Torch(Autodiff):
 
     def no_grad(self) -> contextlib.AbstractContextManager:
         return self.torch.no_grad()
+
+    def call_context(self) -> contextlib.AbstractContextManager:
+        return self.torch.inference_mode(False)  # explain works inside torch.inference_mode(), as on torch models
 
     def forward(self, cap: Any, fn: Callable[[GraphRun], Any], key: tuple = ()) -> tuple[Any, dict]:
         if not cap.grad:
