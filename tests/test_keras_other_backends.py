@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from keras_backends_child import PLAN
 
-pytestmark = pytest.mark.slow  # three interpreters, each importing its framework (~20 s at once)
+SLOW = pytest.mark.slow  # three interpreters, each importing its framework (~20-60 s at once)
 
 CHILD = Path(__file__).with_name("keras_backends_child.py")
 OTHERS = ("jax", "torch")
@@ -73,6 +73,7 @@ def _run(runs: dict, backend: str) -> Path:
     return out
 
 
+@SLOW
 @pytest.mark.parametrize("backend", ["tensorflow", *OTHERS])
 def test_the_child_ran_keras_on_its_backend_and_left_every_model_untouched(runs, backend):
     checks = json.loads((_run(runs, backend) / "checks.json").read_text())
@@ -86,6 +87,7 @@ def test_the_child_ran_keras_on_its_backend_and_left_every_model_untouched(runs,
         assert checks["inference_mode_same"] is True  # explain inside torch.inference_mode()
 
 
+@SLOW
 @pytest.mark.parametrize("backend", OTHERS)
 def test_maps_and_scores_equal_tensorflows(runs, backend):
     ref, got = _run(runs, "tensorflow"), _run(runs, backend)
@@ -101,3 +103,31 @@ def test_maps_and_scores_equal_tensorflows(runs, backend):
         np.testing.assert_allclose(s_got, s_want, rtol=1e-5, atol=1e-5 * float(np.abs(s_want).max()), err_msg=key)
         worst[key] = float(np.abs(maps - want).max())
     assert max(worst.values()) < 1e-4, worst
+
+
+def test_get_backend_lets_the_most_derived_class_decide(monkeypatch):
+    """A class of framework A subclassing one of framework B (a ``keras.Model`` under Keras' torch
+    backend is an ``nn.Module``) gets A's backend, whichever backend was registered first."""
+    import types
+
+    from camlens.backends import base
+
+    class Owner:
+        def __init__(self, name):
+            self.name = name
+
+        def owns(self, model):
+            return True
+
+    for name in ("fw_b", "fw_a"):  # B registered first, as torch is before keras
+        mod = types.ModuleType(f"camlens_test_{name}")
+        mod.BACKEND = Owner(name)
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+        monkeypatch.setitem(base._BACKENDS, name, ((f"{name}root",), mod.__name__))
+    monkeypatch.setattr(base, "_LOADED", {})
+    monkeypatch.setattr(base, "_BY_TYPE", {})
+    Base = type("Module", (), {"__module__": "fw_broot.nn"})
+    Model = type("Model", (Base,), {"__module__": "fw_aroot.models"})
+    User = type("UserModel", (Model,), {"__module__": "__main__"})
+    assert base.get_backend(User()).name == "fw_a"
+    assert base.get_backend(Base()).name == "fw_b"
