@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import keras
 import numpy as np
@@ -43,7 +43,7 @@ from keras.src import tree
 from ...core.errors import LayerRuntimeError
 from .graph import GraphRun
 
-__all__ = ["Autodiff", "autodiff", "BACKENDS"]
+__all__ = ["Autodiff", "autodiff", "host", "BACKENDS"]
 
 #: The Keras backends camlens explains models on.
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -60,7 +60,10 @@ class Autodiff:
 
     def to_numpy(self, t: Any) -> np.ndarray:
         """A writable host copy of a tensor (NumPy arrays pass through)."""
-        return np.array(keras.ops.convert_to_numpy(t)) if not isinstance(t, np.ndarray) else t
+        if isinstance(t, np.ndarray):
+            return t
+        a = keras.ops.convert_to_numpy(t)
+        return a if a.flags.writeable else a.copy()
 
     def is_tensor(self, t: Any) -> bool:
         return keras.ops.is_tensor(t)
