@@ -23,6 +23,7 @@ from keras_setup import import_keras
 keras = import_keras()
 
 import camlens  # noqa: E402
+from camlens.backends.keras import autodiff as ad  # noqa: E402
 from camlens.backends.keras import backend as kb  # noqa: E402
 from camlens.backends.keras.graph import downstream_cut  # noqa: E402
 
@@ -48,13 +49,26 @@ def _full_tape(monkeypatch):
     monkeypatch.setattr(kb, "downstream_cut", lambda model, paths: None)
 
 
+def _spy_cut(m) -> list:
+    """Record each call of the TF backward below a cut (``_TF._below_cut``)."""
+    used: list = []
+    real = ad._TF._below_cut
+
+    def spy(self, *a, **k):
+        used.append(1)
+        return real(self, *a, **k)
+
+    m.setattr(ad._TF, "_below_cut", spy)
+    return used
+
+
 def _both(model, x, layer, targets, monkeypatch, method="hirescam", fallback=False):
     """(the maps by the cut, by the full forward's tape); the first must not take the tape's path
     unless ``fallback``."""
     with monkeypatch.context() as m:
-        if not fallback:
-            m.setattr(kb, "_tape_gradients", lambda *a: pytest.fail("the cut was not used"))
+        used = _spy_cut(m)
         cut = camlens.explain(model, x, targets=targets, layer=layer, method=method, relu=False)
+    assert fallback or used, "the cut was not used"
     with monkeypatch.context() as m:
         _full_tape(m)
         full = camlens.explain(model, x, targets=targets, layer=layer, method=method, relu=False)
@@ -91,9 +105,10 @@ def test_two_layers_one_below_the_other(monkeypatch):
     x = np.random.default_rng(1).random((2, 16, 16, 3), dtype=np.float32)
     assert downstream_cut(model, ["conv2", "conv3"]).roots == {"conv2"}  # conv3 is computed from it
     with monkeypatch.context() as m:
-        m.setattr(kb, "_tape_gradients", lambda *a: pytest.fail("the cut was not used"))
+        used = _spy_cut(m)
         cut = camlens.explain(model, x, targets=["cls:0", "cls:2"], layer=["conv2", "conv3"], method="hirescam",
                               relu=False)
+    assert used
     with monkeypatch.context() as m:
         _full_tape(m)
         full = camlens.explain(model, x, targets=["cls:0", "cls:2"], layer=["conv2", "conv3"], method="hirescam",
@@ -148,7 +163,7 @@ def test_shared_layer_above_the_cut_falls_back(monkeypatch):
 
 def test_more_rows_than_one_backward_takes(monkeypatch):
     model = _skip_model()
-    monkeypatch.setattr(kb, "_ROWS", 4)  # B = 3 images: one target per backward
+    monkeypatch.setattr(ad, "ROWS", 4)  # B = 3 images: one target per backward
     x = np.random.default_rng(5).random((3, 16, 16, 3), dtype=np.float32)
     got, full = _both(model, x, "conv2", ["cls:0", "cls:1", "cls:2"], monkeypatch)
     _close(got.raw, full.raw)

@@ -335,17 +335,22 @@ _BY_TYPE: dict[type, Backend] = {}
 
 def get_backend(model: Any) -> Backend:
     """The backend that owns ``model``, from its type (and base classes); no framework is imported
-    unless the model's own module already imported it."""
+    unless the model's own module already imported it. The most derived class decides: the MRO is
+    read in order, so a ``keras.Model`` under Keras' torch backend (also an ``nn.Module``) is Keras'."""
     found = _BY_TYPE.get(type(model))
     if found is not None:
         return found
-    roots = {c.__module__.split(".")[0] for c in type(model).__mro__}
-    for name, (owned, _) in _BACKENDS.items():
-        if roots & set(owned):  # (the model's class is defined there, so that framework is imported)
-            backend = _load(name)
-            if backend.owns(model):
-                _BY_TYPE[type(model)] = backend
-                return backend
+    tried: set[str] = set()
+    for cls in type(model).__mro__:
+        root = cls.__module__.split(".")[0]
+        name = next((n for n, (owned, _) in _BACKENDS.items() if root in owned), None)
+        if name is None or name in tried:
+            continue
+        tried.add(name)
+        backend = _load(name)  # (the model's class is defined there, so that framework is imported)
+        if backend.owns(model):
+            _BY_TYPE[type(model)] = backend
+            return backend
     known = ", ".join(f"{n} ({'/'.join(r)})" for n, (r, _) in _BACKENDS.items())
     raise ConfigTypeError(f"model must be an nn.Module, a Keras 3 keras.Model or a camlens LoadedModel "
                           f"(camlens.models.load(...)), got {type(model).__module__}.{type(model).__name__}: "

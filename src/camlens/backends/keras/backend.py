@@ -1,4 +1,4 @@
-"""The Keras 3 (TensorFlow) implementation of :class:`camlens.backends.base.Backend`.
+"""The Keras 3 implementation of :class:`camlens.backends.base.Backend` (on TensorFlow, JAX or PyTorch).
 
 Arrays handed to the engine are NumPy (``ops`` = :class:`~camlens.backends.numpy.NumpyOps`, ``xp`` =
 NumPy's array-API namespace): TensorFlow tensors are not array-API objects, so the method maths
@@ -8,15 +8,18 @@ The input convention inside the engine is the shared one, ``(B, C, H, W)``: a Ke
 NHWC images ``(B, H, W, C)`` (Keras' own layout), :meth:`KerasBackend.to_model_input` transposes
 them once, and every forward transposes back (a view for NumPy, a copy for TF).
 
-Gradients: the forward runs under one ``tf.GradientTape`` that watches only the captured layer
-outputs (so the layers before them are not recorded); the T target scores are evaluated again on
-the TF outputs inside the tape (:mod:`.scores`), and ONE vectorised Jacobian
-``d (sum_b S[b, t]) / dA`` ``(T, B, h, w, C)`` (``tape.jacobian(..., experimental_use_pfor=True)``)
-gives all T targets' gradients; as in the torch backend, image b's score depends only on image
-b's activations (inference mode), so the batch sum separates them. Input gradients (guided
-backprop) are the same Jacobian w.r.t. the watched NHWC input (:meth:`KerasRunner.input_gradients`;
-Keras' ReLUs guided for the forward by :mod:`.guided`); CAM's linear head is the kernel of the
-``Dense`` the capture saw producing the head from ``GAP(layer)`` (:meth:`KerasBackend.linear_head`).
+Gradients: one code path for every Keras backend; what differs is in :mod:`.autodiff` (chosen by
+``keras.backend.backend()``). On TensorFlow a graph model's forward records no gradient, and the
+part of the graph below the captured layers runs once more on T tiled copies of the batch for ONE
+backward that gives all T targets' gradients (a subclassed model: the forward under a tape watching
+the captured outputs, then one vectorised Jacobian); on JAX and PyTorch a zero probe is added to
+each captured output and differentiated (``jax.vmap`` of the model's VJP, ``autograd.grad(...,
+is_grads_batched=True)``). The T target scores are evaluated again on the backend's outputs
+(:mod:`.scores`); as in the torch backend, image b's score depends only on image b's activations
+(inference mode), so the batch sum separates them. Input gradients (guided backprop) are the same
+Jacobian w.r.t. the NHWC input (:meth:`KerasRunner.input_gradients`; on TensorFlow, Keras' ReLUs
+guided for the forward by :mod:`.guided`); CAM's linear head is the kernel of the ``Dense`` the
+capture saw producing the head from ``GAP(layer)`` (:meth:`KerasBackend.linear_head`).
 
 State: every layer call gets ``training=False``; nothing is assigned to any variable and no layer
 attribute is set, so weights, BatchNorm moving statistics, ``trainable`` flags and activations are
@@ -34,17 +37,16 @@ from typing import Any, Optional
 import array_api_compat.numpy as np_xp
 import keras
 import numpy as np
-import tensorflow as tf
 from keras.src import tree
 
 from ...core.errors import ConfigError, InputError, InputTypeError, LayerError, LayerRuntimeError, ModelError
 from ..base import PRECISION_NAMES, layout_problem, unguided_error
 from ..numpy import NumpyOps
 from . import randomise
+from .autodiff import autodiff, host, named
 from .graph import (Cut, GraphRun, downstream_cut, graph_of, layer_index, output_activations, output_names,
                     require_model, resolve_paths, run_graph)
-from .guided import guided_relus
-from .scores import tf_target_scores
+from .scores import target_scores
 
 __all__ = ["KerasBackend", "BACKEND", "KerasCapture", "KerasLayout", "KerasRunner", "channels_last"]
 
@@ -71,22 +73,17 @@ def _to_nchw(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)))
 
 
-def _named(out: Any, names: Optional[list[str]]) -> Any:
-    """A list / tuple output as ``{output layer name: tensor}`` (heads named by their layers; positions
-    still work); a tensor or dict as it is."""
-    if isinstance(out, (list, tuple)) and names is not None and len(names) == len(out):
-        return dict(zip(names, out))
-    return out
+_named = named  # list outputs named by their output layers
 
 
-def _host(out: Any) -> Any:
-    """NumPy copies of an output structure's tensors."""
-    return tree.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else np.asarray(t), out)
+_host = host  # NumPy copies of an output structure's tensors
 
 
 class KerasCapture:
     """One forward's captured layers: ``activations`` (path -> NumPy ``(B, C, h, w)``), ``calls``
-    (path -> how many times it ran), and for the gradients the TF tensors and the tape."""
+    (path -> how many times it ran), and for the gradients the backend's tensors (``tf_acts``,
+    ``tf_output``: TF, JAX or torch, named so from the TensorFlow-only first slice) and ``grad_state``
+    (:mod:`.autodiff`: TF's tape, JAX's VJP, torch's probes)."""
 
     def __init__(self, model: Any, names: Sequence[str], grad: bool, linear: bool = False) -> None:
         self.model, self.names, self.grad = model, list(names), grad
@@ -96,16 +93,21 @@ class KerasCapture:
         self.dense_io: dict[str, tuple[list, list]] = {}
         self.activations: dict[str, np.ndarray] = {}
         self.calls: dict[str, int] = {}
-        self.tf_acts: dict[str, tf.Tensor] = {}
+        self.tf_acts: dict[str, Any] = {}
         self.tf_output: Any = None
-        self.tape: Optional[tf.GradientTape] = None  # the full forward's tape (models without a cut)
-        self.cut: Optional[Cut] = None  # graph models: the gradients re-run only the part below the layers
+        self.grad_state: Any = None  # :mod:`.autodiff`: TF's tape (models without a cut), JAX's VJP, torch's probes
+        self.cut: Optional[Cut] = None  # TF graph models: the gradients re-run only the part below the layers
         self.kept: dict[str, list] = {}  # the cut's upstream outputs, recorded in the forward
-        self.model_input: Any = None  # the forward's TF input
+        self.model_input: Any = None  # the forward's input tensor
         self.layouts: dict = {}
         self.channels_last = True  # set by the forward that fills the capture
         self.attentions = None
         self.attention_layout = None
+
+    @property
+    def tape(self) -> Any:
+        """TensorFlow's ``GradientTape`` of this capture (``None`` on other backends or without grad)."""
+        return self.grad_state if autodiff().name == "tensorflow" else None
 
 
 class KerasLayout:
@@ -120,39 +122,38 @@ class KerasLayout:
     def autocast(self, x: Any) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def model_input(self, x: np.ndarray) -> tf.Tensor:
-        """``(B, C, H, W)`` NumPy -> the model's TF input (NHWC for a channels-last model)."""
+    def model_input(self, x: np.ndarray) -> Any:
+        """``(B, C, H, W)`` NumPy -> the model's input tensor (NHWC for a channels-last model)."""
         a = np.transpose(x, (0, 2, 3, 1)) if self.channels_last else x
-        return tf.convert_to_tensor(np.ascontiguousarray(a, dtype=np.float32))
+        return autodiff().to_tensor(a)
 
     def forward(self, x: np.ndarray, run: Optional[GraphRun] = None) -> Any:
-        """The TF output of ``x`` (list outputs named), with ``run``'s layers recorded / replaced."""
+        """The backend's output of ``x`` (list outputs named), with ``run``'s layers recorded / replaced."""
         return self.forward_tensor(self.model_input(x), run)
 
-    def forward_tensor(self, xt: tf.Tensor, run: Optional[GraphRun] = None) -> Any:
-        """:meth:`forward` of the model's own TF input ``xt`` (NHWC for a channels-last model)."""
+    def forward_tensor(self, xt: Any, run: Optional[GraphRun] = None) -> Any:
+        """:meth:`forward` of the model's own input tensor ``xt`` (NHWC for a channels-last model)."""
         return _named(run_graph(self.model, xt, run if run is not None else GraphRun(frozenset())), self.names)
 
     def run(self, x: np.ndarray, score_only: bool = False) -> Any:
         cap = next((c for c in reversed(_captures()) if c.model is self.model), None)
+        ad = autodiff()
         if cap is None or score_only:
-            return _host(self.forward(x))
-        names = frozenset(cap.names)
-        watch = cap.tape.watch if cap.tape is not None else None
+            with ad.no_grad():
+                return _host(self.forward(x))
         keep = cap.cut.keep if cap.cut is not None else frozenset()
-        run = GraphRun(names | keep | cap.dense_paths, inputs_of=cap.dense_paths,
-                       on_output=(lambda path, out: watch(out) if path in names else None) if watch else None)
         cap.model_input = self.model_input(x)
-        out = _named(run_graph(self.model, cap.model_input, run), self.names)
-        cap.dense_io = {p: (run.inputs.get(p, []), run.outputs.get(p, [])) for p in cap.dense_paths}
+        out, outputs, inputs = ad.forward(cap, lambda run: self.forward_tensor(cap.model_input, run), tuple(x.shape),
+                                          record=keep | cap.dense_paths, inputs_of=cap.dense_paths)
+        cap.dense_io = {p: (inputs.get(p, []), outputs.get(p, [])) for p in cap.dense_paths}
         cap.tf_output, cap.channels_last = out, self.channels_last
-        cap.kept = {p: run.outputs.get(p, []) for p in keep}
+        cap.kept = {p: outputs.get(p, []) for p in keep}
         for name in cap.names:
-            outs = run.outputs.get(name, [])
+            outs = outputs.get(name, [])
             cap.calls[name] = len(outs)
-            if len(outs) == 1 and hasattr(outs[0], "numpy"):
+            if len(outs) == 1 and ad.is_tensor(outs[0]):
                 cap.tf_acts[name] = outs[0]
-                a = outs[0].numpy()
+                a = ad.to_numpy(outs[0])
                 cap.activations[name] = _to_nchw(a) if a.ndim == 4 and self.channels_last else a
         return _host(out)
 
@@ -171,7 +172,8 @@ class KerasRunner:
 
     def _forward(self, x: np.ndarray, run: Optional[GraphRun] = None) -> Any:
         self.forwards += 1
-        return _host(self.layout.forward(x, run))
+        with autodiff().no_grad():
+            return _host(self.layout.forward(x, run))
 
     def scores(self, x: np.ndarray, b: int, batch_size: int = 32) -> np.ndarray:
         """Scores ``(N, T)`` of image ``b``'s targets for N inputs ``x`` ``(N, C, H, W)``, in chunks. A graph
@@ -215,11 +217,11 @@ class KerasRunner:
             chunk = acts[i:i + batch_size]
             n = chunk.shape[0]
             a = np.transpose(chunk, (0, 2, 3, 1)) if self.layout.channels_last and chunk.ndim == 4 else chunk
-            replace = {path: tf.convert_to_tensor(np.ascontiguousarray(a, dtype=np.float32))}
+            replace = {path: autodiff().to_tensor(a)}
             if cut is None:
                 run, xs = GraphRun(frozenset(), replace=replace), np.repeat(x_b, n, axis=0)
             else:
-                replace.update((p, tree.map_structure(lambda t: tf.tile(t, [n] + [1] * (len(t.shape) - 1)), v))
+                replace.update((p, tree.map_structure(lambda t: keras.ops.tile(t, [n] + [1] * (len(t.shape) - 1)), v))
                                for p, v in kept.items())
                 run = GraphRun(frozenset(), replace=replace, only=cut)
                 xs = np.repeat(x_b, n, axis=0) if cut.input else x_b  # (the input is not read otherwise)
@@ -231,8 +233,9 @@ class KerasRunner:
         """Gradients of the target scores w.r.t. the input pixels: ``(B, T, C, H, W)`` and the scores
         ``(B, T)``, for ``x`` ``(B, C, H, W)``.
 
-        One forward of the NHWC input under a ``tf.GradientTape`` watching it; the T scores are the
-        runner's ``targets`` evaluated on the TF output (:mod:`.scores`, checked against
+        One forward of the NHWC input, differentiated w.r.t. it (:meth:`.autodiff.Autodiff.input_jacobian`:
+        TF's tape, ``jax.vjp``, torch's autograd); the T scores are the runner's ``targets`` evaluated
+        on the backend's output (:mod:`.scores`, checked against
         ``b_scores`` on its NumPy copy); ONE vectorised Jacobian ``d (sum_b S[b, :]) / dx``
         ``(T, B, H, W, C)`` gives every target's gradient. ``guided``: every Keras ReLU / ReLU6 gets
         guided backprop's backward for the forward (:func:`.guided.guided_relus`, nothing of the
@@ -241,52 +244,57 @@ class KerasRunner:
         """
         if self.targets is None:
             raise LayerRuntimeError("the Keras backend's input gradients need the resolved targets (runner(..., "
-                                    "targets=rows)) to recompute the scores on the TensorFlow output")
+                                    "targets=rows)) to recompute the scores on the model's output")
+        ad = autodiff()
+        if guided and ad.name != "tensorflow":
+            raise ConfigError("guided backprop on Keras models runs on Keras' TensorFlow backend only (it gives "
+                              "TensorFlow's ReLUs the guided backward); set KERAS_BACKEND=tensorflow, or use the "
+                              "Grad-CAM family")
         xt = self.layout.model_input(x)
         self.forwards += 1
-        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
-            tape.watch(xt)
-            with guided_relus(self.model) if guided else contextlib.nullcontext() as seen:
-                out = self.layout.forward_tensor(xt)
-            if guided and seen.unguided and non_relu != "plain":
-                raise unguided_error(seen.unguided, "Keras model")
-            s = tf_target_scores(self.targets, out)  # (B, T), recorded
-            scores = np.asarray(b_scores(_host(out)), dtype=np.float32)
-            _check_scores(s.numpy(), scores)
-            total = tf.reduce_sum(s) if s.shape[1] == 1 else tf.reduce_sum(s, axis=0)
-            (g,) = _jacobian(tape, total, [xt], int(s.shape[1]))  # (T, B, ...)
+        box: dict = {}
+
+        def forward(t: Any) -> Any:
+            if not guided:
+                return self.layout.forward_tensor(t)
+            from .guided import guided_relus
+
+            with guided_relus(self.model) as seen:
+                out = self.layout.forward_tensor(t)
+            box["unguided"] = seen.unguided
+            return out
+
+        def check(got: np.ndarray, out: Any) -> None:  # against the engine's scores of the output's NumPy copy
+            box["scores"] = np.asarray(b_scores(_host(out)), dtype=np.float32)
+            _checker(box["scores"])(got)
+
+        g, _ = ad.input_jacobian(forward, xt, self.targets, check)  # (T, B, ...)
+        if box.get("unguided") and non_relu != "plain":
+            raise unguided_error(box["unguided"], "Keras model")
+        scores = box["scores"]
         g = np.swapaxes(g, 0, 1)  # (B, T, H, W, C) / (B, T, C, H, W)
         if self.layout.channels_last:
             g = np.transpose(g, (0, 1, 4, 2, 3))
         return np.ascontiguousarray(g, dtype=np.float32), scores
 
 
-def _check_scores(got: np.ndarray, want: np.ndarray) -> None:
-    """The scores recomputed on the TF output must equal the engine's (same maths, float rounding)."""
-    if got.shape != tuple(want.shape) or not np.allclose(got, want, rtol=1e-4, atol=1e-5):
-        raise ModelError(f"the target scores recomputed on the TensorFlow output {got.tolist()} differ from the "
-                         f"reported ones {np.asarray(want).tolist()}; a score function that is not the same "
-                         "maths on NumPy and TensorFlow arrays cannot be explained")
+def _checker(want: Any) -> Callable[[np.ndarray], None]:
+    """A check that the scores recomputed on the backend's output equal the engine's ``want`` ``(B, T)``
+    (the same maths, to float rounding)."""
+    want = np.asarray(want)
 
-
-def _jacobian(tape: tf.GradientTape, total: tf.Tensor, sources: list, T: int) -> list[np.ndarray]:
-    """Per source ``(B, ...)``, ``d total[t] / d source`` ``(T, B, ...)`` as NumPy: one gradient for
-    T = 1 (``total`` a scalar), else one vectorised Jacobian (pfor; a ``while_loop`` one if pfor
-    lacks an op). Sources the scores do not depend on get zeros."""
-    zero = tf.UnconnectedGradients.ZERO
-    with tape.stop_recording():
-        if T == 1:
-            return [g.numpy()[None] for g in tape.gradient(total, sources, unconnected_gradients=zero)]
-        try:
-            gs = tape.jacobian(total, sources, unconnected_gradients=zero, experimental_use_pfor=True)
-        except (ValueError, NotImplementedError, tf.errors.InvalidArgumentError):  # an op pfor lacks
-            gs = tape.jacobian(total, sources, unconnected_gradients=zero, experimental_use_pfor=False)
-        return [g.numpy() for g in gs]
+    def check(got: np.ndarray) -> None:
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+            raise ModelError(f"the target scores recomputed on the model's {keras.backend.backend()} output "
+                             f"{got.tolist()} differ from the reported ones {want.tolist()}; a score function that is "
+                             "not the same maths on NumPy arrays and the backend's tensors cannot be explained")
+    return check
 
 
 class KerasBackend:
-    """Keras 3 models on the TensorFlow backend: Functional and Sequential (nested ones too), read
-    through their graph, and subclassed ones, read by wrapping their layers' calls for the block."""
+    """Keras 3 models on the TensorFlow, JAX or PyTorch backend of Keras: Functional and Sequential
+    (nested ones too), read through their graph, and subclassed ones, read by wrapping their layers'
+    calls for the block."""
 
     name = "keras"
     xp = np_xp
@@ -299,12 +307,13 @@ class KerasBackend:
         return inputs
 
     def check_inputs(self, inputs: Any) -> np.ndarray:
-        """NumPy / TF float images as a NumPy array (NHWC as given; transposed by :meth:`to_model_input`)."""
+        """NumPy / backend-tensor float images as a NumPy array (NHWC as given; transposed by
+        :meth:`to_model_input`)."""
         try:
-            a = inputs.numpy() if hasattr(inputs, "numpy") and not isinstance(inputs, np.ndarray) else np.asarray(inputs)
+            a = inputs if isinstance(inputs, np.ndarray) else autodiff().to_numpy(inputs)
         except Exception as err:
-            raise InputTypeError(f"inputs for a Keras model must be a NumPy array or a TensorFlow tensor of images "
-                                 f"(B, H, W, C), got {type(inputs).__name__}") from err
+            raise InputTypeError(f"inputs for a Keras model must be a NumPy array or a tensor of Keras' backend of "
+                                 f"images (B, H, W, C), got {type(inputs).__name__}") from err
         if not np.issubdtype(a.dtype, np.floating):
             raise InputTypeError(f"inputs must be floating point images preprocessed as the model expects, got dtype "
                                  f"{a.dtype}; e.g. x.astype('float32') / 255 or keras.applications' preprocess_input")
@@ -341,7 +350,7 @@ class KerasBackend:
         raise InputError(f"the Keras model takes images (B, H, W, {C}) (channels last), got shape {x.shape}")
 
     def call_context(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+        return autodiff().call_context()
 
     def explain_failure(self, err: BaseException, model: Any) -> None:
         return None
@@ -377,7 +386,8 @@ class KerasBackend:
             return memo[key]
         layout = KerasLayout(model)
         run = GraphRun(frozenset(), every=True)
-        final = {id(t) for t in tree.flatten(layout.forward(x[:1], run))}  # the model's outputs: not a CAM layer
+        with autodiff().no_grad():
+            final = {id(t) for t in tree.flatten(layout.forward(x[:1], run))}  # the model's outputs: not a CAM layer
         index = layer_index(model)
         best = None
         for path, outs in run.outputs.items():
@@ -406,8 +416,9 @@ class KerasBackend:
     @contextlib.contextmanager
     def capture(self, model: Any, layers: Sequence[tuple[str, Any]], *, grad: bool, linear: bool,
                 full_graph: bool, attention: bool = False):
-        """Record ``layers``' outputs in the next forward of ``model``; with ``grad`` under one
-        persistent ``tf.GradientTape`` watching only them. Closed (and the tape released) on exit."""
+        """Record ``layers``' outputs in the next forward of ``model``; with ``grad`` set up for
+        :meth:`target_gradients` (:mod:`.autodiff`: TF's tape watching only them, JAX's / torch's
+        probes). Closed (and the tape / graph released) on exit."""
         if attention:
             raise ConfigError("attention methods (attention_rollout, attention_relevance) read a transformer's attention "
                               "probabilities, which camlens captures on PyTorch models only: they are not on Keras "
@@ -415,20 +426,14 @@ class KerasBackend:
         if full_graph:
             raise ConfigError("differentiable=True is not on Keras models yet")
         cap = KerasCapture(model, [n for n, _ in layers], grad, linear)
-        cap.cut = downstream_cut(model, cap.names) if grad else None
+        cap.cut = downstream_cut(model, cap.names) if grad and autodiff().name == "tensorflow" else None
         stack = _captures()
-        tape = tf.GradientTape(persistent=True, watch_accessed_variables=False) if grad and cap.cut is None else None
-        if tape is not None:
-            tape.__enter__()
-        cap.tape = tape
-        stack.append(cap)
-        try:
-            yield cap
-        finally:
-            stack.remove(cap)
-            if tape is not None:
-                tape.__exit__(None, None, None)
-            cap.tape = None
+        with autodiff().open(cap):
+            stack.append(cap)
+            try:
+                yield cap
+            finally:
+                stack.remove(cap)
 
     def check_capture(self, cap: KerasCapture, layers: Sequence[tuple[str, Any]], model: Any, x: np.ndarray,
                       read: Optional[Any] = None) -> None:
@@ -457,26 +462,17 @@ class KerasBackend:
 
     def target_gradients(self, scores: np.ndarray, acts: Sequence[np.ndarray], names: Sequence[str],
                          labels: Sequence[str], *, create_graph: bool = False, targets: Any = None) -> list[np.ndarray]:
-        """Per layer, ``dS[b, t] / dA[b]`` ``(B, T, C, h, w)`` for the T scores ``S (B, T)``.
-
-        Graph models (a :class:`~.graph.Cut` below the layers): the part of the graph below the layers
-        runs again on T tiled copies of the batch, ``A~ = [A; A; ...]`` ``(T*B, h, w, C)`` (the outputs
-        it needs from above the cut, recorded in the forward, tiled alike), copy t scored on target t
-        only; ONE backward of ``sum_t sum_b S_t(A~[t*B + b])`` to ``A~`` gives every target's gradient
-        (image b's score depends only on image b's activations: inference mode). Nothing above the
-        layers is recomputed; copies are taken ``_ROWS`` rows at a time. Other models: the scores
-        recomputed in the forward's tape, then one vectorised Jacobian (``tape.jacobian``, pfor)."""
+        """Per layer, ``dS[b, t] / dA[b]`` ``(B, T, C, h, w)`` for the T scores ``S (B, T)``: the resolved
+        ``targets`` scored again on the backend's outputs, then all T targets' gradients at once
+        (:meth:`.autodiff.Autodiff.jacobians`: TF graph models below a :class:`~.graph.Cut`, on T
+        tiled copies, one backward; otherwise one vectorised Jacobian)."""
         if create_graph:
             raise ConfigError("differentiable=True is not on Keras models yet")
         cap = next((c for c in reversed(_captures()) if c.grad and c.tf_output is not None), None)
         if cap is None or targets is None:
             raise LayerRuntimeError("the Keras backend's target gradients need an open capture with grad=True and the "
                                     "resolved targets")
-        scores = np.asarray(scores)
-        if cap.cut is not None and all(len(v) == 1 for v in cap.kept.values()):
-            gs = _cut_gradients(cap, scores, list(names), targets)  # (T, B, ...) each
-        else:
-            gs = _tape_gradients(cap, scores, list(names), targets)
+        gs = autodiff().jacobians(cap, targets, names, _checker(scores))  # (T, B, ...) each
         out = []
         for g in gs:
             g = np.swapaxes(g, 0, 1)  # (B, T, ...)
@@ -501,7 +497,7 @@ class KerasBackend:
         between all pass; anything else is an error saying what was found."""
         head = np.asarray(head)
         producers = [p for p, (_, outs) in cap.dense_io.items()
-                     if len(outs) == 1 and tuple(outs[0].shape) == head.shape and np.array_equal(outs[0].numpy(), head)]
+                     if len(outs) == 1 and tuple(outs[0].shape) == head.shape and np.array_equal(autodiff().to_numpy(outs[0]), head)]
         if not producers:
             raise ModelError(f"CAM needs output {head_name!r} to come straight from a keras.layers.Dense layer; none of "
                              f"this Keras model's Dense layers ({sorted(cap.dense_io) or 'none'}) produced it. Use "
@@ -551,10 +547,13 @@ _COMPILE_CHUNKS = 8  # a call with this many chunks of forwards compiles the mod
 _COMPILED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {input shape: fn}
 
 
-def _compiled(model: Any, shape: tuple, build: bool) -> Optional[Callable[[tf.Tensor], Any]]:
+def _compiled(model: Any, shape: tuple, build: bool) -> Optional[Callable[[Any], Any]]:
     """The graph model's forward (logits: a final softmax / sigmoid left out, every layer
     ``training=False``) as a ``tf.function`` for inputs ``(N, *shape)`` (any N), if one was built —
-    or ``build`` it now (a trace: about two forwards' time)."""
+    or ``build`` it now (a trace: about two forwards' time). TensorFlow only (``None`` otherwise)."""
+    ad = autodiff()
+    if ad.name != "tensorflow":
+        return None
     try:
         memo = _COMPILED.setdefault(model, {})
     except TypeError:  # not weakly referenceable
@@ -562,65 +561,9 @@ def _compiled(model: Any, shape: tuple, build: bool) -> Optional[Callable[[tf.Te
     key = tuple(int(d) for d in shape)
     if key not in memo and build:
         ref = weakref.ref(model)  # (the memo must not keep the model alive)
-        memo[key] = tf.function(lambda t: run_graph(ref(), t, GraphRun(frozenset())), reduce_retracing=True)
+        memo[key] = ad.compiled(lambda t: run_graph(ref(), t, GraphRun(frozenset())))
     return memo.get(key)
 
-
-_ROWS = 64  # the most tiled rows (T copies x B images) one backward of the cut takes
-
-
-def _cut_gradients(cap: KerasCapture, scores: np.ndarray, names: list[str], targets: Any) -> list[np.ndarray]:
-    """:meth:`KerasBackend.target_gradients` on a graph model: the part below the layers on tiled copies."""
-    cut = cap.cut
-    B, T = scores.shape
-    per = max(1, min(T, _ROWS // max(B, 1)))  # targets per backward
-    chunks: list[list[np.ndarray]] = []
-    for t0 in range(0, T, per):
-        n = min(per, T - t0)
-
-        def tile(a: Any, n: int = n) -> Any:
-            return tf.tile(a, [n] + [1] * (len(a.shape) - 1)) if n > 1 else a
-
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            replace = {p: tree.map_structure(tile, outs[0]) for p, outs in cap.kept.items()}
-            for p in cut.roots:
-                replace[p] = tile(cap.tf_acts[p])
-                tape.watch(replace[p])
-            run = GraphRun(frozenset(p for p in names if p not in cut.roots), replace=replace, only=cut)
-            x = tile(cap.model_input) if cut.input else cap.model_input
-            try:
-                out = _named(run_graph(cap.model, x, run), output_names(cap.model))
-            except ValueError as err:  # an output the cut did not reach: a graph camlens did not expect
-                raise LayerRuntimeError(f"the Keras graph below layers {names} could not be run on its own ({err})") from err
-            sources = [replace[p] if p in cut.roots else run.outputs[p][0] for p in names]
-            total = 0.0
-            got = []
-            for j in range(n):
-                block = tree.map_structure(lambda o, j=j: o[j * B:(j + 1) * B], out)
-                s = tf_target_scores([[targets[b][t0 + j]] for b in range(B)], block)  # (B, 1)
-                got.append(s)
-                total = total + tf.reduce_sum(s)
-        _check_scores(tf.concat(got, axis=1).numpy(), scores[:, t0:t0 + n])
-        gs = tape.gradient(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        chunks.append([g.numpy().reshape((n, B) + tuple(g.shape[1:])) for g in gs])
-    return [np.concatenate([c[i] for c in chunks]) if len(chunks) > 1 else chunks[0][i] for i in range(len(names))]
-
-
-def _tape_gradients(cap: KerasCapture, scores: np.ndarray, names: list[str], targets: Any) -> list[np.ndarray]:
-    """:meth:`KerasBackend.target_gradients` from the forward's tape (still recording; or, if the capture
-    had none, the forward again under one watching the layers): one vectorised Jacobian ``(T, B, ...)``."""
-    if cap.tape is not None:
-        s = tf_target_scores(targets, cap.tf_output)  # (B, T), recorded on the open tape
-        _check_scores(s.numpy(), scores)
-        total = tf.reduce_sum(s) if s.shape[1] == 1 else tf.reduce_sum(s, axis=0)  # () or (T,)
-        return _jacobian(cap.tape, total, [cap.tf_acts[n] for n in names], int(s.shape[1]))
-    # a cut whose recorded outputs do not fit (a shared layer above it): the forward again, taped
-    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
-        run = GraphRun(frozenset(names), on_output=lambda path, out: tape.watch(out))
-        s = tf_target_scores(targets, _named(run_graph(cap.model, cap.model_input, run), output_names(cap.model)))
-        _check_scores(s.numpy(), scores)
-        total = tf.reduce_sum(s) if s.shape[1] == 1 else tf.reduce_sum(s, axis=0)
-        return _jacobian(tape, total, [run.outputs[n][0] for n in names], int(s.shape[1]))
 
 _DEFAULT: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {input shape: layer}
 

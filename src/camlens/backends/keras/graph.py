@@ -186,7 +186,8 @@ class GraphRun:
     wanted: frozenset
     outputs: dict = field(default_factory=dict)  # path -> [output tensor per call]
     replace: dict = field(default_factory=dict)  # path -> tensor fed instead of the layer's output
-    on_output: Optional[Callable[[str, Any], None]] = None  # called with (path, output) for wanted layers
+    # called with (path, output) for wanted layers; what it returns (not None) flows on instead (a probe)
+    on_output: Optional[Callable[[str, Any], Any]] = None
     bypassed: dict = field(default_factory=dict)  # output position -> activation bypassed
     every: bool = False  # record every layer (probing)
     only: Optional["Cut"] = None  # run only the part of the graph downstream of the cut (the rest is skipped)
@@ -194,11 +195,13 @@ class GraphRun:
     inputs: dict = field(default_factory=dict)  # path -> [first positional input per call]
 
     def record(self, path: str, out: Any) -> Any:
-        """Keep ``out`` as layer ``path``'s output if it is wanted (``on_output`` called); returns ``out``."""
+        """Keep ``out`` as layer ``path``'s output if it is wanted; returns what flows on: ``out``, or
+        what ``on_output(path, out)`` returns instead (``out + eps``: a probe to differentiate)."""
         if path in self.wanted or self.every:
-            self.outputs.setdefault(path, []).append(out)
             if self.on_output is not None and path in self.wanted:
-                self.on_output(path, out)
+                new = self.on_output(path, out)
+                out = out if new is None else new
+            self.outputs.setdefault(path, []).append(out)
         return out
 
     def record_input(self, path: str, args: tuple) -> None:
