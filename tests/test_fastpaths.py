@@ -108,11 +108,13 @@ def resnet18():
     return torchvision.models.resnet18().eval()
 
 
-@pytest.mark.parametrize("precision,tol", [("fp16", 5e-3), ("bf16", 5e-2)])
+# about 10 ulps of each format's epsilon (fp16 9.8e-4, bf16 7.8e-3): CPUs differ in their half kernels
+@pytest.mark.parametrize("precision,tol", [("fp16", 1e-2), ("bf16", 5e-2)])
 @pytest.mark.parametrize("method", ["gradcam", "cam", "layercam"])
 def test_half_precision_maps_match_fp32(resnet18, precision, tol, method):
     torch.manual_seed(2)
-    x = torch.randn(2, 3, 224, 224)  # measured: fp16 max diff 2.0e-3, bf16 2.6e-2; correlation >= 0.9998
+    # measured: fp16 max diff 2.0e-3 (5.8e-3 on a CPU with AVX512-FP16 / AMX), bf16 2.6e-2; correlation >= 0.9998
+    x = torch.randn(2, 3, 224, 224)
     ref = camlens.explain(resnet18, x, targets=[1, 4], layer="layer4", method=method)
     half = camlens.explain(resnet18, x, targets=[1, 4], layer="layer4", method=method, precision=precision)
     assert half.maps.dtype == torch.float32 and half.scores.dtype == torch.float32
