@@ -53,12 +53,31 @@ def _captures() -> list:
 
 
 def channels_last(model: Any) -> bool:
-    """Does ``model`` take channels-last images ``(B, H, W, C)``? Keras' ``image_data_format()``
-    unless one of its layers says ``data_format="channels_first"``."""
-    for layer in layer_index(model).values():
-        if getattr(layer, "data_format", None) == "channels_first":
-            return False
+    """Does ``model`` take channels-last images ``(B, H, W, C)``? What its layers say (their
+    ``data_format``, set when they were built: ``channels_first`` if any says so), else Keras'
+    ``image_data_format()``."""
+    formats = {getattr(layer, "data_format", None) for layer in layer_index(model).values()}
+    if "channels_first" in formats:
+        return False
+    if "channels_last" in formats:
+        return True
     return keras.config.image_data_format() == "channels_last"
+
+
+def _check_precision(precision: str) -> None:
+    """Only ``"fp32"``: a Keras model runs in the dtypes it was built with (its dtype policy)."""
+    if precision != "fp32":
+        raise ConfigError(f"precision={precision!r}: camlens runs a Keras model in the dtypes it was built with "
+                          f"(precisions: {PRECISION_NAMES}; fp32 on Keras). For float16 / bfloat16, build the model "
+                          "under keras.mixed_precision.set_dtype_policy('mixed_float16') (or 'mixed_bfloat16') and "
+                          "pass precision='fp32': camlens reads its low-precision layer outputs as float32")
+
+
+def _float32(t: Any) -> Any:
+    """A float16 / bfloat16 TF tensor cast to float32 (recorded on a tape: the gradient flows back
+    through the cast); anything else as it is. Mixed-precision models' outputs are scored in float32."""
+    dt = getattr(t, "dtype", None)
+    return tf.cast(t, tf.float32) if dt is not None and dt in (tf.float16, tf.bfloat16) else t
 
 
 def _to_nchw(a: np.ndarray) -> np.ndarray:
@@ -75,8 +94,8 @@ def _named(out: Any, names: Optional[list[str]]) -> Any:
 
 
 def _host(out: Any) -> Any:
-    """NumPy copies of an output structure's tensors."""
-    return tree.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else np.asarray(t), out)
+    """NumPy copies of an output structure's tensors (float16 / bfloat16 ones as float32)."""
+    return tree.map_structure(lambda t: _float32(t).numpy() if hasattr(t, "numpy") else np.asarray(t), out)
 
 
 class KerasCapture:
@@ -114,9 +133,10 @@ class KerasLayout:
         return tf.convert_to_tensor(np.ascontiguousarray(a, dtype=np.float32))
 
     def forward(self, x: np.ndarray, run: Optional[GraphRun] = None) -> Any:
-        """The TF output of ``x`` (list outputs named), with ``run``'s layers recorded / replaced."""
+        """The TF output of ``x`` (list outputs named; float16 / bfloat16 heads cast to float32),
+        with ``run``'s layers recorded / replaced."""
         run = run if run is not None else GraphRun(frozenset())
-        return _named(run_graph(self.model, self.model_input(x), run), self.names)
+        return _named(tree.map_structure(_float32, run_graph(self.model, self.model_input(x), run)), self.names)
 
     def run(self, x: np.ndarray, score_only: bool = False) -> Any:
         cap = next((c for c in reversed(_captures()) if c.model is self.model), None)
@@ -131,7 +151,7 @@ class KerasLayout:
             cap.calls[name] = len(outs)
             if len(outs) == 1 and hasattr(outs[0], "numpy"):
                 cap.tf_acts[name] = outs[0]
-                a = outs[0].numpy()
+                a = _float32(outs[0]).numpy()  # a mixed-precision layer's float16 output read as float32
                 cap.activations[name] = _to_nchw(a) if a.ndim == 4 and self.channels_last else a
         return _host(out)
 
@@ -168,7 +188,8 @@ class KerasRunner:
         for i in range(0, acts.shape[0], batch_size):
             chunk = acts[i:i + batch_size]
             a = np.transpose(chunk, (0, 2, 3, 1)) if self.layout.channels_last and chunk.ndim == 4 else chunk
-            run = GraphRun(frozenset(), replace={path: tf.convert_to_tensor(np.ascontiguousarray(a, dtype=np.float32))})
+            a = tf.cast(np.ascontiguousarray(a, dtype=np.float32), getattr(layer, "compute_dtype", None) or "float32")
+            run = GraphRun(frozenset(), replace={path: a})  # in the layer's own dtype (float16 under a mixed policy)
             xs = np.repeat(x_b, chunk.shape[0], axis=0)
             out.append(np.asarray(self.score(self._forward(xs, run), b), dtype=np.float32))
         return np.concatenate(out)
@@ -219,15 +240,19 @@ class KerasBackend:
     def to_model_input(self, model: Any, x: np.ndarray, precision: str) -> np.ndarray:
         """``(B, H, W, C)`` images -> ``(B, C, H, W)`` float32 (the engine's convention) for a
         channels-last model; an input already ``(B, C, H, W)`` (C matching the model's) is kept."""
-        if precision != "fp32":
-            raise ConfigError(f"precision={precision!r}: the Keras backend runs fp32 only for now "
-                              f"(precisions: {PRECISION_NAMES}); set a keras mixed-precision policy on the model instead")
+        _check_precision(precision)
         require_model(model)
         g = graph_of(model)
         if g is not None and len(g.inputs) != 1:
             raise InputError(f"this Keras model takes {len(g.inputs)} inputs; camlens explains models of one image input")
         x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 4 or not channels_last(model):
+        if x.ndim != 4:
+            return x
+        if not channels_last(model):  # a channels_first model takes (B, C, H, W), the engine's convention
+            C = g.inputs[0].shape[1] if g is not None else None
+            if C is not None and x.shape[1] != C:
+                raise InputError(f"the Keras model takes images (B, {C}, H, W) (channels first: its layers have "
+                                 f"data_format='channels_first'), got shape {x.shape}; e.g. np.transpose(x, (0, 3, 1, 2))")
             return x
         C = g.inputs[0].shape[-1] if g is not None else None  # (a subclassed model: NHWC as Keras takes it)
         if C is None or x.shape[-1] == C:
@@ -273,7 +298,7 @@ class KerasBackend:
             return memo[key]
         layout = KerasLayout(model)
         run = GraphRun(frozenset(), every=True)
-        final = {id(t) for t in tree.flatten(layout.forward(x[:1], run))}  # the model's outputs: not a CAM layer
+        final = {id(t) for t in tree.flatten(run_graph(model, layout.model_input(x[:1]), run))}  # not a CAM layer
         index = layer_index(model)
         best = None
         for path, outs in run.outputs.items():
@@ -295,8 +320,7 @@ class KerasBackend:
         return best
 
     def layout(self, model: Any, channels_last: Optional[bool], precision: str) -> KerasLayout:
-        if precision != "fp32":
-            raise ConfigError(f"precision={precision!r}: the Keras backend runs fp32 only for now")
+        _check_precision(precision)
         return KerasLayout(model)
 
     @contextlib.contextmanager
