@@ -98,6 +98,16 @@ def _host(out: Any) -> Any:
     return tree.map_structure(lambda t: _float32(t).numpy() if hasattr(t, "numpy") else np.asarray(t), out)
 
 
+def _as_layer_dtype(a: np.ndarray, layer: Any) -> tf.Tensor:
+    """Replacement outputs in the layer's own dtype (float16 under a mixed policy), clipped to its finite
+    range first (Ablation-CAM's ``min - 1e7`` would be ``-inf`` in float16)."""
+    dtype = tf.as_dtype(getattr(layer, "compute_dtype", None) or "float32")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if dtype == tf.float16:
+        a = np.clip(a, dtype.min, dtype.max)
+    return tf.cast(a, dtype)
+
+
 class KerasCapture:
     """One forward's captured layers: ``activations`` (path -> NumPy ``(B, C, h, w)``), ``calls``
     (path -> how many times it ran), and for the gradients the TF tensors and the tape."""
@@ -188,8 +198,7 @@ class KerasRunner:
         for i in range(0, acts.shape[0], batch_size):
             chunk = acts[i:i + batch_size]
             a = np.transpose(chunk, (0, 2, 3, 1)) if self.layout.channels_last and chunk.ndim == 4 else chunk
-            a = tf.cast(np.ascontiguousarray(a, dtype=np.float32), getattr(layer, "compute_dtype", None) or "float32")
-            run = GraphRun(frozenset(), replace={path: a})  # in the layer's own dtype (float16 under a mixed policy)
+            run = GraphRun(frozenset(), replace={path: _as_layer_dtype(a, layer)})
             xs = np.repeat(x_b, chunk.shape[0], axis=0)
             out.append(np.asarray(self.score(self._forward(xs, run), b), dtype=np.float32))
         return np.concatenate(out)
