@@ -105,6 +105,33 @@ def test_the_layout_is_the_layers_not_the_global_setting_at_call_time(images):
         keras.config.set_image_data_format(old)
 
 
+class _Sub(keras.Model):
+    """A subclassed model (its own ``call``: read by wrapping its layers' calls)."""
+
+    def __init__(self, fmt):
+        super().__init__()
+        self.c1 = L.Conv2D(8, 3, padding="same", activation="relu", data_format=fmt)
+        self.c2 = L.Conv2D(6, 3, strides=2, padding="same", data_format=fmt)
+        self.gap = L.GlobalAveragePooling2D(data_format=fmt)
+        self.fc = L.Dense(4)
+
+    def call(self, x):
+        return self.fc(self.gap(self.c2(self.c1(x))))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "scorecam", "ablationcam"])
+def test_a_subclassed_channels_first_model_equals_its_nhwc_twin(images, method):
+    keras.utils.set_random_seed(0)
+    nhwc, nchw = _Sub("channels_last"), _Sub("channels_first")
+    nhwc(images), nchw(_nchw(images))
+    nchw.set_weights(nhwc.get_weights())
+    kw = dict(targets=[0, 3], method=method, relu=False)
+    for layer in ("c2", None):  # None: the default layer, the last conv
+        a, b = camlens.explain(nhwc, images, layer=layer, **kw), camlens.explain(nchw, _nchw(images), layer=layer, **kw)
+        assert a.raw.shape == b.raw.shape == (2, 2, 16, 16) and float(np.abs(a.raw).max()) > 0
+        np.testing.assert_allclose(b.raw, a.raw, rtol=0, atol=1e-5 * float(np.abs(a.raw).max()))
+
+
 def test_nhwc_images_for_a_channels_first_model_are_refused_with_the_fix(twins, images):
     with pytest.raises(InputError, match=r"takes images \(B, 3, H, W\) \(channels first.*np.transpose\(x, \(0, 3, 1, 2\)\)"):
         camlens.explain(twins[1], images, targets=[1], method="gradcam")
