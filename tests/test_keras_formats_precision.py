@@ -133,7 +133,8 @@ def test_a_subclassed_channels_first_model_equals_its_nhwc_twin(images, method):
 
 
 def test_nhwc_images_for_a_channels_first_model_are_refused_with_the_fix(twins, images):
-    with pytest.raises(InputError, match=r"takes images \(B, 3, H, W\) \(channels first.*np.transpose\(x, \(0, 3, 1, 2\)\)"):
+    with pytest.raises(InputError,
+                       match=r"takes images \(B, 3, H, W\) \(channels first.*np.transpose\(x, \(0, 3, 1, 2\)\)"):
         camlens.explain(twins[1], images, targets=[1], method="gradcam")
 
 
@@ -173,7 +174,8 @@ def test_mixed_precision_maps_are_float32_and_close_to_the_float32_models(twins,
             want, got = camlens.explain(ref, images, **kw), camlens.explain(low, images, **kw)
             assert got.maps.dtype == got.raw.dtype == got.scores.dtype == np.float32
             assert np.isfinite(got.maps).all() and np.isfinite(got.raw).all()
-            tol = TOL[policy]["elementwise" if method in ELEMENTWISE else method if method in TOL[policy] else "default"]
+            kind = "elementwise" if method in ELEMENTWISE else method if method in TOL[policy] else "default"
+            tol = TOL[policy][kind]
             assert float(np.abs(got.maps - want.maps).max()) <= tol, (method, layer)
             np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=tol * float(np.abs(want.scores).max()))
             np.testing.assert_allclose(got.probs, want.probs, rtol=0, atol=tol)

@@ -3,25 +3,27 @@ weights (no download): ResNet50 (64 px), MobileNetV2 (96 px) and EfficientNetB0 
 (a module-scoped fixture). Random weights are made to behave like trained ones in scale: every BatchNorm's
 moving statistics are set to the batch statistics of the test images (one training-mode forward with
 momentum 0: at random init MobileNetV2's last activations span ~1e-12, where Score-CAM's mask epsilon
-would decide everything; variances floored, see ``calibrate``), and the classifier's kernel is scaled so that the logits spread over a few
-units (else every class probability is ~1/K and Score-CAM's weights carry nothing).
+would decide everything; variances floored, see ``calibrate``), and the classifier's kernel is scaled so
+that the logits spread over a few units (else every class probability is ~1/K and Score-CAM's weights
+carry nothing). Targets: the two images' top classes.
 
-Compared at the layer's grid, ReLU'd, before any resizing (tf-keras-vis: ``expand_cam=False,
-normalize_cam=False``), within 1e-4 of the map's peak:
+Compared at the layer's grid (the last conv layer and an inner one), before any resizing (tf-keras-vis:
+``expand_cam=False, normalize_cam=False``), within 1e-4 of the map's peak (measured: within 2e-6):
 
-* ``Gradcam`` and ``Layercam`` = camlens' ``gradcam`` / ``layercam``;
+* ``Gradcam`` and ``Layercam`` = camlens' ``gradcam`` / ``layercam``, before ReLU;
 * ``GradcamPlusPlus`` = camlens' ``gradcampp`` with ``alpha="spatial_sum"`` (its alphas divided by their
-  spatial sum) times ``exp(S)`` (tf-keras-vis keeps the factor ``Y = exp(S)`` of its first derivative in
+  spatial sum), ReLU'd, times ``exp(S)`` (tf-keras-vis keeps the factor ``Y = exp(S)`` of its first derivative in
   the weights: a positive factor per target, the same map after min-max);
 * ``Scorecam(max_N=N)`` = camlens' ``scorecam`` with ``weights="class_probability"`` and
   ``max_channels=N`` (the N channels of largest spatial variance — tf-keras-vis ranks by the standard
   deviation, the same order; its masks are ``scipy.ndimage.zoom(order=1)``, corner-aligned bilinear, as
   camlens' ``align_corners=True`` masks), one image per call: with a batch tf-keras-vis scores the union
-  of the images' top-N channels for every image, camlens each image's own N.
+  of the images' top-N channels for every image, camlens each image's own N; all channels of an early
+  layer (large masks) with both images in one call.
 
 tf-keras-vis runs on a clone whose final softmax is replaced by a linear activation (``ReplaceToLinear``);
-camlens explains the same logits on the model itself. The defaults of camlens (Grad-CAM++'s closed form,
-Score-CAM's softmax over channels) differ from these conventions by the amounts the last test measures.
+camlens explains the same logits on the model itself; the clone runs eagerly (see ``Case``). camlens'
+default Grad-CAM++ (the closed form) differs from tf-keras-vis' by far more (the last test).
 """
 
 from __future__ import annotations

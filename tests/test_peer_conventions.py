@@ -72,6 +72,7 @@ def test_scorecam_class_probability_equals_the_masked_probabilities(net, max_cha
 
 
 def test_class_probability_weights_need_class_targets(net):
-    with pytest.raises(ConfigError, match=r"weights='class_probability' needs class targets.*weights='channel_softmax'"):
+    with pytest.raises(ConfigError,
+                       match=r"weights='class_probability' needs class targets.*weights='channel_softmax'"):
         camlens.explain(net, _x(), targets=[1, lambda out: out[:, 2] - out[:, 0]], layer="3", method="scorecam",
                         weights="class_probability")
