@@ -219,7 +219,7 @@ def test_guided_backprop_pixel_and_options(tmp_path):
 def test_options_resolved_by_explain_and_tiling(tmp_path):
     net = DictTwoHead().eval()
     exp = camlens.explain(net, _x(), targets="shape:0", method="scorecam", max_channels=3)
-    assert exp.options == {"batch_size": 32, "max_channels": 3}
+    assert exp.options == {"batch_size": 32, "max_channels": 3, "weights": "channel_softmax"}
     tiled = camlens.explain(net, _x(size=24), targets="shape:0", method="occlusion", patch=4, tile=16, overlap=8)
     assert tiled.options == {"patch": 4, "stride": None, "baseline": 0.0, "blur_sigma": 5.0, "batch_size": 32}
     got = camlens.load(tiled.save(tmp_path / "tiled"))

@@ -1,6 +1,8 @@
 """Issue 13: the same small CNN built in Keras and in PyTorch with copied weights gives the same
 explanations — every gradient method, Eigen-CAM, Score-CAM, Ablation-CAM, occlusion, CAM, guided
-backprop and Guided Grad-CAM — within 1e-4, and the same raw input gradients (plain and guided). Runs where both torch and Keras (on TensorFlow) are importable; skipped elsewhere.
+backprop and Guided Grad-CAM, and the tf-keras-vis conventions of Grad-CAM++ / Score-CAM — within
+1e-4, and the same raw input gradients (plain and guided). Runs where both torch and Keras (on
+TensorFlow) are importable; skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -68,10 +70,13 @@ def test_the_two_models_compute_the_same_logits(pair, images):
     np.testing.assert_allclose(km(images, training=False).numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_maps_agree_with_the_torch_twin(pair, images, method):
+@pytest.mark.parametrize("method, options", [(m, {}) for m in METHODS] + [
+    ("gradcampp", {"alpha": "spatial_sum"}), ("scorecam", {"weights": "class_probability"})])
+def test_maps_agree_with_the_torch_twin(pair, images, method, options):
+    """Also tf-keras-vis' conventions (Grad-CAM++'s spatially normalised alphas, Score-CAM's class-probability
+    weights): the options are backend-free maths, the same on both."""
     km, tm = pair
-    kw = {"targets": [0, 3], "method": method}
+    kw = {"targets": [0, 3], "method": method, **options}
     if method in ("scorecam", "ablationcam", "occlusion"):
         kw["batch_size"] = 16
     ek = camlens.explain(km, images, layer="c2", **kw)

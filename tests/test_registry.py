@@ -94,6 +94,9 @@ def test_cli_lists_methods_and_metrics():
 @pytest.mark.parametrize("method, opts, kind, msg", [
     ("scorecam", {"batch_size": 0}, ConfigError, "scorecam batch_size must be a positive int, got 0"),
     ("scorecam", {"max_channels": 2.5}, ConfigError, r"max_channels must be a positive int or None \(all channels\)"),
+    ("scorecam", {"weights": "softmax"}, ConfigError, "scorecam weights must be one of 'channel_softmax', "
+                                                      "'class_probability', got 'softmax'"),
+    ("gradcampp", {"alpha": "sum"}, ConfigError, "gradcampp alpha must be one of 'closed_form', 'spatial_sum'"),
     ("ablationcam", {"ratio": 1.5}, ConfigError, r"ablationcam ratio must be a number in \(0, 1\], got 1.5"),
     ("ablationcam", {"ablation_value": "x"}, ConfigError, "ablation_value must be a number or None"),
     ("occlusion", {"patch": (4, 0)}, TypeError, r"occlusion patch must be a positive int, or \(h, w\) / \(d, h, w\)"),
@@ -118,7 +121,8 @@ def test_typed_method_options_are_checked_before_any_work(method, opts, kind, ms
 def test_option_defaults_and_metric_options():
     import torch
 
-    assert camlens.methods.get_method("scorecam").defaults == {"batch_size": 32, "max_channels": None}
+    assert camlens.methods.get_method("scorecam").defaults == {"batch_size": 32, "max_channels": None,
+                                                               "weights": "channel_softmax"}
     assert camlens.methods.get_method("occlusion").defaults["patch"] == 16
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                               torch.nn.Linear(4, 3)).eval()

@@ -180,20 +180,22 @@ class Method:
 class GradientMethod(Method):
     """A method that is a function of activations and gradients only.
 
-    ``fn(acts (B, C, h, w), grads (B, T, C, h, w)) -> raw maps (B, T, h, w)``.
+    ``fn(acts (B, C, h, w), grads (B, T, C, h, w), **options) -> raw maps (B, T, h, w)``; the
+    method's ``options`` (defaults filled in) are passed as keyword arguments.
     """
 
     fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None
     differentiable: bool = True
     volumes: bool = True
 
-    def raw(self, acts: Tensor, grads: Tensor) -> Tensor:
+    def raw(self, acts: Tensor, grads: Tensor, **options: Any) -> Tensor:
         assert self.fn is not None
-        return self.fn(acts, grads)
+        return self.fn(acts, grads, **options)
 
     def compute(self, ctx: MethodContext) -> MethodOutput:
         assert ctx.grads is not None
-        return MethodOutput(raws={n: self.raw(ctx.spatial_acts(n, self.name), ctx.grads[n]) for n in ctx.layers})
+        return MethodOutput(raws={n: self.raw(ctx.spatial_acts(n, self.name), ctx.grads[n], **ctx.options)
+                                  for n in ctx.layers})
 
 
 @dataclass(frozen=True)

@@ -8,25 +8,42 @@ gradients ``G = dS/dA`` ``(B, T, C, h, w)`` of the T target scores; the result i
 from __future__ import annotations
 
 from ..backends.base import namespace
+from ..core.registry import Option, one_of
 from .base import ActivationMethod, GradientMethod, Tensor, register
 from .gradcam import weighted_sum
 
 _ONE_PASS = "1 forward + 1 batched backward for all targets"
 
 
-def gradcam_pp(acts: Tensor, grads: Tensor, eps: float = 1e-6) -> Tensor:
+ALPHA_NORMS = ("closed_form", "spatial_sum")
+
+
+def gradcam_pp(acts: Tensor, grads: Tensor, eps: float = 1e-6, alpha: str = "closed_form") -> Tensor:
     """Grad-CAM++ (Chattopadhay et al. 2018) with the exponential closed form (their eq. 19).
 
     With ``Y = exp(S)`` the higher derivatives are powers of the first, so
     ``alpha = G^2 / (2 G^2 + sum_ij(A) * G^3 + eps)`` (0 where ``G == 0``) and
     ``w_c = sum_ij alpha * ReLU(G)``; the map is ``sum_c w_c A_c``. Same as pytorch-grad-cam.
+
+    ``alpha="spatial_sum"`` is tf-keras-vis' convention (``GradcamPlusPlus``, 0.8.7): no ``eps``
+    (a zero denominator counts as 1), and each channel's alphas are divided by their spatial sum,
+    ``alpha'_ij = alpha_ij / sum_kl alpha_kl`` (a zero sum counts as 1). tf-keras-vis also keeps
+    the factor ``exp(S)`` of its first derivative in ``w_c``, so its raw maps are ``exp(S)`` times
+    these (a positive factor per target: the same after min-max).
     """
     xp = namespace(acts, grads)
     g2 = grads * grads
     sum_a = xp.sum(acts, axis=(-2, -1))[:, None, :, None, None]  # (B, 1, C, 1, 1)
-    alpha = g2 / (2 * g2 + sum_a * g2 * grads + eps)
-    alpha = xp.where(grads != 0, alpha, xp.zeros_like(alpha))
-    weights = xp.sum(alpha * xp.clip(grads, min=0), axis=(-2, -1))
+    den = 2 * g2 + sum_a * g2 * grads
+    if alpha == "spatial_sum":
+        a = g2 / xp.where(den == 0, xp.ones_like(den), den)
+        a = xp.where(grads != 0, a, xp.zeros_like(a))
+        total = xp.sum(a, axis=(-2, -1), keepdims=True)  # (B, T, C, 1, 1)
+        a = a / xp.where(total == 0, xp.ones_like(total), total)
+    else:
+        a = g2 / (den + eps)
+        a = xp.where(grads != 0, a, xp.zeros_like(a))
+    weights = xp.sum(a * xp.clip(grads, min=0), axis=(-2, -1))
     return weighted_sum(xp, weights, acts)
 
 
@@ -93,7 +110,10 @@ def eigengradcam(acts: Tensor, grads: Tensor) -> Tensor:
 
 GRADCAM_PP = register(GradientMethod(
     name="gradcampp", description="Grad-CAM++: positive gradients weighted by second/third-order terms "
-                                  "(exp closed form)", cost=_ONE_PASS, fn=gradcam_pp))
+                                  "(exp closed form)", cost=_ONE_PASS, fn=gradcam_pp,
+    options={"alpha": Option("closed_form", one_of(*ALPHA_NORMS),
+                             "'closed_form' (the paper, pytorch-grad-cam) or 'spatial_sum' (alphas divided by "
+                             "their spatial sum, as tf-keras-vis)")}))
 XGRADCAM = register(GradientMethod(
     name="xgradcam", description="XGrad-CAM: gradients x activations normalised by the activation sum",
     cost=_ONE_PASS, fn=xgradcam))

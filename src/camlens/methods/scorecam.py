@@ -9,6 +9,11 @@ For image b and a layer with activations ``A = acts[b]`` ``(C, h, w)`` and input
     w[t]     = softmax_c s[t]                                                        (T, C)
     raw[b, t] = sum_c w[t, c] * A_c                                                  (T, h, w)
 
+With ``weights="class_probability"`` (tf-keras-vis' ``Scorecam``) the weight is instead the
+target's probability on the masked input, ``w[t, c] = P[b, t](x_b * M_c)`` — the softmax over the
+head's classes at the target's class (sigmoid for a multi-label head, ``1 - p`` for ``sign=-1``),
+with no softmax over the channels; only class targets on a classifier head have one.
+
 The masked inputs depend on the channel only, never on the target: one batch of C masked
 forwards gives the scores of all T targets of image b. Masked inputs are built chunk by chunk
 (``batch_size x 3 x H x W``); nothing of size ``C x 3 x H x W`` is ever held.
@@ -29,6 +34,10 @@ Options:
         ``max_channels`` forwards per image; the map is an approximation, close to the full one
         when the low-variance channels carry little (resnet18 layer3, 64 of 256 channels:
         correlation 0.99 with the full map).
+    weights ("channel_softmax" or "class_probability", default "channel_softmax"): how a channel's
+        masked scores become its weight: the softmax over the channels of each target's scores
+        (the paper's code, pytorch-grad-cam), or the target's class probability on the masked
+        input (tf-keras-vis 0.8.7).
 """
 
 from __future__ import annotations
@@ -40,12 +49,15 @@ from typing import Any, Optional
 import array_api_compat
 
 from ..backends.base import VOLUME_KINDS, namespace, ops_for
-from ..core.registry import Option, optional, positive_int
+from ..core.errors import ConfigError
+from ..core.registry import Option, one_of, optional, positive_int
+from ..core.targets import split_outputs, target_probabilities
 from .base import Method, MethodContext, MethodOutput, Tensor, register
 
 __all__ = ["ScoreCam", "SCORECAM", "channel_masks", "scorecam_image"]
 
 MASK_EPS = 1e-8  # pytorch-grad-cam's epsilon in the min-max of the upsampled channel maps
+WEIGHTS = ("channel_softmax", "class_probability")
 
 
 def channel_masks(acts: Tensor, size: tuple[int, int], ops: Any = None) -> Tensor:
@@ -72,8 +84,42 @@ def _scatter(xp: Any, C: int, idx: Tensor, values: Tensor, dev: Any) -> Tensor:
     return xp.any(hit & values[None, :], axis=1)
 
 
+def check_probabilities(ctx: MethodContext) -> None:
+    """``weights="class_probability"`` needs every target to have a class probability: a clear
+    error naming those that do not (score functions, regions, boxes, ``"none"`` heads)."""
+    xp = namespace(ctx.scores)
+    p = target_probabilities(ctx.targets, ctx.heads, like=ctx.scores)  # (B, T), NaN where undefined
+    bad = xp.any(xp.isnan(p), axis=0)
+    missing = [ctx.targets[0][t].label for t in range(p.shape[1]) if bool(bad[t])]
+    if missing:
+        raise ConfigError(f"scorecam weights='class_probability' needs class targets on a softmax / sigmoid head; "
+                          f"{missing} have no class probability (score functions, regions, boxes or heads with "
+                          "activation 'none'); use the default weights='channel_softmax'")
+
+
+def _probabilities(ctx: MethodContext, b: int) -> Any:
+    """``rows(x (N, C, H, W), batch_size) -> (N, T)``: image ``b``'s targets' class probabilities
+    on the outputs of N inputs (``1 - p`` for ``sign=-1`` targets)."""
+    row = ctx.targets[b]
+
+    def read(out: Any) -> Tensor:
+        heads = split_outputs(out)
+        n = int(next(iter(heads.values())).shape[0])
+        p = target_probabilities([row] * n, heads)  # (n, T)
+        xp = namespace(p)
+        neg = xp.asarray([tg.sign == -1 for tg in row], device=array_api_compat.device(p))
+        return xp.where(neg[None, :], 1 - p, p)
+
+    def rows(x: Tensor, batch_size: int) -> Tensor:
+        parts = ctx.runner.outputs(x, read, batch_size)
+        return namespace(*parts).concat(parts)
+
+    return rows
+
+
 def scorecam_image(ctx: MethodContext, acts: Tensor, b: int, batch_size: int = 64,
-                   max_channels: Optional[int] = None, grid: Optional[tuple[int, int, int]] = None) -> Tensor:
+                   max_channels: Optional[int] = None, grid: Optional[tuple[int, int, int]] = None,
+                   weights: str = "channel_softmax") -> Tensor:
     """Raw Score-CAM maps of image ``b`` for one layer: acts ``(C, h, w)`` -> ``(T, h, w)``.
 
     Runs ``ceil(K / batch_size)`` forwards through ``ctx.runner.scores``, K = number of scored
@@ -122,15 +168,20 @@ def scorecam_image(ctx: MethodContext, acts: Tensor, b: int, batch_size: int = 6
                 parts.append(xp.zeros_like(x_b))
             yield xp.concat(parts)
 
-    rows = xp.concat([ctx.runner.scores(chunk, b, batch_size) for chunk in chunks()])  # (n_rows, T)
+    score = _probabilities(ctx, b) if weights == "class_probability" else \
+        (lambda chunk, n: ctx.runner.scores(chunk, b, n))
+    rows = xp.concat([score(chunk, batch_size) for chunk in chunks()])  # (n_rows, T)
     # s[c] = rows[position of c among the scored channels], rows[K] for all-zero masks, -inf (weight 0)
     # for the channels left out
     pos = xp.cumulative_sum(xp.astype(scored_mask, xp.int64)) - 1
     pos = xp.where(zero_mask, xp.full_like(pos, K), xp.where(scored_mask, pos, xp.zeros_like(pos)))
     s = xp.where(selected[:, None], xp.take(rows, pos, axis=0), float("-inf"))  # (C, T)
-    weights = ops.softmax(s.T, axis=1)  # (T, C) softmax over the channels
-    T = weights.shape[0]
-    return xp.reshape(xp.astype(weights, acts.dtype, copy=False) @ flat, (T, h, w))
+    if weights == "class_probability":  # (T, C) the probabilities themselves; 0 for the channels left out
+        wts = xp.where(selected[None, :], s.T, xp.zeros_like(s.T))
+    else:
+        wts = ops.softmax(s.T, axis=1)  # (T, C) softmax over the channels
+    T = wts.shape[0]
+    return xp.reshape(xp.astype(wts, acts.dtype, copy=False) @ flat, (T, h, w))
 
 
 @dataclass(frozen=True)
@@ -138,13 +189,15 @@ class ScoreCam(Method):
     """Score-CAM on each given layer; see the module docstring for the maths and options."""
 
     def compute(self, ctx: MethodContext) -> MethodOutput:
-        bs, max_ch = ctx.options["batch_size"], ctx.options["max_channels"]
+        bs, max_ch, weights = ctx.options["batch_size"], ctx.options["max_channels"], ctx.options["weights"]
+        if weights == "class_probability":
+            check_probabilities(ctx)
         raws = {}
         for name in ctx.layers:
             a = ctx.spatial_acts(name, "Score-CAM")
             lay = ctx.layouts.get(name)
             grid = tuple(lay.grid) if lay is not None and lay.kind in VOLUME_KINDS else None  # masks are 3-D
-            raws[name] = namespace(a).stack([scorecam_image(ctx, a[b], b, bs, max_ch, grid)
+            raws[name] = namespace(a).stack([scorecam_image(ctx, a[b], b, bs, max_ch, grid, weights)
                                              for b in range(a.shape[0])])
         return MethodOutput(raws=raws)
 
@@ -158,5 +211,8 @@ SCORECAM = register(ScoreCam(
     volumes=True,
     options={"batch_size": Option(32, positive_int, "masked inputs per forward"),
              "max_channels": Option(None, optional(positive_int, "all channels"),
-                                    "score only the N channels of highest activation variance")},
+                                    "score only the N channels of highest activation variance"),
+             "weights": Option("channel_softmax", one_of(*WEIGHTS),
+                               "'channel_softmax' (softmax over the channels of the masked scores, the paper's code) "
+                               "or 'class_probability' (the target's class probability, as tf-keras-vis)")},
 ))

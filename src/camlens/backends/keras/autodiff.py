@@ -50,9 +50,18 @@ from ...core.errors import LayerRuntimeError
 from .graph import GraphRun, output_names, run_graph
 from .scores import target_scores
 
-__all__ = ["Autodiff", "autodiff", "host", "named", "BACKENDS", "ROWS"]
+__all__ = ["Autodiff", "autodiff", "host", "named", "float32", "BACKENDS", "ROWS"]
 
 ROWS = 64  # TF: the most tiled rows (T copies x B images) one backward below a cut takes
+
+
+def float32(t: Any) -> Any:
+    """A float16 / bfloat16 tensor cast to float32 (on a tape / in a trace: the gradient flows back
+    through the cast); anything else as it is. Mixed-precision models' outputs are scored in float32."""
+    dt = getattr(t, "dtype", None)
+    if dt is None or not keras.ops.is_tensor(t):
+        return t
+    return keras.ops.cast(t, "float32") if keras.backend.standardize_dtype(dt) in ("float16", "bfloat16") else t
 
 
 def named(out: Any, names: Optional[list]) -> Any:
@@ -173,7 +182,8 @@ class _TF(Autodiff):
         # a cut whose recorded outputs do not fit (a shared layer above it): the forward again, taped
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
             run = GraphRun(frozenset(names), on_output=lambda path, out: tape.watch(out))
-            s = target_scores(targets, named(run_graph(cap.model, cap.model_input, run), output_names(cap.model)))
+            out = tree.map_structure(float32, run_graph(cap.model, cap.model_input, run))
+            s = target_scores(targets, named(out, output_names(cap.model)))
             check(s.numpy())
             return self._jacobian(tape, s, [run.outputs[n][0] for n in names])
 
@@ -216,7 +226,7 @@ class _TF(Autodiff):
                 run = GraphRun(frozenset(p for p in names if p not in cut.roots), replace=replace, only=cut)
                 x = tile(cap.model_input) if cut.input else cap.model_input
                 try:
-                    out = named(run_graph(cap.model, x, run), output_names(cap.model))
+                    out = named(tree.map_structure(float32, run_graph(cap.model, x, run)), output_names(cap.model))
                 except ValueError as err:  # an output the cut did not reach: a graph camlens did not expect
                     raise LayerRuntimeError(f"the Keras graph below layers {names} could not be run on its own "
                                             f"({err})") from err
@@ -424,6 +434,6 @@ def autodiff() -> Autodiff:
 
 
 def host(out: Any) -> Any:
-    """NumPy copies of an output structure's tensors."""
+    """NumPy copies of an output structure's tensors (float16 / bfloat16 ones as float32)."""
     ad = autodiff()
-    return tree.map_structure(ad.to_numpy, out)
+    return tree.map_structure(lambda t: ad.to_numpy(float32(t)), out)

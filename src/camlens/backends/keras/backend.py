@@ -43,7 +43,7 @@ from ...core.errors import ConfigError, InputError, InputTypeError, LayerError, 
 from ..base import PRECISION_NAMES, layout_problem, unguided_error
 from ..numpy import NumpyOps
 from . import randomise
-from .autodiff import autodiff, host, named
+from .autodiff import autodiff, float32, host, named
 from .graph import (Cut, GraphRun, downstream_cut, graph_of, layer_index, output_activations, output_names,
                     require_model, resolve_paths, run_graph)
 from .scores import target_scores
@@ -60,12 +60,24 @@ def _captures() -> list:
 
 
 def channels_last(model: Any) -> bool:
-    """Does ``model`` take channels-last images ``(B, H, W, C)``? Keras' ``image_data_format()``
-    unless one of its layers says ``data_format="channels_first"``."""
-    for layer in layer_index(model).values():
-        if getattr(layer, "data_format", None) == "channels_first":
-            return False
+    """Does ``model`` take channels-last images ``(B, H, W, C)``? What its layers say (their
+    ``data_format``, set when they were built: ``channels_first`` if any says so), else Keras'
+    ``image_data_format()``."""
+    formats = {getattr(layer, "data_format", None) for layer in layer_index(model).values()}
+    if "channels_first" in formats:
+        return False
+    if "channels_last" in formats:
+        return True
     return keras.config.image_data_format() == "channels_last"
+
+
+def _check_precision(precision: str) -> None:
+    """Only ``"fp32"``: a Keras model runs in the dtypes it was built with (its dtype policy)."""
+    if precision != "fp32":
+        raise ConfigError(f"precision={precision!r}: camlens runs a Keras model in the dtypes it was built with "
+                          f"(precisions: {PRECISION_NAMES}; fp32 on Keras). For float16 / bfloat16, build the model "
+                          "under keras.mixed_precision.set_dtype_policy('mixed_float16') (or 'mixed_bfloat16') and "
+                          "pass precision='fp32': camlens reads its low-precision layer outputs as float32")
 
 
 def _to_nchw(a: np.ndarray) -> np.ndarray:
@@ -76,7 +88,19 @@ def _to_nchw(a: np.ndarray) -> np.ndarray:
 _named = named  # list outputs named by their output layers
 
 
-_host = host  # NumPy copies of an output structure's tensors
+_host = host  # NumPy copies of an output structure's tensors (float16 / bfloat16 ones as float32)
+
+
+def _as_layer_dtype(a: np.ndarray, layer: Any) -> Any:
+    """Replacement outputs in the layer's own dtype (float16 under a mixed policy), clipped to its finite
+    range first (Ablation-CAM's ``min - 1e7`` would be ``-inf`` in float16)."""
+    dtype = keras.backend.standardize_dtype(getattr(layer, "compute_dtype", None) or "float32")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if dtype == "float16":
+        info = np.finfo(np.float16)
+        a = np.clip(a, info.min, info.max)
+    t = autodiff().to_tensor(a)
+    return t if dtype == "float32" else keras.ops.cast(t, dtype)
 
 
 class KerasCapture:
@@ -128,12 +152,14 @@ class KerasLayout:
         return autodiff().to_tensor(a)
 
     def forward(self, x: np.ndarray, run: Optional[GraphRun] = None) -> Any:
-        """The backend's output of ``x`` (list outputs named), with ``run``'s layers recorded / replaced."""
+        """The backend's output of ``x`` (list outputs named; float16 / bfloat16 heads cast to float32),
+        with ``run``'s layers recorded / replaced."""
         return self.forward_tensor(self.model_input(x), run)
 
     def forward_tensor(self, xt: Any, run: Optional[GraphRun] = None) -> Any:
         """:meth:`forward` of the model's own input tensor ``xt`` (NHWC for a channels-last model)."""
-        return _named(run_graph(self.model, xt, run if run is not None else GraphRun(frozenset())), self.names)
+        out = run_graph(self.model, xt, run if run is not None else GraphRun(frozenset()))
+        return _named(tree.map_structure(float32, out), self.names)
 
     def run(self, x: np.ndarray, score_only: bool = False) -> Any:
         cap = next((c for c in reversed(_captures()) if c.model is self.model), None)
@@ -153,7 +179,7 @@ class KerasLayout:
             cap.calls[name] = len(outs)
             if len(outs) == 1 and ad.is_tensor(outs[0]):
                 cap.tf_acts[name] = outs[0]
-                a = ad.to_numpy(outs[0])
+                a = ad.to_numpy(float32(outs[0]))  # a mixed-precision layer's float16 output read as float32
                 cap.activations[name] = _to_nchw(a) if a.ndim == 4 and self.channels_last else a
         return _host(out)
 
@@ -217,7 +243,7 @@ class KerasRunner:
             chunk = acts[i:i + batch_size]
             n = chunk.shape[0]
             a = np.transpose(chunk, (0, 2, 3, 1)) if self.layout.channels_last and chunk.ndim == 4 else chunk
-            replace = {path: autodiff().to_tensor(a)}
+            replace = {path: _as_layer_dtype(a, layer)}
             if cut is None:
                 run, xs = GraphRun(frozenset(), replace=replace), np.repeat(x_b, n, axis=0)
             else:
@@ -332,15 +358,19 @@ class KerasBackend:
     def to_model_input(self, model: Any, x: np.ndarray, precision: str) -> np.ndarray:
         """``(B, H, W, C)`` images -> ``(B, C, H, W)`` float32 (the engine's convention) for a
         channels-last model; an input already ``(B, C, H, W)`` (C matching the model's) is kept."""
-        if precision != "fp32":
-            raise ConfigError(f"precision={precision!r}: the Keras backend runs fp32 only for now "
-                              f"(precisions: {PRECISION_NAMES}); set a keras mixed-precision policy on the model instead")
+        _check_precision(precision)
         require_model(model)
         g = graph_of(model)
         if g is not None and len(g.inputs) != 1:
             raise InputError(f"this Keras model takes {len(g.inputs)} inputs; camlens explains models of one image input")
         x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 4 or not channels_last(model):
+        if x.ndim != 4:
+            return x
+        if not channels_last(model):  # a channels_first model takes (B, C, H, W), the engine's convention
+            C = g.inputs[0].shape[1] if g is not None else None
+            if C is not None and x.shape[1] != C:
+                raise InputError(f"the Keras model takes images (B, {C}, H, W) (channels first: its layers have "
+                                 f"data_format='channels_first'), got shape {x.shape}; e.g. np.transpose(x, (0, 3, 1, 2))")
             return x
         C = g.inputs[0].shape[-1] if g is not None else None  # (a subclassed model: NHWC as Keras takes it)
         if C is None or x.shape[-1] == C:
@@ -386,8 +416,8 @@ class KerasBackend:
             return memo[key]
         layout = KerasLayout(model)
         run = GraphRun(frozenset(), every=True)
-        with autodiff().no_grad():
-            final = {id(t) for t in tree.flatten(layout.forward(x[:1], run))}  # the model's outputs: not a CAM layer
+        with autodiff().no_grad():  # (the graph's own output tensors: not a CAM layer)
+            final = {id(t) for t in tree.flatten(run_graph(model, layout.model_input(x[:1]), run))}
         index = layer_index(model)
         best = None
         for path, outs in run.outputs.items():
@@ -409,8 +439,7 @@ class KerasBackend:
         return best
 
     def layout(self, model: Any, channels_last: Optional[bool], precision: str) -> KerasLayout:
-        if precision != "fp32":
-            raise ConfigError(f"precision={precision!r}: the Keras backend runs fp32 only for now")
+        _check_precision(precision)
         return KerasLayout(model)
 
     @contextlib.contextmanager
