@@ -86,6 +86,13 @@ def _rel(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
+def _minmax(m: np.ndarray) -> np.ndarray:
+    """Each map ``(..., h, w)`` min-maxed to [0, 1] (a constant map: 0)."""
+    m = np.asarray(m, np.float64)
+    lo, hi = m.min(axis=(-2, -1), keepdims=True), m.max(axis=(-2, -1), keepdims=True)
+    return (m - lo) / np.maximum(hi - lo, 1e-12)
+
+
 def _tfkv(kind: str, model: Any) -> Any:
     """tf-keras-vis' visualiser of ``kind`` on a clone of ``model`` whose final softmax is linear."""
     from tf_keras_vis.gradcam import Gradcam
@@ -183,7 +190,7 @@ def _classes(T: int) -> list[int]:
     return [(37 * i + 1) % 1000 for i in range(T)]
 
 
-def _gradcam_row(s: Setup, case_name: str, method: str, T: int) -> dict[str, Any]:
+def _gradcam_row(s: Setup, case_name: str, method: str, T: int, **options: Any) -> dict[str, Any]:
     """ResNet50 ``conv5_block3_out``, one image, T classes: camlens (one forward, one vectorised Jacobian)
     vs tf-keras-vis (a batch of T copies, ``CategoricalScore``); T = 1 also vs forward+tape, and T > 1
     also times camlens with 1 target (``camlens_T_over_1``)."""
@@ -196,18 +203,20 @@ def _gradcam_row(s: Setup, case_name: str, method: str, T: int) -> dict[str, Any
     xs = np.repeat(x, T, axis=0)
 
     def ours(targets: list[int]) -> Fn:
-        return lambda: camlens.explain(model, x, targets=targets, layer=layer, method=method).maps
+        return lambda: camlens.explain(model, x, targets=targets, layer=layer, method=method, **options).maps
 
     def peer() -> Any:
         return vis(CategoricalScore(classes), xs, penultimate_layer=layer, seek_penultimate_conv_layer=False)
 
     def check() -> float:
-        raw = camlens.explain(model, x, targets=classes, layer=layer, method=method, relu=False).raw[0]
+        raw = camlens.explain(model, x, targets=classes, layer=layer, method=method, relu=False, **options).raw[0]
         theirs = np.asarray(vis(CategoricalScore(classes), xs, penultimate_layer=layer,
                                 seek_penultimate_conv_layer=False, expand_cam=False, normalize_cam=False))
+        if method == "gradcampp":  # tf-keras-vis keeps exp(S) per target: compare min-maxed maps
+            return _rel(_minmax(np.maximum(raw, 0)), _minmax(theirs))
         return _rel(np.maximum(raw, 0), theirs)
 
-    name = {"gradcam": "Grad-CAM", "layercam": "LayerCAM", "gradcampp": "Grad-CAM++"}[method]
+    name = {"gradcam": "Grad-CAM", "layercam": "LayerCAM", "gradcampp": "Grad-CAM++ (alpha='spatial_sum')"}[method]
     title = f"ResNet50 {s.size}² {name} conv5_block3_out, {T} target{'s' * (T > 1)}"
     bound = ("forward+tape", forward_tape(model, layer, x, classes[0])) if T == 1 else None
     extra = {"camlens 1 target": ours(classes[:1])} if T > 1 else {"forward": plain_forward(model, x)}
@@ -242,6 +251,46 @@ def gradcam_10t(s: Setup) -> list[dict[str, Any]]:
 @case("keras-layercam-10t")
 def layercam_10t(s: Setup) -> list[dict[str, Any]]:
     return [_gradcam_row(s, "keras-layercam-10t", "layercam", 10)]
+
+
+@case("keras-gradcampp-10t")
+def gradcampp_10t(s: Setup) -> list[dict[str, Any]]:
+    """Grad-CAM++ in tf-keras-vis' convention (``alpha="spatial_sum"``; its raw maps carry a factor exp(S)
+    per target, so the check compares min-maxed raw maps)."""
+    return [_gradcam_row(s, "keras-gradcampp-10t", "gradcampp", 10, alpha="spatial_sum")]
+
+
+@case("keras-scorecam")
+def scorecam(s: Setup) -> list[dict[str, Any]]:
+    """Score-CAM of one image, one target, ResNet50 ``conv3_block4_out`` (512 channels: 512 masked
+    forwards) at 96x96 (``--smoke``: 64x64), tf-keras-vis' weights (``weights="class_probability"``:
+    the target's softmax probability on each masked input); both at batch size 32; tf-keras-vis scores
+    its masked inputs with ``model.predict`` (compiled), camlens with the forward compiled once
+    (``tf.function``)."""
+    import camlens
+    from tf_keras_vis.utils.scores import CategoricalScore
+
+    size = 64 if s.smoke else 96
+    model, x, layer, cls = s.model("ResNet50", size), s.x(size=size), "conv3_block4_out", 1
+    vis = _tfkv("scorecam", model)
+    kw = dict(targets=cls, layer=layer, method="scorecam", weights="class_probability", batch_size=32)
+
+    def ours() -> Any:
+        return camlens.explain(model, x, **kw).maps
+
+    def peer() -> Any:
+        return vis(CategoricalScore([cls]), x, penultimate_layer=layer, seek_penultimate_conv_layer=False,
+                   batch_size=32)
+
+    def check() -> float:
+        raw = camlens.explain(model, x, relu=False, **kw).raw[0]
+        theirs = np.asarray(vis(CategoricalScore([cls]), x, penultimate_layer=layer, seek_penultimate_conv_layer=False,
+                                batch_size=32, expand_cam=False, normalize_cam=False))
+        return _rel(np.maximum(raw, 0), theirs)
+
+    title = f"ResNet50 {size}² Score-CAM conv3_block4_out (512 channels), 1 target"
+    return [_row(s, "keras-scorecam", title, ours, check, peer, SCORE_TOL, s.reps("scorecam"),
+                 note="weights='class_probability' (tf-keras-vis' convention); batch size 32 each")]
 
 
 def _ms(st: Optional[dict[str, Any]]) -> str:
@@ -297,6 +346,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     import keras
 
+    keras.utils.disable_interactive_logging()  # tf-keras-vis' model.predict progress bars
     planned = plan(args.out, args.smoke, args.only, CASES, "keras-cpu", Path(__file__).parent / "results")
     if planned is None:
         return 2

@@ -201,25 +201,27 @@ class KerasRunner:
         with autodiff().no_grad():
             return _host(self.layout.forward(x, run))
 
+    def _plain(self, x: np.ndarray) -> Any:
+        """The NumPy output of one score-only forward of ``x`` ``(N, C, H, W)``. Once this runner has run
+        ``_COMPILE_CHUNKS`` forwards (Score-CAM's masked copies, RISE, occlusion, the deletion curves),
+        a graph model's forward is compiled once as a ``tf.function`` (:func:`_compiled`: the same
+        layers and maths without per-layer Python dispatch; kept per model and input size, so later
+        calls use it from their first forward)."""
+        fn = None
+        if graph_of(self.model) is not None:
+            fn = _compiled(self.model, x.shape[1:], build=self.forwards >= _COMPILE_CHUNKS)
+        if fn is None:
+            return self._forward(x)
+        self.forwards += 1
+        return _host(_named(fn(self.layout.model_input(x)), self.layout.names))
+
     def scores(self, x: np.ndarray, b: int, batch_size: int = 32) -> np.ndarray:
-        """Scores ``(N, T)`` of image ``b``'s targets for N inputs ``x`` ``(N, C, H, W)``, in chunks. A graph
-        model with many chunks (Score-CAM's masked copies, RISE, the deletion curves) runs them through
-        its forward compiled once as a ``tf.function`` (:func:`_compiled`: same layers and maths, no
-        per-layer Python dispatch; the trace is kept per model and input size)."""
-        n = -(-x.shape[0] // batch_size)
-        fn = _compiled(self.model, x.shape[1:], build=n >= _COMPILE_CHUNKS) if graph_of(self.model) is not None else None
-        out = []
-        for i in range(0, x.shape[0], batch_size):
-            if fn is None:
-                y = self._forward(x[i:i + batch_size])
-            else:
-                self.forwards += 1
-                y = _host(_named(fn(self.layout.model_input(x[i:i + batch_size])), self.layout.names))
-            out.append(np.asarray(self.score(y, b), dtype=np.float32))
-        return np.concatenate(out)
+        """Scores ``(N, T)`` of image ``b``'s targets for N inputs ``x`` ``(N, C, H, W)``, in chunks."""
+        return np.concatenate([np.asarray(self.score(self._plain(x[i:i + batch_size]), b), dtype=np.float32)
+                               for i in range(0, x.shape[0], batch_size)])
 
     def outputs(self, x: np.ndarray, fn: Callable[[Any], Any], batch_size: int = 32) -> list:
-        return [fn(self._forward(x[i:i + batch_size])) for i in range(0, x.shape[0], batch_size)]
+        return [fn(self._plain(x[i:i + batch_size])) for i in range(0, x.shape[0], batch_size)]
 
     def scores_with_layer(self, layer: Any, acts: np.ndarray, x_b: np.ndarray, b: int,
                           batch_size: int = 32) -> np.ndarray:
