@@ -312,7 +312,7 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
              f"{'; --smoke (64x64, 1 repeat: NOT a benchmark)' if meta['smoke'] else ''}"
              f"{'; --quick' if meta['quick'] else ''}; torch imported: {meta['torch_imported']}.", "",
              "Same model (keras.applications, random weights), input, layer and targets for everyone; raw maps "
-             "at the layer's grid checked to agree before timing (max abs diff / peak, tolerance 1e-4); then "
+             "at the layer's grid checked to agree before timing (max abs diff / peak, tolerance 1e-4, Score-CAM 1e-3); then "
              f"{meta['repeats']}; median (IQR) in ms; ratio > 1: camlens is faster. Each is timed doing its whole "
              "job to maps at input size. Lower bound forward+tape: a side model to (layer, output), one forward "
              "under tf.GradientTape and tape.gradient of the target's output to the layer.", "",
