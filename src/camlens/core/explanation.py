@@ -8,7 +8,7 @@ file (``numpy.savez_compressed``, a zip of ``.npy`` arrays) that any NumPy reads
 * ``maps``, ``scores``, ``probs``, ``inputs``: the tensors of the same names; ``raw`` unless it is
   the first layer's raw maps (``meta["raw"] == "raws/0"``, the usual case, stored once);
   ``raws/{i}``: the raw maps of layer ``meta["raws"][i]``; ``heads/{i}``: the output of head
-  ``meta["heads"][i]``; ``pixel`` and ``display`` (uint8 ``(B, H, W, 3)``) when set.
+  ``meta["heads"][i]``; ``pixel``, ``display`` (uint8 ``(B, H, W, 3)``), ``segments`` and ``weights`` when set.
 
 The JSON object holds ``format`` (``"camlens.explanation"``), ``format_version`` (``1``),
 ``camlens_version``, ``method``, ``layers``, ``options`` (the method's resolved options; a value
@@ -87,6 +87,11 @@ class Explanation:
         components: with ``combine=`` other than ``"separate"``, the B lists of targets that were
             folded into each image's single combined target.
         options: the method's options as :func:`camlens.explain` resolved them (defaults filled in).
+        segments: perturbation methods over superpixels (``lime``, ``kernelshap``): ``(B, H, W)`` int32
+            NumPy, each pixel's segment index ``0 .. M_b - 1`` (else ``None``).
+        weights: with ``segments``: ``(B, T, M)`` float32 NumPy, the weight of every segment for every
+            target (``maps`` before min-max is ``weights[b, t][segments[b]]``); ``M`` is the largest
+            ``M_b``, an image with fewer segments is NaN-padded.
         source: where the input came from, set by :func:`camlens.stream` (a path, a key, an index);
             ``None`` from :func:`camlens.explain`. Not saved by :meth:`save`.
 
@@ -107,6 +112,8 @@ class Explanation:
     pixel: Optional[Tensor] = None
     components: Optional[list[list[ResolvedTarget]]] = None
     options: dict = field(default_factory=dict)
+    segments: Optional[np.ndarray] = None
+    weights: Optional[np.ndarray] = None
     source: Any = None
 
     def image(self, b: int) -> "Explanation":
@@ -125,7 +132,7 @@ class Explanation:
             self, maps=self.maps[sl], raw=cut(self.raw), raws={k: cut(v) for k, v in self.raws.items()},
             scores=self.scores[sl], probs=self.probs[sl], targets=[self.targets[b]], inputs=cut(self.inputs),
             display=cut(self.display), heads={k: cut(v) for k, v in self.heads.items()}, pixel=cut(self.pixel),
-            components=None if self.components is None else [self.components[b]], options=dict(self.options))
+            segments=cut(self.segments), weights=cut(self.weights), components=None if self.components is None else [self.components[b]], options=dict(self.options))
 
     @property
     def labels(self) -> list[list[str]]:
@@ -309,7 +316,7 @@ def _encode(exp: "Explanation") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The arrays and the JSON metadata of one explanation (see the module docs)."""
     specs: dict[str, dict] = {}
     arrays: dict[str, np.ndarray] = {}
-    for name in ("maps", "scores", "probs", "inputs", "pixel", "display"):
+    for name in ("maps", "scores", "probs", "inputs", "pixel", "display", "segments", "weights"):
         v = getattr(exp, name)
         if v is not None:
             arrays[name] = _tensor_array(name, v, specs)
@@ -475,7 +482,8 @@ def load(path: Union[str, os.PathLike], device: Any = None) -> "Explanation":
         return Explanation(maps=data["maps"], raw=raw, raws=raws, scores=data["scores"], probs=data.get("probs"),
                            targets=_decode_rows(meta["targets"], where) or [], inputs=data["inputs"],
                            layers=list(meta["layers"]), method=meta["method"], display=data.get("display"),
-                           heads=heads, pixel=data.get("pixel"),
+                           heads=heads, pixel=data.get("pixel"), segments=data.get("segments"),
+                           weights=data.get("weights"),
                            components=_decode_rows(meta.get("components"), where),
                            options=dict(meta.get("options") or {}))
     except (KeyError, TypeError, AttributeError) as e:

@@ -205,4 +205,4 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
         if aug_smooth:
             maps = aug_smoothed(net, x, p, layers, meth, opts, maps, out_size, relu, fuse, fwd, read=read)
     return pass_explanation(p, maps, result.raws or {}, x, names, meth, opts, display, combine, differentiable, bk,
-                            saliency=result.saliency, pixel=result.pixel)
+                            saliency=result.saliency, pixel=result.pixel, extra=result)

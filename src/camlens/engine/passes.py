@@ -301,10 +301,11 @@ def run_pass(net: Any, x: Tensor, targets: Any, layers: list, meth: Method, opts
 
 def pass_explanation(p: Pass, maps: Tensor, raws: dict, x: Tensor, names: list, meth: Method, opts: dict,
                      display: Any, combine: str, differentiable: bool, bk: Backend, saliency: Optional[Tensor] = None,
-                     pixel: Optional[Tensor] = None) -> Explanation:
+                     pixel: Optional[Tensor] = None, extra: Optional[MethodOutput] = None) -> Explanation:
     """The :class:`~camlens.Explanation` of one pass with its finished ``maps`` and raw maps ``raws``
     (``exp.raw``: the first layer's, else ``saliency``), for images and volumes alike. Heads and
-    inputs are detached unless ``differentiable``; ``probs`` are computed on first access."""
+    inputs are detached unless ``differentiable``; ``probs`` are computed on first access. ``extra``: the
+    method's output whose ``segments`` / ``weights`` the explanation keeps."""
     detach = bk.ops.detach
     detached = {k: detach(v) for k, v in p.heads.items()}
     first = next(iter(raws.values())) if raws else saliency
@@ -313,4 +314,5 @@ def pass_explanation(p: Pass, maps: Tensor, raws: dict, x: Tensor, names: list, 
                        targets=p.rows, inputs=x if differentiable else detach(x),
                        heads=p.heads if differentiable else detached, layers=names, method=meth.name,
                        display=display, pixel=pixel, components=p.components if combine != "separate" else None,
-                       options=dict(opts))
+                       options=dict(opts), segments=getattr(extra, "segments", None),
+                       weights=getattr(extra, "weights", None))

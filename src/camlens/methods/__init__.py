@@ -7,6 +7,7 @@ from . import guided, occlusion  # noqa: F401
 from . import baselines  # noqa: F401
 from . import attention  # noqa: F401
 from . import drise  # noqa: F401
+from . import perturbation  # noqa: F401
 from .base import (ActivationMethod, GradientMethod, Method, MethodContext, MethodOutput, available_methods,
                    get_method, register)
 

@@ -117,12 +117,16 @@ class MethodOutput:
         pixel: ``(B, T, C, H, W)`` per-input-channel attributions (guided backprop and friends).
         clip: for ``saliency``: cap each map at this quantile before min-max (heavy-tailed
             gradient maps; 1.0 = no cap). ``exp.raw`` keeps the uncapped values.
+        segments, weights: superpixel methods: ``(B, H, W)`` int segment indices and ``(B, T, M)``
+            per-segment weights (NumPy), kept as ``exp.segments`` / ``exp.weights``.
     """
 
     raws: Optional[dict[str, Tensor]] = None
     saliency: Optional[Tensor] = None
     pixel: Optional[Tensor] = None
     clip: float = 1.0
+    segments: Optional[Any] = None
+    weights: Optional[Any] = None
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from ..core.errors import ConfigError
 from ..core.registry import Option, fraction, positive_int
 from .base import Method, MethodContext, MethodOutput, Tensor, register
 
-__all__ = ["drise_masks", "drise_weights", "DRise", "DRISE"]
+__all__ = ["drise_masks", "rise_crop", "rise_map", "drise_weights", "DRise", "DRISE"]
 
 Box = tuple[float, float, float, float]
 
@@ -54,10 +54,28 @@ def drise_masks(n: int, size: tuple[int, int], grid: int, p: float, ops: Any, ge
     xp = namespace(like)
     ch, cw = math.ceil(H / grid), math.ceil(W / grid)
     cells = xp.astype(ops.random((n, grid, grid), generator, like) < p, xp.float32)
-    up = ops.resize(cells, ((grid + 1) * ch, (grid + 1) * cw))
     shift = ops.to_numpy(ops.random((n, 2), generator, like)) * np.array([ch, cw])
-    dy, dx = np.floor(shift).astype(np.int64).T
-    return xp.stack([up[i, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(n)])
+    return rise_crop(cells, np.floor(shift).astype(np.int64), size, ops.resize, xp)
+
+
+def rise_crop(cells: Tensor, shifts: np.ndarray, size: tuple[int, int], resize: Any, xp: Any) -> Tensor:
+    """RISE's masks ``(n, H, W)`` from binary grids ``cells`` ``(n, g, g)`` and integer shifts ``(n, 2)``
+    in ``[0, cell)``: each grid bilinearly upsampled (``resize``: half-pixel centres) to
+    ``(g + 1) * cell`` per side, ``cell = ceil(side / g)``, and cropped at ``(dy, dx)``."""
+    H, W = size
+    g = int(cells.shape[-1])
+    up = resize(cells, ((g + 1) * math.ceil(H / g), (g + 1) * math.ceil(W / g)))
+    dy, dx = shifts.T
+    return xp.stack([up[i, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(int(cells.shape[0]))])
+
+
+def rise_map(weights: np.ndarray, masks: Tensor, p: float, ops: Any) -> Tensor:
+    """RISE's saliency ``(T, H, W)``: ``sum_i w[i, t] M_i / (N p)`` for weights ``(N, T)`` and masks
+    ``(N, H, W)``; the weights of score targets are centred over the masks first (see the module docs)."""
+    xp = namespace(masks)
+    n, H, W = (int(v) for v in masks.shape)
+    s = ops.asarray(weights, like=masks).T @ xp.reshape(masks, (n, H * W)) / (n * p)  # (T, H*W)
+    return xp.reshape(s, (-1, H, W))
 
 
 def drise_weights(output: Any, targets: list[tuple[Box, int]]) -> np.ndarray:
@@ -104,8 +122,7 @@ class DRise(Method):
             if dets:  # detections: the best match among the masked image's detections (D-RISE)
                 want = [(row[t].detection.box, row[t].detection.label) for t in dets]
                 w[:, dets] = np.concatenate(ctx.runner.outputs(masked, lambda res: drise_weights(res, want), bs))
-            s = ops.asarray(w, like=masks).T @ xp.reshape(masks, (n, H * W)) / (n * p)  # (T, H*W)
-            out.append(xp.reshape(s, (-1, H, W)))
+            out.append(rise_map(w, masks, p, ops))
         return MethodOutput(saliency=xp.stack(out))
 
 
