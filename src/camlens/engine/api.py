@@ -101,7 +101,8 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
             ``exp.components`` keeps the targets that were combined.
         aug_smooth: average the maps of flipped and rescaled inputs, each mapped back in place.
         noise_smooth: if > 0, SmoothGrad-style: average the method's raw output over this many
-            noisy copies (noise std ``noise_sigma`` x the image's value range; ``seed`` fixes it).
+            noisy copies (noise std ``noise_sigma`` x the image's value range; ``seed`` fixes it;
+            it is also the ``seed`` of methods that have one: lime, kernelshap, rise).
         precision: ``"fp32"`` (default), ``"fp16"`` or ``"bf16"``: the model's forwards run under
             ``torch.autocast`` with that dtype (backward follows it); activations, gradients and
             all of camlens' maths are then taken in fp32. Fast on GPUs; on CPUs without bf16/fp16
@@ -162,6 +163,8 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
     """
     net, x, layer, categories, display = prepare(model, inputs, layer, categories)
     meth = get_method(method)
+    if "seed" in meth.options:  # seeded methods (lime, kernelshap, rise) take explain's seed=
+        options = {**options, "seed": seed}
     opts = meth.resolve_options(options)
     if differentiable:
         _check_differentiable(meth, tile, aug_smooth, noise_smooth)
