@@ -68,6 +68,12 @@ class Filters:
         """B lists of ``"#index  w=weight"`` (the grid's cell labels)."""
         return [[f"#{int(i)}  w={float(w):.3g}" for i, w in zip(ii, ww)] for ii, ww in zip(self.indices, self.weights)]
 
+    def title(self) -> str:
+        """``"layer L: top k of C channels by <weight>[ for <targets>]"``."""
+        what = "mean activation" if self.order == "activation" else "Grad-CAM weight x mean activation"
+        targets = "" if not self.targets else " for " + ", ".join(dict.fromkeys(self.targets))
+        return f"layer {self.layer}: top {self.indices.shape[1]} of {self.channels} channels by {what}{targets}"
+
     def to_dict(self) -> dict:
         """What a JSON file keeps: layer, order, channel count, per image its target and the top
         channels' indices and weights."""

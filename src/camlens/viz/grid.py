@@ -261,16 +261,12 @@ def explanation_grid(exp: Any, images: Optional[Union[Sequence[ArrayLike], Array
 def filter_grid(result: Any, images: Optional[Union[Sequence[ArrayLike], ArrayLike]] = None, **kw: Any) -> Figure:
     """``grid`` of a :class:`camlens.Filters` (duck-typed): one row per image (wrapping at ``max_cols``
     cells), one cell per channel, titled ``"#index  w=weight"``, largest weight first; the figure title
-    names the layer, the order and, for ``"contribution"``, each image's target. Display images:
+    (``result.title()``) names the layer, the order and, for ``"contribution"``, the targets. Display images:
     ``images``, else ``result.display``, else the inputs min-max rescaled. Keyword arguments go to
     ``grid`` (default: 8 cells per row, 128 cells in all; ``alpha=0.6``)."""
     kw.setdefault("max_cols", 8)
     kw.setdefault("alpha", 0.6)
     if images is None:
         images = result.display if getattr(result, "display", None) is not None else display_from_inputs(result.inputs)
-    if "suptitle" not in kw:
-        what = "mean activation" if result.order == "activation" else "Grad-CAM weight x mean activation"
-        targets = "" if not result.targets else " for " + ", ".join(dict.fromkeys(result.targets))
-        kw["suptitle"] = (f"layer {result.layer}: top {result.indices.shape[1]} of {result.channels} channels by "
-                          f"{what}{targets}")
+    kw.setdefault("suptitle", result.title())
     return grid(images, result.maps, titles=kw.pop("titles", None) or result.titles(), **kw)
