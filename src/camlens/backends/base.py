@@ -311,7 +311,7 @@ _BACKENDS: dict[str, tuple[tuple[str, ...], str]] = {
     "keras": (("keras",), "camlens.backends.keras"),
     # black boxes: camlens.CallableModel, and any other callable no backend above owns (get_backend's
     # fallback); NumPy in, scores out, score-only methods
-    "callable": (("camlens",), "camlens.backends.callable"),
+    "callable": ((), "camlens.backends.callable"),
 }
 _FALLBACK = "callable"  # the backend asked last, for a model whose classes no backend's packages define
 _LOADED: dict[str, Backend] = {}

@@ -203,7 +203,12 @@ class CallableBackend:
     score_only = True
 
     def owns(self, model: Any) -> bool:
-        return isinstance(model, CallableModel) or (callable(model) and not isinstance(model, type))
+        """A :class:`CallableModel`, or a callable that is neither a class nor a loaded model (a
+        ``camlens.models`` wrapper: ``model`` + ``preprocess``, which the engine unwraps)."""
+        if isinstance(model, CallableModel):
+            return True
+        return callable(model) and not isinstance(model, type) and not (hasattr(model, "model")
+                                                                          and hasattr(model, "preprocess"))
 
     def adopt(self, model: Any, inputs: np.ndarray) -> CallableModel:
         """The :class:`CallableModel` the engine runs for ``inputs`` (the checked batch as given): a
