@@ -52,6 +52,10 @@ def test_occlusion_on_a_callable_equals_occlusion_on_the_torch_model():
     np.testing.assert_allclose(got_h.raw, want.raw.numpy(), atol=1e-5, rtol=0)
     assert all(s[1:] == (32, 32, 3) for s in fh.shapes) and max(s[0] for s in fh.shapes) <= 8
     assert base.get_backend(fh).name == "callable"
+    # camlens.stream: one channels-last image at a time, the same maps
+    outs = list(camlens.stream(fh, [xh[0], xh[1]], [1, 3], method="occlusion", options={"patch": 8,
+                                                                                         "batch_size": 8}))
+    np.testing.assert_allclose(np.concatenate([o.raw for o in outs]), want.raw.numpy(), atol=1e-5, rtol=0)
 
 
 def test_rise_on_a_callable_equals_its_sum_over_the_masks():
@@ -86,6 +90,7 @@ def _occlusion_by_hand(x: np.ndarray, w: np.ndarray, k: int, s: int) -> np.ndarr
     return total / count
 
 
+@pytest.mark.filterwarnings("ignore:.*maps are constant")
 def test_a_scikit_learn_pipeline_on_pixels():
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline

@@ -105,6 +105,7 @@ def test_keras_model_equals_a_tape_computation():
     h = L.Conv2D(10, 3, strides=2, name="c2")(h)  # (no ReLU: no dead channels tying at 0)
     km = keras.Model(inp, L.Dense(4, name="fc")(L.GlobalAveragePooling2D()(h)))
     x = np.random.default_rng(2).random((2, 24, 24, 3), dtype=np.float32)
+    before = [w.copy() for w in km.get_weights()]
     two = keras.Model(inp, [km.get_layer("c2").output, km.output])
     with tf.GradientTape() as tape:
         a, out = two(x, training=False)
@@ -115,6 +116,7 @@ def test_keras_model_equals_a_tape_computation():
         f = camlens.filters(km, x, layer="c2", top=4, order=order, target=1)
         assert isinstance(f.maps, np.ndarray) and f.maps.shape == (2, 4, 24, 24)
         _check(f, a, w.astype(np.float64), 4, (24, 24))
+    assert all(np.array_equal(u, v) for u, v in zip(before, km.get_weights()))
 
 
 SMALL_MODEL = '''
