@@ -110,9 +110,9 @@ def _to_numpy(out: Any, n: int, model: Any) -> Any:
     is an error naming what came back."""
     if isinstance(out, Mapping):
         return {k: _to_numpy(v, n, model) for k, v in out.items()}
-    if isinstance(out, (tuple, list)) and out and all(hasattr(v, "shape") for v in out):
-        return type(out)(_to_numpy(v, n, model) for v in out) if type(out) in (tuple, list) else \
-            [_to_numpy(v, n, model) for v in out]
+    if isinstance(out, (tuple, list)) and out and all(hasattr(v, "shape") for v in out):  # several heads
+        heads = [_to_numpy(v, n, model) for v in out]
+        return tuple(heads) if isinstance(out, tuple) else heads
     try:
         a = np.asarray(out)
     except Exception as err:
@@ -186,11 +186,12 @@ class CallableRunner:
 class _NoCapture:
     """The capture of a forward that records nothing (score-only methods name no layer)."""
 
-    activations: dict = {}
-    calls: dict = {}
-    layouts: dict = {}
-    attentions = None
-    attention_layout = None
+    def __init__(self) -> None:
+        self.activations: dict = {}
+        self.calls: dict = {}
+        self.layouts: dict = {}
+        self.attentions = None
+        self.attention_layout = None
 
 
 class CallableBackend:

@@ -126,7 +126,8 @@ def filters(model: Any, inputs: Any, layer: Any = None, *, top: int = 16, order:
         order: ``"activation"`` or ``"contribution"`` (see :mod:`camlens.engine.filters`).
         target: with ``"contribution"``, ONE target per image in :func:`camlens.explain`'s language
             (a class index, a name with ``categories=``, ``"head:class"``, a callable); ``None``: each
-            image's top class. Ignored by ``"activation"`` but for picking the outputs' heads.
+            image's top class. With ``"activation"`` nothing depends on it (the pass still resolves it,
+            so a model without a classification head needs a callable target there too).
         categories, heads: as for :func:`camlens.explain`.
         relu: ReLU the maps before min-max (``False``: each map min-maxed as it is).
         upsample: maps at the input size (``False``: the layer's ``(h, w)``).

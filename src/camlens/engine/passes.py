@@ -26,8 +26,8 @@ from ..methods import Method, MethodContext, MethodOutput
 
 Tensor = Any  # an array of the model's backend
 
-__all__ = ["is_loaded", "unwrap_model", "prepare", "check_method", "outside_inference_mode", "match_dtype", "check_scores",
-           "class_scores", "target_scores", "Pass", "run_pass", "pass_explanation"]
+__all__ = ["is_loaded", "unwrap_model", "prepare", "check_method", "outside_inference_mode", "match_dtype",
+           "check_scores", "class_scores", "target_scores", "Pass", "run_pass", "pass_explanation"]
 
 
 def is_loaded(model: Any) -> bool:
