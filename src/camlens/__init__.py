@@ -40,7 +40,10 @@ _LAZY: Dict[str, Tuple[str, Optional[str]]] = {
     "agreement": ("analysis.compare", "agreement"),
     "Agreement": ("analysis.compare", "Agreement"),
     "Target": ("core.targets", "Target"),
-    "MapLayout": ("backends.base", "MapLayout"),  # explain(layout=MapLayout("tokens", grid=(h, w), prefix=P))
+    "MapLayout": ("backends.base", "MapLayout"),
+    "CallableModel": ("backends.callable", "CallableModel"),  # a black box: fn(images) -> scores, NumPy
+    "filters": ("engine.filters", "filters"),  # per-filter activation maps
+    "Filters": ("engine.filters", "Filters"),  # explain(layout=MapLayout("tokens", grid=(h, w), prefix=P))
     "available_methods": ("methods", "available_methods"),
     "methods": ("methods", None),
     "metrics": ("metrics", None),
@@ -152,5 +155,5 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = ["explain", "stream", "Failure", "load", "errors", "CamlensError", "evaluate", "Scores", "metrics",
-           "agreement", "Agreement", "Explanation", "Target", "MapLayout", "available_methods", "methods", "postprocess",
+           "agreement", "Agreement", "Explanation", "Target", "MapLayout", "CallableModel", "filters", "Filters", "available_methods", "methods", "postprocess",
            "models", "viz", "localize", "__version__"]

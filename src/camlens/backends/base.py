@@ -283,6 +283,12 @@ class Backend(Protocol):
     def randomized_copy(self, model: Any, layers: Sequence[str], seed: int) -> Any:
         """A copy of ``model`` with the parameters of ``layers`` (dotted names) re-drawn (MPRT)."""
 
+    # optional (the black-box backend, :mod:`camlens.backends.callable`):
+    # ``adopt(model, inputs) -> model``: the model object the engine runs for these checked inputs
+    #   (:func:`camlens.engine.passes.prepare`; a plain callable wrapped with the inputs' layout);
+    # ``score_only = True``: only methods that score perturbed inputs work (``Method.score_only``),
+    #   the engine refuses the others before any work, listing those that work.
+
     # --- for metrics/
     def layer_order(self, model: Any, x: Any) -> list[str]:
         """Dotted names of the layers that own parameters (not counting their sub-layers') and run on
@@ -303,7 +309,11 @@ _BACKENDS: dict[str, tuple[tuple[str, ...], str]] = {
     "torch": (("torch",), "camlens.backends.torch"),
     # Keras 3 models (keras.Model, on the TensorFlow backend); its engine-side arrays are NumPy
     "keras": (("keras",), "camlens.backends.keras"),
+    # black boxes: camlens.CallableModel, and any other callable no backend above owns (get_backend's
+    # fallback); NumPy in, scores out, score-only methods
+    "callable": ((), "camlens.backends.callable"),
 }
+_FALLBACK = "callable"  # the backend asked last, for a model whose classes no backend's packages define
 _LOADED: dict[str, Backend] = {}
 
 
@@ -336,7 +346,10 @@ _BY_TYPE: dict[type, Backend] = {}
 def get_backend(model: Any) -> Backend:
     """The backend that owns ``model``, from its type (and base classes); no framework is imported
     unless the model's own module already imported it. The most derived class decides: the MRO is
-    read in order, so a ``keras.Model`` under Keras' torch backend (also an ``nn.Module``) is Keras'."""
+    read in order, so a ``keras.Model`` under Keras' torch backend (also an ``nn.Module``) is Keras'.
+    A callable no backend owns (a function, a bound method such as an sklearn pipeline's
+    ``predict_proba``, an object with ``__call__``) gets the black-box backend
+    (:mod:`camlens.backends.callable`: NumPy in, scores out, score-only methods)."""
     found = _BY_TYPE.get(type(model))
     if found is not None:
         return found
@@ -351,9 +364,16 @@ def get_backend(model: Any) -> Backend:
         if backend.owns(model):
             _BY_TYPE[type(model)] = backend
             return backend
+    if callable(model) and not isinstance(model, type) and _FALLBACK in _BACKENDS and _FALLBACK not in tried:
+        backend = _load(_FALLBACK)  # a plain callable (function, bound method, object with __call__)
+        if backend.owns(model):
+            _BY_TYPE[type(model)] = backend
+            return backend
     known = ", ".join(f"{n} ({'/'.join(r)})" for n, (r, _) in _BACKENDS.items())
-    raise ConfigTypeError(f"model must be an nn.Module, a Keras 3 keras.Model or a camlens LoadedModel "
-                          f"(camlens.models.load(...)), got {type(model).__module__}.{type(model).__name__}: "
+    raise ConfigTypeError(f"model must be an nn.Module, a Keras 3 keras.Model, a camlens LoadedModel "
+                          f"(camlens.models.load(...)) or a callable images -> scores (NumPy in, NumPy out; e.g. "
+                          f"an sklearn pipeline's predict_proba, or lambda x: session.run(None, {{'input': x}})[0] "
+                          f"for ONNX Runtime), got {type(model).__module__}.{type(model).__name__}: "
                           f"no camlens backend takes it (backends: {known})")
 
 

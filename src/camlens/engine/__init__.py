@@ -10,10 +10,10 @@ The names of :mod:`.passes`, :mod:`.finish` and :mod:`.wrappers` are importable 
 """
 
 from .finish import finish, finish_maps
-from .passes import (Pass, check_scores, class_scores, is_loaded, match_dtype, outside_inference_mode, prepare,
+from .passes import (Pass, check_method, check_scores, class_scores, is_loaded, match_dtype, outside_inference_mode, prepare,
                      run_pass, target_scores, unwrap_model)
 from .wrappers import AUG_SCALES, aug_smoothed, noise_smoothed
 
-__all__ = ["is_loaded", "unwrap_model", "prepare", "outside_inference_mode", "match_dtype", "check_scores",
+__all__ = ["is_loaded", "unwrap_model", "prepare", "check_method", "outside_inference_mode", "match_dtype", "check_scores",
            "class_scores", "target_scores", "Pass", "run_pass", "finish", "finish_maps", "noise_smoothed",
            "aug_smoothed", "AUG_SCALES"]

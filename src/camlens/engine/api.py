@@ -12,7 +12,7 @@ from ..core.layouts import layer_reads
 from ..core.targets import Categories
 from ..methods import Method, get_method
 from .finish import finish, finish_maps
-from .passes import match_dtype, outside_inference_mode, pass_explanation, prepare, run_pass
+from .passes import check_method, match_dtype, outside_inference_mode, pass_explanation, prepare, run_pass
 from .tiling import check_tiling, explain_tiled
 from .volumes import explain_volume
 from .wrappers import aug_smoothed, noise_smoothed
@@ -170,8 +170,9 @@ def explain(model: Any, inputs: Any, targets: Any = None, *, layer: Union[Any, S
         _check_differentiable(meth, tile, aug_smooth, noise_smooth)
     if eval_mode is None:
         eval_mode = not differentiable
-    x = match_dtype(net, x, precision)
     bk = get_backend(net)
+    check_method(bk, meth)
+    x = match_dtype(net, x, precision)
     if x.ndim == 5:  # volumes / clips (B, C, D, H, W)
         return explain_volume(net, x, targets, bk=bk, meth=meth, opts=opts, layer=layer, categories=categories,
                               top_k=top_k, fuse=fuse, relu=relu, upsample=upsample, eval_mode=eval_mode,

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 
 from ..backends.base import Backend, get_backend, namespace, ops_for
-from ..core.errors import CamlensError, InputError, NonFiniteScoresError, TargetError
+from ..core.errors import CamlensError, InputError, ModelError, NonFiniteScoresError, TargetError
 from ..core.activations import model_activation
 from ..core.layouts import from_map, to_map
 from ..core.explanation import Deferred, Explanation
@@ -26,8 +26,8 @@ from ..methods import Method, MethodContext, MethodOutput
 
 Tensor = Any  # an array of the model's backend
 
-__all__ = ["is_loaded", "unwrap_model", "prepare", "outside_inference_mode", "match_dtype", "check_scores",
-           "class_scores", "target_scores", "Pass", "run_pass", "pass_explanation"]
+__all__ = ["is_loaded", "unwrap_model", "prepare", "check_method", "outside_inference_mode", "match_dtype",
+           "check_scores", "class_scores", "target_scores", "Pass", "run_pass", "pass_explanation"]
 
 
 def is_loaded(model: Any) -> bool:
@@ -63,6 +63,9 @@ def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
     if inputs.ndim != 4 and inputs.ndim != 5:
         raise InputError(f"inputs must have shape (B, C, H, W) (images) or (B, C, D, H, W) (volumes, video clips), "
                          f"got {tuple(inputs.shape)}")
+    adopt = getattr(bk, "adopt", None)  # (optional: a black-box callable wrapped with its inputs' layout)
+    if adopt is not None:
+        model = adopt(model, inputs)
     # NaN/Inf make the sum non-finite (one cheap reduction); only then (or on overflow) the full test
     xp, ops = namespace(inputs), ops_for(inputs)
     if not math.isfinite(float(xp.sum(ops.detach(inputs)))):
@@ -72,6 +75,24 @@ def prepare(model: Any, inputs: Any, layer: Any, categories: Categories):
             raise InputError(f"inputs contain NaN/Inf in image(s) {bad}: their maps and scores would be NaN; fix or "
                              "drop those images (e.g. torch.nan_to_num) before explaining")
     return model, inputs, layer, categories, display
+
+
+def check_method(bk: Backend, meth: Method) -> None:
+    """Refuse, before any work, a method the model's backend cannot serve: a black-box backend
+    (``score_only``: a callable, NumPy in, scores out) serves only methods that score perturbed
+    inputs (:attr:`camlens.methods.Method.score_only`); the error lists them."""
+    if not getattr(bk, "score_only", False) or meth.score_only:
+        return
+    from ..methods import available_methods
+
+    needs = [w for w, on in (("a layer's activations", meth.needs_layer), ("gradients", meth.needs_grads),
+                             ("the linear head", meth.needs_linear_head), ("attention", meth.needs_attention),
+                             ("input gradients", meth.needs_input_grads)) if on]
+    ok = sorted(n for n, m in available_methods().items() if m.score_only)
+    raise ModelError(f"method {meth.name!r} needs {' and '.join(needs)}, but the model is a black-box callable "
+                     f"(NumPy images in, scores out) that camlens can only run forward. Methods that explain it: "
+                     f"{', '.join(ok)}; for {meth.name!r}, pass the framework model itself (an nn.Module or "
+                     "keras.Model)")
 
 
 def _no_rank(model: Any) -> None:

@@ -148,6 +148,8 @@ class Method:
             w.r.t. them (``ctx.attention_grads``); for transformers only.
         options: option name -> :class:`camlens.registry.Option` (default, check, doc) or a plain
             default; accepted as keyword arguments by ``camlens.explain``.
+        needs_input_grads: it takes gradients w.r.t. the input pixels (``ctx.runner.input_gradients``:
+            guided backprop), which a black-box model cannot give.
         volumes: it explains volume / clip inputs ``(B, C, D, H, W)``: its maths only reduces over
             all positions of a map or works position by position, so the engine may hand it a 3-D
             map ``(B, C, d, h, w)`` read as ``(B, C, d, h*w)`` (:mod:`camlens.engine.volumes`).
@@ -163,6 +165,14 @@ class Method:
     needs_linear_head: bool = False
     needs_attention: bool = False
     volumes: bool = False
+    needs_input_grads: bool = False
+
+    @property
+    def score_only(self) -> bool:
+        """Does it need nothing but the scores of (perturbed) inputs — no layer, gradient, linear head,
+        attention or input gradient — so it explains any model, a black-box callable included?"""
+        return not (self.needs_grads or self.needs_layer or self.needs_linear_head or self.needs_attention
+                    or self.needs_input_grads)
 
     def compute(self, ctx: MethodContext) -> MethodOutput:  # pragma: no cover - abstract
         raise NotImplementedError(f"method {self.name!r} has no compute()")

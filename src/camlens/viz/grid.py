@@ -23,7 +23,7 @@ from PIL import Image
 from ..core.errors import ConfigError, InputError
 from .overlay import ArrayLike, CmapLike, get_cmap, overlay, to_numpy
 
-__all__ = ["grid", "save_png", "explanation_grid"]
+__all__ = ["grid", "save_png", "explanation_grid", "filter_grid"]
 
 _TITLE_FONTSIZE = 8
 
@@ -256,3 +256,17 @@ def explanation_grid(exp: Any, images: Optional[Union[Sequence[ArrayLike], Array
             for b in range(B)
         ]
     return grid(images, maps, **kw)
+
+
+def filter_grid(result: Any, images: Optional[Union[Sequence[ArrayLike], ArrayLike]] = None, **kw: Any) -> Figure:
+    """``grid`` of a :class:`camlens.Filters` (duck-typed): one row per image (wrapping at ``max_cols``
+    cells), one cell per channel, titled ``"#index  w=weight"``, largest weight first; the figure title
+    (``result.title()``) names the layer, the order and, for ``"contribution"``, the targets. Display images:
+    ``images``, else ``result.display``, else the inputs min-max rescaled. Keyword arguments go to
+    ``grid`` (default: 8 cells per row, 128 cells in all; ``alpha=0.6``)."""
+    kw.setdefault("max_cols", 8)
+    kw.setdefault("alpha", 0.6)
+    if images is None:
+        images = result.display if getattr(result, "display", None) is not None else display_from_inputs(result.inputs)
+    kw.setdefault("suptitle", result.title())
+    return grid(images, result.maps, titles=kw.pop("titles", None) or result.titles(), **kw)
