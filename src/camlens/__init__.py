@@ -36,6 +36,8 @@ _LAZY: Dict[str, Tuple[str, Optional[str]]] = {
     "load": ("core.explanation", "load"),
     "Explanation": ("core.explanation", "Explanation"),
     "evaluate": ("engine.evaluate", "evaluate"),
+    "visualize": ("engine.visualize", "visualize"),  # activation maximisation
+    "Objective": ("engine.visualize", "Objective"),
     "Scores": ("engine.evaluate", "Scores"),
     "agreement": ("analysis.compare", "agreement"),
     "Agreement": ("analysis.compare", "Agreement"),
@@ -151,6 +153,6 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-__all__ = ["explain", "stream", "Failure", "load", "errors", "CamlensError", "evaluate", "Scores", "metrics",
+__all__ = ["explain", "stream", "Failure", "load", "errors", "CamlensError", "evaluate", "Scores", "visualize", "Objective", "metrics",
            "agreement", "Agreement", "Explanation", "Target", "MapLayout", "available_methods", "methods", "postprocess",
            "models", "viz", "localize", "__version__"]
