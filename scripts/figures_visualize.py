@@ -60,6 +60,6 @@ def main(size: int, steps: int) -> Path:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=48)
     a = ap.parse_args()
     main(a.size, a.steps)

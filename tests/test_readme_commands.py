@@ -116,7 +116,7 @@ FAST: Dict[str, Tuple[str, str]] = {
     # of the channels, occlusion with 56 px patches (24 windows instead of 294). 68 s -> 6 s.
     r"(--method all\b.*)$": (r"\1 --option max_channels=8 --option ratio=0.05 --option patch=56",
                              "Score-CAM 8 channels, Ablation-CAM ratio 0.05, occlusion patch 56"),
-    # activation maximisation: the same optimisation, 2 steps on 64 px (256 steps at 224 px: minutes)
+    # activation maximisation: the same optimisation, 2 steps on 64 px (128 steps at 224 px: minutes)
     r"^(camlens visualize .*)$": (r"\1 --steps 2 --size 64", "2 steps at 64 px"),
 }
 

@@ -190,7 +190,7 @@ def visualize(
     objective: Any,
     *,
     param: str = "fourier",
-    steps: int = 256,
+    steps: int = 128,
     size: Optional[Union[int, tuple[int, int]]] = None,
     lr: Optional[float] = None,
     transforms: Union[str, None, Mapping[str, Any]] = "default",
@@ -216,7 +216,7 @@ def visualize(
             x)`` (a neuron) or ``{spec: weight}`` (a weighted sum).
         param: ``"fourier"`` (1/f-scaled spectrum with decorrelated colour, Olah et al. 2017) or
             ``"pixels"`` (DeepVis: plain pixels clamped to [0, 1], with ``tv`` and ``l2``).
-        steps: Adam steps (default 256).
+        steps: Adam steps (default 128; 48 suffice for the README's EfficientNet-Lite0 classes at 128 px).
         size: the image size ``H`` or ``(H, W)``; default the loaded model's ``input_size``, else 224.
         lr: Adam's step size; default 0.05 (fourier) / 0.01 (pixels).
         transforms: ``"default"`` (:data:`DEFAULT_TRANSFORMS`: pad 12 px grey, jitter ±8 px, scale
@@ -266,7 +266,8 @@ def visualize(
     terms = [[_term(w, k, s, categories) for w, k, s in o.terms] for o in objs]
     kw = dict(size=hw, steps=steps, lr=lr, param=param, decorrelate=decorrelate, tv=tv, l2=l2, seed=int(seed),
               mean=mean, std=std, decay=float(decay), transforms=tf)
-    x, values, hist = bk.maximise(model, terms, **kw)
+    with bk.call_context():  # (torch: inference mode off, so it also works inside torch.inference_mode())
+        x, values, hist = bk.maximise(model, terms, **kw)
     ops = ops_for(x)
     floats = np.ascontiguousarray(np.asarray(ops.to_numpy(x), dtype=np.float32).transpose(0, 2, 3, 1))
     images = np.clip(np.round(floats * 255.0), 0, 255).astype(np.uint8)

@@ -22,7 +22,7 @@ def visualize(
     model: str = _model_option(),
     weights: Optional[Path] = _weights_option(),
     param: str = typer.Option("fourier", "--param", help="fourier (decorrelated colour, 1/f spectrum) or pixels (DeepVis)"),
-    steps: int = typer.Option(256, "--steps", help="optimisation steps"),
+    steps: int = typer.Option(128, "--steps", help="optimisation steps"),
     size: Optional[int] = typer.Option(None, "--size", help="image side in pixels (default: the model's input size)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam step size (default 0.05 fourier, 0.01 pixels)"),
     seed: int = typer.Option(0, "--seed", help="seed of the initial images and the transforms"),
