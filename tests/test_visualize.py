@@ -269,6 +269,8 @@ def test_usage_errors_say_what_to_do():
         camlens.visualize(model, 0, transforms={"flip": True})
     with pytest.raises(ConfigError, match="no objective"):
         camlens.visualize(model, [])
+    with pytest.raises(TargetError, match=r"nor is 'cnv' a layer.*\['conv'\]"):
+        camlens.visualize(model, "cnv:1", steps=1, size=20)
 
 
 def test_cli_writes_images_and_a_summary(tmp_path):

@@ -11,6 +11,7 @@ optimised in ONE batch. This module parses objectives (class targets in the lang
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -18,7 +19,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..backends.base import get_backend, ops_for
-from ..core.errors import ConfigError, ConfigTypeError
+from ..core.errors import ConfigError, ConfigTypeError, TargetError
 from ..core.targets import Categories, ResolvedTarget, Target, parse_target, split_outputs
 from .passes import is_loaded
 
@@ -120,15 +121,32 @@ class Visualization:
 class _OutputScore:
     """A class term's score ``fn(output) -> (B,)``: the target resolved once, on the first output."""
 
-    def __init__(self, spec: Any, categories: Categories) -> None:
-        self.spec, self.categories = spec, categories
+    def __init__(self, spec: Any, categories: Categories, layers: Sequence[str] = ()) -> None:
+        self.spec, self.categories, self.layers = spec, categories, layers
         self.resolved: Optional[ResolvedTarget] = None
 
     def __call__(self, output: Any) -> Any:
         heads = split_outputs(output)
         if self.resolved is None:
-            self.resolved = parse_target(self.spec, heads, self.categories)
+            try:
+                self.resolved = parse_target(self.spec, heads, self.categories)
+            except TargetError as err:
+                name = _layerish(self.spec)
+                if name is None:
+                    raise
+                close = difflib.get_close_matches(name, list(self.layers), n=6, cutoff=0.5)
+                raise type(err)(f"{err}; nor is {name!r} a layer of the model (for a channel objective "
+                                f"'layer:channel'; closest layer names: {close})") from err
         return self.resolved.score(heads, output)
+
+
+def _layerish(spec: Any) -> Optional[str]:
+    """The layer a ``"name:int"`` / ``(name, int, ...)`` spec would name, else ``None``."""
+    if isinstance(spec, str) and ":" in spec and spec.rpartition(":")[2].strip().isdigit():
+        return spec.rpartition(":")[0].strip()
+    if isinstance(spec, tuple) and len(spec) in (2, 4) and isinstance(spec[0], str):
+        return spec[0]
+    return None
 
 
 def _module_names(model: Any) -> set[str]:
@@ -263,7 +281,7 @@ def visualize(
         raise ConfigError("no objective given: pass one, or a list (one image each)")
     layers = _module_names(model)
     objs = [_as_objective(s, layers) for s in specs]
-    terms = [[_term(w, k, s, categories) for w, k, s in o.terms] for o in objs]
+    terms = [[_term(w, k, s, categories, sorted(layers)) for w, k, s in o.terms] for o in objs]
     kw = dict(size=hw, steps=steps, lr=lr, param=param, decorrelate=decorrelate, tv=tv, l2=l2, seed=int(seed),
               mean=mean, std=std, decay=float(decay), transforms=tf)
     with bk.call_context():  # (torch: inference mode off, so it also works inside torch.inference_mode())
@@ -306,7 +324,8 @@ def _transforms(transforms: Any) -> Optional[dict[str, Any]]:
     raise ConfigTypeError(f"transforms is 'default', None or a dict, got {type(transforms).__name__}")
 
 
-def _term(weight: float, kind: str, spec: Any, categories: Categories) -> tuple[float, str, Any]:
+def _term(weight: float, kind: str, spec: Any, categories: Categories,
+          layers: Sequence[str] = ()) -> tuple[float, str, Any]:
     """A term as the backend takes it: ``(weight, "output", fn(output) -> (B,))``, ``(weight,
     "channel", (layer, c))`` or ``(weight, "neuron", (layer, c, y, x))``."""
     if kind == "class":
@@ -315,5 +334,5 @@ def _term(weight: float, kind: str, spec: Any, categories: Categories) -> tuple[
             raise ConfigTypeError(f"cannot use {spec!r} ({type(spec).__name__}) as an objective; use a class "
                                   "(index, name, 'head:class'), 'layer:channel', (layer, channel, y, x), "
                                   "camlens.Objective or {spec: weight}")
-        return (weight, "output", _OutputScore(spec, categories))
+        return (weight, "output", _OutputScore(spec, categories, layers))
     return (weight, kind, spec)
