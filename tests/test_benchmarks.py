@@ -108,3 +108,19 @@ def test_keras_benchmark_smoke_agrees_without_torch(tmp_path):
     assert rows["keras-gradcam-1t"]["bound"]["name"] == "forward+tape"
     assert rows["keras-gradcam-10t"]["camlens_T_over_1"] > 0
     assert (tmp_path / "keras-cpu.md").read_text().count("\n| ") == len(res["rows"]) + 1
+
+
+@pytest.mark.slow
+def test_perturbation_benchmark_smoke(tmp_path):
+    """``python -m benchmarks.perturbation --smoke``: exact Shapley values by enumeration, camlens' and
+    captum's KernelSHAP curves (Pearson r with them) and LIME seed stability, written as JSON and a table."""
+    pytest.importorskip("captum")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.perturbation", "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "perturbation-cpu.json").read_text())
+    assert set(res["curves"]) == {"camlens kernelshap", "captum KernelShap", "camlens lime", "captum Lime"}
+    full = str(res["meta"]["exact_coalitions"])  # all 2^M coalitions: camlens' KernelSHAP is exact there
+    assert res["curves"]["camlens kernelshap"][full] > 1 - 1e-9
+    assert all(-1 <= r <= 1 for c in res["curves"].values() for r in c.values())
+    assert (tmp_path / "perturbation-cpu.md").read_text().count("\n| ") == 4 + 1

@@ -493,3 +493,11 @@ def test_explaining_a_keras_model_never_imports_torch(blocked):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_visualize_says_it_is_for_pytorch_models_only_so_far():
+    from camlens.core.errors import ModelError
+
+    m = _cnn()
+    with pytest.raises(ModelError, match="PyTorch models only"):
+        camlens.visualize(m, 0, steps=1, size=16)

@@ -36,6 +36,8 @@ _LAZY: Dict[str, Tuple[str, Optional[str]]] = {
     "load": ("core.explanation", "load"),
     "Explanation": ("core.explanation", "Explanation"),
     "evaluate": ("engine.evaluate", "evaluate"),
+    "visualize": ("engine.visualize", "visualize"),  # activation maximisation
+    "Objective": ("engine.visualize", "Objective"),
     "Scores": ("engine.evaluate", "Scores"),
     "agreement": ("analysis.compare", "agreement"),
     "Agreement": ("analysis.compare", "Agreement"),
@@ -154,6 +156,7 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-__all__ = ["explain", "stream", "Failure", "load", "errors", "CamlensError", "evaluate", "Scores", "metrics",
-           "agreement", "Agreement", "Explanation", "Target", "MapLayout", "CallableModel", "filters", "Filters", "available_methods", "methods", "postprocess",
+__all__ = ["explain", "stream", "Failure", "load", "errors", "CamlensError", "evaluate", "Scores", "visualize", "Objective",
+           "metrics", "agreement", "Agreement", "Explanation", "Target", "MapLayout", "CallableModel", "filters", "Filters",
+           "available_methods", "methods", "postprocess",
            "models", "viz", "localize", "__version__"]

@@ -203,6 +203,11 @@ class Backend(Protocol):
         """For a loaded model: framework image arrays (uint8 ``(B, 3, H, W)``) as a list of ``(H, W, 3)``
         NumPy images its preprocessing takes; anything else unchanged."""
 
+    def maximise(self, model: Any, terms: Sequence[Sequence[Any]], **kw: Any) -> tuple[Any, Any, Any]:
+        """Activation maximisation for :func:`camlens.visualize` (optional: torch only so far): one image
+        per objective (a list of weighted terms), all in one batch; returns ``(images (N, 3, H, W) in
+        [0, 1], final values (N,), history (steps, N))``; the model is left exactly as given."""
+
     def check_inputs(self, inputs: Any) -> Any:
         """The input array of a plain model: the framework's float array (a clear error otherwise);
         arrays that cannot record a graph (torch inference tensors) are copied."""

@@ -334,6 +334,12 @@ class KerasBackend:
     def images_in(self, inputs: Any) -> Any:
         return inputs
 
+    def maximise(self, model: Any, terms: Sequence[Sequence[Any]], **kw: Any) -> tuple[Any, Any, Any]:
+        """Activation maximisation is not written for Keras models yet: a clear error."""
+        raise ModelError(f"camlens.visualize works on PyTorch models only so far, got the Keras model "
+                         f"{getattr(model, 'name', type(model).__name__)!r}; use a torch model "
+                         "(e.g. camlens.models.load('efficientnet-lite0'))")
+
     def check_inputs(self, inputs: Any) -> np.ndarray:
         """NumPy / backend-tensor float images as a NumPy array (NHWC as given; transposed by
         :meth:`to_model_input`)."""

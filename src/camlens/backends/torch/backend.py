@@ -54,6 +54,13 @@ class TorchBackend:
     def images_in(self, inputs: Any) -> Any:
         return images_from_uint8(inputs)
 
+    def maximise(self, model: nn.Module, terms: Sequence[Sequence[Any]], **kw: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """Activation maximisation (:func:`camlens.visualize`): one image per objective, in one batch;
+        :func:`~camlens.backends.torch.visualize.maximise` (imported on first use)."""
+        from .visualize import maximise
+
+        return maximise(model, terms, **kw)
+
     def check_inputs(self, inputs: Any) -> Tensor:
         return check_input_tensor(inputs)
 
