@@ -182,3 +182,21 @@ def test_deletion_and_insertion_equal_those_of_the_torch_model():
     for name in ("deletion", "insertion", "average_drop"):
         np.testing.assert_allclose(got[name], want[name].numpy(), atol=1e-5, rtol=1e-5)
     assert max(s[0] for s in fn.shapes) <= 6
+
+
+@pytest.mark.parametrize("method", ["kernelshap", "lime", "rise"])
+def test_perturbation_methods_on_a_callable_equal_those_on_the_torch_model(method):
+    """LIME / KernelSHAP / RISE read only scores: on a black-box callable wrapping a torch CNN they give
+    the torch model's maps and segment weights (the same seeded draws, NumPy on the host)."""
+    net = _cnn()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    seg = (np.arange(32)[:, None] // 8 * 4 + np.arange(32)[None, :] // 8).astype(np.int64)  # 16 squares
+    kw = dict(targets=[0, 2], method=method, n_samples=96, seed=5)
+    if method != "rise":
+        kw.update(segments=seg, baseline=0.25)
+    want = camlens.explain(net, x, **kw)
+    got = camlens.explain(Recorder(net), x.numpy(), **kw)
+    np.testing.assert_allclose(got.maps, want.maps.numpy(), atol=1e-5, rtol=0)
+    if method != "rise":
+        np.testing.assert_allclose(got.weights, np.asarray(want.weights), atol=1e-5, rtol=1e-5)
+        assert np.abs(np.asarray(want.weights)).max() > 0
