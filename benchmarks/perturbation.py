@@ -20,6 +20,12 @@ coalitions (:func:`exact_shapley`). Then, for a ladder of evaluation budgets n:
 
 Writes ``<out>/perturbation-cpu.md`` and ``.json`` (default ``benchmarks/results``; ``--smoke``: 8
 segments, 2 seeds, a short ladder, a temporary folder).
+
+``--wall``: wall time at equal evaluations and segments instead — torchvision ResNet18 (random
+weights) on one 224x224 image, 50 SLIC superpixels, 512 evaluations, one target: camlens' ``kernelshap``
+and ``lime`` (batch size 64) against captum's ``KernelShap`` / ``Lime`` with their default
+``perturbations_per_eval=1`` and with 64, interleaved, medians of 3 (``--smoke``: resnet18 at 64x64,
+64 evaluations, 1 repeat). Writes ``perturbation-wall-cpu.md`` / ``.json``.
 """
 
 from __future__ import annotations
@@ -135,13 +141,68 @@ def needed(curve: dict[int, float], target: float = TARGET_R) -> Optional[int]:
     return None
 
 
+def wall(smoke: bool, out: Path, command: str) -> dict[str, Any]:
+    """The ``--wall`` comparison (module docstring); returns the result written to ``out``."""
+    import torchvision
+    from captum.attr import KernelShap, Lime
+
+    from camlens.methods.perturbation import superpixels
+
+    from .timing import _stats, _timeit
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    size, n, reps = (64, 64, 1) if smoke else (224, 512, 3)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    seg = superpixels(x.numpy(), "slic")[0]
+    mask = torch.from_numpy(seg.astype(np.int64))[None, None].expand(1, 3, size, size)
+    cls = 1
+
+    def ours(method: str) -> Callable[[], Any]:
+        return lambda: camlens.explain(model, x, targets=cls, method=method, segments=seg, baseline=0.0, n_samples=n,
+                                       batch_size=64).weights
+
+    def theirs(cls_: type, ppe: int) -> Callable[[], Any]:
+        return lambda: cls_(model).attribute(x, baselines=0.0, target=cls, feature_mask=mask, n_samples=n,
+                                             perturbations_per_eval=ppe)
+
+    fns = {"camlens kernelshap": ours("kernelshap"), "captum KernelShap (ppe=1)": theirs(KernelShap, 1),
+           "captum KernelShap (ppe=64)": theirs(KernelShap, 64), "camlens lime": ours("lime"),
+           "captum Lime (ppe=1)": theirs(Lime, 1), "captum Lime (ppe=64)": theirs(Lime, 64)}
+    times = _timeit(fns, reps, lambda: None, warmup=0 if smoke else 1)
+    st = {k: _stats(v) for k, v in times.items()}
+    res = {"meta": {"model": "resnet18 (random weights)", "size": size, "segments": int(seg.max()) + 1, "n_samples": n,
+                    "repeats": reps, "smoke": smoke, "command": command, "torch": torch.__version__}, "times": st}
+    (out / "perturbation-wall-cpu.json").write_text(json.dumps(res, indent=1))
+    lines = ["# Wall time at equal evaluations: KernelSHAP and LIME, camlens vs captum", "",
+             f"ResNet18 (random weights), one {size}x{size} image, {res['meta']['segments']} SLIC segments, {n} "
+             f"evaluations, one target; interleaved, median of {reps} (s). `{command}`"
+             f"{' (smoke: not a measurement)' if smoke else ''}.", "",
+             "| method | camlens (batch 64) | captum, perturbations_per_eval=1 (default) | captum, =64 |",
+             "|---|---|---|---|"]
+    for kind, c in (("kernelshap", "KernelShap"), ("lime", "Lime")):
+        ours_s = st[f"camlens {kind}"]["median_s"]
+        d, b = st[f"captum {c} (ppe=1)"]["median_s"], st[f"captum {c} (ppe=64)"]["median_s"]
+        lines.append(f"| {kind} | {ours_s:.2f} | {d:.2f} (x{d / ours_s:.2f}) | {b:.2f} (x{b / ours_s:.2f}) |")
+    (out / "perturbation-wall-cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-2:]))
+    return res
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="8 segments, 2 seeds, a short ladder (not a measurement)")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--wall", action="store_true", help="wall time at equal evaluations instead (module docstring)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
+    if args.wall:
+        out = args.out or (Path(tempfile.mkdtemp(prefix="camlens-bench-pert-")) if args.smoke
+                           else Path(__file__).parent / "results")
+        out.mkdir(parents=True, exist_ok=True)
+        wall(args.smoke, out, "python -m benchmarks.perturbation " + " ".join(sys.argv[1:] if argv is None else argv))
+        return 0
     seeds = 2 if args.smoke else args.seeds
     seg = grid_segments(32, 2, 4) if args.smoke else grid_segments(32, 4, 4)
     M = int(seg.max()) + 1

@@ -124,3 +124,8 @@ def test_perturbation_benchmark_smoke(tmp_path):
     assert res["curves"]["camlens kernelshap"][full] > 1 - 1e-9
     assert all(-1 <= r <= 1 for c in res["curves"].values() for r in c.values())
     assert (tmp_path / "perturbation-cpu.md").read_text().count("\n| ") == 4 + 1
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.perturbation", "--wall", "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    times = json.loads((tmp_path / "perturbation-wall-cpu.json").read_text())["times"]
+    assert len(times) == 6 and all(t["median_s"] > 0 for t in times.values())
