@@ -33,7 +33,7 @@ from typing import Any, Optional, Protocol, runtime_checkable
 import array_api_compat  # (imports no array library itself)
 import numpy as np
 
-from ..core.errors import ConfigError, ConfigTypeError, LayerError, MissingDependencyError, ModelError
+from ..core.errors import ConfigError, ConfigTypeError, InputTypeError, LayerError, MissingDependencyError, ModelError
 
 __all__ = ["PRECISION_NAMES", "Backend", "Ops", "namespace", "ops_for", "to_float32", "bilinear_matrix", "extreme_rows", "get_backend", "register_backend", "available_backends", "layout_problem", "unguided_error",
            "looks_channels_last", "grid_fits"]
@@ -493,6 +493,21 @@ def unguided_error(kinds: set, model: str = "model's backward") -> ModelError:
                       "under guided backprop's name. Use method='gradcam' (or another CAM), 'occlusion' or 'scorecam' "
                       "on this model, or non_relu='plain' to guide only its ReLUs and pass the other activations' "
                       "gradients as they are")
+
+
+def float_images(inputs: Any, to_numpy: Callable[[Any], np.ndarray], takes: str, scaling: str) -> np.ndarray:
+    """``inputs`` as a NumPy array of floating-point images (backends that hand the engine NumPy), or an
+    :class:`InputTypeError` naming what was given: ``takes`` completes "inputs for ..." with what the
+    model accepts (``"a Keras model must be a NumPy array ... (B, H, W, C)"``), ``scaling`` says how to
+    make floats (``"x.astype('float32') / 255"``)."""
+    try:
+        a = to_numpy(inputs)
+    except Exception as err:
+        raise InputTypeError(f"inputs for {takes}, got {type(inputs).__name__}") from err
+    if not np.issubdtype(a.dtype, np.floating):
+        raise InputTypeError(f"inputs must be floating point images preprocessed as the model expects, got dtype "
+                             f"{a.dtype}; e.g. {scaling}")
+    return a
 
 
 def layout_problem(shape: Sequence[int], batch: int, size: tuple[int, int]) -> Optional[str]:

@@ -36,8 +36,8 @@ from typing import Any, Optional
 import array_api_compat.numpy as np_xp
 import numpy as np
 
-from ..core.errors import ConfigError, InputError, InputTypeError, ModelError
-from .base import PRECISION_NAMES
+from ..core.errors import ConfigError, InputError, ModelError
+from .base import PRECISION_NAMES, float_images
 from .numpy import NumpyOps
 
 __all__ = ["CallableModel", "CallableBackend", "BACKEND", "INPUT_LAYOUTS", "infer_layout"]
@@ -224,15 +224,8 @@ class CallableBackend:
 
     def check_inputs(self, inputs: Any) -> np.ndarray:
         """Float images as a NumPy array, as given (transposed by :meth:`to_model_input`)."""
-        try:
-            a = np.asarray(inputs)
-        except Exception as err:
-            raise InputTypeError(f"inputs for a black-box model must be a NumPy array of images (B, C, H, W) or "
-                                 f"(B, H, W, C), got {type(inputs).__name__}") from err
-        if not np.issubdtype(a.dtype, np.floating):
-            raise InputTypeError(f"inputs must be floating point images preprocessed as the model expects, got dtype "
-                                 f"{a.dtype}; e.g. x.astype('float32') / 255")
-        return a
+        return float_images(inputs, np.asarray, "a black-box model must be a NumPy array of images (B, C, H, W) or "
+                            "(B, H, W, C)", "x.astype('float32') / 255")
 
     def input_rank(self, model: Any) -> Optional[int]:
         return 4

@@ -50,7 +50,7 @@ from ...core.errors import LayerRuntimeError
 from .graph import GraphRun, output_names, run_graph
 from .scores import target_scores
 
-__all__ = ["Autodiff", "autodiff", "host", "named", "float32", "BACKENDS", "ROWS"]
+__all__ = ["Autodiff", "autodiff", "host", "named", "float32", "model_output", "BACKENDS", "ROWS"]
 
 ROWS = 64  # TF: the most tiled rows (T copies x B images) one backward below a cut takes
 
@@ -62,6 +62,12 @@ def float32(t: Any) -> Any:
     if dt is None or not keras.ops.is_tensor(t):
         return t
     return keras.ops.cast(t, "float32") if keras.backend.standardize_dtype(dt) in ("float16", "bfloat16") else t
+
+
+def model_output(model: Any, x: Any, run: GraphRun) -> Any:
+    """The output of ``model`` on ``x`` through its graph (``run``'s layers recorded / replaced), float16 /
+    bfloat16 heads cast to float32, list heads named by their output layers."""
+    return named(tree.map_structure(float32, run_graph(model, x, run)), output_names(model))
 
 
 def named(out: Any, names: Optional[list]) -> Any:
@@ -182,8 +188,7 @@ class _TF(Autodiff):
         # a cut whose recorded outputs do not fit (a shared layer above it): the forward again, taped
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
             run = GraphRun(frozenset(names), on_output=lambda path, out: tape.watch(out))
-            out = tree.map_structure(float32, run_graph(cap.model, cap.model_input, run))
-            s = target_scores(targets, named(out, output_names(cap.model)))
+            s = target_scores(targets, model_output(cap.model, cap.model_input, run))
             check(s.numpy())
             return self._jacobian(tape, s, [run.outputs[n][0] for n in names])
 
@@ -226,7 +231,7 @@ class _TF(Autodiff):
                 run = GraphRun(frozenset(p for p in names if p not in cut.roots), replace=replace, only=cut)
                 x = tile(cap.model_input) if cut.input else cap.model_input
                 try:
-                    out = named(tree.map_structure(float32, run_graph(cap.model, x, run)), output_names(cap.model))
+                    out = model_output(cap.model, x, run)
                 except ValueError as err:  # an output the cut did not reach: a graph camlens did not expect
                     raise LayerRuntimeError(f"the Keras graph below layers {names} could not be run on its own "
                                             f"({err})") from err

@@ -39,11 +39,11 @@ import keras
 import numpy as np
 from keras.src import tree
 
-from ...core.errors import ConfigError, InputError, InputTypeError, LayerError, LayerRuntimeError, ModelError
-from ..base import PRECISION_NAMES, layout_problem, unguided_error
+from ...core.errors import ConfigError, InputError, LayerError, LayerRuntimeError, ModelError
+from ..base import PRECISION_NAMES, float_images, layout_problem, unguided_error
 from ..numpy import NumpyOps
 from . import randomise
-from .autodiff import autodiff, float32, host, named
+from .autodiff import autodiff, float32, host, model_output, named
 from .graph import (Cut, GraphRun, downstream_cut, graph_of, layer_index, output_activations, output_names,
                     require_model, resolve_paths, run_graph)
 from .scores import target_scores
@@ -158,8 +158,7 @@ class KerasLayout:
 
     def forward_tensor(self, xt: Any, run: Optional[GraphRun] = None) -> Any:
         """:meth:`forward` of the model's own input tensor ``xt`` (NHWC for a channels-last model)."""
-        out = run_graph(self.model, xt, run if run is not None else GraphRun(frozenset()))
-        return _named(tree.map_structure(float32, out), self.names)
+        return model_output(self.model, xt, run if run is not None else GraphRun(frozenset()))
 
     def run(self, x: np.ndarray, score_only: bool = False) -> Any:
         cap = next((c for c in reversed(_captures()) if c.model is self.model), None)
@@ -343,15 +342,9 @@ class KerasBackend:
     def check_inputs(self, inputs: Any) -> np.ndarray:
         """NumPy / backend-tensor float images as a NumPy array (NHWC as given; transposed by
         :meth:`to_model_input`)."""
-        try:
-            a = inputs if isinstance(inputs, np.ndarray) else autodiff().to_numpy(inputs)
-        except Exception as err:
-            raise InputTypeError(f"inputs for a Keras model must be a NumPy array or a tensor of Keras' backend of "
-                                 f"images (B, H, W, C), got {type(inputs).__name__}") from err
-        if not np.issubdtype(a.dtype, np.floating):
-            raise InputTypeError(f"inputs must be floating point images preprocessed as the model expects, got dtype "
-                                 f"{a.dtype}; e.g. x.astype('float32') / 255 or keras.applications' preprocess_input")
-        return a
+        return float_images(inputs, lambda t: t if isinstance(t, np.ndarray) else autodiff().to_numpy(t),
+                            "a Keras model must be a NumPy array or a tensor of Keras' backend of images (B, H, W, C)",
+                            "x.astype('float32') / 255 or keras.applications' preprocess_input")
 
     def input_rank(self, model: Any) -> Optional[int]:
         g = graph_of(model)
