@@ -255,11 +255,57 @@ def test_scorecam_same_map_with_and_without_folding(resnet18):
     fast = camlens.explain(resnet18, x, targets=[3, 9], layer="layer3", method="scorecam")
     orig = backend._fold_batchnorm
     backend._fold_batchnorm = lambda *a: False
+    backend._FOLDS.clear()  # (the copy of the first call is kept for the next calls)
     try:
         plain = camlens.explain(resnet18, x, targets=[3, 9], layer="layer3", method="scorecam")
     finally:
         backend._fold_batchnorm = orig
+        backend._FOLDS.clear()
     assert (fast.maps - plain.maps).abs().max() < 1e-4
+
+
+def test_batchnorm_folded_copy_is_kept_across_calls_until_the_model_changes(resnet18):
+    import camlens.backends.torch.layout as backend
+    from camlens.backends.torch import Layout
+
+    model = copy.deepcopy(resnet18)
+    x = torch.randn(3, 3, 32, 32)
+    assert model not in backend._FOLDS
+    first = Layout(model)
+    first.run(x, score_only=True)
+    second = Layout(model)
+    second.run(x, score_only=True)
+    assert first._folded is not False and second._folded is first._folded  # built once
+    with torch.no_grad():
+        model.fc.weight.mul_(2.0)  # in place: a new version of the tensor
+    changed = Layout(model)
+    out = changed.run(x, score_only=True)
+    assert changed._folded is not first._folded
+    with torch.no_grad():
+        ref = model(x)
+    assert (out - ref).abs().max() < 1e-4 * (1 + ref.abs().max())  # the copy follows the new weights
+    h = model.layer2.register_forward_hook(lambda *a: None)
+    try:
+        hooked = Layout(model)
+        hooked.run(x, score_only=True)
+        assert hooked._folded is False  # a hook added since: the model itself runs
+    finally:
+        h.remove()
+    again = Layout(model)
+    again.run(x, score_only=True)
+    assert again._folded is not False
+    model.eval()  # (mode unchanged: the copy stays)
+    assert Layout(model)._inference_model(x) is again._folded
+    model.layer1.train()
+    assert Layout(model)._inference_model(x) is model  # a module in training mode: not folded
+    model.eval()
+    assert model in backend._FOLDS
+    n = len(backend._FOLDS)
+    del model, first, second, changed, hooked, again
+    import gc
+
+    gc.collect()
+    assert len(backend._FOLDS) == n - 1  # the copy went with its model
 
 
 # ---- the per-call fast paths of the overhead case (benchmarks: tiny-cnn-overhead)
