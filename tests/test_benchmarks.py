@@ -119,13 +119,23 @@ def test_perturbation_benchmark_smoke(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "perturbation-cpu.json").read_text())
-    assert set(res["curves"]) == {"camlens kernelshap", "captum KernelShap", "camlens lime", "captum Lime"}
+    names = {"camlens kernelshap", "captum KernelShap", "camlens lime", "captum Lime"}
+    assert set(res["groups"]) == {"random CNN", "shapes-2head · shape", "shapes-2head · colour", "all games"}
+    assert len(res["games"]) == 5 and res["meta"]["table_check_rel"] < 1e-4
     full = str(res["meta"]["exact_coalitions"])  # all 2^M coalitions: camlens' KernelSHAP is exact there
-    assert res["curves"]["camlens kernelshap"][full] > 1 - 1e-9
-    assert all(-1 <= r <= 1 for c in res["curves"].values() for r in c.values())
-    assert (tmp_path / "perturbation-cpu.md").read_text().count("\n| ") == 4 + 1
+    for g in res["games"].values():
+        assert set(g["curves"]) == names
+        assert g["curves"]["camlens kernelshap"][full] > 1 - 1e-9
+        assert all(-1 - 1e-9 <= r <= 1 + 1e-9 for c in g["curves"].values() for r in c.values())
+    # the orthogonal start: on the trained shapes CNN's shape head, 2 M = 16 evaluations reach r >= 0.95
+    assert res["groups"]["shapes-2head · shape"]["curves"]["camlens kernelshap"]["16"] >= 0.95
+    md = (tmp_path / "perturbation-cpu.md").read_text()
+    assert "| shapes-2head · shape | 2 |" in md and md.count("## Mean r per budget: ") == 4
     proc = subprocess.run([sys.executable, "-m", "benchmarks.perturbation", "--wall", "--smoke", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    times = json.loads((tmp_path / "perturbation-wall-cpu.json").read_text())["times"]
-    assert len(times) == 6 and all(t["median_s"] > 0 for t in times.values())
+    wall = json.loads((tmp_path / "perturbation-wall-cpu.json").read_text())
+    times = wall["times"]
+    assert len(times) == (7 if wall["meta"]["shap"] else 6) and all(t["median_s"] > 0 for t in times.values())
+    if wall["meta"]["shap"]:  # shap's Partition explainer: the evaluations it made are counted
+        assert wall["meta"]["shap_evaluations"] > 0
