@@ -246,6 +246,10 @@ def test_one_volume_without_batch_axis_is_batch_one(med):
     bk = get_backend(med)
     assert bk.input_rank(med) == 5 and bk.input_rank(nn.Sequential(nn.Conv2d(3, 4, 3))) == 4
     assert bk.input_rank(nn.Linear(3, 4)) is None
+    swapped = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    assert bk.input_rank(swapped) == 4
+    swapped[0] = nn.Conv3d(3, 4, 3)  # a first conv swapped in later is seen (the memo follows the modules)
+    assert bk.input_rank(swapped) == 5
 
 
 def test_viz_slice_grid_and_gif_have_the_right_frames(med, tmp_path):

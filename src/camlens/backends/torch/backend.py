@@ -19,7 +19,7 @@ from .gradients import layer_gradients
 from .inputs import call_context, check_input_tensor, check_model_tensors, images_from_uint8, to_model_input
 from .layout import Layout
 from .ops import TorchOps
-from .probing import guess_layer, token_prefix
+from .probing import guess_layer, module_ids, token_prefix
 from .runner import Runner
 from .volume_probe import input_rank, volume_layouts
 from .state import model_state, resolve_layers
@@ -28,17 +28,6 @@ __all__ = ["TorchBackend", "BACKEND", "reinitialise"]
 
 
 _DEFAULT_LAYERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-
-
-def _module_ids(model: nn.Module) -> tuple[int, ...]:
-    """The identities of every module (``_modules`` walk): a submodule swapped in changes them."""
-    out: list[int] = []
-    stack = [model]
-    while stack:
-        m = stack.pop()
-        out.append(id(m))
-        stack.extend(c for c in m._modules.values() if c is not None)
-    return tuple(out)
 
 
 class TorchBackend:
@@ -97,7 +86,7 @@ class TorchBackend:
         """:func:`guess_layer`, memoised per model for inputs of the same ``(C, H, W)``, dtype and device
         while the model holds the same modules (a probe forward costs about two forwards: without the
         memo ``layer=None`` would double every call)."""
-        key = (_module_ids(model), tuple(x.shape[1:]), x.dtype, x.device)
+        key = (module_ids(model), tuple(x.shape[1:]), x.dtype, x.device)
         memo = _DEFAULT_LAYERS.get(model)
         if memo is not None and key in memo:
             return memo[key]

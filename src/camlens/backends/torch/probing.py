@@ -82,6 +82,17 @@ class LayerProbe:
         return out[:n]
 
 
+def module_ids(model: nn.Module) -> tuple[int, ...]:
+    """The identities of every module (``_modules`` walk): a submodule swapped in changes them."""
+    out: list[int] = []
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        out.append(id(m))
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return tuple(out)
+
+
 def _int_triples(v: Any, depth: int = 2) -> tuple[tuple[int, int, int], ...]:
     """The triples of positive ints in ``v`` (tuples / lists nested ``depth`` deep), in order, once each."""
     out: list[tuple[int, int, int]] = []

@@ -30,11 +30,11 @@ from torch import nn
 from ...core.errors import LayerError
 from ..base import MAX_PREFIX_TOKENS, MapLayout, token_volume_grids, volume_readings
 from .probing import (LayerProbe, LayerRecord, _is_attention, _strict_ancestors, _tensor_leaves,
-                      _transformer_layer, probe_layers, token_prefix)
+                      _transformer_layer, module_ids, probe_layers, token_prefix)
 
 __all__ = ["choose_volume_layer", "input_rank", "probe_volume", "volume_layouts", "record_layout"]
 
-_RANKS: "weakref.WeakKeyDictionary[nn.Module, Optional[int]]" = weakref.WeakKeyDictionary()
+_RANKS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Optional[int]]]" = weakref.WeakKeyDictionary()
 _BY_DIMS = (((nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d, nn.MaxPool3d, nn.AvgPool3d), 5),
             ((nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.MaxPool2d, nn.AvgPool2d), 4),
             ((nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d), 3))
@@ -43,14 +43,17 @@ _BY_DIMS = (((nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d, 
 def input_rank(model: nn.Module) -> Optional[int]:
     """The rank of a batch the model's first spatial module takes: 5 for a 3-D CNN (its first
     convolution / norm / pooling module is 3-D: ``Conv3d``, ``BatchNorm3d``, ...), 4 for a 2-D one, 3
-    for 1-D; ``None`` when it has none. Memoised per model (a module swapped in later is not seen)."""
+    for 1-D; ``None`` when it has none. Memoised per model while it holds the same modules (a
+    submodule swapped in since is seen, as by ``default_layer``'s memo)."""
+    key = module_ids(model)
     try:
-        return _RANKS[model]
-    except KeyError:
-        pass
+        hit = _RANKS.get(model)
     except TypeError:  # cannot be weakly referenced
         return _first_rank(model)
-    rank = _RANKS[model] = _first_rank(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    rank = _first_rank(model)
+    _RANKS[model] = (key, rank)
     return rank
 
 
@@ -242,9 +245,8 @@ def probe_volume(model: nn.Module, x: torch.Tensor) -> LayerProbe:
     memoised per model for inputs of the same ``(C, D, H, W)``, dtype and device while the model holds
     the same modules: ``layer=None`` and the layouts of the explained layers share one probe forward.
     The memo keeps the records, not the output."""
-    from .backend import _module_ids
 
-    key = (_module_ids(model), tuple(x.shape[1:]), x.dtype, x.device)
+    key = (module_ids(model), tuple(x.shape[1:]), x.dtype, x.device)
     try:
         memo = _PROBES.setdefault(model, {})
     except TypeError:  # cannot be weakly referenced: no memo
