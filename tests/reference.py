@@ -3,8 +3,9 @@ afterwards, also on an error), for hand-written autograd references of camlens' 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
+import torch
 from torch import nn
 
 
@@ -24,3 +25,13 @@ def forward_capturing(model: nn.Module, layer: nn.Module, x: Any, *, read: Optio
     finally:
         h.remove()
     return out, store["a"]
+
+
+def acts_grads(model: nn.Module, layer: nn.Module, x: Any, classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's output ``a`` and the gradient of class ``classes[b]``'s logit of image b with respect to
+    it (one target per image: the images' scores summed, so each image's gradient is its own), by a forward
+    hook and ``torch.autograd.grad``; both detached."""
+    out, a = forward_capturing(model, layer, x)
+    score = out[torch.arange(len(classes)), torch.as_tensor(list(classes))].sum()
+    (g,) = torch.autograd.grad(score, a)
+    return a.detach(), g.detach()

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import camlens
 from camlens.methods.gradcam_family import first_component
 from camlens.core.postprocess import normalize
+from reference import forward_capturing
 
 TOL = 1e-4
 PGC = {"gradcampp": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "hirescam": "HiResCAM", "layercam": "LayerCAM",
@@ -54,14 +55,7 @@ def test_eigen_methods_match_pytorch_grad_cam_up_to_the_svd_sign(method, arch, l
     model = request.getfixturevalue(arch)
     x = _x()
     exp = camlens.explain(model, x, targets=[[3], [281]], layer=layer, method=method)
-    store = {}
-    mod = dict(model.named_modules())[layer]
-    h = mod.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-    try:
-        out = model(x)
-    finally:
-        h.remove()
-    a = store["a"]
+    out, a = forward_capturing(model, dict(model.named_modules())[layer], x)
     if method == "eigengradcam":
         g = torch.stack([torch.autograd.grad(out[b, c], a, retain_graph=True)[0][b] for b, c in enumerate([3, 281])])
         mat = (g * a).detach().numpy()

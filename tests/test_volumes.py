@@ -12,6 +12,7 @@ from torch import nn
 import camlens
 from camlens.backends.numpy import NumpyOps
 from camlens.core.errors import CamlensError, ConfigError
+from reference import acts_grads
 
 
 class Med3d(nn.Module):
@@ -44,20 +45,6 @@ def _vol(b: int = 2, dtype=torch.float64) -> torch.Tensor:
     return torch.randn(b, 1, 16, 32, 32, generator=torch.Generator().manual_seed(1), dtype=dtype)
 
 
-def _acts_grads(net: nn.Module, layer: nn.Module, x: torch.Tensor, cls: list[int]):
-    """Reference: a forward hook and autograd.grad, one target per image."""
-    store = {}
-    h = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-    try:
-        out = net(x)
-    finally:
-        h.remove()
-    a = store["a"]
-    score = out[torch.arange(len(cls)), torch.tensor(cls)].sum()
-    (g,) = torch.autograd.grad(score, a)
-    return a.detach(), g.detach()
-
-
 def _reference(name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Raw maps (B, d, h, w) by the papers' formulas over all (d, h, w) positions."""
     dims = (2, 3, 4)
@@ -87,7 +74,7 @@ def test_raw_maps_equal_hand_computed_reference(med, method):
     assert exp.raw.shape == (2, 2, 8, 16, 16)
     # targets [1, 2] are both targets of each image: target t against the gradient of class t for all images
     for t, cls in enumerate([1, 2]):
-        a_t, g_t = _acts_grads(med, med.features[8], x, [cls, cls])
+        a_t, g_t = acts_grads(med, med.features[8], x, [cls, cls])
         ref_t = _reference(method, a_t, g_t)
         scale = ref_t.abs().max().item()
         assert scale > 0 and torch.isfinite(ref_t).all()
@@ -299,7 +286,7 @@ def test_eigencam_is_pytorch_grad_cams_projection_over_the_whole_volume_up_to_si
 
     x = _vol()
     exp = camlens.explain(med, x, targets=0, method="eigencam", layer="features.5")
-    a, _ = _acts_grads(med, med.features[5], x, [0, 0])
+    a, _ = acts_grads(med, med.features[5], x, [0, 0])
     ref = torch.from_numpy(get_2d_projection(a.numpy()))  # (B, d, h, w): the SVD over all d*h*w positions
     assert exp.raw.shape == (2, 1, 8, 16, 16)
     for b in range(2):  # SVD's sign is arbitrary (camlens fixes it towards the channel sum)
@@ -382,7 +369,7 @@ def test_scorecam_on_volumes_equals_the_formula(med):
     cls = [1, 2]
     exp = camlens.explain(med, x, targets=[[1], [2]], method="scorecam", layer="features.8", batch_size=3)
     assert exp.raw.shape == (2, 1, 8, 16, 16) and exp.maps.shape == (2, 1, 16, 32, 32)
-    a, _ = _acts_grads(med, med.features[8], x, cls)
+    a, _ = acts_grads(med, med.features[8], x, cls)
     for b in range(2):
         up = F.interpolate(a[b:b + 1], size=x.shape[-3:], mode="trilinear", align_corners=True)[0]  # (C, D, H, W)
         flat = up.flatten(1)
