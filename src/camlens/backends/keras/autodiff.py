@@ -10,6 +10,9 @@ The contract (:class:`Autodiff`): ``forward(cap, fn)`` runs one forward ``fn(run
     J[t, b] = d (sum_b' S[b', t]) / d A[b]          (T, B, ...)
 
 which is ``dS[b, t] / dA[b]``: in inference mode image b's scores depend on image b's activations only.
+:meth:`Autodiff.value_and_grad` is the plain gradient of a scalar w.r.t. one tensor (activation
+maximisation's image parameter, :mod:`.visualize`): TF's tape, ``jax.value_and_grad``,
+``torch.autograd.grad``.
 
 * **TensorFlow** — a graph model (a :class:`~.graph.Cut` below the layers): the forward records no
   gradient; the part of the graph below the layers runs again on T tiled copies of the batch,
