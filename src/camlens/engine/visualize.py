@@ -45,7 +45,8 @@ class Objective:
     ``camlens.explain(targets=)``: an index, a class name, ``"head:class"``, ``(head, class)``, a
     :class:`camlens.Target` or a callable ``fn(output) -> (B,)``), ``"channel"`` (spec ``(layer, c)``:
     the spatial mean of channel ``c`` of the layer's ``(B, C, h, w)`` output; Keras: ``(B, h, w, C)``)
-    or ``"neuron"`` (spec ``(layer, c, y, x)``: one activation; ``y, x = None``: the map's centre).
+    or ``"neuron"`` (spec ``(layer, c, y, x)``: one activation, ``(y, x)`` in the layer's map of the
+    untransformed image, the same place under the transforms' border; ``y, x = None``: the centre).
     """
 
     terms: tuple[tuple[float, str, Any], ...]
@@ -235,7 +236,8 @@ def visualize(
             a class target (``int`` index, class name ``"espresso"``, ``"head:class"``, ``(head, class)``,
             :class:`camlens.Target`, callable ``fn(output) -> (B,)``), ``"layer:channel"`` (``layer``
             a module name: that channel's spatial mean), ``(layer, channel)``, ``(layer, channel, y,
-            x)`` (a neuron) or ``{spec: weight}`` (a weighted sum). Keras layers by path
+            x)`` (a neuron, ``(y, x)`` in the map of the untransformed image) or ``{spec: weight}`` (a
+            weighted sum). Keras layers by path
             (``"features/block4_conv"``) or a bare name unique across the nesting; a class objective
             is the logit (a final softmax / sigmoid left out, as ``explain`` scores it).
         param: ``"fourier"`` (1/f-scaled spectrum with decorrelated colour, Olah et al. 2017) or
