@@ -161,6 +161,8 @@ def test_layer_and_gradient_methods_are_refused_before_the_model_runs():
         with pytest.raises(ModelError, match="black-box callable") as err:
             camlens.explain(fn, x, method=method)
         assert "occlusion" in str(err.value) and "drise" in str(err.value) and method in str(err.value)
+    with pytest.raises(ModelError, match=r"black-box callable.*optimise an image for it \(camlens.visualize"):
+        camlens.visualize(fn, 0, steps=2, size=16)
     assert calls == []
     with pytest.raises(ModelError, match="black-box callable.*MPRT"):
         exp = camlens.explain(fn, x, targets=0, method="center")

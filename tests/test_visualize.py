@@ -15,8 +15,8 @@ from torch import nn
 
 import camlens
 from camlens import Objective
-from camlens.backends.torch.visualize import (COLOR_CORRELATION, FourierImage, Transforms, color_matrix,
-                                              fourier_scale, total_variation)
+from camlens.backends.torch.visualize import (COLOR_CORRELATION, Draws, FourierImage, Transforms, color_matrix,
+                                              fourier_scale, total_variation, transform)
 from camlens.core.errors import ConfigError, LayerError, TargetError
 
 NONE = None  # no transforms
@@ -58,7 +58,7 @@ def test_fourier_image_round_trips(decorrelate, hw):
     f.from_image(x)
     assert (f.image() - x).abs().max() < 2e-5
     # and the other way: a random spectrum, its image, back to the same image
-    f2 = FourierImage(2, *hw, decorrelate=decorrelate, sd=0.05, generator=g)
+    f2 = FourierImage(2, *hw, decorrelate=decorrelate, sd=0.05, draws=Draws(3))
     y = f2.image().detach()
     f3 = FourierImage(2, *hw, decorrelate=decorrelate)
     f3.from_image(y)
@@ -81,6 +81,46 @@ def test_decorrelated_colour_mixes_channels_and_plain_does_not():
     assert torch.allclose(logits, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("hw", [(8, 8), (12, 17), (7, 10)])
+def test_the_shared_real_inverse_fft_matrices_equal_irfft2(hw):
+    """camlens.backends.maximise.irfft2_matrices (the Keras path's irfft2) equal torch's and NumPy's
+    ``irfft2(norm="ortho")``, also for spectra that are not Hermitian (the learned ones are not)."""
+    from camlens.backends.maximise import irfft2_matrices
+
+    h, w = hw
+    rng = np.random.default_rng(0)
+    sr, si = rng.standard_normal((2, 3, h, w // 2 + 1))
+    cr, ci, er, ei = irfft2_matrices(h, w)
+    zr, zi = cr @ sr - ci @ si, cr @ si + ci @ sr
+    got = (zr @ er.T - zi @ ei.T) / np.sqrt(h * w)
+    want = torch.fft.irfft2(torch.complex(torch.from_numpy(sr), torch.from_numpy(si)), s=hw, norm="ortho").numpy()
+    np.testing.assert_allclose(got, want, atol=1e-12, rtol=0)
+    np.testing.assert_allclose(got, np.fft.irfft2(sr + 1j * si, s=hw, norm="ortho"), atol=1e-12, rtol=0)
+
+
+def test_the_shared_bilinear_taps_equal_grid_sample():
+    """bilinear_taps (the Keras path's resampling) = F.grid_sample(affine_grid(theta), bilinear, border,
+    align_corners=False) for the default transforms' draws, and the draws are theta of the scale /
+    rotation / whole-pixel shift the docstring says."""
+    from camlens.backends.maximise import bilinear_taps
+
+    x = torch.rand((2, 3, 30, 26), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d = Draws(5)
+    for _ in range(6):
+        theta = Transforms().draw(d, 30, 26)
+        s = 1 / np.sqrt(theta[0, 0] ** 2 + theta[1, 0] ** 2)  # the scale; |angle| <= 10 degrees
+        assert 0.9 <= s <= 1.1 and abs(np.degrees(np.arctan2(theta[1, 0], theta[0, 0]))) <= 10
+        px = theta[:, 2] * np.array([26, 30]) / 2  # the shift in pixels: whole, at most the jitter
+        assert np.all(np.abs(px - np.round(px)) < 1e-9) and np.all(np.abs(px) <= 8)
+        grid = F.affine_grid(torch.from_numpy(theta)[None].expand(2, 2, 3), [2, 3, 30, 26], align_corners=False)
+        want = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        index, weight = bilinear_taps(theta, 30, 26)
+        flat = x.flatten(2).numpy()  # (2, 3, H*W)
+        got = (flat[:, :, index] * weight[None, None].astype(np.float64)).sum(2).reshape(2, 3, 30, 26)
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-6, rtol=0)
+    assert Transforms(pad=4, jitter=0, scale=(1.0, 1.0), rotate=0.0).draw(d, 30, 26) is None  # nothing drawn
+
+
 def test_total_variation_by_hand():
     x = torch.zeros((1, 1, 3, 3))
     x[0, 0, :, 2] = 1.0  # a vertical edge: |dx| = 1 on 3 of 6 pairs, dy = 0
@@ -88,26 +128,27 @@ def test_total_variation_by_hand():
 
 
 def test_transforms_shift_by_whole_pixels_and_pad_grey():
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand((3, 3, 20, 24), generator=g)
-    y = Transforms(pad=0, jitter=3, scale=(1.0, 1.0), rotate=0.0)(x, g)
-    for n in range(3):  # each image: exactly some integer shift (inside the border)
-        errs = {(dy, dx): float((y[n, :, 4:-4, 4:-4] - torch.roll(x[n], (dy, dx), (1, 2))[:, 4:-4, 4:-4]).abs().max())
+    x = torch.rand((3, 3, 20, 24), generator=torch.Generator().manual_seed(0))
+    d = Draws(0)
+    for _ in range(4):  # each step: exactly some integer shift (inside the border), the same for every image
+        y = transform(Transforms(pad=0, jitter=3, scale=(1.0, 1.0), rotate=0.0), x, d)
+        errs = {(dy, dx): float((y[:, :, 4:-4, 4:-4] - torch.roll(x, (dy, dx), (2, 3))[:, :, 4:-4, 4:-4]).abs().max())
                 for dy in range(-3, 4) for dx in range(-3, 4)}
         assert min(errs.values()) < 1e-5
-    p = Transforms(pad=5, jitter=0, scale=(1.0, 1.0), rotate=0.0)(x, g)
+    p = transform(Transforms(pad=5, jitter=0, scale=(1.0, 1.0), rotate=0.0), x, d)
     assert p.shape == (3, 3, 30, 34) and torch.equal(p[:, :, 5:-5, 5:-5], x) and float(p[0, 0, 0, 0]) == 0.5
 
 
-def test_transforms_are_per_image_and_seeded():
+def test_transforms_are_seeded_and_the_same_for_every_image():
     x = torch.rand((4, 3, 16, 16), generator=torch.Generator().manual_seed(1))
     t = Transforms()
-    a = t(x, torch.Generator().manual_seed(7))
-    b = t(x, torch.Generator().manual_seed(7))
+    a = transform(t, x, Draws(7))
+    b = transform(t, x, Draws(7))
     assert torch.equal(a, b) and a.shape == (4, 3, 40, 40)
-    same = x[:1].expand(4, -1, -1, -1)
-    c = t(same, torch.Generator().manual_seed(7))
-    assert float((c[0] - c[1]).abs().max()) > 1e-3  # different draws per image
+    same = transform(t, x[:1].expand(4, -1, -1, -1), Draws(7))
+    assert torch.equal(same[0], same[3]) and torch.allclose(same[0], a[0], atol=1e-6)  # one draw for the batch
+    d = Draws(7)
+    assert float((transform(t, x, d) - transform(t, x, d)).abs().max()) > 1e-3  # a fresh draw every step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +210,18 @@ def test_neuron_yields_the_filter_on_its_receptive_field_only():
     outside[3:8, 7:12] = False
     init = camlens.visualize(model, ("conv", 0, 3, 7), param="pixels", steps=0, size=16, seed=2).floats[0]
     assert np.abs(vis.floats[0][outside] - init[outside]).max() < 1e-6  # no gradient outside the field
+
+
+def test_a_given_neuron_is_the_same_place_with_the_grey_border():
+    """A neuron's (y, x) is in the map of the untransformed image: with a border only (pad, no
+    resampling) the optimisation is the one without transforms, the border aside."""
+    model = _Linear(_filter(1), stride=1)
+    kw = dict(param="pixels", steps=20, size=16, lr=0.05, tv=0.0, l2=0.0, seed=2)
+    plain = camlens.visualize(model, ("conv", 0, 3, 7), transforms=None, **kw)
+    padded = camlens.visualize(model, ("conv", 0, 3, 7), transforms={"jitter": 0, "scale": 1.0, "rotate": 0.0}, **kw)
+    np.testing.assert_allclose(padded.floats, plain.floats, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(padded.history, plain.history, atol=1e-5, rtol=0)
+    assert plain.values[0] > plain.history[0, 0] + 1.0
 
 
 def test_class_objective_values_are_the_models_logits_and_probabilities_rise():

@@ -204,9 +204,18 @@ class Backend(Protocol):
         NumPy images its preprocessing takes; anything else unchanged."""
 
     def maximise(self, model: Any, terms: Sequence[Sequence[Any]], **kw: Any) -> tuple[Any, Any, Any]:
-        """Activation maximisation for :func:`camlens.visualize` (optional: torch only so far): one image
-        per objective (a list of weighted terms), all in one batch; returns ``(images (N, 3, H, W) in
-        [0, 1], final values (N,), history (steps, N))``; the model is left exactly as given."""
+        """Activation maximisation for :func:`camlens.visualize` (torch and Keras; a black box refuses):
+        one image per objective (a list of weighted terms), all in one batch; returns ``(images (N, 3, H,
+        W) in [0, 1], final values (N,), history (steps, N))``; the model is left exactly as given."""
+
+    def layer_names(self, model: Any) -> list[str]:
+        """The layer names an objective may give (torch: dotted module names; Keras: layer paths and the
+        bare names unique across the nesting), for :func:`camlens.visualize` to tell ``"layer:channel"``
+        from a class target."""
+
+    def image_size(self, model: Any) -> Optional[tuple[int, int]]:
+        """The ``(H, W)`` the model's input is fixed to (a Keras ``Input`` shape), else ``None``: the
+        default image size of :func:`camlens.visualize` for a plain model."""
 
     def check_inputs(self, inputs: Any) -> Any:
         """The input array of a plain model: the framework's float array (a clear error otherwise);

@@ -265,6 +265,15 @@ class CallableBackend:
     def resolve_layers(self, model: Any, spec: Any) -> list:
         raise _black_box(model, f"read its layers (layer={spec!r})")
 
+    def layer_names(self, model: Any) -> list[str]:
+        return []
+
+    def image_size(self, model: Any) -> Optional[tuple[int, int]]:
+        return None
+
+    def maximise(self, model: Any, terms: Sequence[Sequence[Any]], **kw: Any) -> tuple[Any, Any, Any]:
+        raise _black_box(model, "optimise an image for it (camlens.visualize needs gradients)")
+
     def default_layer(self, model: Any, x: Any) -> str:
         raise _black_box(model, "read its layers")
 

@@ -4,8 +4,13 @@ Erhan et al. 2009; DeepVis (Yosinski et al. 2015: plain pixels with L2 and total
 regularisers); Olah et al. 2017 ("Feature Visualization": a Fourier parameterisation with
 decorrelated colour and transformation robustness). Every objective gets its own image and all are
 optimised in ONE batch. This module parses objectives (class targets in the language of
-:mod:`camlens.core.targets`); the optimisation is the model's backend's (``Backend.maximise``; torch:
-:mod:`camlens.backends.torch.visualize`, which documents the maths).
+:mod:`camlens.core.targets`); the optimisation is the model's backend's (``Backend.maximise``):
+PyTorch (:mod:`camlens.backends.torch.visualize`, which documents the maths) and Keras 3 on its
+TensorFlow, JAX or PyTorch backend (:mod:`camlens.backends.keras.visualize`: the same maths in
+``keras.ops`` on NHWC images). Both share the framework-free parts — the colour matrix, the
+frequency grid, the initial image and every transform drawn from one NumPy generator
+(:mod:`camlens.backends.maximise`) — so a Keras model and a torch model with the same weights give
+the same images to float rounding, and an image does not depend on the others in its batch.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from .passes import is_loaded
 
 __all__ = ["Objective", "Visualization", "visualize", "DEFAULT_TRANSFORMS"]
 
-# the transformation-robustness defaults (backends' Transforms take these fields)
+# the transformation-robustness defaults (camlens.backends.maximise.Transforms takes these fields)
 DEFAULT_TRANSFORMS: dict[str, Any] = {"pad": 12, "jitter": 8, "scale": (0.9, 1.1), "rotate": 10.0}
 
 
@@ -39,8 +44,9 @@ class Objective:
     ``terms``: ``(weight, kind, spec)`` with kind ``"class"`` (spec: a target as in
     ``camlens.explain(targets=)``: an index, a class name, ``"head:class"``, ``(head, class)``, a
     :class:`camlens.Target` or a callable ``fn(output) -> (B,)``), ``"channel"`` (spec ``(layer, c)``:
-    the spatial mean of channel ``c`` of the layer's ``(B, C, h, w)`` output) or ``"neuron"`` (spec
-    ``(layer, c, y, x)``: one activation; ``y, x = None``: the map's centre).
+    the spatial mean of channel ``c`` of the layer's ``(B, C, h, w)`` output; Keras: ``(B, h, w, C)``)
+    or ``"neuron"`` (spec ``(layer, c, y, x)``: one activation, ``(y, x)`` in the layer's map of the
+    untransformed image, the same place under the transforms' border; ``y, x = None``: the centre).
     """
 
     terms: tuple[tuple[float, str, Any], ...]
@@ -149,13 +155,9 @@ def _layerish(spec: Any) -> Optional[str]:
     return None
 
 
-def _module_names(model: Any) -> set[str]:
-    named = getattr(model, "named_modules", None)
-    return {n for n, _ in named()} - {""} if callable(named) else set()
-
-
-def _as_objective(spec: Any, layers: set[str]) -> Objective:
-    """One user spec as an :class:`Objective` (see :func:`visualize`)."""
+def _as_objective(spec: Any, layers: set[str], heads: frozenset = frozenset()) -> Objective:
+    """One user spec as an :class:`Objective` (see :func:`visualize`); ``"a:b"`` with ``a`` in
+    ``heads`` (the class-name dict's keys) is a head's class, also where ``a`` names a layer."""
     if isinstance(spec, Objective):
         return spec
     if isinstance(spec, Mapping):  # {spec: weight}: a weighted sum
@@ -165,13 +167,13 @@ def _as_objective(spec: Any, layers: set[str]) -> Objective:
         for k, w in spec.items():
             if isinstance(w, bool) or not isinstance(w, (int, float)):
                 raise ConfigTypeError(f"objective weight for {k!r} must be a number, got {type(w).__name__}")
-            parts.append(float(w) * _as_objective(k, layers))
+            parts.append(float(w) * _as_objective(k, layers, heads))
         out = sum(parts[1:], parts[0])
-        return dataclasses.replace(out, label=" + ".join(f"{w:g}·{_as_objective(k, layers).describe()}"
+        return dataclasses.replace(out, label=" + ".join(f"{w:g}·{_as_objective(k, layers, heads).describe()}"
                                                          for k, w in spec.items()))
     if isinstance(spec, str) and ":" in spec:
         name, _, rest = spec.rpartition(":")
-        if name.strip() in layers:
+        if name.strip() in layers and name.strip() not in heads:
             if not rest.strip().lstrip("-").isdigit():
                 raise ConfigError(f"objective {spec!r}: {name.strip()!r} is a layer, so the part after ':' must be "
                                   "a channel index, e.g. 'layer:12'")
@@ -220,43 +222,62 @@ def visualize(
     categories: Categories = None,
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
+    channels: Optional[Sequence[int]] = None,
 ) -> Visualization:
     """Optimise one image per objective so that it maximises the objective (all in one batch).
 
     Args:
         model: a :class:`camlens.models.LoadedModel` (its normalisation, input size and class names
-            are used) or a PyTorch ``nn.Module`` taking ``(B, 3, H, W)`` images (``mean``/``std``
-            default to none: images in ``[0, 1]``).
+            are used; a Keras one's preprocessing read as the affine map it is), a PyTorch
+            ``nn.Module`` taking ``(B, 3, H, W)`` images or a ``keras.Model`` taking ``(B, H, W, 3)``
+            ones (on Keras' TensorFlow, JAX or PyTorch backend; ``mean``/``std`` default to none:
+            images in ``[0, 1]``).
         objective: one objective or a list of them (one image each). Each is an :class:`Objective`,
             a class target (``int`` index, class name ``"espresso"``, ``"head:class"``, ``(head, class)``,
             :class:`camlens.Target`, callable ``fn(output) -> (B,)``), ``"layer:channel"`` (``layer``
             a module name: that channel's spatial mean), ``(layer, channel)``, ``(layer, channel, y,
-            x)`` (a neuron) or ``{spec: weight}`` (a weighted sum).
+            x)`` (a neuron, ``(y, x)`` in the map of the untransformed image) or ``{spec: weight}`` (a
+            weighted sum). Keras layers by path
+            (``"features/block4_conv"``) or a bare name unique across the nesting; a class objective
+            is the logit (a final softmax / sigmoid left out, as ``explain`` scores it).
         param: ``"fourier"`` (1/f-scaled spectrum with decorrelated colour, Olah et al. 2017) or
             ``"pixels"`` (DeepVis: plain pixels clamped to [0, 1], with ``tv`` and ``l2``).
         steps: Adam steps (default 128; 48 suffice for the README's EfficientNet-Lite0 classes at 128 px).
-        size: the image size ``H`` or ``(H, W)``; default the loaded model's ``input_size``, else 224.
+        size: the image size ``H`` or ``(H, W)``; default the loaded model's ``input_size``, else a
+            Keras model's fixed input size, else 224. The model sees ``size + 2·pad`` (the transforms'
+            grey border).
         lr: Adam's step size; default 0.05 (fourier) / 0.01 (pixels).
         transforms: ``"default"`` (:data:`DEFAULT_TRANSFORMS`: pad 12 px grey, jitter ±8 px, scale
-            0.9–1.1, rotation ±10°, drawn per image and step), ``None`` (none) or a dict overriding
-            some of those fields.
+            0.9–1.1, rotation ±10°, drawn afresh every step, the same for every image of the batch),
+            ``None`` (none) or a dict overriding some of those fields.
         decorrelate: decorrelated colour for ``param="fourier"`` (``False``: plain RGB spectrum).
         decay: the spectrum's ``1/f**decay`` scaling (fourier).
         tv, l2: regulariser weights, ``tv · TV(x) + l2 · ||x - 0.5||²`` subtracted from each objective;
             default 0 for fourier, ``tv=2.0, l2=1e-4`` for pixels.
-        seed: the seed of every random draw (initial image, transforms): CPU runs repeat exactly.
+        seed: the seed of every random draw (initial image, transforms; NumPy, the same on every
+            framework and device): CPU runs repeat exactly, and each image is the one its objective
+            alone would give with this seed (every image starts from the same noise and sees the
+            same transforms; for different images of one objective, use different seeds).
         categories: class names for class-name objectives (default: the loaded model's).
-        mean, std: the normalisation from ``[0, 1]`` images to model inputs (default: the loaded model's).
+        mean, std: the normalisation from ``[0, 1]`` RGB images to model inputs, ``(x - mean) / std``
+            (default: the loaded model's).
+        channels: the model input's channel order, ``input[..., c] = normalised[..., channels[c]]``
+            (``(2, 1, 0)``: BGR, as ``keras.applications``' caffe models; default: the loaded model's,
+            else RGB).
 
     Returns:
         :class:`Visualization` with ``images`` ``(N, H, W, 3)`` uint8, ``floats`` ``(N, H, W, 3)``,
         ``values`` ``(N,)`` (each objective on its final image), ``history``, ``labels``.
 
-    The model is left exactly as given: modes, ``requires_grad`` and parameters; no ``.grad`` is
-    written (gradients are taken with respect to the image parameters only).
+    The returned images are RGB in ``[0, 1]`` on every framework (the model input is made from them
+    as above). The model is left exactly as given: modes, ``requires_grad`` / ``trainable`` and
+    weights; no ``.grad`` is written (gradients are taken with respect to the image parameters only).
     """
     if is_loaded(model):
         categories = categories if categories is not None else getattr(model, "categories", None)
+        norm = getattr(model, "input_normalisation", None)  # a Keras model's preprocess_input, read as affine
+        if callable(norm) and mean is None and std is None and channels is None:
+            mean, std, channels = norm()
         mean = mean if mean is not None else getattr(model, "mean", None)
         std = std if std is not None else getattr(model, "std", None)
         size = size if size is not None else getattr(model, "input_size", None)
@@ -266,7 +287,11 @@ def visualize(
     std = (1.0, 1.0, 1.0) if std is None else tuple(float(v) for v in std)
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ConfigError(f"mean and std are 3 numbers (RGB), std > 0; got mean={mean}, std={std}")
-    hw = _size(size)
+    if channels is not None:
+        channels = tuple(int(c) for c in channels)
+        if sorted(channels) != [0, 1, 2]:
+            raise ConfigError(f"channels is an order of the RGB channels, e.g. (2, 1, 0) for BGR; got {channels}")
+    hw = _size(size if size is not None else bk.image_size(model))
     if param not in ("fourier", "pixels"):
         raise ConfigError(f"unknown param {param!r}; use 'fourier' (Olah et al. 2017) or 'pixels' (DeepVis)")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -279,11 +304,12 @@ def visualize(
     specs = objective if isinstance(objective, list) else [objective]
     if not specs:
         raise ConfigError("no objective given: pass one, or a list (one image each)")
-    layers = _module_names(model)
-    objs = [_as_objective(s, layers) for s in specs]
+    layers = set(bk.layer_names(model))
+    heads = frozenset(categories) if isinstance(categories, Mapping) else frozenset()
+    objs = [_as_objective(s, layers, heads) for s in specs]
     terms = [[_term(w, k, s, categories, sorted(layers)) for w, k, s in o.terms] for o in objs]
     kw = dict(size=hw, steps=steps, lr=lr, param=param, decorrelate=decorrelate, tv=tv, l2=l2, seed=int(seed),
-              mean=mean, std=std, decay=float(decay), transforms=tf)
+              mean=mean, std=std, channels=channels, decay=float(decay), transforms=tf)
     with bk.call_context():  # (torch: inference mode off, so it also works inside torch.inference_mode())
         x, values, hist = bk.maximise(model, terms, **kw)
     ops = ops_for(x)

@@ -147,6 +147,24 @@ class KerasLoadedModel:
     def to_display(self, x: Any) -> np.ndarray:
         return self.preprocess.to_display(x)
 
+    def input_normalisation(self) -> tuple[tuple, tuple, tuple]:
+        """``(mean, std, channels)``: the preprocessing of ``[0, 1]`` RGB images ``x`` as
+        ``input[..., c] = ((x - mean) / std)[..., channels[c]]`` (for :func:`camlens.visualize`), read
+        from the affine map ``preprocess_input(255 x)[..., c] = scale[c] · 255 x[..., perm[c]] + shift[c]``:
+        ``channels = perm``, ``std[perm[c]] = 1 / (255 scale[c])``, ``mean[perm[c]] = -shift[c] / (255
+        scale[c])``. E.g. caffe (ResNet50): BGR, ``mean`` the ImageNet means / 255, ``std = 1/255``."""
+        aff = self.preprocess.affine
+        if aff is None or np.any(np.asarray(aff[1]) <= 0):
+            raise InputError(f"the preprocessing of {self.name} is not a per-channel affine map with positive scales, "
+                             "so camlens.visualize cannot optimise [0, 1] images through it; pass mean=, std= (and "
+                             "channels=) saying how the model input is made from [0, 1] RGB images")
+        perm, scale, shift = (np.asarray(a, dtype=np.float64) for a in aff)
+        mean, std = np.empty(3), np.empty(3)
+        perm = perm.astype(int)
+        std[perm] = 1.0 / (255.0 * scale)
+        mean[perm] = -shift / (255.0 * scale) + 0.0  # (+ 0.0: no negative zeros)
+        return tuple(mean.tolist()), tuple(std.tolist()), tuple(perm.tolist())
+
 
 def load_keras(spec: str, weights: Optional[str] = None, crop: bool = False) -> KerasLoadedModel:
     """``keras:...`` (``spec`` without the prefix) as a :class:`KerasLoadedModel`; see the module docstring

@@ -10,6 +10,9 @@ The contract (:class:`Autodiff`): ``forward(cap, fn)`` runs one forward ``fn(run
     J[t, b] = d (sum_b' S[b', t]) / d A[b]          (T, B, ...)
 
 which is ``dS[b, t] / dA[b]``: in inference mode image b's scores depend on image b's activations only.
+:meth:`Autodiff.value_and_grad` is the plain gradient of a scalar w.r.t. one tensor (activation
+maximisation's image parameter, :mod:`.visualize`): TF's tape, ``jax.value_and_grad``,
+``torch.autograd.grad``.
 
 * **TensorFlow** — a graph model (a :class:`~.graph.Cut` below the layers): the forward records no
   gradient; the part of the graph below the layers runs again on T tiled copies of the batch,
@@ -139,6 +142,13 @@ class Autodiff:
         ``output = forward(xt)`` (``check(S, output)``, both concrete, before the backward)."""
         raise NotImplementedError
 
+    def value_and_grad(self, fn: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple]:
+        """``step(p, *args) -> (loss, aux, d loss / d p)`` for ``loss, aux = fn(p, *args)`` (``loss`` a scalar
+        tensor, ``p`` a tensor, ``args`` tensors not differentiated): the gradient w.r.t. ``p`` only (no
+        variable of any model watched, no ``.grad`` written). Activation maximisation's step
+        (:mod:`.visualize`)."""
+        raise NotImplementedError
+
 
 class _TF(Autodiff):
     name = "tensorflow"
@@ -261,6 +271,18 @@ class _TF(Autodiff):
         """``forward`` (a tensor -> the model's output) as a ``tf.function`` (traced once per input signature)."""
         return self.tf.function(forward, reduce_retracing=True)
 
+    def value_and_grad(self, fn: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple]:
+        """A tape watching ``p`` only (``fn`` may call ``tf.function`` s: their graphs are differentiated)."""
+        tf = self.tf
+
+        def step(p: Any, *args: Any) -> tuple:
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(p)
+                loss, aux = fn(p, *args)
+            return loss, aux, tape.gradient(loss, p, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+        return step
+
 
 class _JAX(Autodiff):
     name = "jax"
@@ -335,6 +357,16 @@ class _JAX(Autodiff):
         cot = jnp.broadcast_to(jnp.eye(T, dtype=s.dtype)[:, None, :], (T, B, T))
         g = jax.vmap(lambda c: vjp_model(vjp_score(c)[0])[0])(cot)  # (T, B, ...)
         return np.array(g), out
+
+    def value_and_grad(self, fn: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple]:
+        """``jax.value_and_grad`` w.r.t. the first argument (the model's weights are constants of ``fn``)."""
+        vg = self.jax.value_and_grad(fn, argnums=0, has_aux=True)
+
+        def step(p: Any, *args: Any) -> tuple:
+            (loss, aux), g = vg(p, *args)
+            return loss, aux, g
+
+        return step
 
 
 class _Torch(Autodiff):
@@ -418,6 +450,21 @@ class _Torch(Autodiff):
         check(self.to_numpy(s), out)
         (g,) = self._grads(s, [x])
         return g, out
+
+    def value_and_grad(self, fn: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple]:
+        """``torch.autograd.grad`` w.r.t. a leaf copy of ``p`` (never ``.backward()``: no ``.grad`` written)."""
+        torch = self.torch
+
+        def step(p: Any, *args: Any) -> tuple:
+            leaf = p.detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss, aux = fn(leaf, *args)
+                (g,) = torch.autograd.grad(loss, [leaf], allow_unused=True)
+            g = torch.zeros_like(leaf) if g is None else g
+            return loss.detach(), tree.map_structure(lambda t: t.detach() if isinstance(t, torch.Tensor) else t,
+                                                     aux), g
+
+        return step
 
 
 _IMPLS = {"tensorflow": _TF, "jax": _JAX, "torch": _Torch}

@@ -44,7 +44,8 @@ from ..base import PRECISION_NAMES, float_images, layout_problem, unguided_error
 from ..numpy import NumpyOps
 from . import randomise
 from .autodiff import autodiff, float32, host, model_output, named
-from .graph import (Cut, GraphRun, downstream_cut, graph_of, layer_index, output_activations, output_names,
+from .graph import (SEP, Cut, GraphRun, downstream_cut, graph_of, head_keys, layer_index, output_activations,
+                    output_names,
                     require_model, resolve_paths, run_graph)
 from .scores import target_scores
 
@@ -334,10 +335,32 @@ class KerasBackend:
         return inputs
 
     def maximise(self, model: Any, terms: Sequence[Sequence[Any]], **kw: Any) -> tuple[Any, Any, Any]:
-        """Activation maximisation is not written for Keras models yet: a clear error."""
-        raise ModelError(f"camlens.visualize works on PyTorch models only so far, got the Keras model "
-                         f"{getattr(model, 'name', type(model).__name__)!r}; use a torch model "
-                         "(e.g. camlens.models.load('efficientnet-lite0'))")
+        """Activation maximisation (:func:`camlens.visualize`): one image per objective, in one batch;
+        :func:`~camlens.backends.keras.visualize.maximise` (NumPy out: NCHW images in [0, 1])."""
+        from .visualize import maximise
+
+        return maximise(model, terms, **kw)
+
+    def layer_names(self, model: Any) -> list[str]:
+        """Layer paths (``"features/block4_conv"``) and the bare names unique across the nesting, less the
+        output layers named as the model's heads (``"shape:circle"`` of a dict output ``{"shape": ...}``
+        made by a Dense layer ``shape`` stays a head's class)."""
+        heads = {k for k in head_keys(model) if isinstance(k, str)}
+        paths = [p for p in layer_index(model) if p not in heads]
+        bare: dict[str, int] = {}
+        for p in paths:
+            leaf = p.rsplit(SEP, 1)[-1]
+            bare[leaf] = bare.get(leaf, 0) + 1
+        return paths + [b for b, k in bare.items() if k == 1 and b not in paths and b not in heads]
+
+    def image_size(self, model: Any) -> Optional[tuple[int, int]]:
+        """The ``(H, W)`` of a graph model's one 4-D input, where both are fixed."""
+        g = graph_of(model)
+        if g is None or len(g.inputs) != 1 or len(g.inputs[0].shape) != 4:
+            return None
+        s = g.inputs[0].shape
+        hw = (s[1], s[2]) if channels_last(model) else (s[2], s[3])
+        return None if None in hw else (int(hw[0]), int(hw[1]))
 
     def check_inputs(self, inputs: Any) -> np.ndarray:
         """NumPy / backend-tensor float images as a NumPy array (NHWC as given; transposed by

@@ -50,6 +50,13 @@ class TorchBackend:
 
         return maximise(model, terms, **kw)
 
+    def layer_names(self, model: nn.Module) -> list[str]:
+        return [n for n, _ in model.named_modules() if n]
+
+    def image_size(self, model: nn.Module) -> Optional[tuple[int, int]]:
+        """``None``: a module says nothing of its input size."""
+        return None
+
     def check_inputs(self, inputs: Any) -> Tensor:
         return check_input_tensor(inputs)
 

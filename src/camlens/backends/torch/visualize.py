@@ -14,10 +14,12 @@ Parameterisations (the image ``x`` is ``(N, 3, H, W)`` in ``[0, 1]``):
   each step, with the regularisers ``tv · TV(x) + l2 · ||x - 0.5||²`` subtracted from the
   objective (``TV``: the mean absolute difference of neighbouring pixels).
 
-Transformation robustness: each step the model sees ``T(x)``, a fresh random transform per image:
-pad by ``pad`` pixels (grey 0.5), then ONE bilinear resampling combining a scale in ``scale``,
-a rotation in ``rotate`` degrees and a shift of up to ``jitter`` pixels. Every draw comes from a
-``torch.Generator`` seeded by ``seed`` (CPU runs repeat bit for bit).
+Transformation robustness: each step the model sees ``T(x)``, a fresh random transform (the same
+for every image of the batch): pad by ``pad`` pixels (grey 0.5), then ONE bilinear resampling
+combining a scale in ``scale``, a rotation in ``rotate`` degrees and a shift of up to ``jitter``
+pixels. The matrices, the frequency grid and every random draw are the framework-free ones of
+:mod:`camlens.backends.maximise` (NumPy, seeded by ``seed``: CPU runs repeat bit for bit, an image
+does not depend on the others in the batch, and a Keras model gets the same draws).
 
 The model is left exactly as given: eval mode and frozen parameters for the call (restored,
 also after errors), gradients taken with ``torch.autograd.grad`` with respect to the image
@@ -27,40 +29,30 @@ parameters only (no ``.grad`` is written on the model), forward hooks removed on
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core.errors import ConfigError, LayerError
+from ...core.errors import ConfigError
+from .. import maximise as shared
+from ..maximise import COLOR_CORRELATION, Draws, Term, Transforms, as_term, as_transforms, map_reading
 from .state import model_state, resolve_layers
 
 __all__ = ["COLOR_CORRELATION", "color_matrix", "fourier_scale", "FourierImage", "PixelImage", "Transforms",
-           "Term", "as_term", "as_transforms", "maximise", "total_variation"]
-
-# square root of the RGB covariance of ImageNet images (rows: R, G, B; columns: decorrelated
-# components), the matrix of Olah et al. 2017; its columns are rescaled in color_matrix()
-COLOR_CORRELATION = ((0.26, 0.09, 0.02),
-                     (0.27, 0.00, -0.05),
-                     (0.27, -0.09, 0.03))
+           "Draws", "transform", "Term", "as_term", "as_transforms", "maximise", "total_variation"]
 
 
 def color_matrix(dtype: torch.dtype = torch.float32, device: Any = None) -> Tensor:
-    """``M`` (3, 3): :data:`COLOR_CORRELATION` divided by the largest column norm."""
-    m = torch.tensor(COLOR_CORRELATION, dtype=dtype, device=device)
-    return m / m.norm(dim=0).max()
+    """``M`` (3, 3): :func:`camlens.backends.maximise.color_matrix` as a tensor."""
+    return torch.from_numpy(shared.color_matrix()).to(dtype=dtype, device=device)
 
 
 def fourier_scale(h: int, w: int, decay: float = 1.0, device: Any = None) -> Tensor:
-    """``A`` (h, w//2+1): ``1 / max(|f|, 1/max(h, w)) ** decay`` on ``rfft2``'s frequency grid."""
-    fy = torch.fft.fftfreq(h, device=device)[:, None]
-    fx = torch.fft.rfftfreq(w, device=device)[None, :]
-    f = torch.sqrt(fy * fy + fx * fx)
-    return 1.0 / torch.clamp(f, min=1.0 / max(h, w)) ** decay
+    """``A`` (h, w//2+1) float32: :func:`camlens.backends.maximise.fourier_scale` as a tensor."""
+    return torch.from_numpy(shared.fourier_scale(h, w, decay)).to(dtype=torch.float32, device=device)
 
 
 class FourierImage:
@@ -71,13 +63,13 @@ class FourierImage:
     With ``decorrelate=False`` ``M`` is the identity.
     """
 
-    def __init__(self, n: int, h: int, w: int, *, decorrelate: bool = True, decay: float = 1.0, sd: float = 0.01,
-                 generator: Optional[torch.Generator] = None, device: Any = None) -> None:
+    def __init__(self, n: int, h: int, w: int, *, decorrelate: bool = True, decay: float = 1.0, sd: float = shared.SD,
+                 draws: Optional[Draws] = None, device: Any = None) -> None:
         self.h, self.w = h, w
         self.scale = fourier_scale(h, w, decay, device)
         self.color = color_matrix(device=device) if decorrelate else torch.eye(3, device=device)
-        p = torch.randn((n, 3, h, w // 2 + 1, 2), generator=generator, device="cpu") * sd
-        self.param = p.to(device).requires_grad_(True)
+        p = torch.from_numpy((draws or Draws(0)).spectrum(h, w, sd))  # one draw for every image
+        self.param = p.expand(n, *p.shape).to(device).clone().requires_grad_(True)
 
     def image(self) -> Tensor:
         spec = torch.view_as_complex(self.param) * self.scale
@@ -98,10 +90,10 @@ class FourierImage:
 class PixelImage:
     """``x`` itself: ``(N, 3, H, W)`` pixels, clamped to ``[0, 1]`` after every step."""
 
-    def __init__(self, n: int, h: int, w: int, *, sd: float = 0.01, generator: Optional[torch.Generator] = None,
+    def __init__(self, n: int, h: int, w: int, *, sd: float = shared.SD, draws: Optional[Draws] = None,
                  device: Any = None) -> None:
-        p = 0.5 + torch.randn((n, 3, h, w), generator=generator, device="cpu") * sd
-        self.param = p.to(device).requires_grad_(True)
+        p = torch.from_numpy((draws or Draws(0)).pixels(h, w, sd))  # one draw for every image
+        self.param = p.expand(n, *p.shape).to(device).clone().requires_grad_(True)
 
     def image(self) -> Tensor:
         return self.param
@@ -118,54 +110,19 @@ def total_variation(x: Tensor) -> Tensor:
     return dy + dx
 
 
-@dataclass(frozen=True)
-class Transforms:
-    """Transformation robustness, drawn afresh for every image and step.
-
-    Attributes:
-        pad: grey (0.5) border added first, in pixels (default 12).
-        jitter: largest shift in pixels, each axis, uniform (default 8).
-        scale: the scale factor range, uniform (default 0.9 to 1.1).
-        rotate: the largest rotation in degrees, uniform in ``±rotate`` (default 10).
-    """
-
-    pad: int = 12
-    jitter: int = 8
-    scale: tuple[float, float] = (0.9, 1.1)
-    rotate: float = 10.0
-
-    def __call__(self, x: Tensor, g: torch.Generator) -> Tensor:
-        """``T(x)`` ``(N, 3, H + 2 pad, W + 2 pad)``: pad, then one bilinear resampling by the inverse of
-        the per-image affine map ``(scale s, rotation θ, shift t)``."""
-        if self.pad:
-            x = F.pad(x, (self.pad,) * 4, value=0.5)
-        n, _, h, w = x.shape
-        if not self.jitter and self.scale == (1.0, 1.0) and not self.rotate:
-            return x
-        u = torch.rand((n, 4), generator=g, device="cpu", dtype=torch.float64)
-        s = self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 0]
-        th = (2 * u[:, 1] - 1) * math.radians(self.rotate)
-        shift = torch.round((2 * u[:, 2:] - 1) * self.jitter) * 2 / torch.tensor([w, h], dtype=torch.float64)
-        cos, sin = torch.cos(th) / s, torch.sin(th) / s
-        # affine_grid maps output coords to input coords: the inverse of "scale by s, rotate by θ"
-        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-        grid = F.affine_grid(theta.to(x.dtype).to(x.device), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-@dataclass(frozen=True)
-class Term:
-    """One weighted part of an objective: ``weight · score`` with ``score`` ``(B,)`` either
-    ``fn(output)`` (a class score: ``kind="output"``) or a layer's channel ``(B, C, h, w)`` read
-    spatially averaged (``kind="channel"``) or at ``(y, x)`` (``kind="neuron"``; ``None``: the centre)."""
-
-    weight: float
-    kind: str
-    fn: Optional[Callable[[Any], Tensor]] = None
-    layer: Optional[str] = None
-    channel: Optional[int] = None
-    y: Optional[int] = None
-    x: Optional[int] = None
+def transform(tf: Transforms, x: Tensor, draws: Draws) -> Tensor:
+    """``T(x)`` ``(N, 3, H + 2 pad, W + 2 pad)``: pad (grey 0.5), then one bilinear resampling of every
+    image by the step's ``theta`` (:meth:`Transforms.draw`; ``F.affine_grid`` + ``F.grid_sample``,
+    border padding, ``align_corners=False``)."""
+    if tf.pad:
+        x = F.pad(x, (tf.pad,) * 4, value=0.5)
+    n, _, h, w = x.shape
+    theta = tf.draw(draws, h, w)
+    if theta is None:
+        return x
+    th = torch.from_numpy(theta).to(dtype=x.dtype, device=x.device).expand(n, 2, 3)
+    grid = F.affine_grid(th, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 @contextlib.contextmanager
@@ -182,66 +139,35 @@ def _hooks(model: nn.Module, names: Sequence[str], store: dict[str, Tensor]) -> 
             h.remove()
 
 
-def _term_score(t: Term, output: Any, acts: dict[str, Tensor]) -> Tensor:
+def _term_score(t: Term, output: Any, acts: dict[str, Tensor], base: Optional[dict] = None) -> Tensor:
     if t.kind == "output":
         return t.fn(output)  # type: ignore[misc]
     a = acts[t.layer]  # type: ignore[index]
-    if not isinstance(a, Tensor) or a.ndim != 4:
-        shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
-        raise LayerError(f"layer {t.layer!r} gives {shape}, not a (B, C, h, w) map: channel and neuron "
-                         "objectives need a convolutional layer")
-    if not 0 <= t.channel < a.shape[1]:  # type: ignore[operator]
-        raise LayerError(f"channel {t.channel} out of range: layer {t.layer!r} has {a.shape[1]} channels")
+    at = map_reading(t, tuple(a.shape) if isinstance(a, Tensor) else None, base=(base or {}).get(t.layer))
     c = a[:, t.channel]
-    if t.kind == "channel":
-        return c.flatten(1).mean(1)
-    h, w = c.shape[-2:]
-    y = h // 2 if t.y is None else t.y
-    x = w // 2 if t.x is None else t.x
-    if not (0 <= y < h and 0 <= x < w):
-        raise LayerError(f"neuron ({y}, {x}) is outside layer {t.layer!r}'s {h}x{w} map")
-    return c[:, y, x]
+    return c.flatten(1).mean(1) if at is None else c[:, at[0], at[1]]
 
 
-def objective_values(terms: Sequence[Sequence[Term]], output: Any, acts: dict[str, Tensor]) -> Tensor:
-    """Image ``n``'s value of objective ``n``: ``Σ_k w_k · score_k[n]``, shape ``(N,)``."""
+def objective_values(terms: Sequence[Sequence[Term]], output: Any, acts: dict[str, Tensor],
+                     base: Optional[dict] = None) -> Tensor:
+    """Image ``n``'s value of objective ``n``: ``Σ_k w_k · score_k[n]``, shape ``(N,)``; ``base``: layer ->
+    ``(h, w)`` of its map on the untransformed image (where neurons' positions are given)."""
     rows = []
     for n, obj in enumerate(terms):
-        rows.append(sum(t.weight * _term_score(t, output, acts)[n] for t in obj))
+        rows.append(sum(t.weight * _term_score(t, output, acts, base)[n] for t in obj))
     return torch.stack(rows)
-
-
-def as_term(term: Any) -> Term:
-    """The engine's ``(weight, kind, payload)`` (:mod:`camlens.engine.visualize`) as a :class:`Term`."""
-    if isinstance(term, Term):
-        return term
-    w, kind, p = term
-    if kind == "output":
-        return Term(float(w), "output", fn=p)
-    if kind == "channel":
-        return Term(float(w), "channel", layer=p[0], channel=int(p[1]))
-    if kind == "neuron":
-        return Term(float(w), "neuron", layer=p[0], channel=int(p[1]), y=p[2], x=p[3])
-    raise ConfigError(f"unknown objective term kind {kind!r}")
-
-
-def as_transforms(tf: Any) -> Optional[Transforms]:
-    """``None``, a :class:`Transforms` or a dict of its fields."""
-    if tf is None or isinstance(tf, Transforms):
-        return tf
-    return Transforms(pad=int(tf["pad"]), jitter=int(tf["jitter"]), scale=tuple(float(v) for v in tf["scale"]),
-                      rotate=float(tf["rotate"]))
 
 
 def maximise(model: nn.Module, terms: Sequence[Sequence[Any]], *, size: tuple[int, int], steps: int, lr: float,
              param: str, decorrelate: bool, transforms: Any, tv: float, l2: float, seed: int,
              mean: Sequence[float], std: Sequence[float], decay: float = 1.0,
+             channels: Optional[Sequence[int]] = None,
              progress: Optional[Callable[[int, Tensor], None]] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Optimise one image per objective (all in one batch) with Adam; return ``(images (N, 3, H, W)
     in [0, 1], final objective values (N,) on the untransformed images, history (steps, N))``.
 
     The loss is ``-Σ_n (objective_n(T(x_n)) - tv·TV(x_n) - l2·||x_n - 0.5||²)``, the model input
-    ``(T(x) - mean) / std``.
+    ``(T(x) - mean) / std`` (RGB), its channels then in the order ``channels`` (``None``: RGB).
     """
     terms = [[as_term(t) for t in obj] for obj in terms]
     transforms = as_transforms(transforms)
@@ -250,11 +176,11 @@ def maximise(model: nn.Module, terms: Sequence[Sequence[Any]], *, size: tuple[in
     if not dtype.is_floating_point:
         dtype = torch.float32
     n, (h, w) = len(terms), size
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    draws = Draws(seed)
     if param == "fourier":
-        img: Any = FourierImage(n, h, w, decorrelate=decorrelate, decay=decay, generator=g, device=dev)
+        img: Any = FourierImage(n, h, w, decorrelate=decorrelate, decay=decay, draws=draws, device=dev)
     elif param == "pixels":
-        img = PixelImage(n, h, w, generator=g, device=dev)
+        img = PixelImage(n, h, w, draws=draws, device=dev)
     else:
         raise ConfigError(f"unknown parameterisation {param!r}; use 'fourier' or 'pixels'")
     m = torch.tensor(list(mean), dtype=dtype, device=dev).view(1, -1, 1, 1)
@@ -264,14 +190,26 @@ def maximise(model: nn.Module, terms: Sequence[Sequence[Any]], *, size: tuple[in
     opt = torch.optim.Adam([img.param], lr=lr)
     history = []
 
+    order = None if channels is None or list(channels) == [0, 1, 2] else list(channels)
+
+    base: dict[str, tuple[int, int]] = {}  # layer -> its map's (h, w) on the untransformed image
+
     def values(x: Tensor) -> Tensor:
         acts.clear()
-        return objective_values(terms, model(((x.to(dtype) - m) / s)), acts)
+        z = (x.to(dtype) - m) / s
+        return objective_values(terms, model(z if order is None else z[:, order]), acts, base)
 
     with model_state(model), _hooks(model, layers, acts), torch.enable_grad():
+        if transforms is not None and transforms.pad and any(
+                t.kind == "neuron" and (t.y is not None or t.x is not None) for obj in terms for t in obj):
+            with torch.no_grad():  # given neuron positions are in the maps of the unpadded image
+                acts.clear()
+                z = (img.image().to(dtype) - m) / s
+                model(z if order is None else z[:, order])
+                base.update((k, tuple(a.shape[-2:])) for k, a in acts.items() if isinstance(a, Tensor) and a.ndim == 4)
         for step in range(steps):
             x = img.image()
-            v = values(transforms(x, g) if transforms is not None else x)
+            v = values(transform(transforms, x, draws) if transforms is not None else x)
             reg = 0.0
             if tv:
                 reg = reg + tv * total_variation(x)

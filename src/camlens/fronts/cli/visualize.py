@@ -18,7 +18,8 @@ def visualize(
     cls: Optional[List[str]] = typer.Option(None, "--class", "-c",
                                             help="a class to visualise: name (espresso), index or head:class; repeatable"),
     channel: Optional[List[str]] = typer.Option(None, "--channel",
-                                                help="a channel to visualise, LAYER:CHANNEL (e.g. blocks.5:12); repeatable"),
+                                                help="a channel to visualise, LAYER:CHANNEL (e.g. blocks.5:12; Keras: a layer path, "
+                                                     "features/block4_relu:3); repeatable"),
     model: str = _model_option(),
     weights: Optional[Path] = _weights_option(),
     param: str = typer.Option("fourier", "--param", help="fourier (decorrelated colour, 1/f spectrum) or pixels (DeepVis)"),
@@ -31,7 +32,8 @@ def visualize(
     out: Path = typer.Option(Path("camlens_visualize"), "--out", "-o", help="output folder"),
     device: Optional[str] = _device_option(),
 ) -> None:
-    """Optimise one image per --class / --channel (all in one batch) and write them to --out.
+    """Optimise one image per --class / --channel (all in one batch) and write them to --out
+    (PyTorch and Keras models, any --model form).
 
     Writes NN_LABEL.png per objective, row.png (all side by side) and summary.json (each
     objective's final value and, for classes, the model's probability of that class on the image).
