@@ -40,7 +40,7 @@ import numpy as np
 from ..core.errors import ConfigError, InputError, MissingDependencyError
 
 __all__ = ["VideoFrame", "Ema", "explain_frames", "render", "FrameReader", "FrameWriter", "probe", "decoded",
-           "open_capture", "capture_frames", "Window"]
+           "open_capture", "capture_frames", "Window", "window_unavailable"]
 
 _DONE = object()  # end of a queue
 
@@ -204,8 +204,7 @@ def _open_input(path: Union[str, Path]) -> tuple[Any, Any]:
                          "complete and not corrupt?") from None
     if not container.streams.video:
         container.close()
-        raise InputError(f"{p} has no video stream (streams: "
-                         f"{', '.join(s.type for s in container.streams) or 'none'})")
+        raise InputError(f"{p} has no video stream: not a video (an audio-only or data file?)")
     stream = container.streams.video[0]
     if stream.codec_context is None or not stream.codec_context.name:
         container.close()
@@ -254,12 +253,17 @@ class FrameReader:
     errors are raised in the consumer's thread; a ``KeyboardInterrupt`` raised by the source, or
     :meth:`stop` (Ctrl-C), ends the iteration cleanly (``interrupted`` is then ``True``)."""
 
-    def __init__(self, source: Union[str, Path, Iterable[np.ndarray]], maxsize: int = 8) -> None:
+    def __init__(self, source: Union[str, Path, Iterable[np.ndarray]], maxsize: int = 8, start: bool = True) -> None:
         self.source = decoded(source) if isinstance(source, (str, Path)) else source
         self.q: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
         self.halt = threading.Event()
         self.interrupted = False
         self.thread = threading.Thread(target=self._run, name="camlens-video-reader", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start reading (``start=False``: e.g. once a Ctrl-C handler is in place)."""
         self.thread.start()
 
     def _put(self, item: Any) -> bool:
@@ -293,7 +297,7 @@ class FrameReader:
             try:
                 item = self.q.get(timeout=0.05)
             except queue.Empty:
-                if self.halt.is_set() or not self.thread.is_alive() and self.q.empty():
+                if self.halt.is_set() or self.thread.ident is not None and not self.thread.is_alive() and self.q.empty():
                     return
                 continue
             if item is _DONE:
@@ -303,8 +307,10 @@ class FrameReader:
             yield item
 
     def close(self) -> None:
+        """Stop the thread and close the source."""
         self.halt.set()
-        self.thread.join(timeout=5)
+        if self.thread.ident is not None:
+            self.thread.join(timeout=5)
         close = getattr(self.source, "close", None)
         if close is not None and not self.thread.is_alive():
             close()
@@ -454,6 +460,23 @@ def capture_fps(cap: Any, default: float = 30.0) -> float:
     return fps if 1.0 <= fps <= 1000.0 else default
 
 
+def window_unavailable(cv2: Any) -> Optional[str]:
+    """Why OpenCV cannot show a window here, or ``None``: a build without GUI
+    (``opencv-python-headless``: "GUI: NONE" in its build information), or, on Linux, no display
+    (``DISPLAY`` / ``WAYLAND_DISPLAY`` unset: Qt would abort the process rather than raise)."""
+    import os
+    import re
+    import sys
+
+    gui = re.search(r"^\s*GUI:\s*(\S+)", cv2.getBuildInformation(), re.MULTILINE)
+    if gui is not None and gui.group(1).upper() == "NONE":
+        return (f"this OpenCV ({cv2.__version__}) is built without GUI (opencv-python-headless); "
+                "pip install opencv-python for a window")
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "no display (DISPLAY / WAYLAND_DISPLAY unset)"
+    return None
+
+
 class Window:
     """An OpenCV window showing RGB frames; ``show`` returns ``False`` once q or Esc is pressed.
 
@@ -463,12 +486,14 @@ class Window:
     def __init__(self, title: str = "camlens") -> None:
         cv2 = _cv2()
         self.cv2, self.title = cv2, title
+        why = window_unavailable(cv2)
+        if why is not None:
+            raise ConfigError(f"cannot open a window: {why}; record with --out FILE.mp4 instead")
         try:
             cv2.namedWindow(title, cv2.WINDOW_NORMAL)
         except cv2.error as err:
-            raise ConfigError(f"this OpenCV ({cv2.__version__}) cannot open a window (a build without GUI, such as "
-                              "opencv-python-headless, or no display): record with --out FILE.mp4, or "
-                              f"pip install opencv-python and run on a desktop ({str(err).strip().splitlines()[-1]})") from None
+            raise ConfigError(f"this OpenCV ({cv2.__version__}) cannot open a window "
+                              f"({str(err).strip().splitlines()[-1]}): record with --out FILE.mp4") from None
 
     def show(self, frame: np.ndarray) -> bool:
         self.cv2.imshow(self.title, np.ascontiguousarray(frame[..., ::-1]))
@@ -482,17 +507,19 @@ class Window:
 
 
 class Rate:
-    """Frames per second over the last ``window`` seconds (what the overlay shows)."""
+    """Frames per second, as the overlay shows it: frames counted over the last ``window`` seconds
+    divided by the time they span (from the start until ``window`` seconds have passed), so the
+    bursts of a batch arriving at once do not show as thousands of fps."""
 
     def __init__(self, window: float = 2.0) -> None:
         self.window = window
+        self.start = time.perf_counter()
         self.times: collections.deque = collections.deque()
 
-    def tick(self) -> Optional[float]:
+    def tick(self) -> float:
+        """Count a frame done now; the rate."""
         now = time.perf_counter()
         self.times.append(now)
-        while len(self.times) > 2 and now - self.times[0] > self.window:
+        while self.times and now - self.times[0] > self.window:
             self.times.popleft()
-        if len(self.times) < 2:
-            return None
-        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+        return len(self.times) / max(min(self.window, now - self.start), 1e-6)

@@ -92,13 +92,15 @@ def video(
         fps = v.capture_fps(cap)
         frames = v.capture_frames(cap, max_frames)
 
-    reader = v.FrameReader(frames, maxsize=2 * batch_size)
-    writer = v.FrameWriter(out, fps, crf=crf, maxsize=2 * batch_size) if out is not None else None
+    reader = v.FrameReader(frames, maxsize=2 * batch_size, start=False)
+    writer = None
     interrupted = _on_ctrl_c(reader)
     rate = v.Rate()
     kw = dict(method=method, top_k=top_k, layer=list(layer) if layer else None, **opts)
     done = 0
     try:
+        writer = v.FrameWriter(out, fps, crf=crf, maxsize=2 * batch_size) if out is not None else None
+        reader.start()
         with _video_progress(total if source is not None else None) as progress:
             task = progress.add_task(f"{source.name if source else f'webcam {webcam}'}", total=total)
             for vf in v.explain_frames(m, reader, targets, batch_size=batch_size, every=every, smooth=smooth, **kw):
