@@ -139,3 +139,17 @@ def test_perturbation_benchmark_smoke(tmp_path):
     assert len(times) == (7 if wall["meta"]["shap"] else 6) and all(t["median_s"] > 0 for t in times.values())
     if wall["meta"]["shap"]:  # shap's Partition explainer: the evaluations it made are counted
         assert wall["meta"]["shap_evaluations"] > 0
+
+
+@pytest.mark.slow
+def test_video_benchmark_smoke_writes_ratios(tmp_path):
+    pytest.importorskip("av")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.video", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "video-cpu.json").read_text())
+    assert set(res["rows"]) == {"model fwd+bwd", "camlens.explain", "camlens video"}
+    assert all(r["fps"] > 0 and len(r["times_s"]) == 1 for r in res["rows"].values())
+    fps = {k: r["fps"] for k, r in res["rows"].items()}
+    assert res["ratios"]["video / fwd+bwd"] == pytest.approx(fps["camlens video"] / fps["model fwd+bwd"])
+    assert "video / fwd+bwd" in (tmp_path / "video-cpu.md").read_text()

@@ -253,10 +253,30 @@ def assets(tmp_path_factory) -> Path:
         (d / name).parent.mkdir(parents=True, exist_ok=True)
         img.save(d / name)
     (d / "my_model.py").write_text(MY_MODEL)
+    _write_clip(d / "clip.mp4", np.asarray(Image.fromarray(skimage_data.chelsea()).resize((160, 112))))
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     torch.save(tv.models.resnet50().state_dict(), d / "resnet50.pth")
     return d
+
+
+def _write_clip(path: Path, photo: np.ndarray, frames: int = 12) -> None:
+    """``clip.mp4`` for `camlens video`: the photo panning right, 2 px a frame (12 frames, 10 fps);
+    nothing is written without PyAV (the video cases then fail naming the missing file)."""
+    try:
+        import av
+    except ImportError:
+        return
+    h, w = photo.shape[0], photo.shape[1] - 2 * frames
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=10)
+        s.height, s.width, s.pix_fmt = h, w, "yuv420p"
+        for i in range(frames):
+            f = np.ascontiguousarray(photo[:, 2 * i:2 * i + w])
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
 
 
 @pytest.fixture
@@ -277,7 +297,7 @@ def workdir(assets, tmp_path, monkeypatch) -> Path:
 # ----------------------------------------------------------------------------------------------
 # CLI cases
 # ----------------------------------------------------------------------------------------------
-_FILEISH = re.compile(r"\.(jpe?g|png|bmp|gif|tiff?|webp|pth|pt|py)(:\w+)?$", re.I)
+_FILEISH = re.compile(r"\.(jpe?g|png|bmp|gif|tiff?|webp|pth|pt|py|mp4)(:\w+)?$", re.I)
 
 
 def _params(sub: str) -> Dict[str, object]:
@@ -381,6 +401,14 @@ def _check_outputs(sub: str, words: List[str], output: str) -> None:
         summary = json.loads((out / "summary.json").read_text())
         assert (out / summary["grid"]).is_file()
         assert (out / summary["shapes"]["composite"]).is_file() and (out / summary["shapes"]["report"]).is_file()
+    elif sub == "video":  # as many frames as the clip, of its size
+        import av
+
+        src = next(w for w in words[1:] if w.endswith(".mp4") and w != str(out))
+        with av.open(src) as a, av.open(str(out)) as b:
+            ra, rb = a.streams.video[0], b.streams.video[0]
+            assert (rb.width, rb.height, rb.average_rate) == (ra.width, ra.height, ra.average_rate)
+            assert sum(1 for _ in b.decode(rb)) == sum(1 for _ in a.decode(ra)) > 0
     elif sub == "methods":
         import camlens
 
