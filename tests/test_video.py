@@ -12,6 +12,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 av = pytest.importorskip("av")
@@ -107,7 +108,15 @@ def test_ema_is_the_recurrence_on_the_explained_maps(shapes):
 
 def test_every_n_explains_every_nth_frame_and_reuses_its_map(shapes):
     frames = [_frame(i) for i in range(10)]
+    net = shapes.model
+    net.train()  # handed over in training mode: it must come back so, with its parameters and no hooks
+    before = {k: t.clone() for k, t in net.state_dict().items()}
+    grads = [p.requires_grad for p in net.parameters()]
     every1 = list(v.explain_frames(shapes, frames, batch_size=2))
+    assert net.training and [p.requires_grad for p in net.parameters()] == grads
+    assert all(torch.equal(before[k], t) for k, t in net.state_dict().items())
+    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in net.modules())
+    net.eval()
     every3 = list(v.explain_frames(shapes, frames, batch_size=2, every=3))
     assert [f.index for f in every3] == list(range(10))
     assert all(f.frame is frames[f.index] for f in every3)
