@@ -273,3 +273,21 @@ def test_keras_model_frame_by_frame(clip, tmp_path):
     got = list(v.explain_frames(lm, inputs[:12], every=2, smooth=0.5))
     assert got[0].maps.shape == (1, 32, 32) and np.isfinite(got[0].maps).all()
     assert np.abs(frames[11][40:].astype(float) - v.render(got[11], None)[40:]).mean() < 8
+
+
+def test_rate_counts_bursts_of_a_batch_as_the_time_they_took():
+    rate = v.Rate(window=10.0, now=0.0)
+    got = []
+    for burst in range(1, 5):  # 8 frames at once every 2 s: 4 fps
+        got += [rate.tick(now=2.0 * burst + 1e-4 * k) for k in range(8)]
+    assert got[7] == pytest.approx(8 / 2.0, rel=1e-3)  # one burst: frames over the time since the start
+    assert got[-1] == pytest.approx(4.0, rel=1e-3)
+
+
+def test_a_live_reader_drops_the_oldest_frames_when_the_model_is_slower():
+    reader = v.FrameReader((np.full((2, 2, 3), i, np.uint8) for i in range(50)), maxsize=3, drop_old=True)
+    deadline = time.time() + 10
+    while reader.dropped < 47 and time.time() < deadline:
+        time.sleep(0.01)
+    assert [int(f[0, 0, 0]) for f in reader] == [47, 48, 49] and reader.dropped == 47
+    reader.close()

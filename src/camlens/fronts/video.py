@@ -251,11 +251,15 @@ class FrameReader:
     ``source``: a video path (decoded by PyAV) or any iterable of ``(H, W, 3)`` uint8 frames (a
     webcam, a test's generator). At most ``maxsize`` decoded frames wait in the queue. The source's
     errors are raised in the consumer's thread; a ``KeyboardInterrupt`` raised by the source, or
-    :meth:`stop` (Ctrl-C), ends the iteration cleanly (``interrupted`` is then ``True``)."""
+    :meth:`stop` (Ctrl-C), ends the iteration cleanly (``interrupted`` is then ``True``).
+    ``drop_old=True`` (a live camera shown in a window): when the queue is full the oldest frame is
+    dropped (``dropped`` counts them), so a model slower than the camera shows recent frames."""
 
-    def __init__(self, source: Union[str, Path, Iterable[np.ndarray]], maxsize: int = 8, start: bool = True) -> None:
+    def __init__(self, source: Union[str, Path, Iterable[np.ndarray]], maxsize: int = 8, start: bool = True,
+                 drop_old: bool = False) -> None:
         self.source = decoded(source) if isinstance(source, (str, Path)) else source
         self.q: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
+        self.drop_old, self.dropped = drop_old, 0
         self.halt = threading.Event()
         self.interrupted = False
         self.thread = threading.Thread(target=self._run, name="camlens-video-reader", daemon=True)
@@ -267,6 +271,17 @@ class FrameReader:
         self.thread.start()
 
     def _put(self, item: Any) -> bool:
+        if self.drop_old and isinstance(item, np.ndarray):  # live: the newest frame wins, latency stays bounded
+            while True:
+                try:
+                    self.q.put_nowait(item)
+                    return True
+                except queue.Full:
+                    try:
+                        self.q.get_nowait()
+                        self.dropped += 1
+                    except queue.Empty:
+                        pass
         while not self.halt.is_set():
             try:
                 self.q.put(item, timeout=0.05)
@@ -507,19 +522,30 @@ class Window:
 
 
 class Rate:
-    """Frames per second, as the overlay shows it: frames counted over the last ``window`` seconds
-    divided by the time they span (from the start until ``window`` seconds have passed), so the
-    bursts of a batch arriving at once do not show as thousands of fps."""
+    """Frames per second, as the overlay shows it.
 
-    def __init__(self, window: float = 2.0) -> None:
-        self.window = window
-        self.start = time.perf_counter()
-        self.times: collections.deque = collections.deque()
+    Results come in bursts (a batch of B frames at once, every B / fps seconds), so ticks closer
+    than ``gap`` seconds form one burst, and the rate is the frames of the bursts after the first
+    one of the last ``window`` seconds over the time from that first burst to the last: each burst's
+    frames were computed in the time since the previous one. Before a second burst: the frames over
+    the time since the start."""
 
-    def tick(self) -> float:
-        """Count a frame done now; the rate."""
-        now = time.perf_counter()
-        self.times.append(now)
-        while self.times and now - self.times[0] > self.window:
-            self.times.popleft()
-        return len(self.times) / max(min(self.window, now - self.start), 1e-6)
+    def __init__(self, window: float = 4.0, gap: float = 0.005, now: Optional[float] = None) -> None:
+        self.window, self.gap = window, gap
+        self.start = time.perf_counter() if now is None else now
+        self.bursts: collections.deque = collections.deque()  # [time of its last tick, frames]
+
+    def tick(self, now: Optional[float] = None) -> float:
+        """Count a frame done ``now`` (default: the clock); the rate."""
+        now = time.perf_counter() if now is None else now
+        if self.bursts and now - self.bursts[-1][0] <= self.gap:
+            self.bursts[-1][0] = now
+            self.bursts[-1][1] += 1
+        else:
+            self.bursts.append([now, 1])
+        while len(self.bursts) > 2 and now - self.bursts[1][0] > self.window:
+            self.bursts.popleft()
+        if len(self.bursts) == 1:
+            return self.bursts[0][1] / max(now - self.start, 1e-6)
+        span = self.bursts[-1][0] - self.bursts[0][0]
+        return sum(b[1] for b in list(self.bursts)[1:]) / max(span, 1e-6)

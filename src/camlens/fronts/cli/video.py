@@ -52,7 +52,8 @@ def video(
     finalises a valid --out file (a second Ctrl-C: at once, still a valid file); exit code 130.
 
     --webcam INDEX reads a camera (OpenCV) until Ctrl-C, q / Esc in the window, or --max-frames;
-    without --out it shows a window (needs an OpenCV with GUI, not opencv-python-headless).
+    without --out it shows a window (needs an OpenCV with GUI, not opencv-python-headless), where
+    frames the model cannot keep up with are dropped (the newest wins); --out records every frame.
     """
     from camlens.fronts import video as v
 
@@ -92,7 +93,7 @@ def video(
         fps = v.capture_fps(cap)
         frames = v.capture_frames(cap, max_frames)
 
-    reader = v.FrameReader(frames, maxsize=2 * batch_size, start=False)
+    reader = v.FrameReader(frames, maxsize=2 * batch_size, start=False, drop_old=window is not None)
     writer = None
     interrupted = _on_ctrl_c(reader)
     rate = v.Rate()
@@ -123,7 +124,8 @@ def video(
     stopped = interrupted.is_set() or reader.interrupted
     where = f" to {escape(str(out))}" if out is not None else ""
     n = writer.written if writer is not None else done
-    console.print(f"{'[yellow]interrupted: [/]' if stopped else '[green]✓[/] '}{n} frame(s){where} "
+    dropped = f", {reader.dropped} camera frame(s) dropped (the model is slower)" if reader.dropped else ""
+    console.print(f"{'[yellow]interrupted: [/]' if stopped else '[green]✓[/] '}{n} frame(s){where}{dropped} "
                   f"({m.name}, {method}{f', every {every}' if every > 1 else ''}"
                   f"{f', smooth {smooth}' if smooth else ''})", highlight=False)
     if stopped and webcam is None:
