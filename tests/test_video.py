@@ -158,8 +158,8 @@ class FakeCamera:
     """A cv2.VideoCapture stand-in: BGR frames; ``interrupt_after`` raises KeyboardInterrupt, as
     Ctrl-C would, from the k+1-th read; ``signal_after`` sends SIGINT to the process instead."""
 
-    def __init__(self, n: int = 1000, interrupt_after=None, signal_after=None) -> None:
-        self.i, self.n, self.released = 0, n, False
+    def __init__(self, n: int = 1000, interrupt_after=None, signal_after=None, delay: float = 0.0) -> None:
+        self.i, self.n, self.released, self.delay = 0, n, False, delay
         self.interrupt_after, self.signal_after = interrupt_after, signal_after
 
     def isOpened(self) -> bool:
@@ -176,6 +176,7 @@ class FakeCamera:
             time.sleep(0.5)  # the handler (main thread) stops the reader before more frames are queued
         if self.i >= self.n:
             return False, None
+        time.sleep(self.delay)
         self.i += 1
         return True, np.ascontiguousarray(_frame(self.i - 1, 64, 64)[..., ::-1])
 
@@ -291,3 +292,41 @@ def test_a_live_reader_drops_the_oldest_frames_when_the_model_is_slower():
         time.sleep(0.01)
     assert [int(f[0, 0, 0]) for f in reader] == [47, 48, 49] and reader.dropped == 47
     reader.close()
+
+
+class FakeCv2:
+    """An OpenCV with a GUI, as far as camlens can tell: q is pressed at the 4th frame shown."""
+
+    error = RuntimeError
+    WINDOW_NORMAL = 0
+    __version__ = "fake"
+
+    def __init__(self) -> None:
+        self.shown: list = []
+
+    def getBuildInformation(self) -> str:
+        return "  GUI:                           QT5\n"
+
+    def namedWindow(self, title, flags) -> None:
+        pass
+
+    def imshow(self, title, bgr) -> None:
+        self.shown.append(bgr.copy())
+
+    def waitKey(self, ms) -> int:
+        return ord("q") if len(self.shown) == 4 else -1
+
+    def destroyWindow(self, title) -> None:
+        pass
+
+
+def test_webcam_window_shows_overlays_until_q(monkeypatch):
+    fake = FakeCv2()
+    monkeypatch.setattr(v, "_cv2", lambda: fake)
+    monkeypatch.setenv("DISPLAY", ":0")
+    res = _webcam(monkeypatch, FakeCamera(n=200, delay=0.03), "-b", "1")  # a 33 fps camera
+    assert res.exit_code == 0, res.output
+    # q at the 4th frame stops reading; the frames already read are still shown, then it ends
+    assert 4 <= len(fake.shown) <= 4 + 2 + 2 and fake.shown[0].shape == (64, 64, 3)
+    raw = _frame(0, 64, 64)[..., ::-1]
+    assert np.abs(fake.shown[0].astype(float) - raw).mean() > 10  # an overlay, not the raw frame

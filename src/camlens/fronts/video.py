@@ -272,7 +272,7 @@ class FrameReader:
 
     def _put(self, item: Any) -> bool:
         if self.drop_old and isinstance(item, np.ndarray):  # live: the newest frame wins, latency stays bounded
-            while True:
+            while not self.halt.is_set():
                 try:
                     self.q.put_nowait(item)
                     return True
@@ -282,6 +282,7 @@ class FrameReader:
                         self.dropped += 1
                     except queue.Empty:
                         pass
+            return False
         while not self.halt.is_set():
             try:
                 self.q.put(item, timeout=0.05)
