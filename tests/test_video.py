@@ -330,3 +330,8 @@ def test_webcam_window_shows_overlays_until_q(monkeypatch):
     assert 4 <= len(fake.shown) <= 4 + 2 + 2 and fake.shown[0].shape == (64, 64, 3)
     raw = _frame(0, 64, 64)[..., ::-1]
     assert np.abs(fake.shown[0].astype(float) - raw).mean() > 10  # an overlay, not the raw frame
+
+
+def test_out_must_not_be_the_input(clip):
+    res = CliRunner().invoke(app, ["video", str(clip), "--out", str(clip), "-m", "shapes-2head"], env={"COLUMNS": "400"})
+    assert res.exit_code == 2 and "is the input video" in res.output

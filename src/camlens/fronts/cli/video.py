@@ -75,6 +75,12 @@ def video(
         raise typer.BadParameter("--show must be >= 0 and --crf in 0..51")
     if out is not None and out.suffix.lower() != ".mp4":
         raise typer.BadParameter(f"--out writes an MP4: give a name ending in .mp4, got {str(out)!r}")
+    if source is not None and out is not None and out.resolve() == source.resolve():
+        raise typer.BadParameter(f"--out {str(out)!r} is the input video: give another file name")
+    if webcam is not None and out is None:  # no window possible: say so before the model loads
+        why = v.window_unavailable(v._cv2())
+        if why is not None:
+            raise typer.BadParameter(f"cannot open a window: {why}; record with --out FILE.mp4 instead")
     opts = _parse_options(option or [])
     targets = _cli_targets(target)
 
@@ -89,7 +95,12 @@ def video(
     if webcam is not None:
         if out is None:
             window = v.Window(f"camlens {m.name}")
-        cap = v.open_capture(webcam)
+        try:
+            cap = v.open_capture(webcam)
+        except BaseException:
+            if window is not None:
+                window.close()
+            raise
         fps = v.capture_fps(cap)
         frames = v.capture_frames(cap, max_frames)
 
