@@ -31,7 +31,7 @@ def video(
     method: str = typer.Option("gradcam", "--method", help="see `camlens methods`"),
     target: Optional[List[str]] = typer.Option(None, "--target", "-t", help=TARGET_HELP),
     top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="explain each head's K top classes"),
-    show: int = typer.Option(0, "--show", help="which target's map is drawn (0: the first); all are labelled"),
+    show: int = typer.Option(0, "--show", help="which target's map is drawn (0: the first); the first 3 targets are labelled"),
     smooth: float = typer.Option(0.0, "--smooth",
                                  help="temporal smoothing in [0, 1): map = s * previous + (1 - s) * new (0: none)"),
     every: int = typer.Option(1, "--every", help="explain every Nth frame; the frames between reuse its map"),
