@@ -62,6 +62,7 @@ _JS = r"""
   var $$ = function (s) { return Array.prototype.slice.call(document.querySelectorAll(s)); };
   var root = document.documentElement;
   var state = {models: [], image: null, results: {}, layer: "", requests: 0, live: null};
+  window.camlensServe = state;  // the answers shown (results: method -> /api/explain's answer), for scripts and tests
 
   function api(path, opts) {
     opts = opts || {};
@@ -372,6 +373,7 @@ def page_html(cmaps: Sequence[str]) -> str:
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>camlens serve</title>
+<link rel="icon" href="data:,">
 <style>{_CSS}</style>
 </head>
 <body>
