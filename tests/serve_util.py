@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import struct
-import threading
-import time
 import zlib
-from contextlib import contextmanager
-from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
+
+from camlens.fronts.serve import in_thread
 
 
 def png_bytes(arr: np.ndarray) -> bytes:
@@ -40,22 +38,4 @@ def bomb_png(w: int = 40_000, h: int = 40_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-@contextmanager
-def running(app: Any) -> Iterator[str]:
-    """``app`` served by a real uvicorn on 127.0.0.1 (a free port) in a thread; yields its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not (server.started and server.servers):
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+running = in_thread  # the app on a real uvicorn in a thread

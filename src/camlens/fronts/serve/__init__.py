@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any, Callable, Mapping, Optional
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from .app import LOOPBACK, ServeConfig, create_app, layer_tree
 
-__all__ = ["create_app", "ServeConfig", "run", "check_host", "layer_tree"]
+__all__ = ["create_app", "ServeConfig", "run", "check_host", "layer_tree", "in_thread"]
 
 
 def check_host(host: str, token: Optional[str]) -> Optional[str]:
@@ -37,3 +40,25 @@ def run(models: Mapping[str, Any], *, host: str = "127.0.0.1", port: int = 8000,
     if cfg.token and not token:
         echo(f"token (generated, give it to the page as ?token= or scripts as Authorization: Bearer): {cfg.token}")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@contextmanager
+def in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """``app`` served by uvicorn in a daemon thread (``port=0``: a free port) while the block runs; yields
+    its base URL (``http://127.0.0.1:PORT``). For tests and scripts (screenshots)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (server.started and server.servers):
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -47,7 +47,8 @@ label{display:block;margin:.25rem 0}select,input[type=text]{max-width:100%}
 #toggles ul{list-style:none;padding:0;margin:.2rem 0 .4rem}
 .swatch{display:inline-block;width:.8rem;height:.8rem;border-radius:2px;vertical-align:middle}
 #error{color:#c00;min-height:1.2em}
-#live-view{display:block;border:1px solid var(--line);width:384px;height:auto}
+#live-view{display:block;border:1px solid var(--line);width:384px;height:auto;margin-top:1rem}
+#live-view[data-frames="0"]{display:none}
 video{display:none}
 """
 
