@@ -273,8 +273,8 @@ class Engine:
 
         maps, image, layers = [], None, []
         for exp, top in exps:
-            m = exp.maps.detach().float().cpu().numpy()[0] if hasattr(exp.maps, "detach") else np.asarray(exp.maps)[0]
-            probs = exp.probs.detach().float().cpu().numpy()[0] if hasattr(exp.probs, "detach") else np.asarray(exp.probs)[0]
+            arrays = exp.numpy()  # framework-free copies
+            m, probs = arrays["maps"][0], arrays["probs"][0]
             if image is None:
                 image = np.asarray(exp.display[0], np.uint8)
                 layers = list(exp.layers)
