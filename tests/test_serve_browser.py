@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 
 import numpy as np
 import pytest
@@ -19,9 +18,9 @@ pytest.importorskip("fastapi")
 import camlens  # noqa: E402
 from camlens.fronts.serve import ServeConfig, create_app  # noqa: E402
 from camlens.viz import composite  # noqa: E402
+from browser_util import chromium  # noqa: E402
 from serve_util import png_bytes, running, shapes_image  # noqa: E402
 
-CHROMIUM = os.environ.get("CAMLENS_CHROMIUM", "/usr/bin/chromium")
 NAME = "shapes-2head"
 
 
@@ -35,23 +34,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def browser():
-    required = os.environ.get("CAMLENS_REQUIRE_BROWSER") == "1"
-    try:
-        import playwright.sync_api as sync_api
-    except ImportError:
-        if required:
-            pytest.fail("playwright is not installed (pip install playwright; never `playwright install`)")
-        pytest.skip("pip install playwright (no browser download)")
-    if not os.path.exists(CHROMIUM):
-        if required:
-            pytest.fail(f"{CHROMIUM} missing: apt-get install -y chromium")
-        pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium")
-    with sync_api.sync_playwright() as p:
-        br = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
-        yield br
-        br.close()
+    yield from chromium(["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
 
 
 @pytest.fixture
