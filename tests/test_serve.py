@@ -289,3 +289,43 @@ def test_cli_lists_serve_and_refuses_nothing_at_help():
 
     res = CliRunner().invoke(app, ["serve", "--help"])
     assert res.exit_code == 0 and "--max-concurrent" in res.output and "--token" in res.output
+
+
+def test_no_model_named_is_the_first_and_warnings_come_back(client, monkeypatch):
+    blank = png_bytes(np.full((64, 64, 3), 128, np.uint8))
+    res = client.post("/api/explain", files={"image": ("x.png", blank, "image/png")}).json()
+    assert res["model"] == NAME and len(res["maps"]) == 2 and res["warnings"] == []
+    explain = camlens.explain
+
+    def warns(*a, **k):
+        import warnings
+
+        warnings.warn("1 of 2 maps are constant: ...\nmore", RuntimeWarning)
+        warnings.warn("1 of 2 maps are constant: ...", RuntimeWarning)  # the same line once
+        return explain(*a, **k)
+    monkeypatch.setattr(camlens, "explain", warns)
+    res = client.post("/api/explain", files={"image": ("x.png", blank, "image/png")}).json()
+    assert res["warnings"] == ["1 of 2 maps are constant: ..."] and len(res["maps"]) == 2
+    monkeypatch.undo()
+    res = _post(client, blank, layer="shape_head")  # a (B, K) layer: camlens.explain's own error, one line
+    assert "error" in res.json() and res.status_code == 422 and "\n" not in res.json()["error"]
+
+
+def test_run_prints_the_address_and_a_generated_token(model, monkeypatch):
+    import uvicorn
+
+    from camlens.fronts.serve import run
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(app=app, host=host, port=port))
+    lines: list[str] = []
+    run({NAME: model}, host="0.0.0.0", port=8123, echo=lines.append)
+    token = seen["app"].state.engine.config.token
+    assert seen["host"] == "0.0.0.0" and seen["port"] == 8123 and len(token) == 24
+    assert lines[0] == f"camlens serve: http://0.0.0.0:8123/?token={token}" and token in lines[1]
+    c = TestClient(seen["app"], base_url="http://192.168.1.5")  # a token: any host name
+    assert c.get("/api/models").status_code == 401 and c.get(f"/api/models?token={token}").status_code == 200
+    lines.clear()
+    run({NAME: model}, echo=lines.append)
+    assert seen["host"] == "127.0.0.1" and lines == ["camlens serve: http://127.0.0.1:8000/"]
+    assert seen["app"].state.engine.config.token is None

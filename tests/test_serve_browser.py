@@ -176,3 +176,21 @@ def test_live_view_with_the_fake_camera_reports_frames(page):
         return [c.width, c.height]; }""")
     assert px[0] > 1 and px[1] > 1
     page.click("#live-stop")
+
+
+def test_downloads_are_the_panels_and_the_saved_explanations(page, tmp_path):
+    page.set_input_files("#file", page.image_path)
+    _wait_requests(page, 1)
+    with page.expect_download() as d:
+        page.click("#download-png")
+    png = tmp_path / "panel.png"
+    d.value.save_as(png)
+    assert d.value.suggested_filename == "camlens-gradcam.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(png).convert("RGB")), _pixels(page))
+    with page.expect_download() as d:
+        page.click("#download-npz")
+    npz = tmp_path / "exp.npz"
+    d.value.save_as(npz)
+    exp = camlens.load(npz)
+    _, maps, _ = _answer(page)
+    assert np.abs(np.rint(exp.maps[0].numpy() * 255) - maps * 255).max() <= 1

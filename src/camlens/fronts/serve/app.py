@@ -13,7 +13,8 @@ The JSON API (every route the page uses; ``token`` is required when the server h
 * ``POST /api/explain`` (multipart): ``image`` (an image file), ``model``, ``method`` (default
   ``gradcam``), ``layer`` (a name of ``/api/layers``; empty: the default), ``targets`` (JSON: per head
   ``{"top": k}`` or ``{"classes": [names or indices]}``; default the top class of every head) →
-  ``{id, model, method, layers, width, height, image, maps: [{label, head, cls, prob, color, png}], ms}``:
+  ``{id, model, method, layers, width, height, image, maps: [{label, head, cls, prob, color, png}], ms,
+  warnings}``:
   ``image`` the display image and each map an 8-bit grey PNG (``round(255 m)``, at the display size) as
   data URIs, so the page colours and composites them itself; ``id`` names the saved Explanation.
 * ``GET /api/explanations/{id}.npz``: that Explanation (``Explanation.save``; the last
@@ -27,8 +28,9 @@ The JSON API (every route the page uses; ``token`` is required when the server h
 Limits: a body over ``max_bytes`` is refused with 413; an image whose header claims more than
 ``max_pixels`` pixels with 413 (before decoding: decompression bombs); a file that is not an image
 with 422; unknown names (model, method, layer, head, class) with 422 listing the valid ones; beyond
-``max_concurrent`` requests computing (or waiting for their model) at once, 503. Each model computes
-one request at a time (``explain`` hooks the model's layers for the call).
+``max_concurrent`` requests computing (or waiting their turn) at once, 503. One request computes at
+a time (``explain`` hooks the model's layers for the call); its warnings (e.g. constant maps) come back
+in the answer's ``warnings``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import secrets
 import threading
 import time
 import uuid
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -70,7 +73,7 @@ class ServeConfig:
     Fields:
         max_bytes: the largest request body (an upload, a live frame), in bytes.
         max_pixels: the largest image (width x height), checked on the file's header before decoding.
-        max_concurrent: requests computing (or waiting for their model) at once; beyond: 503.
+        max_concurrent: requests computing (or waiting their turn) at once; beyond: 503.
         token: required of every request when set (any host but loopback must have one).
         max_targets: maps per request (top-k and classes of all heads together).
     """
@@ -125,14 +128,14 @@ def _png_uri(arr: np.ndarray, fmt: str = "PNG") -> str:
 
 
 class Engine:
-    """The models, the admission count and the per-model locks; calls only camlens' public API."""
+    """The models, the admission count and the compute lock; calls only camlens' public API."""
 
     def __init__(self, models: Mapping[str, Any], config: ServeConfig) -> None:
         if not models:
             raise InputError("camlens serve needs at least one model (--model NAME)")
         self.models = dict(models)
         self.config = config
-        self.locks = {name: threading.Lock() for name in self.models}
+        self.compute = threading.Lock()  # one computation at a time (explain hooks the model for the call)
         self.busy = 0
         self.busy_lock = threading.Lock()
         self.saved: "OrderedDict[str, Any]" = OrderedDict()
@@ -247,13 +250,15 @@ class Engine:
         the Explanations)."""
         import camlens
 
+        model = model or next(iter(self.models))  # none named: the first the server was started with
         lm = self.model(model)
         self.method(method)
         layer = self.layer(model, layer)
         explicit, top = self.targets(model, targets)
         t0 = time.perf_counter()
         exps = []
-        with self.locks[model]:
+        with self.compute, warnings.catch_warnings(record=True) as caught:  # the lock also keeps the warnings apart
+            warnings.simplefilter("always")
             try:
                 if top:
                     keys = [int(h) if h.isdigit() else h for h in top]
@@ -265,7 +270,9 @@ class Engine:
             except CamlensError as err:
                 raise HttpError(422, str(err).splitlines()[0]) from None
         ms = (time.perf_counter() - t0) * 1000
-        return self._answer(exps, model, method, ms), [e for e, _ in exps]
+        answer = self._answer(exps, model, method, ms)
+        answer["warnings"] = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
+        return answer, [e for e, _ in exps]
 
     def _answer(self, exps: list[tuple[Any, Optional[dict[str, int]]]], model: str, method: str,
                 ms: float) -> dict[str, Any]:

@@ -204,6 +204,7 @@ _JS = r"""
     var ms = methods(), o = options();
     $$("section.panel").forEach(function (p) { if (ms.indexOf(p.dataset.method) < 0) { p.remove(); delete state.results[p.dataset.method]; } });
     pending += 1; root.dataset.busy = "1";
+    var seq = state.seq = (state.seq || 0) + 1;  // a newer request's answer wins over an older one's
     return Promise.all(ms.map(function (method) {
       var form = new FormData();
       form.append("image", state.image, "image");
@@ -211,6 +212,7 @@ _JS = r"""
       form.append("layer", o.layer); form.append("targets", JSON.stringify(o.targets));
       return api("/api/explain", {method: "POST", body: form}).then(decodeResult);
     })).then(function (results) {
+      if (seq !== state.seq) return;
       state.results = {};
       results.forEach(function (res, i) {
         state.results[ms[i]] = res;
@@ -220,6 +222,9 @@ _JS = r"""
       });
       buildToggles(results[0]);
       showError(null);
+      var notes = [];
+      results.forEach(function (r, i) { (r.warnings || []).forEach(function (w) { notes.push(ms[i] + ": " + w); }); });
+      $("#notes").textContent = notes.join(" · ");
       redraw();
       state.requests += 1; root.dataset.requests = String(state.requests);
     }).catch(showError).then(function () { pending -= 1; if (!pending) delete root.dataset.busy; });
@@ -380,6 +385,7 @@ def page_html(cmaps: Sequence[str]) -> str:
 <body>
 <h1>camlens</h1>
 <div id="error" role="alert"></div>
+<div id="notes" class="meta"></div>
 <div class="app">
 <div class="side">
 <div id="drop">drop an image here, or <input type="file" id="file" accept="image/*"></div>
