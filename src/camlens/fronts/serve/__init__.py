@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Optional
 
+from ...core.errors import ConfigError
 from .app import LOOPBACK, ServeConfig, create_app, layer_tree
 
 __all__ = ["create_app", "ServeConfig", "run", "check_host", "layer_tree", "in_thread"]
@@ -54,7 +55,7 @@ def in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]
     deadline = time.monotonic() + 30
     while not (server.started and server.servers):
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
+            raise ConfigError(f"the server did not start on {host}:{port} (is the port in use?)")
         time.sleep(0.02)
     bound = server.servers[0].sockets[0].getsockname()[1]
     try:

@@ -54,7 +54,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from fastapi.concurrency import run_in_threadpool
 
-from ...core.errors import CamlensError, InputError
+from ...core.errors import CamlensError, ConfigError, InputError
 from ...io.images import load_image
 
 __all__ = ["create_app", "ServeConfig", "KEEP", "LOOPBACK"]
@@ -132,7 +132,7 @@ class Engine:
 
     def __init__(self, models: Mapping[str, Any], config: ServeConfig) -> None:
         if not models:
-            raise InputError("camlens serve needs at least one model (--model NAME)")
+            raise ConfigError("camlens serve needs at least one model (--model NAME)")
         self.models = dict(models)
         self.config = config
         self.compute = threading.Lock()  # one computation at a time (explain hooks the model for the call)
