@@ -197,6 +197,9 @@ def test_foreign_hosts_and_origins_are_refused_without_a_token(model):
     c = _client(model)
     assert c.get("/api/models", headers={"host": "evil.example"}).status_code == 403  # DNS rebinding
     assert c.get("/api/models", headers={"host": "localhost:8000"}).status_code == 200
+    assert c.get("/api/models", headers={"host": "[::1]:8000"}).status_code == 200
+    for evil in ("127.0.0.1.evil.example", "localhost.evil.example:80", "[::2]:8000", ""):
+        assert c.get("/api/models", headers={"host": evil}).status_code == 403, evil
     r = c.post("/api/explain", files={"image": ("x.png", png_bytes(shapes_image(6)), "image/png")},
                data={"model": NAME}, headers={"origin": "http://evil.example"})
     assert r.status_code == 403

@@ -328,9 +328,10 @@ def create_app(models: Mapping[str, Any], config: Optional[ServeConfig] = None) 
     def host_ok(headers: Mapping[str, str]) -> bool:
         """Without a token only loopback Host names (no DNS rebinding); an Origin must be the Host."""
         host = headers.get("host", "")
-        name = host.rsplit(":", 1)[0].strip("[]") if not host.startswith("[") or "]" in host else host
-        if host.startswith("["):
+        if host.startswith("["):  # [::1]:8000
             name = host[1:].split("]")[0]
+        else:  # 127.0.0.1:8000, localhost
+            name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
         if not cfg.token and name not in cfg.allowed_hosts:
             return False
         origin = headers.get("origin")
@@ -354,7 +355,11 @@ def create_app(models: Mapping[str, Any], config: Optional[ServeConfig] = None) 
                     await send({"type": "websocket.close", "code": 1008})
                     return
                 status = 403 if not host_ok(headers) else 401
-                msg = "forbidden host or origin" if status == 403 else "a token is required: ?token=TOKEN or Authorization: Bearer TOKEN"
+                msg = (f"forbidden: Host {headers.get('host', '')[:80]!r} / Origin {headers.get('origin', '')[:80]!r} "
+                       "(without a token this server answers only loopback names, 127.0.0.1 / localhost, from its own "
+                       "page; start it with --token to allow others)" if status == 403 else
+                       "a token is required: ?token=TOKEN, Authorization: Bearer TOKEN or X-Camlens-Token: TOKEN "
+                       "(camlens serve printed it at start)")
                 return await JSONResponse({"error": msg}, status_code=status)(scope, receive, send)
             if scope["type"] == "http":
                 try:
