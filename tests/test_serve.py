@@ -332,3 +332,21 @@ def test_run_prints_the_address_and_a_generated_token(model, monkeypatch):
     run({NAME: model}, echo=lines.append)
     assert seen["host"] == "127.0.0.1" and lines == ["camlens serve: http://127.0.0.1:8000/"]
     assert seen["app"].state.engine.config.token is None
+
+
+def test_a_model_failure_is_a_500_and_the_server_stays_up(model, monkeypatch):
+    c = _client(model)
+
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nmore")
+    monkeypatch.setattr(camlens, "explain", boom)
+    r = _post(c, png_bytes(shapes_image(9)))
+    assert r.status_code == 500 and r.json()["error"] == ("gradcam on shapes-2head failed: RuntimeError: CUDA out of "
+                                                          "memory. Tried to allocate 2 GiB")
+    with c.websocket_connect("/api/live") as ws:
+        ws.send_bytes(png_bytes(shapes_image(9)))
+        assert json.loads(ws.receive_text())["status"] == 500
+        monkeypatch.undo()
+        ws.send_bytes(png_bytes(shapes_image(9)))
+        assert len(json.loads(ws.receive_text())["maps"]) == 2  # the same connection goes on
+    assert c.app.state.engine.busy == 0

@@ -267,8 +267,11 @@ class Engine:
                 if explicit:
                     exps.append((camlens.explain(lm, [image], explicit, layer=layer, method=method,
                                                  categories=lm.categories), None))
-            except CamlensError as err:
+            except CamlensError as err:  # a usage error: layer, target or option
                 raise HttpError(422, str(err).splitlines()[0]) from None
+            except Exception as err:  # noqa: BLE001 - the model's own failure (or out of memory): one line, the server stays up
+                raise HttpError(500, f"{method} on {model} failed: {type(err).__name__}: "
+                                     f"{(str(err).splitlines() or [''])[0][:300]}") from None
         ms = (time.perf_counter() - t0) * 1000
         answer = self._answer(exps, model, method, ms)
         answer["warnings"] = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
