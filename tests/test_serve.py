@@ -350,3 +350,18 @@ def test_a_model_failure_is_a_500_and_the_server_stays_up(model, monkeypatch):
         ws.send_bytes(png_bytes(shapes_image(9)))
         assert len(json.loads(ws.receive_text())["maps"]) == 2  # the same connection goes on
     assert c.app.state.engine.busy == 0
+
+
+def test_load_image_reads_bytes_as_it_reads_files(tmp_path):
+    from camlens.errors import InputError
+    from camlens.io.images import load_image
+
+    img = shapes_image(11, 40)
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes(img))
+    np.testing.assert_array_equal(np.asarray(load_image(path.read_bytes())), np.asarray(load_image(path)))
+    np.testing.assert_array_equal(np.asarray(load_image(bytearray(path.read_bytes()))), img)
+    with pytest.raises(InputError, match="cannot read image <bytes>: 40000x40000 = 1,600,000,000 pixels exceeds the limit"):
+        load_image(bomb_png())
+    with pytest.raises(InputError, match="cannot read image <bytes>"):
+        load_image(b"GIF89a garbage")
