@@ -151,6 +151,9 @@ def test_method_switch_side_by_side_and_layer_recompute(page):
     assert _pixels(page, "occlusion").shape == _pixels(page, "gradcampp").shape
     # the layer tree: the default marked; another layer recomputes
     assert page.eval_on_selector_all("button.layer-node.default", "bs => bs.map(b => b.dataset.path)") == ["features"]
+    # open: "features" (the default) shows its children; "shape_head" has none; features.2's are folded
+    assert page.is_visible('button.layer-node[data-path="features.2"]')
+    assert not page.is_visible('button.layer-node[data-path="features.2.0"]')
     page.click('button.layer-node[data-path="features.2"]')
     _wait_requests(page, 4)
     assert page.evaluate("() => window.camlensServe.results['gradcampp'].layers") == ["features.2"]

@@ -7,7 +7,7 @@ mode redraw without a request; model, layer, method, targets and the image recom
 
 Elements (what the browser tests drive): ``#file`` / ``#drop`` (the image), ``#model``, ``#layers``
 (the layer tree: ``button.layer-node[data-path]``, the default one ``.default``, the chosen one
-``.chosen``), ``#method``, ``#compare`` (more methods, side by side), per head ``input.topk`` and
+``.chosen``; a module with children is a ``<details>``, open down to the default layer), ``#method``, ``#compare`` (more methods, side by side), per head ``input.topk`` and
 ``input.classes`` (``data-head``), ``#mode``, ``#cmap``, ``#opacity``, ``#toggles`` (per head
 ``input.head-toggle``, per map ``input.map-toggle[data-target]``), ``#panels`` (a
 ``section.panel[data-method]`` per method, its ``canvas.view`` counting redraws in ``data-renders``),
@@ -38,9 +38,10 @@ h1{font-size:1.3rem;margin:0 0 .6rem}h2{font-size:1rem;margin:.2rem 0}h3{font-si
 label{display:block;margin:.25rem 0}select,input[type=text]{max-width:100%}
 #layers{max-height:220px;overflow:auto;border:1px solid var(--line);padding:.2rem;font-size:.8rem}
 #layers ul{list-style:none;margin:0;padding-left:.9rem}#layers>ul{padding-left:0}
+#layers summary{cursor:pointer}#layers li>.layer-node{margin-left:1rem}
 .layer-node{border:0;background:none;color:inherit;cursor:pointer;padding:0 .2rem;font:inherit}
 .layer-node.default::after{content:" (default)";color:var(--mute)}
-.layer-node.chosen{background:var(--acc);color:#fff;border-radius:3px}
+.layer-node.chosen{background:var(--acc);color:#fff;border-radius:3px}.layer-node.chosen.default::after{color:#dde}
 #panels{display:flex;flex-wrap:wrap;gap:1rem}
 .panel canvas.view{display:block;border:1px solid var(--line);image-rendering:pixelated;width:384px;height:auto}
 .meta{color:var(--mute);font-size:.8rem}
@@ -236,8 +237,12 @@ _JS = r"""
       var li = document.createElement("li"), b = document.createElement("button");
       b.type = "button"; b.className = "layer-node" + (n.default ? " default" : "") + (n.path === state.layer ? " chosen" : "");
       b.dataset.path = n.path; b.textContent = n.name; b.title = n.path;
-      li.appendChild(b);
-      if (n.children.length) { var sub = document.createElement("ul"); renderTree(n.children, sub); li.appendChild(sub); }
+      if (n.children.length) {  // collapsible; open down to the default / chosen layer
+        var det = document.createElement("details"), sum = document.createElement("summary"), sub = document.createElement("ul");
+        var mark = state.layer || "";
+        det.open = mark === n.path || mark.indexOf(n.path + ".") === 0;
+        sum.appendChild(b); det.appendChild(sum); renderTree(n.children, sub); det.appendChild(sub); li.appendChild(det);
+      } else { li.appendChild(b); }
       ul.appendChild(li);
     });
   }
