@@ -197,3 +197,22 @@ def test_downloads_are_the_panels_and_the_saved_explanations(page, tmp_path):
     exp = camlens.load(npz)
     _, maps, _ = _answer(page)
     assert np.abs(np.rint(exp.maps[0].numpy() * 255) - maps * 255).max() <= 1
+
+
+def test_the_page_passes_its_token_on(browser, tmp_path):
+    app = create_app({NAME: camlens.models.load(NAME)}, ServeConfig(token="tok-123"))
+    img = tmp_path / "a.png"
+    img.write_bytes(png_bytes(shapes_image(5, 64)))
+    with running(app) as url:
+        pg = browser.new_page()
+        assert pg.goto(url + "/").status == 401
+        pg.goto(url + "/?token=tok-123")
+        pg.wait_for_selector("html[data-ready='1']", timeout=15000)
+        pg.set_input_files("#file", str(img))
+        _wait_requests(pg, 1)
+        assert pg.get_attribute("html", "data-error") is None
+        with pg.expect_download() as d:
+            pg.click("#download-npz")
+        d.value.save_as(tmp_path / "e.npz")
+        assert camlens.load(tmp_path / "e.npz").maps.shape[:2] == (1, 2)
+        pg.close()
