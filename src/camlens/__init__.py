@@ -32,6 +32,7 @@ __version__ = "0.1.0"
 _LAZY: Dict[str, Tuple[str, Optional[str]]] = {
     "explain": ("engine.api", "explain"),
     "stream": ("engine.stream", "stream"),
+    "layer_names": ("engine.api", "layer_names"),  # the layer names explain(layer=) takes
     "Failure": ("engine.stream", "Failure"),
     "load": ("core.explanation", "load"),
     "Explanation": ("core.explanation", "Explanation"),
@@ -156,7 +157,7 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-__all__ = ["explain", "stream", "Failure", "load", "errors", "CamlensError", "evaluate", "Scores", "visualize", "Objective",
+__all__ = ["explain", "stream", "layer_names", "Failure", "load", "errors", "CamlensError", "evaluate", "Scores", "visualize", "Objective",
            "metrics", "agreement", "Agreement", "Explanation", "Target", "MapLayout", "CallableModel", "filters", "Filters",
            "available_methods", "methods", "postprocess",
            "models", "viz", "localize", "__version__"]

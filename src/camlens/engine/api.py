@@ -12,12 +12,21 @@ from ..core.layouts import layer_reads
 from ..core.targets import Categories
 from ..methods import Method, get_method
 from .finish import finish, finish_maps
-from .passes import check_method, match_dtype, outside_inference_mode, pass_explanation, prepare, run_pass
+from .passes import check_method, match_dtype, unwrap_model, outside_inference_mode, pass_explanation, prepare, run_pass
 from .tiling import check_tiling, explain_tiled
 from .volumes import explain_volume
 from .wrappers import aug_smoothed, noise_smoothed
 
-__all__ = ["explain"]
+__all__ = ["explain", "layer_names"]
+
+
+def layer_names(model: Any) -> list[str]:
+    """The names ``explain(layer=...)`` takes for ``model`` (an ``nn.Module``, a Keras model or a
+    :class:`camlens.models.LoadedModel`), in the model's own order: torch's dotted module names
+    (``"layer4.1.conv2"``), Keras layer paths. Not every one holds a map (``explain`` says why when
+    one does not); a loaded model's ``default_layer`` is among them."""
+    net = unwrap_model(model)
+    return list(get_backend(net).layer_names(net))
 
 
 def _check_differentiable(meth: Method, tile: Any, aug_smooth: bool, noise_smooth: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import warnings
@@ -13,7 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..core.errors import ConfigError, InputError, InputFileNotFoundError, InputTypeError
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
 __all__ = ["ImageLike", "load_image", "array_to_pil", "to_rgb", "DEFAULT_MAX_PIXELS"]
 
@@ -107,14 +108,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _open(path: Path) -> Image.Image:
-    """``Image.open`` without PIL's own decompression-bomb warning/error (``load_image`` checks the
+def _open(path: Union[Path, io.BytesIO]) -> Image.Image:
+    """``Image.open`` (of a file or of bytes in memory) without PIL's own decompression-bomb warning/error (``load_image`` checks the
     size itself, against its ``max_pixels``)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(path)
     except Image.DecompressionBombError:
+        if isinstance(path, io.BytesIO):
+            path.seek(0)
         with _PIL_LIMIT_LOCK:  # only the header is read here; the size is checked by the caller
             old = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = None
@@ -125,14 +128,14 @@ def _open(path: Path) -> Image.Image:
 
 
 def load_image(path_or_obj: ImageLike, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Return an RGB PIL image from a file path, a PIL image or an image array.
+    """Return an RGB PIL image from a file path, the bytes of an image file, a PIL image or an image array.
 
-    Files are decoded with PIL; EXIF orientation is applied, grayscale/palette/RGBA images
-    are converted to RGB (alpha is dropped); 16-bit and float images are scaled to 0..255
-    (see :func:`to_rgb`), 16-bit arrays (uint16) likewise.
+    Files (and bytes: an upload, read with the same checks) are decoded with PIL; EXIF orientation
+    is applied, grayscale/palette/RGBA images are converted to RGB (alpha is dropped); 16-bit and
+    float images are scaled to 0..255 (see :func:`to_rgb`), 16-bit arrays (uint16) likewise.
 
     Args:
-        path_or_obj: a file path, a ``PIL.Image`` or an image array.
+        path_or_obj: a file path, ``bytes`` of an image file, a ``PIL.Image`` or an image array.
         max_pixels: refuse files whose header claims more than this many pixels (width x height),
             before decoding them: a protection against decompression bombs (a few KB that decode
             to gigabytes). Default :data:`DEFAULT_MAX_PIXELS` (100 megapixels); ``None`` or 0: no
@@ -141,38 +144,45 @@ def load_image(path_or_obj: ImageLike, *, max_pixels: Optional[int] = DEFAULT_MA
     Raises:
         FileNotFoundError: the path does not exist.
         ValueError: ``"cannot read image {path}: ..."`` when the file is not a readable image or
-            exceeds ``max_pixels``.
+            exceeds ``max_pixels`` (then the message says "exceeds the limit").
         TypeError: unsupported object type.
     """
     if isinstance(path_or_obj, Image.Image):
         return to_rgb(path_or_obj)
     if isinstance(path_or_obj, np.ndarray):
         return array_to_pil(path_or_obj)
+    if isinstance(path_or_obj, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(bytes(path_or_obj)), "<bytes>", max_pixels)
     if isinstance(path_or_obj, (str, os.PathLike)):
         path = Path(path_or_obj)
         if not path.exists():
             raise InputFileNotFoundError(f"image file not found: {path}")
         if path.is_dir():
             raise InputError(f"cannot read image {path}: it is a directory")
-        if max_pixels is not None and max_pixels < 0:
-            raise ConfigError(f"max_pixels must be >= 0 (0 or None: no limit), got {max_pixels}")
-        try:
-            with _open(path) as im:
-                w, h = im.size
-                if max_pixels and w * h > max_pixels:
-                    raise InputError(
-                        f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} pixels "
-                        "(a decompression bomb?); raise the limit (--max-pixels) if the file is genuine"
-                    )
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    im.load()
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-                MemoryError) as e:
-            raise InputError(f"cannot read image {path}: {e}") from e
+        return _decode(path, str(path), max_pixels)
     raise InputTypeError(
         f"cannot read an image from {type(path_or_obj).__name__}; "
-        "expected a file path, a PIL.Image or a numpy array"
+        "expected a file path, bytes, a PIL.Image or a numpy array"
     )
+
+
+def _decode(src: Union[Path, io.BytesIO], where: str, max_pixels: Optional[int]) -> Image.Image:
+    """Decode one image file (a path or bytes in memory) after checking its header's size."""
+    if max_pixels is not None and max_pixels < 0:
+        raise ConfigError(f"max_pixels must be >= 0 (0 or None: no limit), got {max_pixels}")
+    try:
+        with _open(src) as im:
+            w, h = im.size
+            if max_pixels and w * h > max_pixels:
+                raise InputError(
+                    f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} pixels "
+                    "(a decompression bomb?); raise the limit (--max-pixels) if the file is genuine"
+                )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            MemoryError) as e:
+        raise InputError(f"cannot read image {where}: {e}") from e

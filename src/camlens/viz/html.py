@@ -43,7 +43,7 @@ from .composite import palette_colors
 from .grid import display_from_inputs, target_label
 from .overlay import as_rgb_float, get_cmap, resize_bilinear, to_numpy
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "COMPOSE_JS", "lut"]
 
 DEFAULT_CMAPS = ("jet", "viridis", "inferno", "magma", "gray")
 
@@ -55,9 +55,12 @@ def _png_data_uri(arr: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _lut(name: str) -> list[int]:
+def lut(name: str) -> list[int]:
     """A colormap as 256 RGB triples, flattened (768 ints): entry ``q`` = ``colorize(q / 255)``."""
     return get_cmap(name)(np.arange(256) / 255.0, bytes=True)[:, :3].astype(int).ravel().tolist()
+
+
+_lut = lut  # the name the report's tests use
 
 
 def _predictions(exp: Any, b: int, categories: Any, k: int = 5) -> list[dict[str, Any]]:
@@ -199,12 +202,53 @@ td.bar{width:120px}td.bar span{display:block;height:.6rem;background:var(--bar)}
 #error{color:#c00}
 """
 
+#: The pixel maths of the viewers (the report's and ``camlens serve``'s page), one JavaScript function:
+#: ``compose(img, on, cols, colormap, lut, a0, d)`` writes into RGBA bytes ``d`` the image ``img``
+#: (RGBA bytes) with the grey maps ``on`` (RGBA bytes, R = G = B = round(255 m)) laid over it —
+#: ``colormap``: :func:`camlens.viz.overlay` of their per-pixel max through ``lut`` (768 ints),
+#: ``(1 - a0) img + a0 lut[max m]``; else :func:`camlens.viz.composite`: colour ``sum m c / sum m``
+#: (``cols``: one RGB per map), opacity ``a0 max m``; the image alone without maps.
+COMPOSE_JS = r"""
+  function compose(img, on, cols, colormap, lut, a0, d) {
+    var n = d.length, k, K = on.length, i, m, v, s, r, g, b, a;
+    if (K === 0) {
+      d.set(img);
+    } else if (colormap) {  // overlay(): (1 - a) * image + a * lut[max of checked maps]
+      for (i = 0; i < n; i += 4) {
+        m = 0;
+        for (k = 0; k < K; k++) { v = on[k][i]; if (v > m) m = v; }
+        m *= 3;
+        d[i] = (1 - a0) * img[i] + a0 * lut[m];  // Uint8ClampedArray: clamp, round half to even
+        d[i + 1] = (1 - a0) * img[i + 1] + a0 * lut[m + 1];
+        d[i + 2] = (1 - a0) * img[i + 2] + a0 * lut[m + 2];
+        d[i + 3] = 255;
+      }
+    } else {  // composite(): colour = sum m c / sum m, opacity = alpha * max m
+      for (i = 0; i < n; i += 4) {
+        s = 0; m = 0; r = 0; g = 0; b = 0;
+        for (k = 0; k < K; k++) {
+          v = on[k][i] / 255;
+          if (v > 0) { s += v; if (v > m) m = v; r += v * cols[k][0]; g += v * cols[k][1]; b += v * cols[k][2]; }
+        }
+        if (s > 0) {
+          a = a0 * m;
+          d[i] = (1 - a) * img[i] + a * (r / s);
+          d[i + 1] = (1 - a) * img[i + 1] + a * (g / s);
+          d[i + 2] = (1 - a) * img[i + 2] + a * (b / s);
+        } else { d[i] = img[i]; d[i + 1] = img[i + 1]; d[i + 2] = img[i + 2]; }
+        d[i + 3] = 255;
+      }
+    }
+  }
+"""
+
 # Plain ES5-style JavaScript: no modules, no framework, no network.
 _JS = r"""
 (function () {
   "use strict";
   var DATA = JSON.parse(document.getElementById("camlens-data").textContent);
   var LUTS = DATA.luts;
+""" + COMPOSE_JS + r"""
 
   function load(src) {
     return new Promise(function (resolve, reject) {
@@ -275,46 +319,17 @@ _JS = r"""
   }
 
   Viewer.prototype.render = function () {
-    var img = this.img, d = this.out.data, n = this.w * this.h * 4;
+    var img = this.img, d = this.out.data;
     var a0 = parseFloat(this.opacity.value) / 100;
     this.opacityOut.textContent = a0.toFixed(2);
     var on = [], cols = [], self = this;
     this.toggles.forEach(function (el) {
       if (el.checked) { var t = +el.dataset.target; on.push(self.maps[t]); cols.push(self.colors[t]); }
     });
-    var k, K = on.length, i, m, v, s, r, g, b, a;
     var colormap = this.mode.value !== "composite";  // "single" and "colormap" use the colormap
     this.cmap.disabled = !colormap;
     this.allButton.disabled = this.mode.value === "single";
-    if (K === 0) {
-      d.set(img);
-    } else if (colormap) {  // overlay(): (1 - a) * image + a * lut[max of checked maps]
-      var lut = LUTS[this.cmap.value];
-      for (i = 0; i < n; i += 4) {
-        m = 0;
-        for (k = 0; k < K; k++) { v = on[k][i]; if (v > m) m = v; }
-        m *= 3;
-        d[i] = (1 - a0) * img[i] + a0 * lut[m];  // Uint8ClampedArray: clamp, round half to even
-        d[i + 1] = (1 - a0) * img[i + 1] + a0 * lut[m + 1];
-        d[i + 2] = (1 - a0) * img[i + 2] + a0 * lut[m + 2];
-        d[i + 3] = 255;
-      }
-    } else {  // composite(): colour = sum m c / sum m, opacity = alpha * max m
-      for (i = 0; i < n; i += 4) {
-        s = 0; m = 0; r = 0; g = 0; b = 0;
-        for (k = 0; k < K; k++) {
-          v = on[k][i] / 255;
-          if (v > 0) { s += v; if (v > m) m = v; r += v * cols[k][0]; g += v * cols[k][1]; b += v * cols[k][2]; }
-        }
-        if (s > 0) {
-          a = a0 * m;
-          d[i] = (1 - a) * img[i] + a * (r / s);
-          d[i + 1] = (1 - a) * img[i + 1] + a * (g / s);
-          d[i + 2] = (1 - a) * img[i + 2] + a * (b / s);
-        } else { d[i] = img[i]; d[i + 1] = img[i + 1]; d[i + 2] = img[i + 2]; }
-        d[i + 3] = 255;
-      }
-    }
+    compose(img, on, cols, colormap, LUTS[this.cmap.value], a0, d);
     this.ctx.putImageData(this.out, 0, 0);
     this.drawColorbar(colormap);
     this.renders += 1;
@@ -412,7 +427,7 @@ def write_report(
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    luts = {str(c): _lut(str(c)) for c in cmaps}  # unknown names raise ValueError here
+    luts = {str(c): lut(str(c)) for c in cmaps}  # unknown names raise ValueError here
 
     sections, specs = [], []
     for i, exp in enumerate(exps):
