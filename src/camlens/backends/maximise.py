@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..core.errors import ConfigError, LayerError
+from ..core.errors import ConfigError, ConfigTypeError, LayerError
 
 __all__ = ["COLOR_CORRELATION", "color_matrix", "fourier_scale", "irfft2_matrices", "Draws", "Transforms",
            "as_transforms", "bilinear_taps", "SD", "Term", "as_term", "map_reading"]
@@ -147,7 +147,7 @@ def as_transforms(tf: Any) -> Optional[Transforms]:
     if tf is None or isinstance(tf, Transforms):
         return tf
     if not isinstance(tf, Mapping):
-        raise TypeError(f"transforms is None, a Transforms or a dict of its fields, got {type(tf).__name__}")
+        raise ConfigTypeError(f"transforms is None, a Transforms or a dict of its fields, got {type(tf).__name__}")
     return Transforms(pad=int(tf["pad"]), jitter=int(tf["jitter"]), scale=tuple(float(v) for v in tf["scale"]),
                       rotate=float(tf["rotate"]))
 
