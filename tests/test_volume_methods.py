@@ -14,8 +14,8 @@ from torch import nn
 
 import camlens
 from camlens.core.errors import ConfigError
-from reference import forward_capturing
-from test_volumes import Med3d, _acts_grads, _vol
+from reference import acts_grads, forward_capturing
+from test_volumes import Med3d, _vol
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_ablationcam_on_volumes_equals_the_formula(med):
     assert exp.raw.shape == (2, 2, 8, 16, 16) and exp.maps.shape == (2, 2, 16, 32, 32)
     layer = med.features[8]
     for b in range(2):
-        a, _ = _acts_grads(med, layer, x[b:b + 1], [0])
+        a, _ = acts_grads(med, layer, x[b:b + 1], [0])
         with torch.no_grad():
             S = med(x[b:b + 1])[0]
         copies = a.repeat(a.shape[1], 1, 1, 1, 1)  # (C, C, d, h, w): copy c has channel c ablated
@@ -162,7 +162,7 @@ def test_guided_backprop_on_volumes_equals_hooked_relus(med):
 def test_guided_gradcam_on_volumes_is_guided_times_upsampled_gradcam(med, interpolate, mode):
     x = _vol(1)
     exp = camlens.explain(med, x, targets=2, method="guided_gradcam", layer="features.8", interpolate=interpolate)
-    a, gr = _acts_grads(med, med.features[8], x, [2])
+    a, gr = acts_grads(med, med.features[8], x, [2])
     cam = (gr.mean((2, 3, 4), keepdim=True) * a).sum(1, keepdim=True).clamp_min(0)  # (1, 1, d, h, w)
     kw = {"align_corners": False} if mode == "trilinear" else {}
     up = F.interpolate(cam, size=(16, 32, 32), mode=mode, **kw)
@@ -258,7 +258,7 @@ def test_layout_and_reshape_override_the_reading_of_a_volume_layer(med):
     twice = camlens.explain(med, x, targets=[0, 1], layer="features.8", reshape=lambda a: a.flip(2).flip(2))
     assert torch.allclose(twice.raw, own.raw, atol=1e-7 * own.raw.abs().max().item())
     half = camlens.explain(med, x, targets=[0, 1], layer="features.8", reshape=lambda a: a[:, :, ::2])  # every 2nd slice
-    a, g = _acts_grads(med, med.features[8], x, [1])
+    a, g = acts_grads(med, med.features[8], x, [1])
     a, g = a[:, :, ::2], g[:, :, ::2]
     ref = (g.mean((2, 3, 4), keepdim=True) * a).sum(1)[0]
     assert half.raw.shape == (1, 2, 4, 16, 16)
@@ -291,7 +291,7 @@ def test_tokens_layout_of_a_volume_layer_takes_a_3d_grid():
     x = torch.randn(1, 3, 4, 16, 16, dtype=torch.float64)
     grid = camlens.MapLayout("tokens", grid=(2, 4, 4), prefix=1)
     exp = camlens.explain(net, x, targets=2, layer="mix", layout=grid)
-    a, g = _acts_grads(net, net.mix, x, [2])
+    a, g = acts_grads(net, net.mix, x, [2])
     read = lambda t: t[:, 1:].transpose(1, 2).reshape(1, 6, 2, 4, 4)  # noqa: E731
     ref = (read(g).mean((2, 3, 4), keepdim=True) * read(a)).sum(1)[0]
     assert exp.raw.shape == (1, 1, 2, 4, 4)
