@@ -1,6 +1,6 @@
 """How many model evaluations KernelSHAP and LIME need — camlens vs captum — measured against ground truth.
 
-    python -m benchmarks.perturbation [--smoke] [--seeds 10] [--images 6] [--no-lite0] [--out DIR]
+    python -m benchmarks.perturbation [--smoke] [--seeds 10] [--images 6] [--lite0] [--cache DIR] [--out DIR]
 
 The algorithmic comparison of issue 14, which holds on any hardware. A *game* is one image, one target
 and M = 16 square segments (a 4 x 4 grid) hidden by a baseline; its exact Shapley values come from ALL
@@ -12,8 +12,9 @@ and M = 16 square segments (a 4 x 4 grid) hidden by a baseline; its exact Shaple
 * ``shapes-2head · colour``: the same images, the colour head (colour is spread over the object's pixels:
   close to additive).
 * ``random CNN``: a small CNN with random weights on a random 32 x 32 image (near-additive).
-* ``EfficientNet-Lite0``: the shipped ImageNet model on the cat (skimage ``chelsea``, 224 x 224 centre crop,
-  mean-colour baseline), its top class (``--no-lite0`` skips it: its 65,536 forwards take minutes).
+* ``EfficientNet-Lite0`` (with ``--lite0``): the shipped ImageNet model on the cat (skimage ``chelsea``,
+  224 x 224 centre crop, mean-colour baseline), its top class; its 65,536 forwards take ~40 min on 2 CPU
+  cores the first time (the games' values are cached: ``--cache``).
 
 Every estimator then asks for the values of its coalitions through a table of those 2^16 values — the
 numbers the model gives, without paying its forwards again (checked: camlens on the real random CNN
@@ -34,7 +35,7 @@ as captum counts them):
 Reported per game and per group (the mean curve over a group's games): the smallest n whose mean r
 stays >= 0.95 (and 0.99, 0.999), and the ratio captum / camlens. Writes ``<out>/perturbation-cpu.md``
 and ``.json`` (default ``benchmarks/results``; ``--smoke``: M = 8, 2 seeds, 2 images, no Lite0, a short
-ladder, a temporary folder).
+ladder, a temporary folder, no cache).
 
 ``--wall``: wall time at equal evaluations and segments instead (see :func:`wall`).
 """
@@ -126,8 +127,27 @@ class Game:
         return exact_shapley(self.f, self.M)
 
 
-def build_games(M_side: tuple[int, int], images: int, lite0: bool) -> list[Game]:
-    """The games of the module docs (``M_side``: the segment grid's rows and columns)."""
+def _cached(cache: Optional[Path], key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """``compute()`` (a game's coalition values ``(2^M, G)``), or its copy saved under ``cache`` by an
+    earlier run with the same ``key`` (``None``: no cache)."""
+    if cache is None:
+        return compute()
+    path = cache / (key.replace("/", "_").replace(" ", "_") + ".npy")
+    if path.is_file():
+        print(f"exact values: {key} (cached: {path})", flush=True)
+        return np.load(path)
+    f = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, f)
+    tmp.replace(path)  # never half-written
+    return f
+
+
+def build_games(M_side: tuple[int, int], images: int, lite0: bool, cache: Optional[Path] = None) -> list[Game]:
+    """The games of the module docs (``M_side``: the segment grid's rows and columns); ``cache``: a folder
+    for the games' coalition values (the expensive part: ~40 s a shapes image, ~10 min EfficientNet-Lite0
+    on 2 quiet cores), reused by later runs."""
     from camlens.datasets.shapes import make_shapes
 
     rows, cols = M_side
@@ -135,7 +155,8 @@ def build_games(M_side: tuple[int, int], images: int, lite0: bool) -> list[Game]
     games: list[Game] = []
     net = small_cnn()
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    f = coalition_values(lambda b: net(b)[:, :1], x, torch.zeros(()), grid_segments(32, rows, cols))
+    f = _cached(cache, f"random-cnn-{rows}x{cols}",
+                lambda: coalition_values(lambda b: net(b)[:, :1], x, torch.zeros(()), grid_segments(32, rows, cols)))
     games.append(Game("random CNN, class 0", "random CNN", f[:, 0], M))
     lm = camlens.models.load("shapes-2head")
     xs = lm.preprocess(make_shapes(8, seed=3).images)
@@ -145,8 +166,9 @@ def build_games(M_side: tuple[int, int], images: int, lite0: bool) -> list[Game]
         with torch.no_grad():
             out = lm.model(xi)
         cls = {h: int(out[h].argmax()) for h in ("shape", "colour")}
-        f = coalition_values(lambda b: torch.stack([lm.model(b)[h][:, cls[h]] for h in ("shape", "colour")], 1),
-                             xi, torch.zeros(()), seg)
+        f = _cached(cache, f"shapes-2head-{i}-{rows}x{cols}", lambda: coalition_values(
+            lambda b: torch.stack([lm.model(b)[h][:, cls[h]] for h in ("shape", "colour")], 1), xi, torch.zeros(()),
+            seg))
         for j, h in enumerate(("shape", "colour")):
             games.append(Game(f"shapes-2head image {i}, {h} {lm.categories[h][cls[h]]}", f"shapes-2head · {h}",
                               f[:, j], M))
@@ -161,8 +183,9 @@ def build_games(M_side: tuple[int, int], images: int, lite0: bool) -> list[Game]
         with torch.no_grad():
             cls = int(lm.model(x).argmax())
         t0 = time.perf_counter()
-        f = coalition_values(lambda b: lm.model(b)[:, cls:cls + 1], x, x.mean((2, 3), keepdim=True),
-                             grid_segments(x.shape[-1], rows, cols), batch=128)
+        f = _cached(cache, f"efficientnet-lite0-cat-{rows}x{cols}", lambda: coalition_values(
+            lambda b: lm.model(b)[:, cls:cls + 1], x, x.mean((2, 3), keepdim=True),
+            grid_segments(x.shape[-1], rows, cols), batch=128))
         games.append(Game(f"EfficientNet-Lite0 cat, {lm.categories[cls]}", "EfficientNet-Lite0", f[:, 0], M))
         print(f"exact values: EfficientNet-Lite0 ({time.perf_counter() - t0:.0f} s)", flush=True)
     return games
@@ -354,7 +377,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="M = 8, 2 seeds, 2 images, no Lite0 (not a measurement)")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--images", type=int, default=6, help="shapes images (each gives a shape and a colour game)")
-    ap.add_argument("--no-lite0", action="store_true", help="skip the EfficientNet-Lite0 game")
+    ap.add_argument("--lite0", action="store_true", help="add the EfficientNet-Lite0 game (its 65,536 forwards at "
+                    "224 px take ~40 min on 2 CPU cores, once: cached)")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "camlens-bench" / "perturbation",
+                    help="folder for the games' exact coalition values, reused by later runs ('' : none)")
     ap.add_argument("--wall", action="store_true", help="wall time at equal evaluations instead (module docstring)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -372,7 +398,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ladder = (8, 10, 16, 32, 64, 256) if args.smoke else LADDER  # (256 = 2^8: every coalition)
     ladder = tuple(n for n in ladder if n <= (1 << M)) or (1 << M,)
     t0 = time.perf_counter()
-    games = build_games(grid, 2 if args.smoke else args.images, lite0=not (args.smoke or args.no_lite0))
+    cache = None if args.smoke or not str(args.cache) or str(args.cache) == "." else args.cache
+    games = build_games(grid, 2 if args.smoke else args.images, lite0=args.lite0 and not args.smoke, cache=cache)
     exact_s = time.perf_counter() - t0
     check = _check_table(games, *grid)
     assert check < 1e-4, f"camlens on the table differs from camlens on the model by {check:.2e}"
