@@ -289,7 +289,8 @@ def summarise(curves: dict[str, dict[int, float]]) -> dict[str, Any]:
 
 def wall(smoke: bool, out: Path, command: str) -> dict[str, Any]:
     """Wall time at equal evaluations and segments: torchvision ResNet18 (random weights) on one
-    224x224 image, 50 SLIC superpixels, 512 evaluations, one target — camlens' ``kernelshap`` and
+    224x224 image, its SLIC superpixels (``n_segments=50``; the count SLIC gives is reported), 512
+    evaluations, one target — camlens' ``kernelshap`` and
     ``lime`` (batch size 64) against captum's ``KernelShap`` / ``Lime`` with their default
     ``perturbations_per_eval=1`` and with 64, and shap's Partition explainer (``max_evals=512``,
     ``batch_size=64``, a blur masker; its own pixel hierarchy instead of superpixels, and the
