@@ -399,7 +399,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ladder = (8, 10, 16, 32, 64, 256) if args.smoke else LADDER  # (256 = 2^8: every coalition)
     ladder = tuple(n for n in ladder if n <= (1 << M)) or (1 << M,)
     t0 = time.perf_counter()
-    cache = None if args.smoke or not str(args.cache) or str(args.cache) == "." else args.cache
+    cache = None if args.smoke or str(args.cache) == "." else args.cache  # (--cache "" parses as Path("."))
     games = build_games(grid, 2 if args.smoke else args.images, lite0=args.lite0 and not args.smoke, cache=cache)
     exact_s = time.perf_counter() - t0
     check = _check_table(games, *grid)
